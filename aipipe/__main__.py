@@ -1,0 +1,3 @@
+from aipipe.cli.app import main
+
+main()

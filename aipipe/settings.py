@@ -1,0 +1,63 @@
+"""Settings: pydantic models built once at the edge (CLI, ASGI factory) and passed down.
+
+Library code never reads the environment; `aipipe.cli` builds these from YAML files and
+`AIPIPE_*` variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aipipe.errors import ConfigError, NodeNotFoundError
+
+NODE_CONFIG = "node.yaml"
+
+
+class NodeConfig(BaseModel):
+    """The node's `node.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    created: str
+    store: str = "store.sqlite"
+    identity_key: str = "identity.key"
+    pseudonym_key: str = "pseudonym.key"
+    audit_log: str = "audit.sqlite"
+    hub_url: str | None = None
+    allow_non_private: bool = False
+
+
+class NodePaths:
+    """Resolved paths of one node home."""
+
+    def __init__(self, home: Path, config: NodeConfig) -> None:
+        self.home = home
+        self.config = config
+        self.store = home / config.store
+        self.identity_key = home / config.identity_key
+        self.pseudonym_key = home / config.pseudonym_key
+        self.audit_log = home / config.audit_log
+        self.config_file = home / NODE_CONFIG
+
+
+def load_node_config(home: Path) -> NodePaths:
+    path = home / NODE_CONFIG
+    if not path.is_file():
+        raise NodeNotFoundError(
+            f"no node at {home} (missing {NODE_CONFIG}); run: aipipe node init --home {home}"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = NodeConfig.model_validate(raw)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{path} is not a valid node config: {exc}") from exc
+    return NodePaths(home, config)
+
+
+def save_node_config(home: Path, config: NodeConfig) -> None:
+    text = yaml.safe_dump(config.model_dump(), sort_keys=False)
+    (home / NODE_CONFIG).write_text(text, encoding="utf-8")

@@ -1,0 +1,213 @@
+"""The study definition: a YAML file validated into `StudySpec`.
+
+A study names its cohort (label = any of a set of condition codes, optional window), its
+features, the train/test split, and the fields that training, privacy, secure aggregation and
+aggregation use. Codes are written `system|code` as in a FHIR token search; `loinc|`, `snomed|`
+and `icd10|` are accepted as short system names, and an ICD-10 code may end in `*` to match its
+descendants. A feature may instead name a `concept` from `aipipe.fhir.codes.CONCEPTS`, which
+brings the equivalent codes and the canonical unit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aipipe.errors import StudyError
+from aipipe.fhir.codes import CONCEPTS, expand_token
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Window(_Model):
+    """Only conditions with onset in [start, end] count for the label."""
+
+    start: date | None = None
+    end: date | None = None
+
+
+class Label(_Model):
+    conditions: list[str] = Field(min_length=1)
+    window: Window | None = None
+
+    @field_validator("conditions")
+    @classmethod
+    def _expand(cls, value: list[str]) -> list[str]:
+        return [expand_token(token) for token in value]
+
+
+class Cohort(_Model):
+    label: Label
+
+
+class Feature(_Model):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    codes: list[str] = Field(default_factory=list)
+    concept: str | None = None
+    aggregation: Literal["latest", "mean", "min", "max", "count"] = "latest"
+    unit: str | None = None
+    missing: Literal["drop", "impute", "indicator"] = "drop"
+    impute: float | None = None
+    kind: Literal["numeric", "categorical"] = "numeric"
+    levels: list[float] | None = None
+    drop_first: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Feature:
+        if not self.codes and self.concept is None:
+            raise ValueError(f"feature '{self.name}' needs `codes` or a `concept`")
+        if self.concept is not None and self.concept not in CONCEPTS:
+            known = ", ".join(sorted(CONCEPTS))
+            raise ValueError(f"feature '{self.name}': unknown concept '{self.concept}' ({known})")
+        if self.kind == "categorical" and not self.levels:
+            raise ValueError(f"categorical feature '{self.name}' needs its `levels`")
+        if self.kind == "categorical" and self.aggregation not in ("latest", "min", "max"):
+            raise ValueError(f"categorical feature '{self.name}' needs latest, min or max")
+        return self
+
+    @field_validator("codes")
+    @classmethod
+    def _expand(cls, value: list[str]) -> list[str]:
+        return [expand_token(token) for token in value]
+
+    def all_codes(self) -> list[str]:
+        concept = CONCEPTS[self.concept].codes if self.concept else ()
+        return sorted(set(self.codes) | set(concept))
+
+    def target_unit(self) -> str | None:
+        if self.unit is not None:
+            return self.unit
+        return CONCEPTS[self.concept].unit if self.concept else None
+
+    def columns(self) -> list[str]:
+        """The names of the matrix columns this feature produces, in order."""
+        if self.kind == "categorical":
+            assert self.levels is not None
+            kept = self.levels[1:] if self.drop_first else self.levels
+            cols = [f"{self.name}_{_level_name(level)}" for level in kept]
+        else:
+            cols = [self.name]
+        if self.missing == "indicator":
+            cols.append(f"{self.name}_missing")
+        return cols
+
+
+def _level_name(level: float) -> str:
+    return str(int(level)) if float(level).is_integer() else str(level)
+
+
+Demographic = Literal["age", "sex"]
+
+
+class Split(_Model):
+    test_fraction: float = Field(default=0.34, gt=0, lt=1)
+    seed: int = 43
+    stratify: bool = True
+
+
+class Preprocessing(_Model):
+    """`standardize: site` z-scores each column with the site's own train mean and std."""
+
+    standardize: Literal["none", "site"] = "site"
+
+
+class ModelSpec(_Model):
+    kind: Literal["logistic", "mlp"] = "logistic"
+    hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+
+
+class Training(_Model):
+    rounds: int = Field(default=15, gt=0)
+    local_steps: int = Field(default=100, gt=0)
+    lr: float = Field(default=0.001, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    optimizer: Literal["sgd", "adam"] = "adam"
+    proximal_mu: float = Field(default=0.0, ge=0)
+
+
+class Privacy(_Model):
+    mode: Literal["dp", "none"] = "dp"
+    epsilon: float = Field(default=1.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    clip: float = Field(default=1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "prv"
+
+
+class Aggregation(_Model):
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    server_lr: float = Field(default=1.0, gt=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
+
+
+class StudySpec(_Model):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    description: str = ""
+    cohort: Cohort
+    features: list[Feature] = Field(min_length=1)
+    demographics: list[Demographic] = Field(default_factory=list)
+    reference_date: date | None = None
+    split: Split = Split()
+    preprocessing: Preprocessing = Preprocessing()
+    model: ModelSpec = ModelSpec()
+    training: Training = Training()
+    privacy: Privacy = Privacy()
+    secure: Literal["none", "ckks", "secagg"] = "none"
+    aggregation: Aggregation = Aggregation()
+    min_nodes: int = Field(default=2, ge=1)
+    round_deadline_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> StudySpec:
+        names = [f.name for f in self.features] + list(self.demographics)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def columns(self) -> list[str]:
+        cols = [col for feature in self.features for col in feature.columns()]
+        return cols + list(self.demographics)
+
+    def digest(self) -> str:
+        """sha256 over the canonical JSON form: what a node approves and pins."""
+        canonical = self.model_dump_json(exclude_none=False).encode()
+        return hashlib.sha256(canonical).hexdigest()
+
+
+def parse_study(text: str, *, source: str = "<study>") -> StudySpec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{source} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise StudyError(f"{source} must be a YAML mapping with name, cohort and features")
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        raise StudyError(f"{source} is not a valid study: {_first_errors(exc)}") from exc
+
+
+def load_study(path: Path) -> StudySpec:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StudyError(f"cannot read study file {path}: {exc.strerror}") from exc
+    return parse_study(text, source=str(path))
+
+
+def _first_errors(exc: ValidationError, limit: int = 3) -> str:
+    parts = []
+    for err in exc.errors()[:limit]:
+        where = ".".join(str(p) for p in err["loc"]) or "study"
+        parts.append(f"{where}: {err['msg']}")
+    more = len(exc.errors()) - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
