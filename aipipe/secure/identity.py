@@ -51,7 +51,7 @@ class Identity:
         return cls(key)
 
     def save(self, path: Path) -> None:
-        """Write the key with mode 0600 from the first byte (no window where it is world-readable)."""
+        """Write the key with mode 0600 from the first byte: never world-readable."""
         pem = self.key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,

@@ -171,6 +171,8 @@ class StudySpec(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
+        if "age" in self.demographics and self.reference_date is None:
+            raise ValueError("demographics 'age' needs a reference_date (age on that day)")
         return self
 
     def columns(self) -> list[str]:

@@ -1,0 +1,1 @@
+"""The `aipipe` command line: parse, call the library, render with rich."""

@@ -1,0 +1,38 @@
+"""`aipipe`: assembles the command groups; each group lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from aipipe import __version__
+from aipipe.cli import node, study
+from aipipe.cli.render import AipipeGroup
+
+app = typer.Typer(
+    name="aipipe",
+    cls=AipipeGroup,
+    help="Federated learning for hospitals: patient data never leaves the node.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(node.app, name="node")
+app.add_typer(study.app, name="study")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"aipipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Federated learning for hospitals: patient data never leaves the node."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,196 @@
+"""`aipipe node`: set up a node, ingest FHIR data, show its state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from aipipe.cli.render import console, emit_json, err_console, kv_table
+from aipipe.errors import ConfigError
+from aipipe.fhir.server import DEFAULT_TYPES, FhirServerSource
+from aipipe.node.home import init_node, open_node, open_store
+from aipipe.node.ingest import IngestReport, ingest_files, ingest_server, total_bytes
+from aipipe.store.node_store import NodeStore
+
+app = typer.Typer(
+    help="Run an institution's node: set up, ingest FHIR data, status.", no_args_is_help=True
+)
+
+HOME = typer.Option(..., "--home", help="The node home directory.")
+JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+
+
+@app.command()
+def init(
+    home: Path = HOME,
+    name: str = typer.Option(..., "--name", help="This institution's node name, e.g. 'cleveland'."),
+    force: bool = typer.Option(
+        False, "--force", help="Move an existing node aside (into .replaced-*) and start over."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Create a node home: config, SQLite store, Ed25519 identity key (0600) and audit log."""
+    paths = init_node(home, name, force=force)
+    info = {
+        "name": name,
+        "home": str(home),
+        "store": str(paths.store),
+        "identity_key": str(paths.identity_key),
+        "audit_log": str(paths.audit_log),
+    }
+    if as_json:
+        emit_json(info)
+        return
+    console.print(f"[green]✓[/] node [bold]{name}[/] created")
+    console.print(kv_table("node home", info))
+
+
+@app.command()
+def ingest(
+    paths: list[Path] = typer.Argument(
+        None, help="NDJSON (Bulk Data) or Bundle JSON files, or directories of them."
+    ),
+    home: Path = HOME,
+    fhir_url: str = typer.Option(None, "--fhir-url", help="Pull from this FHIR R4 server."),
+    since: str = typer.Option(
+        None,
+        "--since",
+        help="With --fhir-url: only resources updated after this instant "
+        "(default: each type's cursor from the last sync).",
+    ),
+    page_size: int = typer.Option(
+        100, "--page-size", min=1, max=1000, help="With --fhir-url: resources per page (_count)."
+    ),
+    types: str = typer.Option(
+        ",".join(DEFAULT_TYPES),
+        "--types",
+        help="With --fhir-url: comma-separated resource types to pull.",
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Load FHIR R4 data into the node store: files, or a server with incremental sync.
+
+    Re-ingesting the same data stores nothing twice; a newer version of a resource replaces
+    the older one. Bad resources are counted and reported, never stored half-way.
+
+    Examples:
+
+        aipipe node ingest --home ./node examples/heart-disease/fhir/cleveland
+
+        aipipe node ingest --home ./node --fhir-url https://ehr.example.org/fhir
+    """
+    if bool(paths) == bool(fhir_url):
+        raise ConfigError("give either files/directories or --fhir-url, not both or neither")
+    node = open_node(home)
+    store = open_store(node)
+    try:
+        if fhir_url:
+            report = _pull(store, fhir_url, since, page_size, types.split(","), as_json)
+        else:
+            report = _load_files(store, paths, as_json)
+    finally:
+        store.close()
+    _render_report(report, as_json)
+
+
+def _load_files(store: NodeStore, paths: list[Path], quiet: bool) -> IngestReport:
+    total = total_bytes(paths)
+    columns = (TextColumn("ingest"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True, disable=quiet) as progress:
+        task = progress.add_task("ingest", total=total)
+        return ingest_files(store, paths, lambda n: progress.advance(task, n))
+
+
+def _pull(
+    store: NodeStore, url: str, since: str | None, page_size: int, types: list[str], quiet: bool
+) -> IngestReport:
+    source = FhirServerSource(base_url=url, page_size=page_size)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        console=err_console,
+        transient=True,
+        disable=quiet,
+    ) as progress:
+        task = progress.add_task("pulling", total=None)
+        count = 0
+
+        def tick(rtype: str) -> None:
+            nonlocal count
+            count += 1
+            progress.update(task, description=f"pulling {rtype}: {count} resources")
+
+        return ingest_server(
+            store,
+            source,
+            source_key=url.rstrip("/"),
+            resource_types=[t.strip() for t in types if t.strip()],
+            since=since,
+            on_resource=tick,
+        )
+
+
+def _render_report(report: IngestReport, as_json: bool) -> None:
+    data = report.to_dict()
+    if as_json:
+        emit_json(data)
+        return
+    table = Table(title=f"ingest from {report.source}", title_justify="left")
+    for column in ("type", "read", "stored", "updated", "unchanged", "stale", "rejected"):
+        table.add_column(column, justify="left" if column == "type" else "right")
+    for rtype, counts in data["types"].items():
+        table.add_row(
+            rtype,
+            *(
+                str(counts[c])
+                for c in ("read", "stored", "updated", "unchanged", "stale", "rejected")
+            ),
+        )
+    console.print(table)
+    for title, reasons in (("rejected", data["rejected_reasons"]), ("warnings", data["warnings"])):
+        for reason, count in reasons.items():
+            style = "red" if title == "rejected" else "yellow"
+            console.print(f"[{style}]{title}[/] {count} × {reason}")
+
+
+@app.command()
+def status(home: Path = HOME, as_json: bool = JSON) -> None:
+    """Show resource counts per type, the last sync and the incremental-sync cursors."""
+    node = open_node(home)
+    store = open_store(node)
+    try:
+        info = {"name": node.config.name, **store.status()}
+    finally:
+        store.close()
+    if as_json:
+        emit_json(info)
+        return
+    console.print(
+        kv_table(
+            f"node {node.config.name}",
+            {"patients": info["patients"], "last sync": info["last_sync"] or "never"},
+        )
+    )
+    table = Table(title="resources", title_justify="left")
+    table.add_column("type")
+    table.add_column("count", justify="right")
+    for rtype, count in info["resources"].items():
+        table.add_row(rtype, str(count))
+    console.print(table)
+    if info["cursors"]:
+        cursors = Table(title="sync cursors", title_justify="left")
+        for column in ("source", "resource_type", "last_updated"):
+            cursors.add_column(column)
+        for cursor in info["cursors"]:
+            cursors.add_row(cursor["source"], cursor["resource_type"], cursor["last_updated"])
+        console.print(cursors)

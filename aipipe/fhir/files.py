@@ -1,0 +1,207 @@
+"""Read FHIR resources from files: Bulk Data NDJSON and Bundle JSON, streamed.
+
+NDJSON is read line by line. A Bundle is read with ijson in two passes, so memory stays flat
+however large the file: the first pass maps each entry's `fullUrl` to `Type/id`, the second
+yields the resources with `urn:uuid:` (and other fullUrl) references rewritten to `Type/id`, as a
+FHIR server does when it processes a transaction. A resource known only by its `urn:uuid:`
+fullUrl gets the uuid as its id, so ingesting the same bundle twice is idempotent.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, cast
+
+import ijson
+
+from aipipe.errors import SourceError
+
+_UUID_URN = re.compile(r"^urn:uuid:([A-Za-z0-9\-.]{1,64})$")
+_SUFFIXES = (".ndjson", ".ndjson.gz", ".json", ".json.gz")
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One resource read from a file, or the reason it could not be read."""
+
+    resource: Any
+    origin: str
+    raw_text: str | None = None
+    error: str | None = None
+    resource_type: str | None = None
+
+
+def discover(paths: list[Path]) -> list[Path]:
+    """The FHIR files named by `paths`, directories expanded (sorted, recursively)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and _is_fhir(p)))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise SourceError(f"no such file or directory: {path}")
+    if not found:
+        raise SourceError("no .ndjson or .json files found in " + ", ".join(map(str, paths)))
+    return found
+
+
+def _is_fhir(path: Path) -> bool:
+    return path.name.lower().endswith(_SUFFIXES)
+
+
+def _open(path: Path) -> IO[bytes]:
+    try:
+        if path.name.lower().endswith(".gz"):
+            return cast(IO[bytes], gzip.open(path, "rb"))
+        return path.open("rb")
+    except OSError as exc:
+        raise SourceError(f"cannot open {path}: {exc.strerror}") from exc
+
+
+def read_file(path: Path, progress: Progress | None = None) -> Iterator[SourceItem]:
+    name = path.name.lower()
+    if name.endswith((".ndjson", ".ndjson.gz")):
+        yield from read_ndjson(path, progress)
+    else:
+        yield from read_bundle(path, progress)
+
+
+def read_ndjson(path: Path, progress: Progress | None = None) -> Iterator[SourceItem]:
+    with _open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if progress is not None:
+                progress(len(line))
+            text = line.strip()
+            if not text:
+                continue
+            origin = f"{path.name}:{number}"
+            try:
+                decoded = text.decode("utf-8")
+                resource = json.loads(decoded)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                yield SourceItem(None, origin, error="invalid JSON line")
+                continue
+            if isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
+                yield from _bundle_entries(resource, origin)
+                continue
+            yield SourceItem(resource, origin, raw_text=decoded)
+
+
+def _bundle_entries(bundle: dict[str, Any], origin: str) -> Iterator[SourceItem]:
+    entries: list[Any] = bundle["entry"] if isinstance(bundle.get("entry"), list) else []
+    urls = dict(identity for e in entries if (identity := _entry_identity(e)) is not None)
+    for index, entry in enumerate(entries):
+        yield _resolve_entry(entry, urls, f"{origin}#entry{index}")
+
+
+def read_bundle(path: Path, progress: Progress | None = None) -> Iterator[SourceItem]:
+    """Stream a Bundle (or a single resource) from a JSON file."""
+    size = path.stat().st_size
+    urls: dict[str, str] = {}
+    try:
+        with _open(path) as handle:
+            kind = _top_level_type(handle)
+        if kind != "Bundle":
+            yield from _single_resource(path, progress)
+            return
+        with _open(path) as handle:
+            for entry in ijson.items(handle, "entry.item", use_float=True):
+                identity = _entry_identity(entry)
+                if identity is not None:
+                    urls[identity[0]] = identity[1]
+    except (ijson.JSONError, ijson.IncompleteJSONError) as exc:
+        yield SourceItem(None, path.name, error=f"truncated or invalid JSON ({_short(exc)})")
+        # Entries before the damage are still good: fall through with what was mapped.
+    reported = 0
+    try:
+        with _open(path) as handle:
+            for index, entry in enumerate(ijson.items(handle, "entry.item", use_float=True)):
+                yield _resolve_entry(entry, urls, f"{path.name}#entry{index}")
+                if progress is not None:
+                    position = min(handle.tell(), size)
+                    progress(position - reported)
+                    reported = position
+    except (ijson.JSONError, ijson.IncompleteJSONError):
+        pass  # already reported by the first pass
+    if progress is not None:
+        progress(size - reported)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+
+
+def _top_level_type(handle: IO[bytes]) -> str | None:
+    for prefix, event, value in ijson.parse(handle):
+        if prefix == "resourceType" and event == "string":
+            return str(value)
+        if prefix == "" and event == "end_map":
+            break
+    return None
+
+
+def _single_resource(path: Path, progress: Progress | None) -> Iterator[SourceItem]:
+    try:
+        with _open(path) as handle:
+            resource = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        yield SourceItem(None, path.name, error="invalid JSON")
+        return
+    finally:
+        if progress is not None:
+            progress(os.path.getsize(path))
+    yield SourceItem(resource, path.name)
+
+
+def _entry_identity(entry: Any) -> tuple[str, str] | None:
+    """(fullUrl, `Type/id`) for an entry whose resource can be referenced by its fullUrl."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("fullUrl"), str):
+        return None
+    resource = entry.get("resource")
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        return None
+    rid = resource.get("id")
+    if not isinstance(rid, str):
+        match = _UUID_URN.match(entry["fullUrl"])
+        if match is None:
+            return None
+        rid = match.group(1)
+    return entry["fullUrl"], f"{resource['resourceType']}/{rid}"
+
+
+def _resolve_entry(entry: Any, urls: dict[str, str], origin: str) -> SourceItem:
+    if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+        return SourceItem(None, origin, error="bundle entry has no resource")
+    search = entry.get("search")
+    if isinstance(search, dict) and search.get("mode") == "outcome":
+        return SourceItem(None, origin, error="search outcome entry (OperationOutcome) skipped")
+    request = entry.get("request")
+    if isinstance(request, dict) and request.get("method") == "DELETE":
+        return SourceItem(None, origin, error="DELETE entries are not applied")
+    resource: dict[str, Any] = entry["resource"]
+    if "id" not in resource and isinstance(entry.get("fullUrl"), str):
+        match = _UUID_URN.match(entry["fullUrl"])
+        if match is not None:
+            resource = {**resource, "id": match.group(1)}
+    return SourceItem(_rewrite_references(resource, urls), origin)
+
+
+def _rewrite_references(node: Any, urls: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        out = {key: _rewrite_references(value, urls) for key, value in node.items()}
+        ref = out.get("reference")
+        if isinstance(ref, str) and ref in urls:
+            out["reference"] = urls[ref]
+        return out
+    if isinstance(node, list):
+        return [_rewrite_references(item, urls) for item in node]
+    return node

@@ -1,0 +1,262 @@
+"""`NodeStore`: the node's local SQLite store of FHIR resources and the rows derived from them.
+
+Writes come in batches inside one transaction, so an interrupted ingest leaves the store as it
+was before the batch. A resource is keyed by (type, id); a newer version (later
+`meta.lastUpdated`, or a higher numeric `meta.versionId` at the same time) replaces the older
+together with all rows derived from it; the same content again is a no-op; an older version is
+ignored. Patients get a pseudonym, an HMAC of their id under the node's secret key, which is the
+only patient reference that logs and audit events carry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from aipipe.errors import StoreError
+from aipipe.fhir.mapping import MappedResource
+from aipipe.store.schema import migrate
+
+
+class WriteOutcome(StrEnum):
+    STORED = "stored"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+    STALE = "stale"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_instant(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _is_newer(incoming: MappedResource, version: str | None, updated: str | None) -> bool:
+    """Whether `incoming` should replace the stored (version, updated) of the same resource."""
+    new_time, old_time = _parse_instant(incoming.last_updated), _parse_instant(updated)
+    if new_time is not None and old_time is not None and new_time != old_time:
+        return new_time > old_time
+    if incoming.version_id and version and incoming.version_id.isdigit() and version.isdigit():
+        return int(incoming.version_id) >= int(version)
+    return True  # no usable ordering: the latest read wins, as a plain re-load would
+
+
+class NodeStore:
+    """The node's store. Open with `NodeStore.open(path, pseudonym_key)`."""
+
+    def __init__(self, db: sqlite_utils.Database, pseudonym_key: bytes) -> None:
+        self.db = db
+        self._pseudonym_key = pseudonym_key
+
+    @classmethod
+    def open(cls, path: Path, pseudonym_key: bytes) -> NodeStore:
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open node store {path}: {exc}") from exc
+        return cls(sqlite_utils.Database(conn), pseudonym_key)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self.db.conn
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def pseudonym(self, patient_id: str) -> str:
+        digest = hmac.new(self._pseudonym_key, patient_id.encode(), hashlib.sha256)
+        return digest.hexdigest()[:20]
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def write_batch(self, batch: Sequence[MappedResource]) -> list[WriteOutcome]:
+        """Store a batch atomically; return each resource's outcome, in order."""
+        now = utc_now()
+        with self.transaction() as conn:
+            existing = self._existing(conn, batch)
+            outcomes: list[WriteOutcome] = []
+            replace: list[MappedResource] = []
+            for item in batch:
+                outcome = self._decide(item, existing.get((item.type, item.id)))
+                outcomes.append(outcome)
+                if outcome in (WriteOutcome.STORED, WriteOutcome.UPDATED):
+                    replace.append(item)
+                    existing[(item.type, item.id)] = (item.version_id, item.last_updated, item.hash)
+            self._delete_derived(
+                conn, [r for r, o in zip(batch, outcomes, strict=True) if o is WriteOutcome.UPDATED]
+            )
+            self._insert(conn, _last_of_each(replace), now)
+        return outcomes
+
+    @staticmethod
+    def _decide(
+        item: MappedResource, old: tuple[str | None, str | None, str] | None
+    ) -> WriteOutcome:
+        if old is None:
+            return WriteOutcome.STORED
+        version, updated, digest = old
+        if digest == item.hash:
+            return WriteOutcome.UNCHANGED
+        if not _is_newer(item, version, updated):
+            return WriteOutcome.STALE
+        return WriteOutcome.UPDATED
+
+    @staticmethod
+    def _existing(
+        conn: sqlite3.Connection, batch: Sequence[MappedResource]
+    ) -> dict[tuple[str, str], tuple[str | None, str | None, str]]:
+        found: dict[tuple[str, str], tuple[str | None, str | None, str]] = {}
+        by_type: dict[str, list[str]] = {}
+        for item in batch:
+            by_type.setdefault(item.type, []).append(item.id)
+        for rtype, ids in by_type.items():
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    "SELECT id, version_id, last_updated, hash FROM resources "
+                    f"WHERE type = ? AND id IN ({marks})",
+                    [rtype, *chunk],
+                )
+                for rid, version, updated, digest in rows:
+                    found[(rtype, rid)] = (version, updated, digest)
+        return found
+
+    @staticmethod
+    def _delete_derived(conn: sqlite3.Connection, items: Iterable[MappedResource]) -> None:
+        for item in items:
+            if item.type == "Observation":
+                conn.execute("DELETE FROM observations WHERE resource_id = ?", (item.id,))
+            elif item.type == "Condition":
+                conn.execute("DELETE FROM conditions WHERE resource_id = ?", (item.id,))
+            elif item.type in ("MedicationRequest", "MedicationStatement"):
+                conn.execute(
+                    "DELETE FROM medications WHERE resource_type = ? AND resource_id = ?",
+                    (item.type, item.id),
+                )
+
+    def _insert(self, conn: sqlite3.Connection, items: list[MappedResource], now: str) -> None:
+        conn.executemany(
+            "INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (r.type, r.id, r.version_id, r.last_updated, r.patient_id, r.hash, r.json, now)
+                for r in items
+            ],
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (p.id, self.pseudonym(p.id), p.birth_year, p.birth_date, p.sex, int(p.deceased))
+                for r in items
+                if (p := r.patient) is not None
+            ],
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO observations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    o.resource_id,
+                    o.component,
+                    o.patient_id,
+                    o.code,
+                    o.value,
+                    o.value_code,
+                    o.unit,
+                    o.effective,
+                )
+                for r in items
+                for o in r.observations
+            ],
+        )
+        conditions = [r for r in items if r.type == "Condition"]
+        conn.executemany(
+            "INSERT OR REPLACE INTO conditions VALUES (?, ?, ?, ?, ?)",
+            [
+                (c.resource_id, c.patient_id, c.code, c.time, c.status)
+                for r in conditions
+                for c in r.coded
+            ],
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO medications VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (r.type, c.resource_id, c.patient_id, c.code, c.status, c.time)
+                for r in items
+                if r.type != "Condition"
+                for c in r.coded
+            ],
+        )
+
+    # -- cursors and runs -------------------------------------------------------------------
+
+    def cursor(self, source: str, resource_type: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT last_updated FROM cursors WHERE source = ? AND resource_type = ?",
+            (source, resource_type),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_cursor(self, source: str, resource_type: str, last_updated: str) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO cursors VALUES (?, ?, ?, ?)",
+            (source, resource_type, last_updated, utc_now()),
+        )
+
+    def record_run(self, source: str, started_at: str, report_json: str) -> None:
+        self.conn.execute(
+            "INSERT INTO ingest_runs (source, started_at, finished_at, report) VALUES (?,?,?,?)",
+            (source, started_at, utc_now(), report_json),
+        )
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        counts = dict(
+            self.conn.execute("SELECT type, count(*) FROM resources GROUP BY type ORDER BY type")
+        )
+        cursors = [
+            {"source": s, "resource_type": t, "last_updated": lu, "synced_at": at}
+            for s, t, lu, at in self.conn.execute(
+                "SELECT source, resource_type, last_updated, synced_at FROM cursors ORDER BY 1, 2"
+            )
+        ]
+        last = self.conn.execute("SELECT max(finished_at) FROM ingest_runs").fetchone()[0]
+        patients = self.conn.execute("SELECT count(*) FROM patients").fetchone()[0]
+        return {"resources": counts, "patients": patients, "last_sync": last, "cursors": cursors}
+
+
+def _last_of_each(items: list[MappedResource]) -> list[MappedResource]:
+    """Keep the last write of each (type, id) within a batch (a file may repeat a resource)."""
+    latest: dict[tuple[str, str], MappedResource] = {}
+    for item in items:
+        latest[(item.type, item.id)] = item
+    return list(latest.values())
