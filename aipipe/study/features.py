@@ -152,7 +152,7 @@ def split_indices(
     use_strata = stratify and bool((counts > 2).all())
     train, test = train_test_split(
         np.arange(len(y)),
-        train_size=1 - test_fraction,
+        train_size=round(1 - test_fraction, 10),
         test_size=test_fraction,
         random_state=seed,
         shuffle=True,
