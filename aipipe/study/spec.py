@@ -142,7 +142,8 @@ class Privacy(_Model):
 
 class Aggregation(_Model):
     name: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
-    server_lr: float = Field(default=1.0, gt=0)
+    # None takes the aggregator's own default: 1.0 for FedAvg/FedProx, 0.01 for FedAdam/Yogi.
+    server_lr: float | None = Field(default=None, gt=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0)
