@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from typing import Any, NoReturn
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -27,7 +26,7 @@ def fail(exc: AipipeError) -> NoReturn:
 class AipipeGroup(TyperGroup):
     """Turns any `AipipeError` raised below it into `fail(...)`: no traceback for user errors."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # typer's vendored click.Context
         try:
             return super().invoke(ctx)
         except AipipeError as exc:

@@ -15,12 +15,16 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from aipipe.errors import IdentityError, NodeExistsError
+from aipipe.audit.log import AuditLog
+from aipipe.errors import ConfigError, IdentityError, NodeExistsError
+from aipipe.node.client import HubClient
 from aipipe.secure.identity import Identity
 from aipipe.settings import NODE_CONFIG, NodeConfig, NodePaths, load_node_config, save_node_config
 from aipipe.store.node_store import NodeStore
+from aipipe.wire import EnrolRequest, EnrolToken
 
 _KEY_MODE = 0o600
+CREDENTIAL = "hub.credential"
 
 
 def init_node(home: Path, name: str, *, force: bool = False) -> NodePaths:
@@ -38,12 +42,18 @@ def init_node(home: Path, name: str, *, force: bool = False) -> NodePaths:
     _write_secret(paths.pseudonym_key, secrets.token_bytes(32))
     NodeStore.open(paths.store, b"").close()
     save_node_config(home, config)
+    with open_audit(paths) as audit:
+        audit.append("node.init", actor=name, resource=f"node/{name}")
     return paths
 
 
 def _move_aside(home: Path) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     backup = home / f".replaced-{stamp}"
+    suffix = 1
+    while backup.exists():
+        suffix += 1
+        backup = home / f".replaced-{stamp}-{suffix}"
     backup.mkdir()
     for entry in home.iterdir():
         if entry != backup and not entry.name.startswith(".replaced-"):
@@ -55,6 +65,43 @@ def _write_secret(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _KEY_MODE)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+
+
+def enrol(paths: NodePaths, token_text: str) -> str:
+    """Register this node's public key with the hub named in the token; return the hub URL."""
+    try:
+        token = EnrolToken.decode(token_text.strip())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if token.node != paths.config.name:
+        raise ConfigError(
+            f"this enrolment token is for node '{token.node}', not '{paths.config.name}'"
+        )
+    identity = Identity.load(paths.identity_key)
+    request = EnrolRequest(node=token.node, secret=token.secret, public_key=identity.public_hex)
+    with HubClient(token.hub_url) as client:
+        response = client.enrol(request)
+    _write_secret(paths.home / CREDENTIAL, response.credential.encode())
+    paths.config.hub_url = token.hub_url
+    save_node_config(paths.home, paths.config)
+    return token.hub_url
+
+
+def hub_client(paths: NodePaths) -> HubClient:
+    """A client authenticated as this node; the node must be enrolled."""
+    if paths.config.hub_url is None:
+        raise ConfigError(
+            f"node {paths.config.name} is not enrolled with a hub; "
+            "run: aipipe node init --home ... --name ... --token <token from the hub>"
+        )
+    credential = (paths.home / CREDENTIAL).read_text().strip()
+    return HubClient(paths.config.hub_url, token=credential)
+
+
+def open_audit(paths: NodePaths) -> AuditLog:
+    return AuditLog.open(
+        paths.audit_log, Identity.load(paths.identity_key), owner=f"node/{paths.config.name}"
+    )
 
 
 def open_store(paths: NodePaths) -> NodeStore:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from aipipe.fhir.files import Progress, SourceItem, discover, read_file
 from aipipe.fhir.mapping import MappedResource, ResourceRejected, map_resource
-from aipipe.store.node_store import NodeStore, WriteOutcome, utc_now
+from aipipe.store.node_store import NodeStore, WriteOutcome, later, utc_now
 
 BATCH_SIZE = 1000
 
@@ -101,7 +101,7 @@ class _Writer:
             updated = mapped.last_updated
             if updated is not None and outcome is not WriteOutcome.STALE:
                 current = self.max_updated.get(mapped.type)
-                if current is None or updated > current:
+                if current is None or later(updated, current):
                     self.max_updated[mapped.type] = updated
         self.pending.clear()
 
@@ -158,7 +158,7 @@ def ingest_server(
                 on_resource(rtype)
         writer.flush()
         newest = writer.max_updated.get(rtype)
-        if newest is not None and (cursor is None or newest > cursor):
+        if newest is not None and (cursor is None or later(newest, cursor)):
             store.set_cursor(source_key, rtype, newest)
     store.record_run(source_key, started, json.dumps(report.to_dict()))
     return report

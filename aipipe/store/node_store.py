@@ -48,6 +48,14 @@ def _parse_instant(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def later(a: str, b: str) -> bool:
+    """Whether instant `a` is after instant `b`, whatever their spelling (fractions, offsets)."""
+    first, second = _parse_instant(a), _parse_instant(b)
+    if first is None or second is None:
+        return a > b
+    return first > second
+
+
 def _is_newer(incoming: MappedResource, version: str | None, updated: str | None) -> bool:
     """Whether `incoming` should replace the stored (version, updated) of the same resource."""
     new_time, old_time = _parse_instant(incoming.last_updated), _parse_instant(updated)
@@ -236,6 +244,21 @@ class NodeStore:
             "INSERT INTO ingest_runs (source, started_at, finished_at, report) VALUES (?,?,?,?)",
             (source, started_at, utc_now(), report_json),
         )
+
+    # -- study approvals ----------------------------------------------------------------------
+
+    def approve(self, study: str, digest: str, spec_json: str) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO approvals VALUES (?, ?, ?, ?)",
+            (study, digest, spec_json, utc_now()),
+        )
+
+    def approval(self, study: str) -> tuple[str, str] | None:
+        """(digest, spec JSON) of the approved version of `study`, if any."""
+        row = self.conn.execute(
+            "SELECT digest, spec FROM approvals WHERE study = ?", (study,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
 
     # -- reporting --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ The pipeline follows FLamby's Fed-Heart-Disease preprocessing where the study as
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import date
@@ -150,6 +151,14 @@ def split_indices(
     has more than 2 members (Switzerland's single negative makes its split unstratified)."""
     counts = np.bincount(y.astype(np.int64), minlength=2)
     use_strata = stratify and bool((counts > 2).all())
+    n_test = math.ceil(test_fraction * len(y))
+    if n_test < 1 or n_test >= len(y):
+        raise StudyError(
+            f"a cohort of {len(y)} patients cannot be split with test_fraction={test_fraction}: "
+            "both train and test need at least one patient"
+        )
+    if use_strata and n_test < 2:
+        use_strata = False  # a stratified test split needs a row of each class
     train, test = train_test_split(
         np.arange(len(y)),
         train_size=round(1 - test_fraction, 10),

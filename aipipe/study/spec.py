@@ -172,6 +172,10 @@ class StudySpec(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
+        columns = self.columns()
+        clashes = sorted({c for c in columns if columns.count(c) > 1})
+        if clashes:
+            raise ValueError(f"two features produce the same column: {', '.join(clashes)}")
         if "age" in self.demographics and self.reference_date is None:
             raise ValueError("demographics 'age' needs a reference_date (age on that day)")
         return self
