@@ -1,0 +1,20 @@
+"""Torch models for studies, split into body and head, and their safe serialization."""
+
+from aipipe.models.errors import ModelError, ModelFormatError, ModelMismatchError
+from aipipe.models.serialization import (
+    Arrays,
+    arrays_to_model,
+    weights_to_arrays,
+)
+from aipipe.models.split import SplitModel, build_model
+
+__all__ = [
+    "Arrays",
+    "ModelError",
+    "ModelFormatError",
+    "ModelMismatchError",
+    "SplitModel",
+    "arrays_to_model",
+    "build_model",
+    "weights_to_arrays",
+]

@@ -1,0 +1,64 @@
+"""Errors of the privacy layer, each named after what went wrong.
+
+AipipeError
+└── PrivacyError                  a training round cannot be run within its privacy terms
+    ├── BudgetNotSetError         the study has no site budget in the ledger
+    ├── BudgetExhaustedError      the round would take the study past its ε budget
+    ├── RoundAlreadyChargedError  a resumed round asks to run with a different mechanism
+    ├── NoiseCalibrationError     no noise multiplier reaches the target ε
+    └── UnsupportedModuleError    a model layer the exact per-sample clipper cannot handle
+"""
+
+from __future__ import annotations
+
+from aipipe.errors import AipipeError
+
+
+class PrivacyError(AipipeError):
+    """A training round cannot be run within its privacy terms."""
+
+    exit_code = 10
+
+
+class BudgetNotSetError(PrivacyError):
+    """A study has no privacy budget recorded for this site."""
+
+    def __init__(self, study: str) -> None:
+        super().__init__(
+            f"no privacy budget is set for study '{study}'; set the site budget before training"
+        )
+        self.study = study
+
+
+class BudgetExhaustedError(PrivacyError):
+    """A round would take the study's cumulative ε past the site budget; nothing was charged."""
+
+    def __init__(
+        self, *, study: str, round: int, needed: float, spent: float, budget: float
+    ) -> None:
+        left = max(budget - spent, 0.0)
+        super().__init__(
+            f"round {round} needs ε={needed:.2f} but {left:.2f} of {budget:.2f} is left for "
+            f"study '{study}'; lower rounds or raise the site budget"
+        )
+        self.study = study
+        self.round = round
+        self.needed = needed
+        self.spent = spent
+        self.budget = budget
+
+    @property
+    def remaining(self) -> float:
+        return max(self.budget - self.spent, 0.0)
+
+
+class RoundAlreadyChargedError(PrivacyError):
+    """A round was charged before with other (σ, q, steps); a resumed round must reuse them."""
+
+
+class NoiseCalibrationError(PrivacyError):
+    """No noise multiplier up to the search limit keeps the planned steps within the target ε."""
+
+
+class UnsupportedModuleError(PrivacyError):
+    """The model holds a layer for which exact per-sample gradient norms are not implemented."""
