@@ -14,7 +14,15 @@ they enter (``raise FhirServerError(...) from exc``), never logged and re-raised
     ├── StoreError                the SQLite store is corrupt or of a newer schema
     ├── IdentityError             key files missing, unreadable or with loose permissions
     ├── SignatureError            a signature that does not verify
-    └── AuditChainBrokenError     an audit log whose hash chain does not verify
+    ├── AuditChainBrokenError     an audit log whose hash chain does not verify
+    ├── HubUnavailableError       the hub cannot be reached
+    ├── AuthError                 missing, wrong or insufficient credentials
+    ├── NotFoundError             a study, round, node or model that does not exist
+    ├── ConflictError             a request that the current state forbids (round already open)
+    ├── UpdateRejectedError       an update the hub refuses (bad signature, replay, late, …)
+    ├── StudyNotApprovedError     a node asked to train for a study it has not approved
+    ├── AggregationError          (aipipe.aggregation) unusable update, sum or setting
+    └── BudgetExhaustedError      (aipipe.privacy) a round that would exceed the site's ε
 """
 
 from __future__ import annotations
@@ -84,3 +92,39 @@ class AuditChainBrokenError(AipipeError):
     def __init__(self, message: str, *, first_bad_seq: int) -> None:
         super().__init__(message)
         self.first_bad_seq = first_bad_seq
+
+
+class HubUnavailableError(AipipeError):
+    """The hub cannot be reached (connection refused, timeouts, 5xx after retries)."""
+
+    exit_code = 10
+
+
+class AuthError(AipipeError):
+    """A request without valid credentials, or with a role that may not do this."""
+
+    exit_code = 11
+
+
+class NotFoundError(AipipeError):
+    """A study, round, node or model version that does not exist."""
+
+    exit_code = 12
+
+
+class ConflictError(AipipeError):
+    """A request that the current state forbids, e.g. opening a round while one is open."""
+
+    exit_code = 13
+
+
+class UpdateRejectedError(AipipeError):
+    """An update the hub refuses; `reason` says why (audited at the hub)."""
+
+    exit_code = 14
+
+
+class StudyNotApprovedError(AipipeError):
+    """The node has not approved this study (or approved a different version of it)."""
+
+    exit_code = 15

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from aipipe import __version__
-from aipipe.cli import node, study
+from aipipe.cli import audit, hub, model, node, privacy, study, train
 from aipipe.cli.render import AipipeGroup
 
 app = typer.Typer(
@@ -16,7 +16,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(node.app, name="node")
+app.add_typer(hub.app, name="hub")
 app.add_typer(study.app, name="study")
+app.add_typer(train.app, name="train")
+app.add_typer(model.app, name="model")
+app.add_typer(privacy.app, name="privacy")
+app.add_typer(audit.app, name="audit")
 
 
 def _version(value: bool) -> None:

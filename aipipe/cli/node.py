@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import typer
@@ -18,9 +20,14 @@ from rich.table import Table
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.errors import ConfigError
 from aipipe.fhir.server import DEFAULT_TYPES, FhirServerSource
-from aipipe.node.home import init_node, open_node, open_store
+from aipipe.node.daemon import Daemon
+from aipipe.node.home import enrol, hub_client, init_node, open_audit, open_node, open_store
 from aipipe.node.ingest import IngestReport, ingest_files, ingest_server, total_bytes
+from aipipe.node.worker import NodeWorker
+from aipipe.privacy.ledger import BudgetLedger
+from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
+from aipipe.study.spec import StudySpec
 
 app = typer.Typer(
     help="Run an institution's node: set up, ingest FHIR data, status.", no_args_is_help=True
@@ -37,11 +44,22 @@ def init(
     force: bool = typer.Option(
         False, "--force", help="Move an existing node aside (into .replaced-*) and start over."
     ),
+    token: str = typer.Option(
+        None,
+        "--token",
+        envvar="AIPIPE_ENROL_TOKEN",
+        help="Enrolment token from `aipipe hub enrol-token`: registers this node with the hub.",
+    ),
     as_json: bool = JSON,
 ) -> None:
-    """Create a node home: config, SQLite store, Ed25519 identity key (0600) and audit log."""
+    """Create a node home: config, SQLite store, Ed25519 identity key (0600) and audit log.
+
+    With --token the node also enrols with the hub: it sends its public key, never its data.
+    """
     paths = init_node(home, name, force=force)
+    hub_url = enrol(paths, token) if token else None
     info = {
+        "hub": hub_url or "not enrolled",
         "name": name,
         "home": str(home),
         "store": str(paths.store),
@@ -114,14 +132,16 @@ def _load_files(store: NodeStore, paths: list[Path], quiet: bool) -> IngestRepor
 def _pull(
     store: NodeStore, url: str, since: str | None, page_size: int, types: list[str], quiet: bool
 ) -> IngestReport:
-    source = FhirServerSource(base_url=url, page_size=page_size)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        console=err_console,
-        transient=True,
-        disable=quiet,
-    ) as progress:
+    with (
+        FhirServerSource(base_url=url, page_size=page_size) as source,
+        Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            console=err_console,
+            transient=True,
+            disable=quiet,
+        ) as progress,
+    ):
         task = progress.add_task("pulling", total=None)
         count = 0
 
@@ -194,3 +214,83 @@ def status(home: Path = HOME, as_json: bool = JSON) -> None:
         for cursor in info["cursors"]:
             cursors.add_row(cursor["source"], cursor["resource_type"], cursor["last_updated"])
         console.print(cursors)
+
+
+@app.command()
+def approve(
+    study_name: str = typer.Argument(..., help="The study's name as published on the hub."),
+    home: Path = HOME,
+    epsilon: float = typer.Option(
+        None,
+        "--epsilon",
+        min=0.0,
+        help="This site's ε budget for the study (default: the study's privacy.epsilon).",
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Approve a published study: pins its digest; a changed study needs a new approval.
+
+    Also sets the site's (ε, δ) budget for it. The node trains for no study it has not approved.
+    """
+    paths = open_node(home)
+    store = open_store(paths)
+    try:
+        with hub_client(paths) as client:
+            info = client.study(study_name)
+        spec = StudySpec.model_validate(info.spec)
+        if spec.digest() != info.digest:
+            raise ConfigError(f"study '{study_name}' from the hub does not match its digest")
+        budget = epsilon if epsilon is not None else spec.privacy.epsilon
+        store.approve(spec.name, info.digest, json.dumps(info.spec))
+        if spec.privacy.mode == "dp":
+            BudgetLedger(store.db).set_budget(spec.name, epsilon=budget, delta=spec.privacy.delta)
+        with open_audit(paths) as audit:
+            audit.append(
+                "study.approve",
+                actor=paths.config.name,
+                resource=f"study/{spec.name}",
+                details={"digest": info.digest, "epsilon_budget": budget},
+            )
+    finally:
+        store.close()
+    result = {
+        "study": spec.name,
+        "digest": info.digest,
+        "epsilon_budget": budget,
+        "columns": spec.columns(),
+    }
+    if as_json:
+        emit_json(result)
+        return
+    console.print(f"[green]✓[/] approved study [bold]{spec.name}[/] ({info.digest[:12]})")
+    console.print(kv_table("approval", result))
+
+
+@app.command()
+def start(
+    home: Path = HOME,
+    once: bool = typer.Option(False, "--once", help="Do the pending work, then exit."),
+    poll: float = typer.Option(
+        10.0, "--poll", min=0.0, max=60.0, help="Long-poll wait in seconds."
+    ),
+) -> None:
+    """Run the node daemon: poll the hub, train and evaluate, until SIGTERM (or --once)."""
+    paths = open_node(home)
+    store = open_store(paths)
+    audit = open_audit(paths)
+    try:
+        with hub_client(paths) as client:
+            worker = NodeWorker(
+                paths.config.name,
+                store,
+                client,
+                Identity.load(paths.identity_key),
+                audit,
+                allow_non_private=paths.config.allow_non_private,
+            )
+            log = functools.partial(err_console.log, f"[{paths.config.name}]")
+            done = Daemon(worker, log, poll_wait_s=poll).run(once=once)
+    finally:
+        audit.close()
+        store.close()
+    err_console.log(f"[{paths.config.name}] stopped after {done} work items")

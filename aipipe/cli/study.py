@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from aipipe.cli.options import HUB, TOKEN, client
 from aipipe.cli.render import console, emit_json, kv_table
 from aipipe.node.home import open_node, open_store
 from aipipe.study.features import extract
@@ -82,3 +83,20 @@ def features(
     for name, fraction in matrix.missing.items():
         table.add_row(name, f"{fraction:.1%}")
     console.print(table)
+
+
+@app.command()
+def publish(
+    study_file: Path = typer.Argument(..., help="The study YAML file."),
+    hub: str = HUB,
+    token: str = TOKEN,
+    as_json: bool = JSON,
+) -> None:
+    """Publish a study to the hub; nodes then review and approve it (`aipipe node approve`)."""
+    spec = load_study(study_file)
+    with client(hub, token) as hub_client:
+        info = hub_client.publish(spec.model_dump(mode="json"))
+    if as_json:
+        emit_json(info.model_dump(mode="json"))
+        return
+    console.print(f"[green]✓[/] published study [bold]{info.name}[/] (digest {info.digest[:12]})")

@@ -79,6 +79,15 @@ MIGRATIONS: tuple[str, ...] = (
         report TEXT
     );
     """,
+    # 2: studies this node approved, pinned by digest.
+    """
+    CREATE TABLE approvals (
+        study TEXT PRIMARY KEY,
+        digest TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        approved_at TEXT NOT NULL
+    );
+    """,
 )
 
 

@@ -1,0 +1,110 @@
+"""`aipipe hub`: set up and run a consortium's hub, issue enrolment tokens, list nodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from aipipe.audit.log import AuditLog
+from aipipe.cli.options import JSON
+from aipipe.cli.render import console, emit_json, err_console, kv_table
+from aipipe.hub.home import init_hub, load_hub, served_url
+from aipipe.hub.service import HubService
+from aipipe.secure.identity import Identity
+
+app = typer.Typer(help="Run a consortium's hub: init, serve, enrol nodes.", no_args_is_help=True)
+HOME = typer.Option(..., "--home", help="The hub home directory.")
+
+
+@app.command()
+def init(
+    home: Path = HOME,
+    name: str = typer.Option("hub", "--name", help="The consortium hub's name."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing hub home."),
+    as_json: bool = JSON,
+) -> None:
+    """Create a hub home and print the admin token (shown once; keep it secret)."""
+    _, token = init_hub(home, name, force=force)
+    if as_json:
+        emit_json({"home": str(home), "admin_token": token})
+        return
+    console.print(f"[green]✓[/] hub [bold]{name}[/] created at {home}")
+    console.print("admin token (shown once, store it in a secret manager):")
+    typer.echo(token)
+
+
+@app.command()
+def serve(
+    home: Path = HOME,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8700, "--port", min=0, max=65535, help="Port; 0 picks a free one."),
+) -> None:
+    """Serve the hub's HTTP API until interrupted. Writes <home>/serve.json with its URL."""
+    from aipipe.hub.serve import serve as run_server
+
+    paths = load_hub(home)
+    err_console.log(f"hub {paths.config.name} serving from {home}")
+    run_server(paths, host, port)
+
+
+@app.command("enrol-token")
+def enrol_token(
+    home: Path = HOME,
+    node: str = typer.Option(..., "--node", help="The node's name, e.g. 'cleveland'."),
+    url: str = typer.Option(
+        None, "--url", help="The hub URL nodes use (default: where it serves)."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Print a one-time enrolment token for a node (hub URL + secret)."""
+    paths = load_hub(home)
+    hub_url = url or served_url(paths)
+    store = paths.open_store()
+    audit = AuditLog.open(
+        paths.audit_log, Identity.load(paths.identity_key), owner=f"hub/{paths.config.name}"
+    )
+    try:
+        service = HubService(paths, store, audit, Identity.load(paths.identity_key))
+        token = service.issue_token(node, hub_url)
+    finally:
+        audit.close()
+        store.close()
+    if as_json:
+        emit_json({"node": node, "token": token})
+    else:
+        typer.echo(token)
+
+
+@app.command()
+def nodes(home: Path = HOME, as_json: bool = JSON) -> None:
+    """List enrolled nodes with their state and when they were last seen."""
+    paths = load_hub(home)
+    store = paths.open_store()
+    try:
+        rows = [
+            {
+                "name": r["name"],
+                "state": r["state"],
+                "enrolled_at": r["enrolled_at"],
+                "last_seen": r["last_seen"],
+            }
+            for r in store.nodes()
+        ]
+    finally:
+        store.close()
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        console.print(kv_table("nodes", {"enrolled": 0}))
+        return
+    table = Table(title="nodes", title_justify="left")
+    for column in ("name", "state", "enrolled_at", "last_seen"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *(str(row[c] or "never") for c in ("name", "state", "enrolled_at", "last_seen"))
+        )
+    console.print(table)

@@ -1,0 +1,1 @@
+"""The hub: enrols nodes, runs rounds, aggregates sums, versions models."""

@@ -1,0 +1,89 @@
+"""The hub home: config, identity, store, blobs and audit log of one consortium's hub.
+
+<home>/hub.yaml        HubConfig
+<home>/identity.key    Ed25519 key (0600): signs audit checkpoints
+<home>/hub.sqlite      HubStore
+<home>/blobs/          content-addressed model weights
+<home>/audit.sqlite    hash-chained audit log
+<home>/serve.json      written by `hub serve` once it listens: {"url", "pid"}
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aipipe.errors import ConfigError, NodeExistsError, NodeNotFoundError
+from aipipe.secure.identity import Identity
+from aipipe.store.hub_store import HubStore, secret_hash
+
+HUB_CONFIG = "hub.yaml"
+SERVE_INFO = "serve.json"
+
+
+class HubConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    created: str
+    default_deadline_s: float = Field(default=600.0, gt=0)
+
+
+class HubPaths:
+    def __init__(self, home: Path, config: HubConfig) -> None:
+        self.home = home
+        self.config = config
+        self.identity_key = home / "identity.key"
+        self.store = home / "hub.sqlite"
+        self.blobs = home / "blobs"
+        self.audit_log = home / "audit.sqlite"
+        self.serve_info = home / SERVE_INFO
+
+    def open_store(self) -> HubStore:
+        return HubStore.open(self.store, self.blobs)
+
+
+def init_hub(home: Path, name: str, *, force: bool = False) -> tuple[HubPaths, str]:
+    """Create a hub home; return it and the admin token (shown once, stored only hashed)."""
+    if (home / HUB_CONFIG).exists() and not force:
+        raise NodeExistsError(f"a hub already exists at {home}; use --force to start over")
+    home.mkdir(parents=True, exist_ok=True)
+    config = HubConfig(name=name, created=datetime.now(UTC).isoformat(timespec="seconds"))
+    (home / HUB_CONFIG).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    paths = HubPaths(home, config)
+    Identity.generate().save(paths.identity_key)
+    token = "aipipe-admin." + secrets.token_urlsafe(32)
+    store = paths.open_store()
+    try:
+        store.set_meta("admin_token_hash", secret_hash(token))
+    finally:
+        store.close()
+    return paths, token
+
+
+def load_hub(home: Path) -> HubPaths:
+    path = home / HUB_CONFIG
+    if not path.is_file():
+        raise NodeNotFoundError(f"no hub at {home}; run: aipipe hub init --home {home}")
+    try:
+        config = HubConfig.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{path} is not a valid hub config: {exc}") from exc
+    return HubPaths(home, config)
+
+
+def served_url(paths: HubPaths) -> str:
+    """The URL a running `hub serve` wrote, for commands that need one."""
+    try:
+        info = json.loads(paths.serve_info.read_text())
+        return str(info["url"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"the hub at {paths.home} is not serving (no {SERVE_INFO}); start `aipipe hub serve` "
+            "or pass --url"
+        ) from exc

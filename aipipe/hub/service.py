@@ -1,0 +1,483 @@
+"""The hub's logic, free of HTTP: enrolment, studies, rounds, updates, aggregation.
+
+Round state machine (persisted in `HubStore`):
+
+    open ──first update──▶ collecting ──all reported, or deadline with ≥ min_nodes──▶ aggregating
+      │                        │                                                        │
+      └──deadline with < min_nodes, or every node declined──▶ failed(reason)           ▼
+                                                                                       closed
+
+`tick()` runs the deadline checks and finishes any round left in `aggregating` by a crash, so a
+hub restarted after SIGKILL picks its rounds up from the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import ValidationError
+
+from aipipe.aggregation import AggregationError, aggregator_for
+from aipipe.audit.log import AuditLog
+from aipipe.errors import (
+    AuthError,
+    ConflictError,
+    NotFoundError,
+    SignatureError,
+    StudyError,
+    UpdateRejectedError,
+)
+from aipipe.hub.home import HubPaths
+from aipipe.hub.updates import verified_update
+from aipipe.models import build_model, weights_to_arrays
+from aipipe.secure.identity import Identity
+from aipipe.store.hub_store import ACTIVE, HubStore, RoundRow, secret_hash
+from aipipe.study.spec import StudySpec
+from aipipe.wire import (
+    EnrolRequest,
+    EnrolResponse,
+    EnrolToken,
+    EvalReport,
+    ModelVersionInfo,
+    RoundInfo,
+    StudyInfo,
+    UpdateReceipt,
+    WorkItem,
+)
+from aipipe.wire.tensors import decode_arrays, encode_arrays
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: Literal["admin", "node"]
+    name: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def version_id(study: str, number: int, parent: str | None, weights_digest: str) -> str:
+    """A model version's address: its weights and its place in the lineage."""
+    return hashlib.sha256(f"{study}:{number}:{parent}:{weights_digest}".encode()).hexdigest()
+
+
+class HubService:
+    def __init__(self, paths: HubPaths, store: HubStore, audit: AuditLog, identity: Identity):
+        self.paths = paths
+        self.store = store
+        self.audit = audit
+        self.identity = identity
+
+    # -- auth and enrolment ------------------------------------------------------------------
+
+    def authenticate(self, bearer: str | None) -> Principal:
+        if not bearer:
+            raise AuthError("missing bearer token")
+        if secret_hash(bearer) == self.store.meta("admin_token_hash"):
+            return Principal("admin", "admin")
+        node = self.store.node_for_credential(bearer)
+        if node is None or node["state"] != "active":
+            self.audit.append("auth.failure", actor="unknown", outcome="failure")
+            raise AuthError("unknown or revoked token")
+        self.store.touch_node(node["name"])
+        return Principal("node", str(node["name"]))
+
+    def issue_token(self, node: str, hub_url: str) -> str:
+        token = EnrolToken(hub_url=hub_url, node=node, secret=secrets.token_urlsafe(32))
+        self.store.add_enrol_token(node, token.secret)
+        self.audit.append(
+            "admin", actor="admin", resource=f"node/{node}", details={"op": "enrol-token"}
+        )
+        return token.encode()
+
+    def enrol(self, request: EnrolRequest) -> EnrolResponse:
+        credential = secrets.token_urlsafe(32)
+        if not self.store.enrol(request.node, request.secret, request.public_key, credential):
+            self.audit.append(
+                "enrolment",
+                actor=request.node,
+                outcome="refused",
+                details={"reason": "invalid or used token"},
+            )
+            raise AuthError(f"enrolment token for '{request.node}' is invalid or already used")
+        self.audit.append(
+            "enrolment",
+            actor=request.node,
+            resource=f"node/{request.node}",
+            details={"public_key": request.public_key},
+        )
+        return EnrolResponse(
+            node=request.node, credential=credential, hub_public_key=self.identity.public_hex
+        )
+
+    # -- studies -----------------------------------------------------------------------------
+
+    def publish(self, raw_spec: dict[str, Any]) -> StudyInfo:
+        try:
+            spec = StudySpec.model_validate(raw_spec)
+        except ValidationError as exc:
+            raise StudyError(f"invalid study: {exc.errors()[0]['msg']}") from exc
+        if self.store.study(spec.name) is not None:
+            raise ConflictError(f"study '{spec.name}' is already published; give a new name")
+        arrays = weights_to_arrays(build_model(spec.model, len(spec.columns()), seed=0))
+        blob = self.store.put_blob(encode_arrays(arrays))
+        version = version_id(spec.name, 0, None, blob)
+        self.store.add_model(
+            version,
+            spec.name,
+            0,
+            None,
+            "init",
+            blob,
+            {"study": spec.name, "round": 0, "contributors": []},
+        )
+        self.store.add_study(spec.name, spec.digest(), spec.model_dump(mode="json"), version)
+        self.audit.append(
+            "admin",
+            actor="admin",
+            resource=f"study/{spec.name}",
+            details={"op": "publish", "digest": spec.digest()},
+        )
+        return self.study_info(spec.name)
+
+    def spec(self, name: str) -> StudySpec:
+        row = self.store.study(name)
+        if row is None:
+            raise NotFoundError(f"no study '{name}' on this hub; publish it first")
+        return StudySpec.model_validate(json.loads(row["spec"]))
+
+    def study_info(self, name: str) -> StudyInfo:
+        row = self.store.study(name)
+        if row is None:
+            raise NotFoundError(f"no study '{name}' on this hub; publish it first")
+        closed = sum(1 for r in self.store.rounds(name) if r.state == "closed")
+        return StudyInfo(
+            name=name,
+            digest=row["digest"],
+            spec=json.loads(row["spec"]),
+            published_at=row["published_at"],
+            current_version=row["current_version"],
+            rounds_closed=closed,
+        )
+
+    # -- rounds ------------------------------------------------------------------------------
+
+    def open_round(self, study: str, deadline_s: float | None) -> RoundInfo:
+        spec = self.spec(study)
+        active = self.store.active_round(study)
+        if active is not None:
+            raise ConflictError(f"round {active.round} of '{study}' is still {active.state}")
+        selected = self.store.eligible_nodes(study)
+        if len(selected) < spec.min_nodes:
+            raise ConflictError(
+                f"study '{study}' needs {spec.min_nodes} nodes but {len(selected)} are eligible; "
+                "enrol more nodes"
+            )
+        base = self.study_info(study).current_version
+        assert base is not None
+        deadline = _now() + timedelta(seconds=deadline_s or spec.round_deadline_s)
+        number = self.store.open_round(study, base, _iso(deadline), selected)
+        self.audit.append(
+            "admin",
+            actor="admin",
+            resource=f"study/{study}/round/{number}",
+            details={"op": "open-round", "selected": len(selected)},
+        )
+        return self.round_info(study, number)
+
+    def round_info(self, study: str, number: int) -> RoundInfo:
+        row = self.store.round(study, number)
+        if row is None:
+            raise NotFoundError(f"study '{study}' has no round {number}")
+        nodes = self.store.round_nodes(study, number)
+        return RoundInfo(
+            study=study,
+            round=number,
+            state=row.state,  # type: ignore[arg-type]
+            base_version=row.base_version,
+            deadline=row.deadline,
+            reason=row.reason,
+            selected=[n["node"] for n in nodes],
+            reported=[n["node"] for n in nodes if n["status"] == "reported"],
+            declined={n["node"]: n["reason"] or "" for n in nodes if n["status"] == "declined"},
+            result_version=row.result_version,
+            metrics=self.store.metrics(row.result_version) if row.result_version else {},
+        )
+
+    def work_for(self, node: str) -> WorkItem:
+        for study_row in self.store.studies():
+            study = str(study_row["name"])
+            active = self.store.active_round(study)
+            if (
+                active is not None
+                and active.state in ACTIVE
+                and self.store.node_status(study, active.round, node) == "selected"
+            ):
+                return WorkItem(
+                    kind="train",
+                    study=study,
+                    study_digest=study_row["digest"],
+                    round=active.round,
+                    version=active.base_version,
+                    deadline=active.deadline,
+                )
+            current = study_row["current_version"]
+            model = self.store.model(current) if current else None
+            if (
+                model is not None
+                and model["round"] > 0
+                and not self.store.has_metrics(current, node)
+            ):
+                return WorkItem(
+                    kind="evaluate",
+                    study=study,
+                    study_digest=study_row["digest"],
+                    round=model["round"],
+                    version=current,
+                )
+        return WorkItem(kind="idle")
+
+    def receive_update(self, node: str, study: str, number: int, body: bytes) -> UpdateReceipt:
+        try:
+            header, delta = verified_update(self, node, study, number, body)
+        except (UpdateRejectedError, SignatureError) as exc:
+            self.audit.append(
+                "update.refused",
+                actor=node,
+                resource=f"study/{study}/round/{number}",
+                outcome="refused",
+                details={"reason": str(exc)},
+            )
+            raise UpdateRejectedError(str(exc)) from exc
+        record = {
+            "nonce": header.nonce,
+            "num_examples": header.num_examples,
+            "epsilon": header.epsilon_spent,
+            "update_norm": header.update_norm,
+            "train_loss": header.train_loss,
+            "payload_sha256": header.payload_sha256,
+            "signature": header.signature,
+        }
+
+        def fold(previous: bytes | None) -> bytes:
+            running = decode_arrays(previous) if previous else None
+            weighted = {k: v.astype(np.float64) * header.num_examples for k, v in delta.items()}
+            if running is not None:
+                weighted = {k: running[k] + weighted[k] for k in weighted}
+            return encode_arrays(weighted)
+
+        problem = self.store.fold_update(study, number, node, record, fold)
+        if problem is not None:
+            self.audit.append(
+                "update.refused",
+                actor=node,
+                resource=f"study/{study}/round/{number}",
+                outcome="refused",
+                details={"reason": problem},
+            )
+            raise UpdateRejectedError(problem)
+        self.audit.append(
+            "update.accepted",
+            actor=node,
+            resource=f"study/{study}/round/{number}",
+            details={
+                "n": header.num_examples,
+                "epsilon": header.epsilon_spent,
+                "update_norm": round(header.update_norm, 6),
+            },
+        )
+        self._maybe_close(study, number)
+        row = self.store.round(study, number)
+        return UpdateReceipt(accepted=True, round_state=row.state if row else "unknown")
+
+    def decline(self, node: str, study: str, number: int, reason: str, exclude: bool) -> None:
+        if self.store.node_status(study, number, node) != "selected":
+            raise ConflictError(f"node '{node}' has nothing pending in round {number}")
+        self.store.record_decline(study, number, node, reason)
+        if exclude:
+            self.store.exclude(study, node, reason)
+        self.audit.append(
+            "update.refused",
+            actor=node,
+            resource=f"study/{study}/round/{number}",
+            outcome="refused",
+            details={"declined": reason, "excluded": exclude},
+        )
+        self._maybe_close(study, number)
+
+    def report_metrics(self, node: str, report: EvalReport) -> None:
+        if self.store.model(report.version) is None:
+            raise NotFoundError(f"no model version {report.version[:12]}")
+        self.store.add_metrics(
+            report.version, node, report.model_dump(mode="json", exclude={"version", "protocol"})
+        )
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Deadlines and crash recovery; cheap enough to call every second."""
+        for row in self.store.pending_rounds():
+            if row.state == "aggregating":
+                self._aggregate(row)
+            else:
+                self._maybe_close(row.study, row.round)
+
+    def _maybe_close(self, study: str, number: int) -> None:
+        row = self.store.round(study, number)
+        if row is None or row.state not in ACTIVE:
+            return
+        spec = self.spec(study)
+        nodes = self.store.round_nodes(study, number)
+        reported = sum(1 for n in nodes if n["status"] == "reported")
+        pending = sum(1 for n in nodes if n["status"] == "selected")
+        expired = _now() >= datetime.fromisoformat(row.deadline.replace("Z", "+00:00"))
+        if pending and not expired:
+            return
+        if reported >= spec.min_nodes:
+            self.store.set_round_state(study, number, "aggregating")
+            self._aggregate(self.store.round(study, number) or row)
+            return
+        why = "by the deadline" if pending else "(the others declined)"
+        reason = (
+            f"{reported} of {len(nodes)} selected nodes reported {why}; "
+            f"study '{study}' needs min_nodes={spec.min_nodes}"
+        )
+        self.store.set_round_state(study, number, "failed", reason=reason)
+        self.audit.append(
+            "aggregate",
+            actor="hub",
+            resource=f"study/{study}/round/{number}",
+            outcome="failure",
+            details={"reason": reason},
+        )
+
+    def _aggregate(self, row: RoundRow) -> None:
+        spec = self.spec(row.study)
+        study_row = self.store.study(row.study)
+        assert study_row is not None and row.sum_blob is not None
+        base = self.store.model(row.base_version)
+        assert base is not None
+        global_weights = decode_arrays(self.store.blob(base["blob"]))
+        aggregator = aggregator_for(spec.aggregation, spec.training.proximal_mu)
+        if study_row["optimizer_state"]:
+            aggregator.load_optimizer_state(decode_arrays(study_row["optimizer_state"]))
+        try:
+            new = aggregator.from_sum(
+                global_weights, decode_arrays(row.sum_blob), row.total_examples
+            )
+        except AggregationError as exc:
+            self.store.set_round_state(row.study, row.round, "failed", reason=str(exc))
+            return
+        blob = self.store.put_blob(encode_arrays(new))
+        version = version_id(row.study, row.round, row.base_version, blob)
+        contributors = [
+            {
+                "node": n["node"],
+                "n": n["num_examples"],
+                "epsilon": n["epsilon"],
+                "update_norm": n["update_norm"],
+            }
+            for n in self.store.round_nodes(row.study, row.round)
+            if n["status"] == "reported"
+        ]
+        lineage = {
+            "study": row.study,
+            "study_digest": spec.digest(),
+            "round": row.round,
+            "parent": row.base_version,
+            "aggregator": aggregator.name,
+            "contributors": contributors,
+            "total_examples": row.total_examples,
+        }
+        state = aggregator.optimizer_state()
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    version,
+                    row.study,
+                    row.round,
+                    row.base_version,
+                    _iso(_now()),
+                    aggregator.name,
+                    blob,
+                    json.dumps(lineage),
+                ),
+            )
+            conn.execute(
+                "UPDATE studies SET current_version = ?, optimizer_state = ? WHERE name = ?",
+                (version, encode_arrays(state) if state else None, row.study),
+            )
+            conn.execute(
+                "UPDATE rounds SET state = 'closed', result_version = ?, closed_at = ? "
+                "WHERE study = ? AND round = ?",
+                (version, _iso(_now()), row.study, row.round),
+            )
+        self.audit.append(
+            "aggregate",
+            actor="hub",
+            resource=f"study/{row.study}/round/{row.round}",
+            details={"nodes": len(contributors), "total": row.total_examples},
+        )
+        self.audit.append(
+            "model.version",
+            actor="hub",
+            resource=f"model/{version}",
+            details={"parent": row.base_version, "round": row.round},
+        )
+
+    # -- models ------------------------------------------------------------------------------
+
+    def model_info(self, version: str) -> ModelVersionInfo:
+        row = self.store.model(version)
+        if row is None:
+            raise NotFoundError(f"no model version {version[:12]}")
+        lineage = json.loads(row["lineage"])
+        return ModelVersionInfo(
+            version=version,
+            study=row["study"],
+            round=row["round"],
+            parent=row["parent"],
+            created_at=row["created_at"],
+            aggregator=row["aggregator"],
+            contributors=lineage.get("contributors", []),
+            metrics=self.store.metrics(version),
+        )
+
+    def model_weights(self, version: str) -> bytes:
+        row = self.store.model(version)
+        if row is None:
+            raise NotFoundError(f"no model version {version[:12]}")
+        return self.store.blob(row["blob"])
+
+    def prometheus_text(self) -> str:
+        """Counts for Prometheus' text format; no node-level or patient-level data."""
+        conn = self.store.conn
+        lines = [
+            "# TYPE aipipe_nodes gauge",
+            f"aipipe_nodes {len(self.store.nodes())}",
+            "# TYPE aipipe_rounds gauge",
+        ]
+        for state, count in conn.execute("SELECT state, count(*) FROM rounds GROUP BY state"):
+            lines.append(f'aipipe_rounds{{state="{state}"}} {count}')
+        reported = conn.execute(
+            "SELECT count(*) FROM round_nodes WHERE status = 'reported'"
+        ).fetchone()[0]
+        lines += [
+            "# TYPE aipipe_updates_accepted_total counter",
+            f"aipipe_updates_accepted_total {reported}",
+            "# TYPE aipipe_model_versions gauge",
+            f"aipipe_model_versions {len(self.store.models())}",
+        ]
+        return "\n".join(lines) + "\n"

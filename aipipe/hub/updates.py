@@ -1,0 +1,83 @@
+"""Verify an uploaded update before it may touch a round's sum.
+
+Order matters: cheap structural checks first, then the signature (so an unsigned or tampered
+update is refused before its payload is parsed), then the binding to this round's study,
+digest and base version, then the tensors against the base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import ValidationError
+
+from aipipe.errors import SignatureError, UpdateRejectedError
+from aipipe.secure.identity import verify_signature
+from aipipe.wire import FrameError, UpdateHeader, unpack_frame
+from aipipe.wire.tensors import Arrays, TensorDecodeError, decode_arrays
+
+if TYPE_CHECKING:
+    from aipipe.hub.service import HubService
+
+
+def verified_update(
+    service: HubService, node: str, study: str, number: int, body: bytes
+) -> tuple[UpdateHeader, Arrays]:
+    try:
+        header_json, payload = unpack_frame(body)
+        header = UpdateHeader.model_validate_json(header_json)
+    except (FrameError, ValidationError) as exc:
+        raise UpdateRejectedError(f"malformed update: {str(exc).splitlines()[0]}") from exc
+    if header.node != node:
+        raise UpdateRejectedError(f"update names node '{header.node}' but came from '{node}'")
+    _check_signature(service, node, header)
+    if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        raise UpdateRejectedError("payload does not match its signed sha256 (tampered)")
+    if header.study != study or header.round != number:
+        raise UpdateRejectedError(
+            f"update is bound to {header.study} round {header.round}, not {study} round {number}"
+        )
+    row = service.store.round(study, number)
+    if row is None:
+        raise UpdateRejectedError(f"study '{study}' has no round {number}")
+    if header.base_version != row.base_version:
+        raise UpdateRejectedError(
+            f"update was trained on {header.base_version[:12]} but round {number} started from "
+            f"{row.base_version[:12]}"
+        )
+    if header.study_digest != service.study_info(study).digest:
+        raise UpdateRejectedError("update was trained for a different version of the study")
+    return header, _checked_delta(service, row.base_version, payload)
+
+
+def _check_signature(service: HubService, node: str, header: UpdateHeader) -> None:
+    if not header.signature:
+        raise UpdateRejectedError("update is not signed")
+    rows = [r for r in service.store.nodes() if r["name"] == node]
+    if not rows:
+        raise UpdateRejectedError(f"node '{node}' is not enrolled")
+    try:
+        signature = bytes.fromhex(header.signature)
+        verify_signature(bytes.fromhex(rows[0]["public_key"]), signature, header.signing_bytes())
+    except (ValueError, SignatureError) as exc:
+        raise UpdateRejectedError("update signature does not verify with the node's key") from exc
+
+
+def _checked_delta(service: HubService, base_version: str, payload: bytes) -> Arrays:
+    try:
+        delta = decode_arrays(payload)
+    except TensorDecodeError as exc:
+        raise UpdateRejectedError(str(exc)) from exc
+    base = decode_arrays(service.model_weights(base_version))
+    if set(delta) != set(base):
+        raise UpdateRejectedError("update tensors do not match the model's parameters")
+    for key, value in delta.items():
+        if value.shape != base[key].shape:
+            raise UpdateRejectedError(
+                f"tensor '{key}' has shape {value.shape}, expected {base[key].shape}"
+            )
+        if not np.all(np.isfinite(value)):
+            raise UpdateRejectedError(f"tensor '{key}' holds NaN or infinity")
+    return delta

@@ -1,0 +1,182 @@
+"""`HubClient`: the node's only way to talk to the hub (httpx, retries with backoff).
+
+Connection failures and 5xx answers are retried with exponential backoff and then raised as
+`HubUnavailableError`; 4xx answers become the matching `AipipeError` with the hub's reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from aipipe.errors import (
+    AipipeError,
+    AuthError,
+    ConflictError,
+    HubUnavailableError,
+    NotFoundError,
+    StudyError,
+    UpdateRejectedError,
+)
+from aipipe.wire import (
+    Decline,
+    EnrolRequest,
+    EnrolResponse,
+    EvalReport,
+    RoundInfo,
+    StudyInfo,
+    UpdateReceipt,
+    WorkItem,
+)
+from aipipe.wire.frames import MEDIA_TYPE
+
+M = TypeVar("M", bound=BaseModel)
+
+_RETRY_STATUS = {502, 503, 504}
+_STATUS_ERRORS: dict[int, type[AipipeError]] = {
+    401: AuthError,
+    403: AuthError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: StudyError,
+}
+
+
+class HubClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if max_retries < 0 or backoff_s < 0:
+            raise ValueError("max_retries and backoff_s must be ≥ 0")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport
+        )
+        self._retries = max_retries
+        self._backoff = backoff_s
+        self._sleep = sleep
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> HubClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        delay = self._backoff
+        for attempt in range(self._retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == self._retries:
+                    raise HubUnavailableError(
+                        f"cannot reach the hub at {self.base_url}: {type(exc).__name__}; "
+                        "is `aipipe hub serve` running?"
+                    ) from exc
+            else:
+                if response.status_code not in _RETRY_STATUS:
+                    return _checked(response)
+                if attempt == self._retries:
+                    raise HubUnavailableError(
+                        f"the hub at {self.base_url} answered {response.status_code} "
+                        f"{self._retries + 1} times"
+                    )
+            self._sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _json(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
+        return model.model_validate(self._request(method, path, **kwargs).json())
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        data: dict[str, Any] = self._request("GET", "/healthz").json()
+        return data
+
+    def enrol(self, request: EnrolRequest) -> EnrolResponse:
+        return self._json(EnrolResponse, "POST", "/v1/enrol", json=request.model_dump())
+
+    def work(self, wait_s: float) -> WorkItem:
+        return self._json(WorkItem, "GET", "/v1/work", params={"wait": wait_s}, timeout=wait_s + 30)
+
+    def study(self, name: str) -> StudyInfo:
+        return self._json(StudyInfo, "GET", f"/v1/studies/{name}")
+
+    def publish(self, spec: dict[str, Any]) -> StudyInfo:
+        return self._json(StudyInfo, "POST", "/v1/studies", json={"spec": spec})
+
+    def open_round(self, study: str, deadline_s: float | None) -> RoundInfo:
+        return self._json(
+            RoundInfo, "POST", f"/v1/studies/{study}/rounds", json={"deadline_s": deadline_s}
+        )
+
+    def round(self, study: str, number: int) -> RoundInfo:
+        return self._json(RoundInfo, "GET", f"/v1/studies/{study}/rounds/{number}")
+
+    def rounds(self, study: str) -> list[RoundInfo]:
+        data = self._request("GET", f"/v1/studies/{study}/rounds").json()
+        return [RoundInfo.model_validate(item) for item in data]
+
+    def model_weights(self, version: str) -> bytes:
+        return self._request("GET", f"/v1/models/{version}/weights").content
+
+    def models(self, study: str | None = None) -> list[dict[str, Any]]:
+        params = {"study": study} if study else {}
+        data: list[dict[str, Any]] = self._request("GET", "/v1/models", params=params).json()
+        return data
+
+    def model(self, version: str) -> dict[str, Any]:
+        data: dict[str, Any] = self._request("GET", f"/v1/models/{version}").json()
+        return data
+
+    def nodes(self) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._request("GET", "/v1/nodes").json()
+        return data
+
+    def upload(self, study: str, number: int, frame: bytes) -> UpdateReceipt:
+        return self._json(
+            UpdateReceipt,
+            "POST",
+            f"/v1/studies/{study}/rounds/{number}/updates",
+            content=frame,
+            headers={"Content-Type": MEDIA_TYPE},
+        )
+
+    def decline(self, study: str, number: int, reason: str, *, exclude: bool) -> None:
+        body = Decline(reason=reason, exclude=exclude).model_dump()
+        self._request("POST", f"/v1/studies/{study}/rounds/{number}/decline", json=body)
+
+    def report(self, report: EvalReport) -> None:
+        self._request(
+            "POST", f"/v1/models/{report.version}/metrics", json=report.model_dump(mode="json")
+        )
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        detail = str(response.json().get("detail", response.text))
+    except ValueError:
+        detail = response.text[:200]
+    if response.status_code == 409 and "update" in response.request.url.path:
+        raise UpdateRejectedError(f"hub refused the update: {detail}")
+    error = _STATUS_ERRORS.get(response.status_code, AipipeError)
+    raise error(f"hub answered {response.status_code}: {detail}")

@@ -1,0 +1,88 @@
+"""The node daemon: long-poll the hub for work, do it, repeat; survive hub outages.
+
+Nothing here holds state that a restart would lose: approvals, the budget ledger and the data
+live in the node store, and the hub re-offers unfinished work, so a restarted node simply
+continues. SIGTERM stops the daemon between work items (or aborts an idle long-poll).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from aipipe.errors import ConflictError, HubUnavailableError, UpdateRejectedError
+from aipipe.node.worker import NodeWorker
+
+MAX_BACKOFF_S = 30.0
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler to abort an idle long-poll."""
+
+
+class Daemon:
+    def __init__(self, worker: NodeWorker, log: Callable[[str], None], poll_wait_s: float = 10.0):
+        self.worker = worker
+        self.log = log
+        self.poll_wait_s = poll_wait_s
+        self.stopping = False
+        self.done = 0
+        self._idle = False
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        if self._idle:
+            raise _Stop
+
+    def run(self, *, once: bool) -> int:
+        """Work until stopped (or, with `once`, until the hub has nothing for this node).
+
+        Returns the number of work items done.
+        """
+        previous = signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            self._loop(once)
+        except _Stop:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return self.done
+
+    def _loop(self, once: bool) -> None:
+        backoff = 1.0
+        while not self.stopping:
+            try:
+                self._idle = True
+                item = self.worker.client.work(wait_s=0 if once else self.poll_wait_s)
+                self._idle = False
+            except HubUnavailableError as exc:
+                self._idle = False
+                if once:
+                    raise
+                self.log(f"hub unavailable, retrying in {backoff:.0f}s: {exc}")
+                self._sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            backoff = 1.0
+            if item.kind == "idle":
+                if once:
+                    break
+                continue
+            self.done += 1
+            try:
+                self.log(self.worker.handle(item))
+            except (UpdateRejectedError, ConflictError) as exc:
+                self.log(f"hub refused: {exc}")
+            except HubUnavailableError as exc:
+                if once:
+                    raise
+                self.log(f"hub went away mid-work; will retry: {exc}")
+
+    def _sleep(self, seconds: float) -> None:
+        self._idle = True
+        try:
+            time.sleep(seconds)
+        finally:
+            self._idle = False

@@ -1,0 +1,191 @@
+"""What a node does with one work item: train for a round, or evaluate a new model.
+
+Training order is what keeps the privacy promise: the study must be approved at this digest;
+the round's (ε, δ) is charged to the budget ledger BEFORE the update is built and sent; a round
+that would exceed the budget is declined and the node asks to be excluded from the study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, field
+
+from aipipe.audit.log import AuditLog
+from aipipe.errors import StudyError, StudyNotApprovedError
+from aipipe.models import ModelError, arrays_to_model, build_model
+from aipipe.node.client import HubClient
+from aipipe.node.training import evaluate, train_local
+from aipipe.privacy.accountant import calibrate_noise, sample_rate
+from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError
+from aipipe.privacy.ledger import BudgetLedger
+from aipipe.secure.identity import Identity
+from aipipe.store.node_store import NodeStore
+from aipipe.study.features import FeatureMatrix, extract
+from aipipe.study.spec import StudySpec
+from aipipe.wire import EvalReport, UpdateHeader, WorkItem, pack_frame
+from aipipe.wire.tensors import decode_arrays, encode_arrays
+
+
+@dataclass
+class NodeWorker:
+    name: str
+    store: NodeStore
+    client: HubClient
+    identity: Identity
+    audit: AuditLog
+    allow_non_private: bool = False
+    _features: dict[str, FeatureMatrix] = field(default_factory=dict)
+
+    def handle(self, item: WorkItem) -> str:
+        """Do one work item; return a one-line summary for logs (counts only, no PHI)."""
+        assert item.study is not None and item.version is not None
+        try:
+            spec = self.approved_spec(item.study, item.study_digest)
+        except StudyNotApprovedError as exc:
+            if item.kind == "train" and item.round is not None:
+                self.client.decline(item.study, item.round, str(exc), exclude=False)
+            return f"declined {item.study}: {exc}"
+        if item.kind == "evaluate":
+            return self._evaluate(spec, item.version)
+        assert item.round is not None
+        try:
+            return self._train(spec, item)
+        except (StudyError, PrivacyError, ModelError) as exc:
+            # The node cannot take part (data does not fit the study, no budget set, ...):
+            # say so to the hub rather than leave the round waiting for its deadline.
+            self.client.decline(spec.name, item.round, str(exc), exclude=False)
+            return f"round {item.round}: declined: {exc}"
+
+    def approved_spec(self, study: str, digest: str | None) -> StudySpec:
+        approval = self.store.approval(study)
+        if approval is None:
+            raise StudyNotApprovedError(f"study '{study}' is not approved on node {self.name}")
+        if digest is not None and approval[0] != digest:
+            raise StudyNotApprovedError(
+                f"study '{study}' changed since it was approved (digest {digest[:12]} ≠ "
+                f"{approval[0][:12]}); review it and run `aipipe node approve` again"
+            )
+        return StudySpec.model_validate(json.loads(approval[1]))
+
+    def features(self, spec: StudySpec) -> FeatureMatrix:
+        if spec.name not in self._features:
+            self._features[spec.name] = extract(self.store, spec)
+            self.audit.append(
+                "features.extract",
+                actor=self.name,
+                resource=f"study/{spec.name}",
+                details=_counts(self._features[spec.name]),
+            )
+        return self._features[spec.name]
+
+    def _train(self, spec: StudySpec, item: WorkItem) -> str:
+        assert item.round is not None and item.version is not None and item.study_digest
+        matrix = self.features(spec)
+        sigma = None
+        if spec.privacy.mode == "dp":
+            ledger = BudgetLedger(self.store.db)
+            q = sample_rate(spec.training.batch_size, len(matrix.y_train))
+            budget, _ = ledger.budget(spec.name)
+            total_steps = spec.training.rounds * spec.training.local_steps
+            sigma = calibrate_noise(
+                budget, spec.privacy.delta, q, total_steps, spec.privacy.accountant
+            )
+            try:
+                entry = ledger.charge(
+                    spec.name,
+                    item.round,
+                    noise_multiplier=sigma,
+                    sample_rate=q,
+                    steps=spec.training.local_steps,
+                    accountant=spec.privacy.accountant,
+                )
+            except BudgetExhaustedError as exc:
+                self.audit.append(
+                    "train",
+                    actor=self.name,
+                    resource=f"study/{spec.name}",
+                    outcome="refused",
+                    details={"round": item.round, "reason": str(exc)},
+                )
+                self.client.decline(spec.name, item.round, str(exc), exclude=True)
+                return f"round {item.round}: budget exhausted, declined"
+            epsilon: float | None = entry.epsilon
+        elif not self.allow_non_private:
+            reason = f"node {self.name} does not allow training without DP (privacy: none)"
+            self.client.decline(spec.name, item.round, reason, exclude=True)
+            return f"round {item.round}: {reason}"
+        else:
+            epsilon = None
+        global_weights = decode_arrays(self.client.model_weights(item.version))
+        model = arrays_to_model(global_weights, build_model(spec.model, len(matrix.columns)))
+        seed = int.from_bytes(
+            hashlib.sha256(f"{self.name}:{spec.name}:{item.round}".encode()).digest()[:4], "little"
+        )
+        result = train_local(
+            model,
+            matrix.x_train,
+            matrix.y_train,
+            training=spec.training,
+            privacy=spec.privacy,
+            noise_multiplier=sigma,
+            global_weights=global_weights,
+            seed=seed,
+        )
+        payload = encode_arrays(result.delta)
+        header = UpdateHeader(
+            node=self.name,
+            study=spec.name,
+            study_digest=item.study_digest,
+            round=item.round,
+            base_version=item.version,
+            num_examples=result.num_examples,
+            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            epsilon_spent=epsilon,
+            delta=spec.privacy.delta if epsilon is not None else None,
+            train_loss=None,
+            update_norm=result.update_norm,
+            nonce=secrets.token_hex(16),
+        )
+        signed = header.model_copy(
+            update={"signature": self.identity.sign(header.signing_bytes()).hex()}
+        )
+        self.audit.append(
+            "train",
+            actor=self.name,
+            resource=f"study/{spec.name}",
+            details={
+                "round": item.round,
+                "n": result.num_examples,
+                "epsilon_total": epsilon,
+                "update_norm": round(result.update_norm, 6),
+            },
+        )
+        receipt = self.client.upload(
+            spec.name, item.round, pack_frame(signed.model_dump_json().encode(), payload)
+        )
+        return (
+            f"round {item.round}: sent update (n={result.num_examples}, "
+            f"ε={epsilon if epsilon is None else round(epsilon, 3)}), round {receipt.round_state}"
+        )
+
+    def _evaluate(self, spec: StudySpec, version: str) -> str:
+        matrix = self.features(spec)
+        weights = decode_arrays(self.client.model_weights(version))
+        model = arrays_to_model(weights, build_model(spec.model, len(matrix.columns)))
+        result = evaluate(model, matrix.x_test, matrix.y_test)
+        self.client.report(
+            EvalReport(
+                version=version,
+                n=result.n,
+                accuracy=result.accuracy,
+                auc=result.auc,
+                loss=result.loss,
+            )
+        )
+        return f"evaluated {version[:12]}: n={result.n} accuracy={result.accuracy:.3f}"
+
+
+def _counts(matrix: FeatureMatrix) -> dict[str, int]:
+    return {"cohort": matrix.cohort, "train": len(matrix.train_ids), "test": len(matrix.test_ids)}

@@ -1,0 +1,171 @@
+"""Every message between node and hub, as frozen pydantic models with `extra="forbid"`.
+
+Updates are bound to (study, round, base model version) and signed with the node's Ed25519
+key over `UpdateHeader.signing_bytes()`, so a replayed, cross-round, wrong-version or unsigned
+update is refused by the hub.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROTOCOL_VERSION = 1
+TOKEN_PREFIX = "aipipe-enrol."
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_STUDY = r"^[a-z0-9][a-z0-9-]{0,62}$"
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EnrolToken(Wire):
+    """What `aipipe hub enrol-token` prints, as `aipipe-enrol.<base64url JSON>`."""
+
+    hub_url: str
+    node: str = Field(pattern=_NAME)
+    secret: str = Field(min_length=32)
+
+    def encode(self) -> str:
+        raw = base64.urlsafe_b64encode(self.model_dump_json().encode()).decode().rstrip("=")
+        return TOKEN_PREFIX + raw
+
+    @classmethod
+    def decode(cls, token: str) -> EnrolToken:
+        if not token.startswith(TOKEN_PREFIX):
+            raise ValueError("an enrolment token starts with 'aipipe-enrol.'")
+        body = token[len(TOKEN_PREFIX) :]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+            return cls.model_validate_json(raw)
+        except (ValueError, ValidationError) as exc:
+            raise ValueError("the enrolment token is damaged; ask the hub for a new one") from exc
+
+
+class EnrolRequest(Wire):
+    protocol: int = PROTOCOL_VERSION
+    node: str = Field(pattern=_NAME)
+    secret: str
+    public_key: str = Field(pattern=_HEX64)
+
+
+class EnrolResponse(Wire):
+    node: str
+    credential: str
+    hub_public_key: str
+
+
+class NodeInfo(Wire):
+    name: str
+    public_key: str
+    state: str
+    enrolled_at: str
+    last_seen: str | None
+
+
+class StudyPublish(Wire):
+    protocol: int = PROTOCOL_VERSION
+    spec: dict[str, Any]
+
+
+class StudyInfo(Wire):
+    name: str
+    digest: str
+    spec: dict[str, Any]
+    published_at: str
+    current_version: str | None
+    rounds_closed: int
+
+
+class RoundOpen(Wire):
+    deadline_s: float | None = Field(default=None, gt=0)
+
+
+class RoundInfo(Wire):
+    study: str
+    round: int
+    state: Literal["open", "collecting", "aggregating", "closed", "failed"]
+    base_version: str
+    selected: list[str]
+    reported: list[str]
+    declined: dict[str, str]
+    deadline: str
+    reason: str | None = None
+    result_version: str | None = None
+    metrics: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
+
+
+class WorkItem(Wire):
+    kind: Literal["train", "evaluate", "idle"]
+    study: str | None = None
+    study_digest: str | None = None
+    round: int | None = None
+    version: str | None = None
+    deadline: str | None = None
+
+
+class UpdateHeader(Wire):
+    """The signed part of an update. `payload_sha256` binds the tensors."""
+
+    protocol: int = PROTOCOL_VERSION
+    node: str = Field(pattern=_NAME)
+    study: str = Field(pattern=_STUDY)
+    study_digest: str = Field(pattern=_HEX64)
+    round: int = Field(ge=1)
+    base_version: str = Field(pattern=_HEX64)
+    num_examples: int = Field(gt=0)
+    payload_sha256: str = Field(pattern=_HEX64)
+    epsilon_spent: float | None = None
+    delta: float | None = None
+    train_loss: float | None = None
+    update_norm: float = Field(ge=0)
+    nonce: str = Field(min_length=16, max_length=64)
+    signature: str = ""
+
+    def signing_bytes(self) -> bytes:
+        fields = self.model_dump(exclude={"signature"})
+        return (
+            b"aipipe-update:" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+        )
+
+
+class UpdateReceipt(Wire):
+    accepted: bool
+    round_state: str
+    reason: str | None = None
+
+
+class Decline(Wire):
+    """A node that will not train this round; `exclude` drops it from the study's later rounds
+    (its privacy budget is spent)."""
+
+    reason: str = Field(max_length=500)
+    exclude: bool = False
+
+
+class EvalReport(Wire):
+    protocol: int = PROTOCOL_VERSION
+    version: str = Field(pattern=_HEX64)
+    n: int = Field(ge=0)
+    accuracy: float | None
+    auc: float | None
+    loss: float | None
+    local_accuracy: float | None = None
+    local_auc: float | None = None
+
+
+class ModelVersionInfo(Wire):
+    version: str
+    study: str
+    round: int
+    parent: str | None
+    created_at: str
+    aggregator: str
+    contributors: list[dict[str, Any]]
+    metrics: dict[str, dict[str, float | int | None]]
