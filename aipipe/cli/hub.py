@@ -10,8 +10,8 @@ from rich.table import Table
 from aipipe.audit.log import AuditLog
 from aipipe.cli.options import JSON
 from aipipe.cli.render import console, emit_json, err_console, kv_table
+from aipipe.hub.enrolment import issue_token
 from aipipe.hub.home import init_hub, load_hub, served_url
-from aipipe.hub.service import HubService
 from aipipe.secure.identity import Identity
 
 app = typer.Typer(help="Run a consortium's hub: init, serve, enrol nodes.", no_args_is_help=True)
@@ -66,8 +66,7 @@ def enrol_token(
         paths.audit_log, Identity.load(paths.identity_key), owner=f"hub/{paths.config.name}"
     )
     try:
-        service = HubService(paths, store, audit, Identity.load(paths.identity_key))
-        token = service.issue_token(node, hub_url)
+        token = issue_token(store, audit, node, hub_url)
     finally:
         audit.close()
         store.close()

@@ -20,11 +20,8 @@ from rich.table import Table
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.errors import ConfigError
 from aipipe.fhir.server import DEFAULT_TYPES, FhirServerSource
-from aipipe.node.daemon import Daemon
 from aipipe.node.home import enrol, hub_client, init_node, open_audit, open_node, open_store
 from aipipe.node.ingest import IngestReport, ingest_files, ingest_server, total_bytes
-from aipipe.node.worker import NodeWorker
-from aipipe.privacy.ledger import BudgetLedger
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.spec import StudySpec
@@ -232,6 +229,9 @@ def approve(
 
     Also sets the site's (ε, δ) budget for it. The node trains for no study it has not approved.
     """
+
+    from aipipe.privacy.ledger import BudgetLedger  # imports torch: only when needed
+
     paths = open_node(home)
     store = open_store(paths)
     try:
@@ -275,6 +275,9 @@ def start(
     ),
 ) -> None:
     """Run the node daemon: poll the hub, train and evaluate, until SIGTERM (or --once)."""
+    from aipipe.node.daemon import Daemon  # imports torch: only when needed
+    from aipipe.node.worker import NodeWorker
+
     paths = open_node(home)
     store = open_store(paths)
     audit = open_audit(paths)

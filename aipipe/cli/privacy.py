@@ -11,7 +11,6 @@ from rich.table import Table
 from aipipe.cli.options import JSON
 from aipipe.cli.render import console, emit_json
 from aipipe.node.home import open_node, open_store
-from aipipe.privacy.ledger import BudgetLedger
 
 app = typer.Typer(help="Watch the node's privacy budget.", no_args_is_help=True)
 
@@ -21,6 +20,8 @@ def status(
     home: Path = typer.Option(..., "--home", help="The node home."), as_json: bool = JSON
 ) -> None:
     """ε spent and left per study (composed over all rounds with the study's accountant)."""
+    from aipipe.privacy.ledger import BudgetLedger  # imports torch: only when needed
+
     store = open_store(open_node(home))
     try:
         rows = [dataclasses.asdict(entry) for entry in BudgetLedger(store.db).status()]

@@ -42,7 +42,6 @@ from aipipe.study.spec import StudySpec
 from aipipe.wire import (
     EnrolRequest,
     EnrolResponse,
-    EnrolToken,
     EvalReport,
     ModelVersionInfo,
     RoundInfo,
@@ -92,14 +91,6 @@ class HubService:
             raise AuthError("unknown or revoked token")
         self.store.touch_node(node["name"])
         return Principal("node", str(node["name"]))
-
-    def issue_token(self, node: str, hub_url: str) -> str:
-        token = EnrolToken(hub_url=hub_url, node=node, secret=secrets.token_urlsafe(32))
-        self.store.add_enrol_token(node, token.secret)
-        self.audit.append(
-            "admin", actor="admin", resource=f"node/{node}", details={"op": "enrol-token"}
-        )
-        return token.encode()
 
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         credential = secrets.token_urlsafe(32)
