@@ -28,7 +28,7 @@ _SUFFIXES = (".ndjson", ".ndjson.gz", ".json", ".json.gz")
 Progress = Callable[[int], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceItem:
     """One resource read from a file, or the reason it could not be read."""
 
@@ -76,6 +76,7 @@ def read_file(path: Path, progress: Progress | None = None) -> Iterator[SourceIt
 
 
 def read_ndjson(path: Path, progress: Progress | None = None) -> Iterator[SourceItem]:
+    name = path.name
     with _open(path) as handle:
         for number, line in enumerate(handle, start=1):
             if progress is not None:
@@ -83,17 +84,16 @@ def read_ndjson(path: Path, progress: Progress | None = None) -> Iterator[Source
             text = line.strip()
             if not text:
                 continue
-            origin = f"{path.name}:{number}"
             try:
                 decoded = text.decode("utf-8")
                 resource = json.loads(decoded)
             except (UnicodeDecodeError, json.JSONDecodeError):
-                yield SourceItem(None, origin, error="invalid JSON line")
+                yield SourceItem(None, f"{name}:{number}", error="invalid JSON line")
                 continue
             if isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
-                yield from _bundle_entries(resource, origin)
+                yield from _bundle_entries(resource, f"{name}:{number}")
                 continue
-            yield SourceItem(resource, origin, raw_text=decoded)
+            yield SourceItem(resource, name, raw_text=decoded)
 
 
 def _bundle_entries(bundle: dict[str, Any], origin: str) -> Iterator[SourceItem]:

@@ -9,6 +9,7 @@ condition row per coding, a medication row per coding. A resource that fails a c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -111,13 +112,17 @@ def _opt_str(value: Any) -> str | None:
 
 def reference_id(reference: Any, expected_type: str) -> str | None:
     """`Patient/123`, `http://x/fhir/Patient/123` or `Patient/123/_history/2` → `123`."""
-    if not isinstance(reference, dict) or not isinstance(reference.get("reference"), str):
+    if not isinstance(reference, dict):
         return None
-    parts: list[str] = reference["reference"].split("/")
-    if "_history" in parts:
-        parts = parts[: parts.index("_history")]
-    if len(parts) >= 2 and parts[-2] == expected_type and _ID.match(parts[-1]):
-        return parts[-1]
+    ref = reference.get("reference")
+    if not isinstance(ref, str):
+        return None
+    history = ref.find("/_history/")
+    if history >= 0:
+        ref = ref[:history]
+    head, _, rid = ref.rpartition("/")
+    if (head == expected_type or head.endswith("/" + expected_type)) and _ID.match(rid):
+        return rid
     return None
 
 
@@ -225,15 +230,24 @@ def _map_observation(resource: dict[str, Any], mapped: MappedResource) -> None:
             )
 
 
+_CANONICAL_UNIT = {
+    code: (name, concept.unit)
+    for name, concept in CONCEPTS.items()
+    if concept.unit is not None
+    for code in concept.codes
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit_known(token: str, unit: str | None) -> bool:
+    name_unit = _CANONICAL_UNIT.get(token)
+    return name_unit is None or convert_unit(1.0, unit, name_unit[1], token) is not None
+
+
 def _check_unit(token: str, value: float | None, unit: str | None, mapped: MappedResource) -> None:
     """Warn when a known analyte comes in a unit that cannot be converted to its canonical one."""
-    if value is None:
-        return
-    for name, concept in CONCEPTS.items():
-        if concept.unit is not None and token in concept.codes:
-            if convert_unit(value, unit, concept.unit, token) is None:
-                mapped.warnings.append(f"unknown unit '{unit}' for {name} ({token})")
-            return
+    if value is not None and not _unit_known(token, unit):
+        mapped.warnings.append(f"unknown unit '{unit}' for {_CANONICAL_UNIT[token][0]} ({token})")
 
 
 def _map_condition(resource: dict[str, Any], mapped: MappedResource) -> None:

@@ -19,7 +19,7 @@ from aipipe.fhir.files import Progress, SourceItem, discover, read_file
 from aipipe.fhir.mapping import MappedResource, ResourceRejected, map_resource
 from aipipe.store.node_store import NodeStore, WriteOutcome, later, utc_now
 
-BATCH_SIZE = 1000
+BATCH_SIZE = 5000  # one transaction per batch; larger batches re-dirty fewer index pages
 
 
 @dataclass

@@ -174,7 +174,11 @@ class NodeStore:
 
     def _insert(self, conn: sqlite3.Connection, items: list[MappedResource], now: str) -> None:
         conn.executemany(
-            "INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO resources (type, id, version_id, last_updated, patient_id, hash, json, "
+            "ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (type, id) DO UPDATE SET "
+            "version_id = excluded.version_id, last_updated = excluded.last_updated, "
+            "patient_id = excluded.patient_id, hash = excluded.hash, json = excluded.json, "
+            "ingested_at = excluded.ingested_at",
             [
                 (r.type, r.id, r.version_id, r.last_updated, r.patient_id, r.hash, r.json, now)
                 for r in items

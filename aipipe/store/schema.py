@@ -13,6 +13,8 @@ from aipipe.errors import StoreError
 MIGRATIONS: tuple[str, ...] = (
     # 1: raw resources plus the normalised tables feature extraction reads.
     """
+    -- A rowid table with a unique key, not WITHOUT ROWID: rows are ~1 KB of JSON with random
+    -- ids, and clustering them on the key dirtied about a page per insert (bench/ingest.py).
     CREATE TABLE resources (
         type TEXT NOT NULL,
         id TEXT NOT NULL,
@@ -22,8 +24,8 @@ MIGRATIONS: tuple[str, ...] = (
         hash TEXT NOT NULL,
         json TEXT NOT NULL,
         ingested_at TEXT NOT NULL,
-        PRIMARY KEY (type, id)
-    ) WITHOUT ROWID;
+        UNIQUE (type, id)
+    );
     CREATE INDEX resources_patient ON resources (patient_id);
     CREATE TABLE patients (
         id TEXT PRIMARY KEY,
