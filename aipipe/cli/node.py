@@ -47,13 +47,18 @@ def init(
         envvar="AIPIPE_ENROL_TOKEN",
         help="Enrolment token from `aipipe hub enrol-token`: registers this node with the hub.",
     ),
+    allow_non_private: bool = typer.Option(
+        False,
+        "--allow-non-private",
+        help="Let this node train studies that say `privacy: none` (off by default).",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Create a node home: config, SQLite store, Ed25519 identity key (0600) and audit log.
 
     With --token the node also enrols with the hub: it sends its public key, never its data.
     """
-    paths = init_node(home, name, force=force)
+    paths = init_node(home, name, force=force, allow_non_private=allow_non_private)
     hub_url = enrol(paths, token) if token else None
     info = {
         "hub": hub_url or "not enrolled",
@@ -115,6 +120,13 @@ def ingest(
             report = _load_files(store, paths, as_json)
     finally:
         store.close()
+    with open_audit(node) as audit:
+        audit.append(
+            "ingest",
+            actor=node.config.name,
+            resource=report.source,
+            details={"files": report.files, **report.to_dict()["totals"]},
+        )
     _render_report(report, as_json)
 
 

@@ -27,7 +27,9 @@ _KEY_MODE = 0o600
 CREDENTIAL = "hub.credential"
 
 
-def init_node(home: Path, name: str, *, force: bool = False) -> NodePaths:
+def init_node(
+    home: Path, name: str, *, force: bool = False, allow_non_private: bool = False
+) -> NodePaths:
     """Create a node home. With `force`, an existing node is moved aside, never deleted."""
     if (home / NODE_CONFIG).exists():
         if not force:
@@ -36,7 +38,11 @@ def init_node(home: Path, name: str, *, force: bool = False) -> NodePaths:
             )
         _move_aside(home)
     home.mkdir(parents=True, exist_ok=True)
-    config = NodeConfig(name=name, created=datetime.now(UTC).isoformat(timespec="seconds"))
+    config = NodeConfig(
+        name=name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        allow_non_private=allow_non_private,
+    )
     paths = NodePaths(home, config)
     Identity.generate().save(paths.identity_key)
     _write_secret(paths.pseudonym_key, secrets.token_bytes(32))
