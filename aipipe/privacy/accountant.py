@@ -12,6 +12,7 @@ results are memoised: every round of a study has the same (σ, q, steps) and pay
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Literal
@@ -126,7 +127,12 @@ def _compose_cached(history: tuple[Step, ...], delta: float, accountant: Account
     if accountant == "prv":
         prv = PRVAccountant()
         prv.history = list(history)
-        return float(prv.get_epsilon(delta=delta))
+        # PRVAccountant sizes its discretisation grid with an internal RDP bound; when σ is
+        # small that bound's best order is the largest one tried and Opacus warns. The warning
+        # concerns the grid bound, not the PRV ε returned, so it is not shown to users.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(prv.get_epsilon(delta=delta))
     raise ValueError(f"unknown accountant '{accountant}'; use 'rdp' or 'prv'")
 
 
