@@ -38,6 +38,7 @@ class FeatureMatrix:
     train_ids: list[str]
     test_ids: list[str]
     patients: int
+    preprocessor: Preprocessor
     missing: dict[str, float] = field(default_factory=dict)
     unconverted: dict[str, int] = field(default_factory=dict)
 
@@ -60,7 +61,26 @@ class FeatureMatrix:
         }
 
 
-def extract(store: NodeStore, study: StudySpec) -> FeatureMatrix:
+@dataclass
+class RawMatrix:
+    """Every patient's encoded feature values before dropping, splitting and scaling.
+
+    NaN marks a missing value. `drop_mask` marks patients missing a `drop` feature (or a
+    demographic); `impute_cols` lists the columns an `impute`/`indicator` policy fills, with the
+    study's fill value (None: the train mean).
+    """
+
+    ids: list[str]
+    x: NDArray[np.float64]
+    y: NDArray[np.float64]
+    drop_mask: NDArray[np.bool_]
+    impute_cols: list[tuple[int, float | None]]
+    missing: dict[str, float]
+    unconverted: dict[str, int]
+
+
+def raw_matrix(store: NodeStore, study: StudySpec) -> RawMatrix:
+    """The study's encoded features for every patient in the store, ordered by patient id."""
     conn = store.conn
     ids = [row[0] for row in conn.execute("SELECT id FROM patients ORDER BY id")]
     if not ids:
@@ -90,11 +110,56 @@ def extract(store: NodeStore, study: StudySpec) -> FeatureMatrix:
         drop_mask |= np.isnan(values)
         blocks.append(values[:, None])
     x = np.concatenate(blocks, axis=1).astype(np.float64)
-    y = _labels(conn, study, index)
-    keep = np.flatnonzero(~drop_mask)
-    return _finish(
-        study, x[keep], y[keep], [ids[i] for i in keep], len(ids), missing, unconverted, impute_cols
+    return RawMatrix(
+        ids, x, _labels(conn, study, index), drop_mask, impute_cols, missing, unconverted
     )
+
+
+def extract(store: NodeStore, study: StudySpec) -> FeatureMatrix:
+    raw = raw_matrix(store, study)
+    keep = np.flatnonzero(~raw.drop_mask)
+    return _finish(
+        study,
+        raw.x[keep],
+        raw.y[keep],
+        [raw.ids[i] for i in keep],
+        len(raw.ids),
+        raw.missing,
+        raw.unconverted,
+        raw.impute_cols,
+    )
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """What a site learned from its train split to prepare rows: fills for imputed columns and
+    the z-score of `standardize: site`. Applied alike to train, test and patients scored later."""
+
+    fills: dict[int, float]
+    mean: NDArray[np.float64] | None
+    std: NDArray[np.float64] | None
+
+    @classmethod
+    def fit(
+        cls,
+        study: StudySpec,
+        x_train: NDArray[np.float64],
+        impute_cols: list[tuple[int, float | None]],
+    ) -> Preprocessor:
+        fills = {c: v if v is not None else _nanmean(x_train[:, c]) for c, v in impute_cols}
+        if study.preprocessing.standardize != "site":
+            return cls(fills, None, None)
+        filled = cls(fills, None, None).apply(x_train).astype(np.float64)
+        std = filled.std(axis=0, ddof=1) if len(filled) > 1 else np.zeros(filled.shape[1])
+        return cls(fills, filled.mean(axis=0), std)
+
+    def apply(self, x: NDArray[np.float64]) -> FloatArray:
+        out = x.copy()
+        for column, fill in self.fills.items():
+            out[np.isnan(out[:, column]), column] = fill
+        if self.mean is not None and self.std is not None:
+            out = (out - self.mean) / (self.std + 1e-9)
+        return out.astype(np.float32)
 
 
 def _finish(
@@ -115,25 +180,17 @@ def _finish(
     train_idx, test_idx = split_indices(
         y, study.split.test_fraction, study.split.seed, study.split.stratify
     )
-    x_train, x_test = x[train_idx], x[test_idx]
-    for column, value in impute_cols:
-        fill = value if value is not None else _nanmean(x_train[:, column])
-        for part in (x_train, x_test):
-            part[np.isnan(part[:, column]), column] = fill
-    if study.preprocessing.standardize == "site":
-        mean = x_train.mean(axis=0)
-        std = x_train.std(axis=0, ddof=1) if len(train_idx) > 1 else np.zeros(x.shape[1])
-        x_train = (x_train - mean) / (std + 1e-9)
-        x_test = (x_test - mean) / (std + 1e-9)
+    preprocessor = Preprocessor.fit(study, x[train_idx], impute_cols)
     return FeatureMatrix(
         columns=study.columns(),
-        x_train=x_train.astype(np.float32),
+        x_train=preprocessor.apply(x[train_idx]),
         y_train=y[train_idx].astype(np.float32),
-        x_test=x_test.astype(np.float32),
+        x_test=preprocessor.apply(x[test_idx]),
         y_test=y[test_idx].astype(np.float32),
         train_ids=[kept_ids[i] for i in train_idx],
         test_ids=[kept_ids[i] for i in test_idx],
         patients=patients,
+        preprocessor=preprocessor,
         missing=missing,
         unconverted=unconverted,
     )
