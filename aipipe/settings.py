@@ -29,6 +29,8 @@ class NodeConfig(BaseModel):
     audit_log: str = "audit.sqlite"
     hub_url: str | None = None
     allow_non_private: bool = False
+    smart_client_id: str | None = None
+    smart_key: str = "smart.key"
 
 
 class NodePaths:
@@ -41,6 +43,7 @@ class NodePaths:
         self.identity_key = home / config.identity_key
         self.pseudonym_key = home / config.pseudonym_key
         self.audit_log = home / config.audit_log
+        self.smart_key = home / config.smart_key
         self.config_file = home / NODE_CONFIG
 
 

@@ -20,9 +20,19 @@ from rich.table import Table
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.errors import ConfigError
 from aipipe.fhir.server import DEFAULT_TYPES, FhirServerSource
-from aipipe.node.home import enrol, hub_client, init_node, open_audit, open_node, open_store
+from aipipe.fhir.smart import DEFAULT_SCOPES, SmartKey, smart_auth_for
+from aipipe.node.home import (
+    enrol,
+    hub_client,
+    init_node,
+    open_audit,
+    open_node,
+    open_store,
+    setup_smart,
+)
 from aipipe.node.ingest import IngestReport, ingest_files, ingest_server, total_bytes
 from aipipe.secure.identity import Identity
+from aipipe.settings import NodePaths
 from aipipe.store.node_store import NodeStore
 from aipipe.study.spec import StudySpec
 
@@ -47,6 +57,13 @@ def init(
         envvar="AIPIPE_ENROL_TOKEN",
         help="Enrolment token from `aipipe hub enrol-token`: registers this node with the hub.",
     ),
+    smart_client_id: str = typer.Option(
+        None,
+        "--smart-client-id",
+        help="Client id the EHR registered for this node (SMART Backend Services): creates "
+        "smart.key and prints the public JWK Set to register.",
+    ),
+    smart_alg: str = typer.Option("ES384", "--smart-alg", help="ES384 (default) or RS384."),
     allow_non_private: bool = typer.Option(
         False,
         "--allow-non-private",
@@ -59,6 +76,7 @@ def init(
     With --token the node also enrols with the hub: it sends its public key, never its data.
     """
     paths = init_node(home, name, force=force, allow_non_private=allow_non_private)
+    jwks = setup_smart(paths, smart_client_id, smart_alg) if smart_client_id else None
     hub_url = enrol(paths, token) if token else None
     info = {
         "hub": hub_url or "not enrolled",
@@ -69,10 +87,29 @@ def init(
         "audit_log": str(paths.audit_log),
     }
     if as_json:
-        emit_json(info)
+        emit_json({**info, "smart_jwks": jwks})
         return
     console.print(f"[green]✓[/] node [bold]{name}[/] created")
     console.print(kv_table("node home", info))
+    if jwks is not None:
+        _print_jwks(paths.config.smart_client_id or "", jwks)
+
+
+@app.command("smart-jwks")
+def smart_jwks(home: Path = HOME) -> None:
+    """Print the public JWK Set of this node's SMART client key (safe to share with the EHR)."""
+    paths = open_node(home)
+    if paths.config.smart_client_id is None:
+        raise ConfigError(f"node {paths.config.name} has no SMART client; use --smart-client-id")
+    _print_jwks(paths.config.smart_client_id, SmartKey.load(paths.smart_key).public_jwks())
+
+
+def _print_jwks(client_id: str, jwks: dict[str, object]) -> None:
+    err_console.print(
+        f"register this JWK Set with the EHR for client_id [bold]{client_id}[/], "
+        f"scopes: {DEFAULT_SCOPES}"
+    )
+    typer.echo(json.dumps(jwks, indent=2))
 
 
 @app.command()
@@ -115,7 +152,7 @@ def ingest(
     store = open_store(node)
     try:
         if fhir_url:
-            report = _pull(store, fhir_url, since, page_size, types.split(","), as_json)
+            report = _pull(node, store, fhir_url, since, page_size, types.split(","), as_json)
         else:
             report = _load_files(store, paths, as_json)
     finally:
@@ -139,10 +176,21 @@ def _load_files(store: NodeStore, paths: list[Path], quiet: bool) -> IngestRepor
 
 
 def _pull(
-    store: NodeStore, url: str, since: str | None, page_size: int, types: list[str], quiet: bool
+    node: NodePaths,
+    store: NodeStore,
+    url: str,
+    since: str | None,
+    page_size: int,
+    types: list[str],
+    quiet: bool,
 ) -> IngestReport:
+    auth = (
+        smart_auth_for(url, node.config.smart_client_id, node.smart_key)
+        if node.config.smart_client_id
+        else None
+    )
     with (
-        FhirServerSource(base_url=url, page_size=page_size) as source,
+        FhirServerSource(base_url=url, page_size=page_size, auth=auth) as source,
         Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),

@@ -14,9 +14,11 @@ import secrets
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aipipe.audit.log import AuditLog
 from aipipe.errors import ConfigError, IdentityError, NodeExistsError
+from aipipe.fhir.smart_key import SmartKey
 from aipipe.node.client import HubClient
 from aipipe.secure.identity import Identity
 from aipipe.settings import NODE_CONFIG, NodeConfig, NodePaths, load_node_config, save_node_config
@@ -91,6 +93,17 @@ def enrol(paths: NodePaths, token_text: str) -> str:
     paths.config.hub_url = token.hub_url
     save_node_config(paths.home, paths.config)
     return token.hub_url
+
+
+def setup_smart(paths: NodePaths, client_id: str, alg: str) -> dict[str, Any]:
+    """Create the SMART client key (mode 0600) and record the client id; return the public JWKS."""
+    if alg not in ("ES384", "RS384"):
+        raise ConfigError(f"--smart-alg must be ES384 or RS384, got {alg}")
+    key = SmartKey.generate("ES384" if alg == "ES384" else "RS384")
+    key.save(paths.smart_key)
+    paths.config.smart_client_id = client_id
+    save_node_config(paths.home, paths.config)
+    return key.public_jwks()
 
 
 def hub_client(paths: NodePaths) -> HubClient:
