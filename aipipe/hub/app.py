@@ -33,6 +33,7 @@ from aipipe.wire import (
     EnrolRequest,
     EnrolResponse,
     EvalReport,
+    FeatureStats,
     ModelVersionInfo,
     RoundInfo,
     RoundOpen,
@@ -183,6 +184,11 @@ def _routes(app: FastAPI) -> None:
         study: str, number: int, body: Decline, service: Svc, node: Node
     ) -> dict[str, bool]:
         service.decline(node.name, study, number, body.reason, body.exclude)
+        return {"ok": True}
+
+    @app.post("/v1/studies/{study}/stats")
+    async def stats(study: str, body: FeatureStats, service: Svc, node: Node) -> dict[str, bool]:
+        service.report_stats(node.name, study, body)
         return {"ok": True}
 
     @app.get("/v1/work")

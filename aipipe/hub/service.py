@@ -38,11 +38,13 @@ from aipipe.hub.updates import verified_update
 from aipipe.models import build_model, weights_to_arrays
 from aipipe.secure.identity import Identity
 from aipipe.store.hub_store import ACTIVE, HubStore, RoundRow, secret_hash
+from aipipe.study.features import Preprocessor
 from aipipe.study.spec import StudySpec
 from aipipe.wire import (
     EnrolRequest,
     EnrolResponse,
     EvalReport,
+    FeatureStats,
     ModelVersionInfo,
     RoundInfo,
     StudyInfo,
@@ -313,6 +315,26 @@ class HubService:
         self.store.add_metrics(
             report.version, node, report.model_dump(mode="json", exclude={"version", "protocol"})
         )
+
+    def report_stats(self, node: str, study: str, stats: FeatureStats) -> None:
+        if stats.study_digest != self.study_info(study).digest:
+            raise ConflictError(f"statistics are for another version of study '{study}'")
+        self.store.put_feature_stats(study, node, stats.study_digest, stats.model_dump(mode="json"))
+
+    def pooled_preprocessor(self, study: str) -> Preprocessor:
+        """The sites' train preprocessing pooled, to score patients at the hub (CDS)."""
+        parts = [
+            (
+                int(s["n"]),
+                Preprocessor(
+                    {int(c): float(v) for c, v in s["fills"].items()},
+                    None if s["mean"] is None else np.asarray(s["mean"], np.float64),
+                    None if s["std"] is None else np.asarray(s["std"], np.float64),
+                ),
+            )
+            for s in self.store.feature_stats(study, self.study_info(study).digest)
+        ]
+        return Preprocessor.pooled(parts)
 
     # -- closing -----------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from aipipe.wire import (
     EnrolRequest,
     EnrolResponse,
     EvalReport,
+    FeatureStats,
     RoundInfo,
     StudyInfo,
     UpdateReceipt,
@@ -162,6 +163,9 @@ class HubClient:
     def decline(self, study: str, number: int, reason: str, *, exclude: bool) -> None:
         body = Decline(reason=reason, exclude=exclude).model_dump()
         self._request("POST", f"/v1/studies/{study}/rounds/{number}/decline", json=body)
+
+    def report_stats(self, study: str, stats: FeatureStats) -> None:
+        self._request("POST", f"/v1/studies/{study}/stats", json=stats.model_dump(mode="json"))
 
     def report(self, report: EvalReport) -> None:
         self._request(

@@ -24,7 +24,7 @@ from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import StudySpec
-from aipipe.wire import EvalReport, UpdateHeader, WorkItem, pack_frame
+from aipipe.wire import EvalReport, FeatureStats, UpdateHeader, WorkItem, pack_frame
 from aipipe.wire.tensors import decode_arrays, encode_arrays
 
 
@@ -71,7 +71,8 @@ class NodeWorker:
 
     def features(self, spec: StudySpec) -> FeatureMatrix:
         if spec.name not in self._features:
-            self._features[spec.name] = extract(self.store, spec)
+            self._features[spec.name] = matrix = extract(self.store, spec)
+            self._report_stats(spec, matrix)
             self.audit.append(
                 "features.extract",
                 actor=self.name,
@@ -79,6 +80,20 @@ class NodeWorker:
                 details=_counts(self._features[spec.name]),
             )
         return self._features[spec.name]
+
+    def _report_stats(self, spec: StudySpec, matrix: FeatureMatrix) -> None:
+        """Send the site's train preprocessing (n, per-column mean/std, fills) for hub CDS."""
+        prep = matrix.preprocessor
+        self.client.report_stats(
+            spec.name,
+            FeatureStats(
+                study_digest=spec.digest(),
+                n=len(matrix.train_ids),
+                mean=None if prep.mean is None else [float(v) for v in prep.mean],
+                std=None if prep.std is None else [float(v) for v in prep.std],
+                fills={c: float(v) for c, v in prep.fills.items()},
+            ),
+        )
 
     def _train(self, spec: StudySpec, item: WorkItem) -> str:
         assert item.round is not None and item.version is not None and item.study_digest

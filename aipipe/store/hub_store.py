@@ -49,6 +49,9 @@ CREATE TABLE IF NOT EXISTS models (
     version TEXT PRIMARY KEY, study TEXT NOT NULL, round INTEGER NOT NULL, parent TEXT,
     created_at TEXT NOT NULL, aggregator TEXT NOT NULL, blob TEXT NOT NULL,
     lineage TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS feature_stats (
+    study TEXT NOT NULL, node TEXT NOT NULL, digest TEXT NOT NULL, stats TEXT NOT NULL,
+    PRIMARY KEY (study, node));
 CREATE TABLE IF NOT EXISTS metrics (
     version TEXT NOT NULL, node TEXT NOT NULL, report TEXT NOT NULL, at TEXT NOT NULL,
     PRIMARY KEY (version, node));
@@ -389,6 +392,19 @@ class HubStore:
             "SELECT node, report FROM metrics WHERE version = ? ORDER BY node", (version,)
         )
         return {node: json.loads(report) for node, report in rows}
+
+    def put_feature_stats(self, study: str, node: str, digest: str, stats: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO feature_stats VALUES (?, ?, ?, ?)",
+            (study, node, digest, json.dumps(stats)),
+        )
+
+    def feature_stats(self, study: str, digest: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT stats FROM feature_stats WHERE study = ? AND digest = ? ORDER BY node",
+            (study, digest),
+        )
+        return [json.loads(row[0]) for row in rows]
 
     def has_metrics(self, version: str, node: str) -> bool:
         row = self.conn.execute(

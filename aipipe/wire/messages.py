@@ -160,6 +160,22 @@ class EvalReport(Wire):
     local_auc: float | None = None
 
 
+class FeatureStats(Wire):
+    """A site's train-split preprocessing: what the hub pools to score patients for CDS.
+
+    Per-column means and standard deviations over at least the site's train cohort; no row
+    leaves the node. (The pooled statistics let a hub-side CDS service standardise a patient
+    the way the sites standardised their training data.)
+    """
+
+    protocol: int = PROTOCOL_VERSION
+    study_digest: str = Field(pattern=_HEX64)
+    n: int = Field(gt=1)
+    mean: list[float] | None
+    std: list[float] | None
+    fills: dict[int, float]
+
+
 class ModelVersionInfo(Wire):
     version: str
     study: str
