@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import time
 from statistics import mean
 
 import typer
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
@@ -62,7 +64,11 @@ def run(
     means over the nodes' own test splits, evaluated on the new global model)."""
     results: list[RoundInfo] = []
     table = _summary_table()
-    with client(hub, token) as hub_client, Live(table, console=console, auto_refresh=False) as live:
+    quiet = Console(file=io.StringIO()) if as_json else console  # --json: stdout is JSON only
+    with (
+        client(hub, token) as hub_client,
+        Live(table, console=quiet, auto_refresh=False) as live,
+    ):
         for _ in range(rounds):
             info = _follow(hub_client, hub_client.open_round(study, deadline), live=False)
             if info.state == "closed":

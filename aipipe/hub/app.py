@@ -173,10 +173,12 @@ def _routes(app: FastAPI) -> None:
         study: str, number: int, request: Request, service: Svc, node: Node
     ) -> UpdateReceipt:
         if request.headers.get("content-type") != MEDIA_TYPE:
-            raise UpdateRejectedError(f"updates are sent as {MEDIA_TYPE}")
+            service.refuse_update(node.name, study, number, f"updates are sent as {MEDIA_TYPE}")
         body = await request.body()
         if len(body) > MAX_UPDATE_BYTES:
-            raise UpdateRejectedError(f"update of {len(body)} bytes is too large")
+            service.refuse_update(
+                node.name, study, number, f"update of {len(body)} bytes is too large"
+            )
         return service.receive_update(node.name, study, number, body)
 
     @app.post("/v1/studies/{study}/rounds/{number}/decline")

@@ -18,7 +18,7 @@ import json
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 from pydantic import ValidationError
@@ -241,6 +241,17 @@ class HubService:
                 )
         return WorkItem(kind="idle")
 
+    def refuse_update(self, node: str, study: str, number: int, reason: str) -> NoReturn:
+        """Audit and raise a refusal decided before the update could be read."""
+        self.audit.append(
+            "update.refused",
+            actor=node,
+            resource=f"study/{study}/round/{number}",
+            outcome="refused",
+            details={"reason": reason},
+        )
+        raise UpdateRejectedError(reason)
+
     def receive_update(self, node: str, study: str, number: int, body: bytes) -> UpdateReceipt:
         try:
             header, delta = verified_update(self, node, study, number, body)
@@ -295,9 +306,8 @@ class HubService:
         return UpdateReceipt(accepted=True, round_state=row.state if row else "unknown")
 
     def decline(self, node: str, study: str, number: int, reason: str, exclude: bool) -> None:
-        if self.store.node_status(study, number, node) != "selected":
-            raise ConflictError(f"node '{node}' has nothing pending in round {number}")
-        self.store.record_decline(study, number, node, reason)
+        if not self.store.record_decline(study, number, node, reason):
+            raise ConflictError(f"node '{node}' has nothing pending in round {number} of '{study}'")
         if exclude:
             self.store.exclude(study, node, reason)
         self.audit.append(

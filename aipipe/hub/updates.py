@@ -49,7 +49,9 @@ def verified_update(
         )
     if header.study_digest != service.study_info(study).digest:
         raise UpdateRejectedError("update was trained for a different version of the study")
-    return header, _checked_delta(service, row.base_version, payload)
+    delta = _checked_delta(service, row.base_version, payload)
+    check_norm(header, delta)
+    return header, delta
 
 
 def _check_signature(service: HubService, node: str, header: UpdateHeader) -> None:
@@ -81,3 +83,14 @@ def _checked_delta(service: HubService, base_version: str, payload: bytes) -> Ar
         if not np.all(np.isfinite(value)):
             raise UpdateRejectedError(f"tensor '{key}' holds NaN or infinity")
     return delta
+
+
+def check_norm(header: UpdateHeader, delta: Arrays) -> None:
+    """The signed `update_norm` goes into the model's lineage: it must be the payload's."""
+    actual = float(
+        np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values()))
+    )
+    if abs(actual - header.update_norm) > 1e-4 * max(1.0, actual):
+        raise UpdateRejectedError(
+            f"update claims norm {header.update_norm:.6g} but its tensors have {actual:.6g}"
+        )

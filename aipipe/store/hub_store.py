@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aipipe.errors import StoreError
-from aipipe.store.node_store import utc_now
+from aipipe.store.node_store import later, utc_now
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -276,6 +276,8 @@ class HubStore:
             current = self._round(conn, study, number)
             if current is None or current.state not in ACTIVE:
                 return f"round {number} of '{study}' is not collecting updates"
+            if later(utc_now(), current.deadline):
+                return f"round {number} of '{study}' passed its deadline {current.deadline}"
             status = conn.execute(
                 "SELECT status FROM round_nodes WHERE study = ? AND round = ? AND node = ?",
                 (study, number, node),
@@ -327,12 +329,16 @@ class HubStore:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def record_decline(self, study: str, number: int, node: str, reason: str) -> None:
-        self.conn.execute(
+    def record_decline(self, study: str, number: int, node: str, reason: str) -> bool:
+        """Mark a pending node as declined in an active round; False if nothing was pending."""
+        cursor = self.conn.execute(
             "UPDATE round_nodes SET status = 'declined', reason = ?, at = ? "
-            "WHERE study = ? AND round = ? AND node = ? AND status = 'selected'",
+            "WHERE study = ? AND round = ? AND node = ? AND status = 'selected' AND EXISTS "
+            "(SELECT 1 FROM rounds r WHERE r.study = round_nodes.study AND "
+            "r.round = round_nodes.round AND r.state IN ('open', 'collecting'))",
             (reason, utc_now(), study, number, node),
         )
+        return cursor.rowcount == 1
 
     # -- blobs and models --------------------------------------------------------------------
 

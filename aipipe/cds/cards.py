@@ -1,0 +1,335 @@
+"""CDS Hooks cards for a risk score, and the FHIR R4 RiskAssessment a card suggests recording.
+
+A scored patient gets one card: the summary names the outcome, the probability and a risk level
+(`CdsSettings` thresholds pick the level and the indicator), the detail lists the inputs that
+drove the score and those that were imputed, and one suggestion creates a RiskAssessment that
+cites the Observations used. A patient who cannot be scored gets an `info` card that says what is
+missing. `build_risk_assessment` is a pure function so that the node's write-back can reuse it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from aipipe.cds.models import SUMMARY_MAX, Action, Card, Coding, Link, Source, Suggestion
+from aipipe.cds.scoring import FeatureValue, MissingFeature, ScoreResult
+from aipipe.fhir.codes import SNOMED
+from aipipe.study.spec import StudySpec
+
+MODEL_SYSTEM = "https://aipipe.dev/fhir/CodeSystem/model-version"
+"""RiskAssessment.method: the code is the model version id (content-addressed)."""
+IDENTIFIER_SYSTEM = "https://aipipe.dev/fhir/NamingSystem/risk-assessment"
+"""RiskAssessment.identifier: same model, patient and inputs → same value (idempotent re-runs)."""
+OUTCOME_SYSTEM = "https://aipipe.dev/fhir/CodeSystem/study-outcome"
+RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
+TOPIC = Coding(
+    system="https://aipipe.dev/fhir/CodeSystem/cds-topic",
+    code="risk-prediction",
+    display="Risk prediction",
+)
+
+Indicator = Literal["info", "warning", "critical"]
+
+
+class CdsSettings(BaseModel):
+    """How a study's service words and grades its cards (a study's `cds:` block, later)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    outcome_label: str | None = Field(default=None, min_length=1, max_length=80)
+    moderate_at: float = Field(default=0.3, ge=0, le=1)
+    warning_at: float = Field(default=0.7, ge=0, le=1)
+    critical_at: float = Field(default=0.9, ge=0, le=1)
+    min_probability: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CdsSettings:
+        if not self.moderate_at <= self.warning_at <= self.critical_at:
+            raise ValueError(
+                f"thresholds must rise: moderate_at {self.moderate_at} <= warning_at "
+                f"{self.warning_at} <= critical_at {self.critical_at}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class RiskLevel:
+    word: str
+    indicator: Indicator
+    qualitative: str  # a code of http://terminology.hl7.org/CodeSystem/risk-probability
+
+
+def risk_level(probability: float, settings: CdsSettings) -> RiskLevel:
+    if probability >= settings.critical_at:
+        return RiskLevel("very high", "critical", "high")
+    if probability >= settings.warning_at:
+        return RiskLevel("high", "warning", "high")
+    if probability >= settings.moderate_at:
+        return RiskLevel("moderate", "info", "moderate")
+    return RiskLevel("low", "info", "low")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a card cites: the study, the model version, the outcome, a page about the model."""
+
+    study: str
+    model_version: str
+    outcome: Coding
+    url: str | None = None
+
+    @classmethod
+    def for_study(
+        cls, study: StudySpec, model_version: str, settings: CdsSettings, url: str | None = None
+    ) -> ModelSource:
+        label = settings.outcome_label or study.name
+        exact = [c for c in study.cohort.label.conditions if not c.endswith("*")]
+        exact.sort(key=lambda token: not token.startswith(SNOMED + "|"))  # SNOMED first
+        if exact:
+            system, _, code = exact[0].partition("|")
+            outcome = Coding(system=system, code=code, display=label)
+        else:
+            outcome = Coding(system=OUTCOME_SYSTEM, code=study.name, display=label)
+        return cls(study.name, model_version, outcome, url)
+
+    @property
+    def label(self) -> str:
+        return self.outcome.display or self.study
+
+    def card_source(self) -> Source:
+        return Source(
+            label=f"aipipe {self.study} model {self.model_version[:12]}", url=self.url, topic=TOPIC
+        )
+
+    def links(self) -> list[Link] | None:
+        if self.url is None:
+            return None
+        return [Link(label="Model lineage and validation", url=self.url, type="absolute")]
+
+
+def build_risk_assessment(
+    *,
+    patient_id: str,
+    probability: float,
+    model_version: str,
+    study: str,
+    outcome: Coding,
+    basis: Sequence[str],
+    occurrence: datetime,
+    identifier: str,
+    qualitative: str | None = None,
+    basis_patient: bool = False,
+) -> dict[str, Any]:
+    """A FHIR R4 RiskAssessment (status final) of one outcome for one patient.
+
+    `basis` holds Observation ids; `basis_patient` adds the Patient (demographic inputs).
+    `identifier` should be stable for the same model and inputs, so a client can create it
+    conditionally (`If-None-Exist: identifier=<system>|<value>`) and re-runs stay idempotent.
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"probability must be within [0, 1], not {probability}")
+    when = occurrence.astimezone(UTC) if occurrence.tzinfo else occurrence.replace(tzinfo=UTC)
+    prediction: dict[str, Any] = {
+        "outcome": {"coding": [outcome.dump()], "text": outcome.display or study},
+        "probabilityDecimal": round(probability, 4),
+    }
+    if qualitative is not None:
+        prediction["qualitativeRisk"] = {
+            "coding": [{"system": RISK_PROBABILITY, "code": qualitative}]
+        }
+    references = [f"Observation/{rid}" for rid in basis]
+    if basis_patient:
+        references.insert(0, f"Patient/{patient_id}")
+    resource: dict[str, Any] = {
+        "resourceType": "RiskAssessment",
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": identifier}],
+        "status": "final",
+        "method": {
+            "coding": [
+                {
+                    "system": MODEL_SYSTEM,
+                    "code": model_version,
+                    "display": f"aipipe federated model for {study}, version {model_version[:12]}",
+                }
+            ]
+        },
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "occurrenceDateTime": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "prediction": [prediction],
+    }
+    if references:  # FHIR forbids empty arrays
+        resource["basis"] = [{"reference": ref} for ref in references]
+    return resource
+
+
+def build_cards(
+    result: ScoreResult,
+    *,
+    source: ModelSource,
+    settings: CdsSettings,
+    now: datetime,
+    notes: Sequence[str] = (),
+) -> list[Card]:
+    """The cards for one scoring: a risk card, an info card saying what is missing, or none
+    (a probability below `settings.min_probability`)."""
+    if result.probability is None or result.patient_id is None:
+        return [unscored_card(source, result.blocking, result.problems, notes)]
+    if result.probability < settings.min_probability:
+        return []
+    return [_risk_card(result, result.probability, result.patient_id, source, settings, now, notes)]
+
+
+def unscored_card(
+    source: ModelSource,
+    missing: Sequence[MissingFeature],
+    problems: Sequence[str],
+    notes: Sequence[str] = (),
+) -> Card:
+    """An info card for a patient the model cannot score, saying why."""
+    if missing:
+        names = ", ".join(m.name for m in missing)
+        summary = _fit(f"{source.label} risk not scored: missing {names}")
+    else:
+        summary = _fit(f"{source.label} risk not scored: the patient's data is unusable")
+    lines = [f"The {_md(source.study)} model could not score this patient."]
+    if missing:
+        lines += ["", "**Missing:**", ""] + [f"- {_md(m.name)}: {_md(m.reason)}" for m in missing]
+    if problems:
+        lines += ["", "**Data problems:**", ""] + [f"- {_md(p)}" for p in problems]
+    if notes:
+        lines += ["", "**Notes:**", ""] + [f"- {_md(n)}" for n in notes]
+    return Card(
+        uuid=str(uuid.uuid4()),
+        summary=summary,
+        detail="\n".join(lines),
+        indicator="info",
+        source=source.card_source(),
+        links=source.links(),
+    )
+
+
+def _risk_card(
+    result: ScoreResult,
+    probability: float,
+    patient_id: str,
+    source: ModelSource,
+    settings: CdsSettings,
+    now: datetime,
+    notes: Sequence[str],
+) -> Card:
+    level = risk_level(probability, settings)
+    assessment = build_risk_assessment(
+        patient_id=patient_id,
+        probability=probability,
+        model_version=result.model_version,
+        study=result.study,
+        outcome=source.outcome,
+        basis=result.basis,
+        occurrence=now,
+        identifier=result.fingerprint,
+        qualitative=level.qualitative,
+        basis_patient=result.uses_demographics,
+    )
+    suggestion = Suggestion(
+        label="Record this risk assessment in the chart",
+        uuid=str(uuid.uuid4()),
+        actions=[
+            Action(
+                type="create",
+                description=f"Create a RiskAssessment: {source.label} {_percent(probability)}",
+                resource=assessment,
+            )
+        ],
+    )
+    return Card(
+        uuid=str(uuid.uuid4()),
+        summary=_fit(f"{source.label} risk {_percent(probability)} ({level.word})"),
+        detail=_detail(result, probability, level, source, notes),
+        indicator=level.indicator,
+        source=source.card_source(),
+        suggestions=[suggestion],
+        selectionBehavior="at-most-one",
+        links=source.links(),
+    )
+
+
+def _detail(
+    result: ScoreResult,
+    probability: float,
+    level: RiskLevel,
+    source: ModelSource,
+    notes: Sequence[str],
+) -> str:
+    values = {v.name: v for v in result.values}
+    lines = [
+        f"**{_md(source.label)} risk: {_percent(probability)}** ({level.word}), "
+        f"model {_md(source.study)} version `{result.model_version[:12]}`.",
+        "",
+        "| What drove the score | Value | Effect |",
+        "|---|---|---|",
+    ]
+    for driver in result.drivers:
+        effect = "raises risk" if driver.contribution > 0 else "lowers risk"
+        if driver.column == f"{driver.feature}_missing":  # a missing-value indicator column
+            shown = "not recorded" if values[driver.feature].imputed else "recorded"
+            lines.append(f"| {_md(driver.feature)} | {shown} | {effect} |")
+        else:  # a numeric column, or a categorical level's column: show the feature's value
+            shown = _value_text(values.get(driver.feature))
+            lines.append(f"| {_md(driver.feature)} | {shown} | {effect} |")
+    imputed = [v for v in result.values if v.imputed]
+    if imputed:
+        lines += [
+            "",
+            "**Not in the record, filled in by the model's rule:** "
+            + ", ".join(f"{_md(v.name)} ({_value_text(v)})" for v in imputed),
+        ]
+    if result.basis:
+        lines += ["", f"Based on {len(result.basis)} Observation(s)."]
+    extra = [*result.problems, *notes]
+    if extra:
+        lines += ["", "**Notes:**", ""] + [f"- {_md(n)}" for n in extra]
+    lines += [
+        "",
+        "A statistical estimate from a federated model; it supports, and does not replace, "
+        "clinical judgement.",
+    ]
+    return "\n".join(lines)
+
+
+_UNIT_WORDS = {"a": "years", "mm[Hg]": "mmHg"}
+
+
+def _value_text(value: FeatureValue | None) -> str:
+    if value is None or value.value is None:
+        return "missing"
+    if value.name == "sex" and value.unit is None and value.value in (0.0, 1.0):
+        return "male" if value.value == 1.0 else "female"  # the demographic's encoding
+    number = f"{value.value:.4g}"
+    unit = _UNIT_WORDS.get(value.unit or "", value.unit)
+    return f"{number} {_md(unit)}" if unit else number
+
+
+def _percent(probability: float) -> str:
+    if probability < 0.01:
+        return "<1%"
+    if probability > 0.99:
+        return ">99%"
+    return f"{probability * 100:.0f}%"
+
+
+def _fit(summary: str) -> str:
+    return summary if len(summary) <= SUMMARY_MAX else summary[: SUMMARY_MAX - 1] + "…"
+
+
+_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]<>()#+!|~"})
+
+
+def _md(text: str) -> str:
+    """Escape GitHub-flavoured Markdown so names and reasons show as written."""
+    return text.translate(_MARKDOWN_SPECIAL)

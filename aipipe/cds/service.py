@@ -1,0 +1,350 @@
+"""The CDS Hooks 2.0 service as a FastAPI router: discovery, service calls, feedback.
+
+    GET  /cds-services                 discovery: one service per study × hook
+    POST /cds-services/{id}            a hook call → {"cards": [...]}
+    POST /cds-services/{id}/feedback   what the user did with a card → 200
+
+Errors answer with a status and an OperationOutcome whose `diagnostics` says what was wrong:
+400 for a body that is not a valid request (bad JSON, no `context.patientId`, a hook the service
+does not answer), 401 for a missing or refused JWT, 404 for an unknown service, 413 for an
+oversized body, and 412 when the data to score cannot be had: "If the CDS Service is unable to
+obtain required data because it cannot access the FHIR server and the request did not contain
+the necessary prefetch keys, the service SHALL respond with an HTTP 412 Precondition Failed
+status code" (CDS Hooks 2.0). An unreachable fhirServer is that case too ("unable to retrieve the
+necessary FHIR data … either through a prefetch request or directly calling the FHIR server").
+Prefetched data that is present but unusable (null, of the wrong type, for another patient, or
+missing values the model needs) is not a protocol error: it gets an `info` card saying what is
+missing.
+
+Every call is audited (`cds.request`, `cds.discovery`, `cds.feedback`, `auth.failure`) with the
+patient as an HMAC pseudonym under the router's key, never the raw id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import anyio.to_thread
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from aipipe.cds.auth import CdsClient, JwtPolicy
+from aipipe.cds.cards import build_cards, unscored_card
+from aipipe.cds.fhir_access import FhirAccess
+from aipipe.cds.models import Card, CdsRequest, CdsResponse, Discovery, FeedbackRequest
+from aipipe.cds.prefetch import REQUIRED, PatientData, collect, render_template, unsatisfied
+from aipipe.cds.provider import AuditSink, CdsProvider, ServiceEntry
+from aipipe.cds.scoring import PatientScorer
+from aipipe.errors import AipipeError, AuthError
+
+_M = TypeVar("_M", bound=BaseModel)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class _Record:
+    """What one call leaves in the audit log."""
+
+    action: str
+    resource: str
+    actor: str = "cds-client:anonymous"
+    outcome: str = "success"
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def operation_outcome(status: int, message: str) -> JSONResponse:
+    code = {401: "login", 404: "not-found", 412: "processing", 413: "too-costly"}.get(
+        status, "invalid"
+    )
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": message}],
+    }
+    return JSONResponse(body, status_code=status)
+
+
+class _CdsHandler:
+    def __init__(
+        self,
+        provider: CdsProvider,
+        audit: AuditSink | None,
+        jwt: JwtPolicy | None,
+        pseudonym_key: bytes,
+        fhir: FhirAccess,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._provider = provider
+        self._audit = audit
+        self._jwt = jwt
+        self._key = pseudonym_key
+        self._fhir = fhir
+        self._clock = clock
+
+    # -- routes -----------------------------------------------------------------------------
+
+    async def discovery(self, request: Request) -> Response:
+        record = _Record("cds.discovery", "cds-services")
+        try:
+            self._authenticate(request, "/cds-services", record)
+        except _Reject as exc:
+            return await self._finish(record, response=self._rejected(record, exc))
+        services = [entry.descriptor() for entry in self._provider.services()]
+        record.details["services"] = len(services)
+        return await self._finish(
+            record, response=JSONResponse(Discovery(services=services).dump())
+        )
+
+    async def call(self, service_id: str, request: Request) -> Response:
+        record = _Record(
+            "cds.request", f"cds-service:{service_id}", details={"service": service_id}
+        )
+        try:
+            response = await self._call(service_id, request, record)
+        except _Reject as exc:
+            response = self._rejected(record, exc)
+        return await self._finish(record, response=response)
+
+    async def feedback(self, service_id: str, request: Request) -> Response:
+        record = _Record(
+            "cds.feedback", f"cds-service:{service_id}", details={"service": service_id}
+        )
+        try:
+            items = await self._feedback(service_id, request, record)
+        except _Reject as exc:
+            return await self._finish(record, response=self._rejected(record, exc))
+        records = [_Record("cds.feedback", record.resource, record.actor, details=i) for i in items]
+        return await self._finish(*records, response=Response(status_code=200))
+
+    # -- work -------------------------------------------------------------------------------
+
+    async def _call(self, service_id: str, request: Request, record: _Record) -> Response:
+        self._authenticate(request, f"/cds-services/{service_id}", record)
+        entries = self._entries(service_id)
+        body = _parse(CdsRequest, await _read_body(request))
+        record.details.update(hook=body.hook, hookInstance=body.hookInstance)
+        entry = _entry_for_hook(entries, body.hook, service_id)
+        patient_id = body.patient_id()
+        if patient_id is None or not _FHIR_ID.match(patient_id):
+            raise _Reject(400, "context.patientId is missing or not a FHIR id")
+        record.resource = f"patient:{self._pseudonym(patient_id)}"
+        scorer = self._provider.scorer(entry.id)
+        if scorer is None:
+            raise _Reject(503, f"no model is loaded for CDS service '{entry.id}'; try again later")
+        values, notes = await self._gather(entry, body, record)
+        cards = self._cards(entry, scorer, collect(values, patient_id, entry.study), notes, record)
+        record.details["cards"] = [{"uuid": c.uuid, "indicator": c.indicator} for c in cards]
+        return JSONResponse(CdsResponse(cards=cards).dump())
+
+    def _cards(
+        self,
+        entry: ServiceEntry,
+        scorer: PatientScorer,
+        data: PatientData,
+        notes: list[str],
+        record: _Record,
+    ) -> list[Card]:
+        source = entry.source()
+        record.details.update(model_version=scorer.model_version, observations=data.observations)
+        if data.blocking:
+            record.details.update(scored=False, unusable=len(data.blocking))
+            return [unscored_card(source, [], data.blocking)]
+        now = self._clock()
+        # Scored as of today: age on the day of care and every observation up to it.
+        result = scorer.score(data.resources, patient_id=data.patient_id, as_of=now.date())
+        record.details.update(scored=result.scored, missing=[m.name for m in result.missing])
+        if data.outcome_recorded:
+            notes.append(f"the record already lists {source.label}")
+        return build_cards(
+            result, source=source, settings=entry.settings, now=now, notes=[*data.notes, *notes]
+        )
+
+    async def _gather(
+        self, entry: ServiceEntry, body: CdsRequest, record: _Record
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Prefetched values, topped up from the fhirServer; 412 if required data is unreachable."""
+        values = dict(body.prefetch or {})
+        todo = unsatisfied(entry.prefetch, values)
+        record.details["data"] = "prefetch"
+        if not todo:
+            return values, []
+        required = [key for key in todo if key in REQUIRED]
+        if body.fhirServer is None:
+            if required:
+                raise _Reject(
+                    412,
+                    f"prefetch lacks {', '.join(required)} and no fhirServer was given to read "
+                    "them from",
+                )
+            return values, []
+        queries = {key: _render(entry.prefetch[key], body.context) for key in todo}
+        token = body.fhirAuthorization.access_token if body.fhirAuthorization else None
+        partial = len(todo) < len(entry.prefetch)
+        record.details["data"] = "prefetch+fhirServer" if partial else "fhirServer"
+        fetched = await self._fhir.fetch(body.fhirServer, token, queries)
+        failed = [key for key in required if key in fetched.errors]
+        if failed:
+            raise _Reject(412, "; ".join(fetched.errors[key] for key in failed))
+        values.update(fetched.values)
+        notes = [f"'{key}' could not be read: {why}" for key, why in fetched.errors.items()]
+        return values, notes
+
+    async def _feedback(
+        self, service_id: str, request: Request, record: _Record
+    ) -> list[dict[str, Any]]:
+        self._authenticate(request, f"/cds-services/{service_id}/feedback", record)
+        self._entries(service_id)
+        body = _parse(FeedbackRequest, await _read_body(request))
+        items = []
+        for item in body.feedback:
+            details: dict[str, Any] = {
+                "service": service_id,
+                "card": item.card,
+                "outcome": item.outcome,
+                "outcomeTimestamp": item.outcomeTimestamp,
+            }
+            if item.acceptedSuggestions:
+                details["acceptedSuggestions"] = [s.id for s in item.acceptedSuggestions]
+            if item.overrideReason is not None:
+                reason = item.overrideReason.reason
+                if reason is not None:
+                    details["overrideReason"] = {"system": reason.system, "code": reason.code}
+                # Free text from a clinician may name the patient: its presence is kept, not it.
+                details["userComment"] = item.overrideReason.userComment is not None
+            items.append(details)
+        return items
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _authenticate(self, request: Request, endpoint: str, record: _Record) -> CdsClient | None:
+        if self._jwt is None:
+            return None
+        audience = self._jwt.audience(str(request.url), endpoint)
+        try:
+            client = self._jwt.verify(request.headers.get("authorization"), audience)
+        except AuthError as exc:
+            record.action = "auth.failure"
+            raise _Reject(401, str(exc)) from None
+        record.actor = client.actor
+        if client.tenant is not None:
+            record.details["tenant"] = client.tenant
+        return client
+
+    def _entries(self, service_id: str) -> list[ServiceEntry]:
+        entries = [entry for entry in self._provider.services() if entry.id == service_id]
+        if not entries:
+            raise _Reject(404, f"no CDS service '{service_id}'; GET /cds-services lists them")
+        return entries
+
+    def _pseudonym(self, patient_id: str) -> str:
+        return hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()[:20]
+
+    def _rejected(self, record: _Record, exc: _Reject) -> Response:
+        record.outcome = "refused" if exc.status == 401 else "failure"
+        record.details.update(status=exc.status, reason=exc.message)
+        return operation_outcome(exc.status, exc.message)
+
+    async def _finish(self, *records: _Record, response: Response) -> Response:
+        """Audit, then answer. The append runs in a worker thread: an audit commit waits on
+        fsync (~1 ms), and the event loop serves other calls meanwhile."""
+        if self._audit is None:
+            return response
+        try:
+            await anyio.to_thread.run_sync(self._append_all, records)
+        except AipipeError:
+            return operation_outcome(
+                503, "the audit log cannot be written; the call was not served"
+            )
+        return response
+
+    def _append_all(self, records: tuple[_Record, ...]) -> None:
+        assert self._audit is not None
+        for record in records:
+            self._audit.append(
+                record.action,
+                actor=record.actor,
+                resource=record.resource,
+                outcome=record.outcome,
+                details=record.details,
+            )
+
+
+def _entry_for_hook(entries: list[ServiceEntry], hook: str, service_id: str) -> ServiceEntry:
+    for entry in entries:
+        if entry.hook == hook:
+            return entry
+    answers = ", ".join(sorted({entry.hook for entry in entries}))
+    raise _Reject(400, f"CDS service '{service_id}' answers the {answers} hook, not '{hook}'")
+
+
+def _render(template: str, context: Mapping[str, Any]) -> str:
+    try:
+        return render_template(template, context)
+    except ValueError as exc:
+        raise _Reject(400, str(exc)) from None
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _Reject(413, f"the request body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise _Reject(413, f"the request body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
+    return body
+
+
+def _parse(model: type[_M], body: bytes) -> _M:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            raise _Reject(400, "the request body is not valid JSON") from None
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:3]]
+        raise _Reject(400, f"not a valid {model.__name__}: " + "; ".join(parts)) from None
+
+
+def cds_router(
+    provider: CdsProvider,
+    *,
+    audit: AuditSink | None,
+    jwt: JwtPolicy | None,
+    pseudonym_key: bytes,
+    fhir: FhirAccess | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> APIRouter:
+    """The CDS Hooks routes, to mount at the service's `{baseUrl}` (`app.include_router(...)`).
+
+    `pseudonym_key` (≥ 16 bytes, secret) keys the HMAC that stands for patients in the audit log.
+    `jwt=None` serves unauthenticated callers: only for tests or behind an authenticating proxy.
+    """
+    if len(pseudonym_key) < 16:
+        raise ValueError("pseudonym_key must be at least 16 secret bytes")
+    handler = _CdsHandler(
+        provider, audit, jwt, pseudonym_key, fhir or FhirAccess(), clock or _utc_now
+    )
+    router = APIRouter(tags=["cds-hooks"])
+    router.add_api_route("/cds-services", handler.discovery, methods=["GET"])
+    router.add_api_route("/cds-services/{service_id}", handler.call, methods=["POST"])
+    router.add_api_route("/cds-services/{service_id}/feedback", handler.feedback, methods=["POST"])
+    return router
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
