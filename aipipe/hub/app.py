@@ -12,11 +12,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from aipipe import __version__
 from aipipe.audit.log import AuditLog
+from aipipe.cds import JwtPolicy, cds_router
 from aipipe.errors import (
     AipipeError,
     AuthError,
@@ -25,6 +26,7 @@ from aipipe.errors import (
     StudyError,
     UpdateRejectedError,
 )
+from aipipe.hub.cds import HubCdsProvider
 from aipipe.hub.home import HubPaths
 from aipipe.hub.service import HubService, Principal
 from aipipe.secure.identity import Identity
@@ -72,6 +74,7 @@ def create_app(paths: HubPaths) -> FastAPI:
         service = HubService(paths, store, audit, identity)
         app.state.service = service
         service.tick()  # resume rounds a previous process left behind
+        app.include_router(_cds(paths, service, audit))
         ticker = asyncio.create_task(_tick_forever(service))
         try:
             yield
@@ -88,6 +91,14 @@ def create_app(paths: HubPaths) -> FastAPI:
 
     _routes(app)
     return app
+
+
+def _cds(paths: HubPaths, service: HubService, audit: AuditLog) -> APIRouter:
+    """CDS Hooks at /cds-services; CDS clients must present a JWT when hub.yaml lists any."""
+    clients = paths.config.cds_clients
+    policy = JwtPolicy(clients, base_url=paths.config.cds_base_url) if clients else None
+    key = service.identity.sign(b"aipipe-cds-pseudonym-key")[:32]
+    return cds_router(HubCdsProvider(service), audit=audit, jwt=policy, pseudonym_key=key)
 
 
 async def _tick_forever(service: HubService) -> None:

@@ -14,6 +14,7 @@ import json
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,6 +33,9 @@ class HubConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     created: str
     default_deadline_s: float = Field(default=600.0, gt=0)
+    # CDS Hooks: allowed client issuers → their JWK Sets; empty serves CDS without a JWT.
+    cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    cds_base_url: str | None = None
 
 
 class HubPaths:
