@@ -135,6 +135,22 @@ def _write_settings(workdir: Path, port: int, server_auth: dict[str, Any]) -> Pa
     return path
 
 
+# sekmet 0.1.1 has no RiskAssessment search parameters (DESIGN §11): register identifier,
+# subject and patient before the app starts, so conditional updates by identifier work.
+_LAUNCHER = """
+import sys
+from sekmet.fhir import search_params as sp
+sp.PARAMS["RiskAssessment"] = {
+    "identifier": sp.SearchParam("identifier", "token", ("identifier",)),
+    "subject": sp.SearchParam("subject", "reference", ("subject",)),
+    "patient": sp.SearchParam("patient", "reference", ("subject",), "Patient"),
+}
+import uvicorn.main
+sys.argv = ["uvicorn", *sys.argv[1:]]
+uvicorn.main.main()
+"""
+
+
 def _launch(
     python: Path, workdir: Path, server_auth: dict[str, Any]
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -144,7 +160,7 @@ def _launch(
     port = listener.getsockname()[1]
     settings = _write_settings(workdir, port, server_auth)
     fd = listener.fileno()
-    command = [str(python), "-m", "uvicorn", "sekmet.main:app_factory", "--factory"]
+    command = [str(python), "-c", _LAUNCHER, "sekmet.main:app_factory", "--factory"]
     command += ["--fd", str(fd), "--log-level", "warning", "--no-access-log"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEKMET_")}
     env["SEKMET_CONFIG"] = str(settings)

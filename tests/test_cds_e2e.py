@@ -28,7 +28,9 @@ def _patient_resources(bundle: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def trained_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
+def trained_hub(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, str, Path, Path]]:
     if not BUNDLES.is_dir():
         pytest.skip(f"Synthea bundles not found at {BUNDLES}")
     root = tmp_path_factory.mktemp("cds-e2e")
@@ -56,15 +58,15 @@ def trained_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
             group.start(site, "node", "start", "--home", root / site, "--poll", "1")
         aipipe("train", "run", "--study", raw["name"], "--rounds", "2", "--json", env=admin,
                timeout_s=300)  # fmt: skip
-        yield hub.url, raw["name"], bundles[0]
+        yield hub.url, raw["name"], bundles[0], root
     finally:
         group.stop()
 
 
 def test_discovery_lists_the_trained_study_on_every_hook(
-    trained_hub: tuple[str, str, Path],
+    trained_hub: tuple[str, str, Path, Path],
 ) -> None:
-    url, study, _ = trained_hub
+    url, study, _, _ = trained_hub
 
     services = httpx.get(f"{url}/cds-services", timeout=30).json()["services"]
 
@@ -73,9 +75,9 @@ def test_discovery_lists_the_trained_study_on_every_hook(
 
 
 def test_patient_view_for_a_synthea_patient_returns_a_well_formed_risk_card(
-    trained_hub: tuple[str, str, Path],
+    trained_hub: tuple[str, str, Path, Path],
 ) -> None:
-    url, study, bundle = trained_hub
+    url, study, bundle, _ = trained_hub
     resources = _patient_resources(bundle)
     patient = next(r for r in resources if r["resourceType"] == "Patient")
     observations = [r for r in resources if r["resourceType"] == "Observation"]
@@ -106,3 +108,16 @@ def test_patient_view_for_a_synthea_patient_returns_a_well_formed_risk_card(
     assert risk["subject"]["reference"] == f"Patient/{patient['id']}"
     assert 0.0 <= risk["prediction"][0]["probabilityDecimal"] <= 1.0
     json.dumps(card)  # the card is plain JSON all the way down
+
+
+def test_node_predict_scores_its_cohort_with_the_federated_model(
+    trained_hub: tuple[str, str, Path, Path],
+) -> None:
+    _, study, _, root = trained_hub
+
+    report = json.loads(aipipe("node", "predict", "--home", root / "east", "--study", study,
+                               "--json").stdout)  # fmt: skip
+
+    assert report["scored"] == 20 and report["unscored"] == 0 and report["written"] == 0
+    assert all(0.0 <= p["probability"] <= 1.0 for p in report["predictions"])
+    assert all(len(p["patient"]) == 20 for p in report["predictions"])  # pseudonyms, not ids

@@ -118,7 +118,7 @@ def _describe(value: Any) -> str:
 
 @dataclass
 class PatientData:
-    """The resources to score, and what was wrong with the rest.
+    """The resources to score (the Patient and its Observations), and what was wrong with the rest.
 
     `blocking` problems mean no score can be given; `notes` are for the card's detail.
     """
@@ -136,7 +136,9 @@ def collect(values: Mapping[str, Any], patient_id: str, study: StudySpec) -> Pat
     data = PatientData(patient_id)
     _take_patient(values.get(PATIENT), data)
     observations = _take_search(values, OBSERVATIONS, "Observation", data)
+    data.resources.extend(observations)
     data.observations = len(observations)
+    # Conditions only tell whether the outcome is on record; the model does not read them.
     conditions = _take_search(values, CONDITIONS, "Condition", data)
     labels = study.cohort.label.conditions
     data.outcome_recorded = any(
@@ -204,12 +206,12 @@ def _take_search(
             kept.append(resource)
     for why, count in skipped.items():
         if count:
-            data.notes.append(f"{count} entries of prefetch '{key}' skipped: {why}")
+            entries = "entry" if count == 1 else "entries"
+            data.notes.append(f"{count} {entries} of prefetch '{key}' skipped: {why}")
     if reported:
         data.notes.append(f"the FHIR server reported {reported} issue(s) with the '{key}' search")
     if any(isinstance(link, dict) and link.get("relation") == "next" for link in _links(value)):
         data.notes.append(f"prefetch '{key}' holds one page of a longer result; later pages unread")
-    data.resources.extend(kept)
     return kept
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.progress import (
@@ -35,6 +37,7 @@ from aipipe.secure.identity import Identity
 from aipipe.settings import NodePaths
 from aipipe.store.node_store import NodeStore
 from aipipe.study.spec import StudySpec
+from aipipe.wire.tensors import decode_arrays
 
 app = typer.Typer(
     help="Run an institution's node: set up, ingest FHIR data, status.", no_args_is_help=True
@@ -357,3 +360,81 @@ def start(
         audit.close()
         store.close()
     err_console.log(f"[{paths.config.name}] stopped after {done} work items")
+
+
+@app.command()
+def predict(
+    home: Path = HOME,
+    study: str = typer.Option(..., "--study", help="An approved study with a trained model."),
+    write_back: bool = typer.Option(
+        False, "--write-back", help="Write each score to the EHR as a FHIR RiskAssessment."
+    ),
+    fhir_url: str = typer.Option(
+        None, "--fhir-url", help="With --write-back: the EHR's FHIR R4 base URL."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Score this site's patients with the study's current federated model.
+
+    With --write-back each score becomes a RiskAssessment (status final, method = the model
+    version, basis = the Observations used), written by conditional update so a re-run
+    updates the same resource. Output names patients only by pseudonym.
+    """
+    from aipipe.node.predict import predict_cohort  # imports torch
+    from aipipe.node.predict import write_back as send
+
+    if write_back and not fhir_url:
+        raise ConfigError("--write-back needs --fhir-url, the EHR's FHIR base URL")
+    paths = open_node(home)
+    store = open_store(paths)
+    try:
+        approval = store.approval(study)
+        if approval is None:
+            raise ConfigError(f"study '{study}' is not approved here; run: aipipe node approve")
+        spec = StudySpec.model_validate(json.loads(approval[1]))
+        with hub_client(paths) as client:
+            version = client.study(study).current_version
+            if version is None:
+                raise ConfigError(f"study '{study}' has no model yet")
+            weights = decode_arrays(client.model_weights(version))
+        predictions = predict_cohort(store, spec, weights, version, now=datetime.now(UTC))
+    finally:
+        store.close()
+    written = 0
+    if write_back:
+        auth = (
+            smart_auth_for(fhir_url, paths.config.smart_client_id, paths.smart_key)
+            if paths.config.smart_client_id
+            else None
+        )
+        with FhirServerSource(base_url=fhir_url, auth=auth) as server:
+            written = send(server, predictions)
+    scored = [p for p in predictions if p.probability is not None]
+    with open_audit(paths) as audit:
+        audit.append("writeback" if write_back else "predict", actor=paths.config.name,
+                     resource=f"study/{study}", details={"model": version, "scored": len(scored),
+                                                          "written": written})  # fmt: skip
+    _render_predictions(study, version, predictions, written, as_json)
+
+
+def _render_predictions(
+    study: str, version: str, predictions: list[Any], written: int, as_json: bool
+) -> None:
+    scored = [p for p in predictions if p.probability is not None]
+    if as_json:
+        emit_json({
+            "study": study, "model_version": version, "scored": len(scored),
+            "unscored": len(predictions) - len(scored), "written": written,
+            "predictions": [{"patient": p.pseudonym, "probability": p.probability,
+                             "level": p.level, "missing": list(p.missing)} for p in predictions],
+        })  # fmt: skip
+        return
+    levels: dict[str, int] = {}
+    for p in scored:
+        levels[p.level] = levels.get(p.level, 0) + 1
+    mean = sum(p.probability for p in scored) / len(scored) if scored else 0.0
+    console.print(kv_table(f"{study} with model {version[:12]}", {
+        "scored": len(scored), "not scored (missing data)": len(predictions) - len(scored),
+        "mean risk": f"{mean:.3f}", **{f"risk {k}": v for k, v in sorted(levels.items())},
+        "RiskAssessments written": written,
+    }))  # fmt: skip

@@ -176,13 +176,30 @@ class FhirServerSource:
         seen.add(url)
         return url
 
+    def put_conditional(
+        self, resource_type: str, search: dict[str, str], resource: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Conditional update (`PUT [base]/Type?search`): creates the resource when nothing
+        matches, updates the one match, refuses several matches (412). PUT is idempotent, so
+        it is retried like a read."""
+        url = f"{self.base_url}/{resource_type}"
+        return self._send("PUT", url, httpx.QueryParams(search), resource)
+
     def _get_json(self, url: str, params: httpx.QueryParams | None) -> dict[str, Any]:
         """GET with retries on transient failures; the parsed JSON object, or FhirServerError."""
+        return self._send("GET", url, params, None)
+
+    def _send(
+        self, method: str, url: str, params: httpx.QueryParams | None, body: Any
+    ) -> dict[str, Any]:
         attempt = 0
         while True:
             last = attempt >= self.max_retries
             try:
-                response = self._client.get(url, params=params)
+                headers = {"Content-Type": FHIR_JSON} if body is not None else None
+                response = self._client.request(
+                    method, url, params=params, json=body, headers=headers
+                )
             except httpx.TransportError as exc:
                 if last:
                     raise FhirServerError(self._unreachable(exc)) from exc

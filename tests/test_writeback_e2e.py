@@ -1,0 +1,71 @@
+"""RiskAssessment write-back through a real FHIR R4 server (sekmet): pull a Synthea patient,
+score with a model, write the score back by conditional update, read it back, re-run."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fhirclient.models.riskassessment import RiskAssessment
+
+from aipipe.cds.cards import IDENTIFIER_SYSTEM
+from aipipe.fhir.server import DEFAULT_TYPES, FhirServerSource
+from aipipe.node.home import init_node, open_store
+from aipipe.node.ingest import ingest_server
+from aipipe.node.predict import predict_cohort, write_back
+from aipipe.study.spec import load_study
+from tests.fhir_server import start_fhir_server
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTHEA = REPO.parent / "shared" / "data" / "synthea_fhir_r4"
+STUDY = REPO / "examples" / "synthea" / "study.yaml"
+
+
+def _risk_assessments(base_url: str) -> list[dict[str, Any]]:
+    bundle = httpx.get(f"{base_url}/RiskAssessment", params={"_count": 100}, timeout=30).json()
+    return [entry["resource"] for entry in bundle.get("entry", [])]
+
+
+def test_scores_are_written_back_once_and_updated_on_a_rerun(tmp_path: Path) -> None:
+    if not SYNTHEA.is_dir():
+        pytest.skip(f"Synthea data not found at {SYNTHEA}")
+    bundles = sorted((SYNTHEA / "bundles").glob("*.json"), key=lambda p: p.stat().st_size)[:3]
+    spec = load_study(STUDY)
+    weights = {"head.weight": np.full((1, len(spec.columns())), 0.3, np.float32),
+               "head.bias": np.array([-0.5], np.float32)}  # fmt: skip
+    store = open_store(init_node(tmp_path / "node", "n1"))
+    (tmp_path / "ehr").mkdir()
+    with start_fhir_server(tmp_path / "ehr") as server:
+        for bundle in bundles:
+            server.post_bundle(json.loads(bundle.read_text()))
+        with FhirServerSource(base_url=server.base_url) as source:
+            ingest_server(store, source, source_key="ehr", resource_types=DEFAULT_TYPES)
+            first = predict_cohort(store, spec, weights, "a" * 64, now=datetime.now(UTC))
+            written = write_back(source, first)
+            after_first = _risk_assessments(server.base_url)
+            rerun = predict_cohort(store, spec, weights, "b" * 64, now=datetime.now(UTC))
+            write_back(source, rerun)
+            after_rerun = _risk_assessments(server.base_url)
+    store.close()
+
+    scored = [p for p in first if p.probability is not None]
+    assert written == len(scored) == len(after_first) == len(after_rerun) == 3
+    for resource in after_rerun:
+        RiskAssessment(resource, strict=True)  # valid R4 structure
+        assert resource["status"] == "final"
+        assert resource["method"]["coding"][0]["code"] == "b" * 64
+        assert resource["identifier"][0]["system"] == IDENTIFIER_SYSTEM
+        assert resource["meta"]["versionId"] == "2"  # the re-run updated, not duplicated
+        probability = resource["prediction"][0]["probabilityDecimal"]
+        assert 0.0 <= probability <= 1.0
+        assert all(ref["reference"].split("/")[0] in ("Observation", "Patient")
+                   for ref in resource.get("basis", []))  # fmt: skip
+    subjects = {r["subject"]["reference"] for r in after_rerun}
+    assert subjects == {f"Patient/{p.patient_id}" for p in scored}
