@@ -5,6 +5,7 @@ a well-formed card with a RiskAssessment suggestion."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,14 @@ import pytest
 import yaml
 
 from aipipe.fhir.files import read_bundle
-from tests.e2e_support import ProcessGroup, aipipe, aipipe_in_process, aipipe_json, start_hub
+from tests.e2e_support import (
+    ProcessGroup,
+    aipipe,
+    aipipe_in_process,
+    aipipe_json,
+    start_hub,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -74,14 +82,11 @@ def test_discovery_lists_the_trained_study_on_every_hook(
     assert hooks == {"patient-view", "order-select", "medication-prescribe"}
 
 
-def test_patient_view_for_a_synthea_patient_returns_a_well_formed_risk_card(
-    trained_hub: tuple[str, str, Path, Path],
-) -> None:
-    url, study, bundle, _ = trained_hub
+def _patient_view(bundle: Path) -> dict[str, Any]:
     resources = _patient_resources(bundle)
     patient = next(r for r in resources if r["resourceType"] == "Patient")
     observations = [r for r in resources if r["resourceType"] == "Observation"]
-    request = {
+    return {
         "hook": "patient-view",
         "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
         "context": {"userId": "Practitioner/example", "patientId": patient["id"]},
@@ -91,6 +96,14 @@ def test_patient_view_for_a_synthea_patient_returns_a_well_formed_risk_card(
                              "entry": [{"resource": o} for o in observations]},
         },
     }  # fmt: skip
+
+
+def test_patient_view_for_a_synthea_patient_returns_a_well_formed_risk_card(
+    trained_hub: tuple[str, str, Path, Path],
+) -> None:
+    url, study, bundle, _ = trained_hub
+    request = _patient_view(bundle)
+    patient = request["prefetch"]["patient"]
 
     response = httpx.post(f"{url}/cds-services/{study}-patient-view", json=request, timeout=60)
 
@@ -121,3 +134,33 @@ def test_node_predict_scores_its_cohort_with_the_federated_model(
     assert report["scored"] == 20 and report["unscored"] == 0 and report["written"] == 0
     assert all(0.0 <= p["probability"] <= 1.0 for p in report["predictions"])
     assert all(len(p["patient"]) == 20 for p in report["predictions"])  # pseudonyms, not ids
+
+
+def test_node_serves_cds_hooks_inside_the_hospital(
+    trained_hub: tuple[str, str, Path, Path], tmp_path: Path
+) -> None:
+    _, study, bundle, root = trained_hub
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        server = group.start("node-cds", "node", "serve-cds", "--home", root / "east",
+                             "--study", study, "--port", str(port))  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{base}/cds-services", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, what="node serve-cds", context=server.log_tail)
+        response = httpx.post(f"{base}/cds-services/{study}-patient-view",
+                              json=_patient_view(bundle), timeout=60)  # fmt: skip
+    finally:
+        group.stop()
+
+    assert response.status_code == 200, response.text
+    card = response.json()["cards"][0]
+    assert card["suggestions"][0]["actions"][0]["resource"]["resourceType"] == "RiskAssessment"

@@ -438,3 +438,37 @@ def _render_predictions(
         "mean risk": f"{mean:.3f}", **{f"risk {k}": v for k, v in sorted(levels.items())},
         "RiskAssessments written": written,
     }))  # fmt: skip
+
+
+@app.command("serve-cds")
+def serve_cds(
+    home: Path = HOME,
+    study: list[str] = typer.Option(..., "--study", help="Approved studies to serve (repeat)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8710, "--port", min=0, max=65535, help="Port to listen on."),
+    jwks: Path = typer.Option(
+        None,
+        "--cds-clients",
+        help="JSON file mapping each allowed CDS client `iss` to its JWK Set; when given, "
+        "every call needs a client JWT (ES384/RS384).",
+    ),
+) -> None:
+    """Serve CDS Hooks for approved studies from inside the hospital (PHI stays on site)."""
+    import uvicorn
+
+    from aipipe.cds import JwtPolicy
+    from aipipe.node.cds import node_cds_app  # imports torch: only when needed
+
+    paths = open_node(home)
+    policy = JwtPolicy(json.loads(jwks.read_text())) if jwks else None
+    store = open_store(paths)
+    audit = open_audit(paths)
+    try:
+        with hub_client(paths) as client:
+            app_ = node_cds_app(store, client, study, audit, jwt=policy,
+                                pseudonym_key=paths.pseudonym_key.read_bytes())  # fmt: skip
+        err_console.log(f"[{paths.config.name}] CDS Hooks at http://{host}:{port}/cds-services")
+        uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        audit.close()
+        store.close()

@@ -1,0 +1,45 @@
+"""`aipipe node serve-cds`: the CDS Hooks service inside the hospital, for deployments that keep
+PHI on site. It serves the study's current federated model with this site's own preprocessing;
+CDS calls land in the node's audit log under pseudonyms."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI
+
+from aipipe import __version__
+from aipipe.audit.log import AuditLog
+from aipipe.cds import JwtPolicy, PatientScorer, StaticCdsProvider, cds_router
+from aipipe.errors import ConfigError
+from aipipe.node.client import HubClient
+from aipipe.store.node_store import NodeStore
+from aipipe.study.features import extract
+from aipipe.study.spec import StudySpec
+from aipipe.wire.tensors import decode_arrays
+
+
+def node_cds_app(
+    store: NodeStore,
+    client: HubClient,
+    studies: list[str],
+    audit: AuditLog,
+    *,
+    pseudonym_key: bytes,
+    jwt: JwtPolicy | None,
+) -> FastAPI:
+    scorers = []
+    for name in studies:
+        approval = store.approval(name)
+        if approval is None:
+            raise ConfigError(f"study '{name}' is not approved here; run: aipipe node approve")
+        spec = StudySpec.model_validate(json.loads(approval[1]))
+        version = client.study(name).current_version
+        if version is None:
+            raise ConfigError(f"study '{name}' has no model yet")
+        weights = decode_arrays(client.model_weights(version))
+        scorers.append(PatientScorer(spec, weights, extract(store, spec).preprocessor, version))
+    app = FastAPI(title="aipipe node CDS Hooks", version=__version__)
+    app.include_router(cds_router(StaticCdsProvider(scorers), audit=audit, jwt=jwt,
+                                  pseudonym_key=pseudonym_key))  # fmt: skip
+    return app
