@@ -26,7 +26,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "heart-disease"
 SITES = ("cleveland", "hungarian", "switzerland", "va")
-console = Console()
+console = Console(width=max(100, Console().width))
 
 
 def aipipe(*args: str) -> str:
@@ -164,18 +164,11 @@ def report(work: Path, study: str) -> None:
     final = models[-1]
     console.rule("5. results")
     table = Table(
-        title=f"test accuracy / AUC per site (model {final['version'][:12]})", title_justify="left"
+        title=f"test split per site: federated model {final['version'][:12]} beside the site "
+        "training alone (solo) under the same ε",
+        title_justify="left",
     )
-    for column in (
-        "site",
-        "n test",
-        "federated acc",
-        "federated AUC",
-        "alone acc",
-        "alone AUC",
-        "ε spent",
-        "ε budget",
-    ):
+    for column in ("site", "n", "fed acc", "fed AUC", "solo acc", "solo AUC", "ε spent", "budget"):
         table.add_column(column, justify="left" if column == "site" else "right")
     for site in SITES:
         metrics = final["metrics"].get(site, {})

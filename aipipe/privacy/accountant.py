@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Literal
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from aipipe.privacy.errors import NoiseCalibrationError
@@ -130,7 +131,9 @@ def _compose_cached(history: tuple[Step, ...], delta: float, accountant: Account
         # PRVAccountant sizes its discretisation grid with an internal RDP bound; when σ is
         # small that bound's best order is the largest one tried and Opacus warns. The warning
         # concerns the grid bound, not the PRV ε returned, so it is not shown to users.
-        with warnings.catch_warnings():
+        # At q = 1 (a site smaller than the batch: every row in every step) the PRV's
+        # log(1 − q) is −inf by design; numpy's divide-by-zero warning is noise there.
+        with warnings.catch_warnings(), np.errstate(divide="ignore"):
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
             return float(prv.get_epsilon(delta=delta))
     raise ValueError(f"unknown accountant '{accountant}'; use 'rdp' or 'prv'")
