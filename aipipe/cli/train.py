@@ -26,7 +26,7 @@ DEADLINE = typer.Option(
     help="Seconds until the round closes with whoever reported "
     "(default: the study's round_deadline_s).",
 )
-POLL_S = 0.5
+WAIT_S = 10.0  # each long-poll on the round; the hub answers as soon as it changes
 
 
 @app.command("round")
@@ -89,13 +89,11 @@ def run(
 def _follow(hub_client: HubClient, info: RoundInfo, *, live: bool) -> RoundInfo:
     if not live:
         while info.state not in ("closed", "failed"):
-            time.sleep(POLL_S)
-            info = hub_client.round(info.study, info.round)
+            info = hub_client.round(info.study, info.round, changed_from=info, wait_s=WAIT_S)
         return info
     with Live(_progress_table(info), console=console, auto_refresh=False) as view:
         while info.state not in ("closed", "failed"):
-            time.sleep(POLL_S)
-            info = hub_client.round(info.study, info.round)
+            info = hub_client.round(info.study, info.round, changed_from=info, wait_s=WAIT_S)
             view.update(_progress_table(info), refresh=True)
     return info
 
@@ -104,8 +102,7 @@ def _wait_metrics(hub_client: HubClient, info: RoundInfo, timeout_s: float = 60.
     """Give the nodes time to evaluate the new model on their test splits."""
     end = time.monotonic() + timeout_s
     while len(info.metrics) < len(info.reported) and time.monotonic() < end:
-        time.sleep(POLL_S)
-        info = hub_client.round(info.study, info.round)
+        info = hub_client.round(info.study, info.round, changed_from=info, wait_s=WAIT_S)
     return info
 
 

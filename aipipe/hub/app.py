@@ -73,9 +73,10 @@ def create_app(paths: HubPaths) -> FastAPI:
         audit = AuditLog.open(paths.audit_log, identity, owner=f"hub/{paths.config.name}")
         service = HubService(paths, store, audit, identity)
         app.state.service = service
+        app.state.changes = changes = Changes()
         service.tick()  # resume rounds a previous process left behind
         app.include_router(_cds(paths, service, audit))
-        ticker = asyncio.create_task(_tick_forever(service))
+        ticker = asyncio.create_task(_tick_forever(service, changes))
         try:
             yield
         finally:
@@ -101,10 +102,35 @@ def _cds(paths: HubPaths, service: HubService, audit: AuditLog) -> APIRouter:
     return cds_router(HubCdsProvider(service), audit=audit, jwt=policy, pseudonym_key=key)
 
 
-async def _tick_forever(service: HubService) -> None:
+class Changes:
+    """Wakes long-polls when this process changes round state.
+
+    Only a wake-up: waiters re-read the store and still poll it every LONG_POLL_STEP_S, so a
+    change made by another hub replica is seen too, just later.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout_s)
+
+
+async def _tick_forever(service: HubService, changes: Changes) -> None:
     while True:
         await asyncio.sleep(TICK_S)
-        service.tick()
+        if service.tick():
+            changes.notify()
+
+
+def _changes(request: Request) -> Changes:
+    changes: Changes = request.app.state.changes
+    return changes
 
 
 def _service(request: Request) -> HubService:
@@ -132,6 +158,7 @@ def _node(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
 
 
 Svc = Annotated[HubService, Depends(_service)]
+Notify = Annotated[Changes, Depends(_changes)]
 Admin = Annotated[Principal, Depends(_admin)]
 Node = Annotated[Principal, Depends(_node)]
 Anyone = Annotated[Principal, Depends(_principal)]
@@ -168,20 +195,42 @@ def _routes(app: FastAPI) -> None:
         return service.study_info(study)
 
     @app.post("/v1/studies/{study}/rounds")
-    async def open_round(study: str, body: RoundOpen, service: Svc, _: Admin) -> RoundInfo:
-        return service.open_round(study, body.deadline_s)
+    async def open_round(
+        study: str, body: RoundOpen, service: Svc, changes: Notify, _: Admin
+    ) -> RoundInfo:
+        info = service.open_round(study, body.deadline_s)
+        changes.notify()
+        return info
 
     @app.get("/v1/studies/{study}/rounds")
     async def rounds(study: str, service: Svc, _: Anyone) -> list[RoundInfo]:
         return [service.round_info(study, r.round) for r in service.store.rounds(study)]
 
     @app.get("/v1/studies/{study}/rounds/{number}")
-    async def round_info(study: str, number: int, service: Svc, _: Anyone) -> RoundInfo:
-        return service.round_info(study, number)
+    async def round_info(
+        study: str,
+        number: int,
+        service: Svc,
+        changes: Notify,
+        _: Anyone,
+        wait: Annotated[float, Query(ge=0, le=60)] = 0,
+        state: str | None = None,
+        metrics: int | None = None,
+    ) -> RoundInfo:
+        """With `wait`, answer once the round's state differs from `state` or its number of
+        metric reports from `metrics` (a long-poll for `train round --wait`)."""
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            info = service.round_info(study, number)
+            left = deadline - asyncio.get_running_loop().time()
+            unchanged = info.state == state and len(info.metrics) == (metrics or 0)
+            if left <= 0 or not unchanged or state is None:
+                return info
+            await changes.wait(min(left, LONG_POLL_STEP_S))
 
     @app.post("/v1/studies/{study}/rounds/{number}/updates")
     async def upload(
-        study: str, number: int, request: Request, service: Svc, node: Node
+        study: str, number: int, request: Request, service: Svc, changes: Notify, node: Node
     ) -> UpdateReceipt:
         if request.headers.get("content-type") != MEDIA_TYPE:
             service.refuse_update(node.name, study, number, f"updates are sent as {MEDIA_TYPE}")
@@ -190,13 +239,16 @@ def _routes(app: FastAPI) -> None:
             service.refuse_update(
                 node.name, study, number, f"update of {len(body)} bytes is too large"
             )
-        return service.receive_update(node.name, study, number, body)
+        receipt = service.receive_update(node.name, study, number, body)
+        changes.notify()
+        return receipt
 
     @app.post("/v1/studies/{study}/rounds/{number}/decline")
     async def decline(
-        study: str, number: int, body: Decline, service: Svc, node: Node
+        study: str, number: int, body: Decline, service: Svc, changes: Notify, node: Node
     ) -> dict[str, bool]:
         service.decline(node.name, study, number, body.reason, body.exclude)
+        changes.notify()
         return {"ok": True}
 
     @app.post("/v1/studies/{study}/stats")
@@ -206,14 +258,15 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/work")
     async def work(
-        service: Svc, node: Node, wait: Annotated[float, Query(ge=0, le=60)] = 0
+        service: Svc, changes: Notify, node: Node, wait: Annotated[float, Query(ge=0, le=60)] = 0
     ) -> WorkItem:
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             item = service.work_for(node.name)
-            if item.kind != "idle" or asyncio.get_running_loop().time() >= deadline:
+            left = deadline - asyncio.get_running_loop().time()
+            if item.kind != "idle" or left <= 0:
                 return item
-            await asyncio.sleep(LONG_POLL_STEP_S)
+            await changes.wait(min(left, LONG_POLL_STEP_S))
 
     @app.get("/v1/models")
     async def models(service: Svc, _: Anyone, study: str | None = None) -> list[ModelVersionInfo]:
@@ -228,10 +281,13 @@ def _routes(app: FastAPI) -> None:
         return Response(service.model_weights(version), media_type="application/octet-stream")
 
     @app.post("/v1/models/{version}/metrics")
-    async def metrics(version: str, body: EvalReport, service: Svc, node: Node) -> dict[str, bool]:
+    async def metrics(
+        version: str, body: EvalReport, service: Svc, changes: Notify, node: Node
+    ) -> dict[str, bool]:
         if body.version != version:
             raise ConflictError("report names another version than the URL")
         service.report_metrics(node.name, body)
+        changes.notify()
         return {"ok": True}
 
     @app.get("/metrics", response_class=PlainTextResponse)

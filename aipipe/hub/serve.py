@@ -18,7 +18,10 @@ from aipipe.hub.home import HubPaths
 
 def serve(paths: HubPaths, host: str, port: int, log_level: str = "warning") -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets accepted from a TCP
+    # listener that says so; without it every keep-alive answer waited ~44 ms for the client's
+    # delayed ACK (bench/round_overhead.py).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)

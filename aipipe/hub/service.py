@@ -348,13 +348,18 @@ class HubService:
 
     # -- closing -----------------------------------------------------------------------------
 
-    def tick(self) -> None:
-        """Deadlines and crash recovery; cheap enough to call every second."""
+    def tick(self) -> bool:
+        """Deadlines and crash recovery; cheap enough to call every second. True if a round
+        changed state."""
+        changed = False
         for row in self.store.pending_rounds():
             if row.state == "aggregating":
                 self._aggregate(row)
             else:
                 self._maybe_close(row.study, row.round)
+            after = self.store.round(row.study, row.round)
+            changed |= after is not None and after.state != row.state
+        return changed
 
     def _maybe_close(self, study: str, number: int) -> None:
         row = self.store.round(study, number)

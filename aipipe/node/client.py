@@ -128,8 +128,16 @@ class HubClient:
             RoundInfo, "POST", f"/v1/studies/{study}/rounds", json={"deadline_s": deadline_s}
         )
 
-    def round(self, study: str, number: int) -> RoundInfo:
-        return self._json(RoundInfo, "GET", f"/v1/studies/{study}/rounds/{number}")
+    def round(
+        self, study: str, number: int, *, changed_from: RoundInfo | None = None, wait_s: float = 0
+    ) -> RoundInfo:
+        """The round; with `changed_from`, wait up to `wait_s` for its state or metrics to move."""
+        params: dict[str, str | float | int] = {}
+        if changed_from is not None:
+            params = {"wait": wait_s, "state": changed_from.state,
+                      "metrics": len(changed_from.metrics)}  # fmt: skip
+        return self._json(RoundInfo, "GET", f"/v1/studies/{study}/rounds/{number}",
+                          params=params, timeout=wait_s + 30)  # fmt: skip
 
     def rounds(self, study: str) -> list[RoundInfo]:
         data = self._request("GET", f"/v1/studies/{study}/rounds").json()
