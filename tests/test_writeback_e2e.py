@@ -1,9 +1,11 @@
-"""RiskAssessment write-back through a real FHIR R4 server (sekmet): pull a Synthea patient,
-score with a model, write the score back by conditional update, read it back, re-run."""
+"""RiskAssessment write-back through a real FHIR R4 server (sekmet) with SMART Backend Services:
+pull Synthea patients with a SMART token, score them, write the scores back by conditional
+update under `system/RiskAssessment.cu`, read them back, re-run."""
 
 from __future__ import annotations
 
 import json
+import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from fhirclient.models.riskassessment import RiskAssessment
 
 from aipipe.cds.cards import IDENTIFIER_SYSTEM
 from aipipe.fhir.server import DEFAULT_TYPES, FhirServerSource
+from aipipe.fhir.smart import SmartBackendAuth, SmartKey
 from aipipe.node.home import init_node, open_store
 from aipipe.node.ingest import ingest_server
 from aipipe.node.predict import predict_cohort, write_back
@@ -28,8 +31,19 @@ SYNTHEA = REPO.parent / "shared" / "data" / "synthea_fhir_r4"
 STUDY = REPO / "examples" / "synthea" / "study.yaml"
 
 
+ADMIN_TOKEN = secrets.token_urlsafe(24)
+
+
+def _smart_settings(key: SmartKey) -> dict[str, Any]:
+    client = {"client_id": "node", "jwks": key.public_jwks(),
+              "scopes": "system/*.rs system/RiskAssessment.cu"}  # fmt: skip
+    return {"types": ["smart", "bearer"], "tokens": [ADMIN_TOKEN], "smart_clients": [client],
+            "token_lifetime": 300, "enforce_scopes": True}  # fmt: skip
+
+
 def _risk_assessments(base_url: str) -> list[dict[str, Any]]:
-    bundle = httpx.get(f"{base_url}/RiskAssessment", params={"_count": 100}, timeout=30).json()
+    bundle = httpx.get(f"{base_url}/RiskAssessment", params={"_count": 100}, timeout=30,
+                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()  # fmt: skip
     return [entry["resource"] for entry in bundle.get("entry", [])]
 
 
@@ -41,11 +55,14 @@ def test_scores_are_written_back_once_and_updated_on_a_rerun(tmp_path: Path) -> 
     weights = {"head.weight": np.full((1, len(spec.columns())), 0.3, np.float32),
                "head.bias": np.array([-0.5], np.float32)}  # fmt: skip
     store = open_store(init_node(tmp_path / "node", "n1"))
+    key = SmartKey.generate("ES384")
     (tmp_path / "ehr").mkdir()
-    with start_fhir_server(tmp_path / "ehr") as server:
+    with start_fhir_server(tmp_path / "ehr", _smart_settings(key)) as server:
+        server.client.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
         for bundle in bundles:
             server.post_bundle(json.loads(bundle.read_text()))
-        with FhirServerSource(base_url=server.base_url) as source:
+        auth = SmartBackendAuth(base_url=server.base_url, client_id="node", key=key)
+        with auth, FhirServerSource(base_url=server.base_url, auth=auth) as source:
             ingest_server(store, source, source_key="ehr", resource_types=DEFAULT_TYPES)
             first = predict_cohort(store, spec, weights, "a" * 64, now=datetime.now(UTC))
             written = write_back(source, first)
@@ -55,6 +72,7 @@ def test_scores_are_written_back_once_and_updated_on_a_rerun(tmp_path: Path) -> 
             after_rerun = _risk_assessments(server.base_url)
     store.close()
 
+    assert auth.granted_scopes is not None and "system/RiskAssessment.cu" in auth.granted_scopes
     scored = [p for p in first if p.probability is not None]
     assert written == len(scored) == len(after_first) == len(after_rerun) == 3
     for resource in after_rerun:
