@@ -24,15 +24,10 @@ Engines, every process on 127.0.0.1, all started afresh for every repeat:
 - `aipipe`: `aipipe hub serve` + 4 × `aipipe node start --poll P` daemons, then the user's
   command, `aipipe train run --study S --rounds N`. Times come from the hub's own store:
   `rounds.opened_at`, `rounds.closed_at` and `metrics.at` (microsecond UTC stamps).
-- `aipipe+nodelay`, `aipipe+nodelay+poll`, `aipipe+nodelay+poll+step`: what-ifs that find where
-  aipipe's time goes, not products. The same run with, patched in the processes' memory (the
-  product code is untouched): `nodelay`, the hub's listening socket made with
-  `proto=IPPROTO_TCP` so that asyncio sets TCP_NODELAY on accepted connections (`hub serve`
-  makes it with proto 0, and every keep-alive request then waits ~44 ms for a delayed ACK);
-  `poll`, `aipipe.cli.train.POLL_S` 0.5 s → `--what-if-s`; `step`,
-  `aipipe.hub.app.LONG_POLL_STEP_S` 0.2 s → `--what-if-s`; `audit`, the hub's and nodes' audit
-  logs at `PRAGMA synchronous=NORMAL` (no fsync per append; a durability trade, shown only to
-  size the cost of the appends). Any `+`-combination may be named.
+- `aipipe+audit`: a what-if that sizes the audit log's cost, not a product: the hub's and
+  nodes' audit logs at `PRAGMA synchronous=NORMAL` (no fsync per append; a durability trade).
+  The earlier what-ifs (`nodelay`: TCP_NODELAY on the hub's socket; `poll`/`step`: the 0.5 s
+  and 0.2 s polls) found 0.58 → 0.23 s a round and are now fixed in the product.
 - `flower-legacy`: Flower's `start_server` + 4 × `start_client` (gRPC bidirectional streams,
   deprecated since Flower 1.13 but still shipped), `flwr.server.strategy.FedAvg`.
 - `flower-deployment`: Flower's Deployment Engine, `flower-superlink` + 4 × `flower-supernode`
@@ -48,7 +43,7 @@ What is timed, per round r (every engine stamps the same three moments):
   `metrics.at`; Flower: `aggregate_evaluate` returned).
 - `cycle`: round r opened → round r + 1 opened: the wall time per round a user sees; for Flower
   the next round starts as soon as the evaluation is aggregated, for aipipe when `train run`
-  has noticed the metrics (it polls every `POLL_S`).
+  sees the metrics (a long-poll on the round).
 
 Excluded: starting the processes, enrolment/ingest/approval, Flower's wait for its clients to
 connect (the start stamp is taken after all 4 are connected), round 1 of every repeat (warm-up:
@@ -91,25 +86,13 @@ FLWR_VENV = ROOT / ".cache" / "flwr-venv"
 STUDY = "round-overhead"
 ENGINES = (
     "aipipe",
-    "aipipe+nodelay",
-    "aipipe+nodelay+poll",
-    "aipipe+nodelay+poll+step",
-    "aipipe+nodelay+poll+step+audit",
+    "aipipe+audit",
     "flower-legacy",
     "flower-deployment",
 )
 FLOWER_ENGINES = ("flower-legacy", "flower-deployment")
-# What-ifs: (processes patched, code run before the CLI; {s} is --what-if-s).
+# What-ifs: (processes patched, code run before the CLI).
 WHAT_IFS = {
-    "nodelay": (
-        ("hub",),
-        "import socket, types, aipipe.hub.serve as m; "
-        "shim = types.SimpleNamespace(**vars(socket)); "
-        "shim.socket = lambda family, kind: socket.socket(family, kind, socket.IPPROTO_TCP); "
-        "m.socket = shim",
-    ),
-    "poll": (("cli",), "import aipipe.cli.train as m; m.POLL_S = {s}"),
-    "step": (("hub",), "import aipipe.hub.app as m; m.LONG_POLL_STEP_S = {s}"),
     "audit": (
         ("hub", "node"),
         "import aipipe.audit.log as m; connect = m._connect; "
@@ -481,9 +464,9 @@ def aipipe(*args: str, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
-def patched(what_ifs: list[str], process: str, seconds: float) -> list[str]:
+def patched(what_ifs: list[str], process: str) -> list[str]:
     """The aipipe CLI as `python -c`, after the what-ifs that patch this process."""
-    lines = [WHAT_IFS[w][1].format(s=seconds) for w in what_ifs if process in WHAT_IFS[w][0]]
+    lines = [WHAT_IFS[w][1] for w in what_ifs if process in WHAT_IFS[w][0]]
     lines.append("from aipipe.cli.app import main; main()")
     return [sys.executable, "-c", "\n".join(lines)]
 
@@ -509,7 +492,7 @@ def setup_aipipe(work: Path, rounds: int, privacy: str) -> AipipeSite:
     )
     env = {**os.environ, "AIPIPE_TOKEN": site.token}
     with processes(work) as group:
-        url = start_hub(group, site, [], 0.0)
+        url = start_hub(group, site, [])
         env["AIPIPE_HUB_URL"] = url
         for name in SITES:
             out = aipipe("hub", "enrol-token", "--home", str(hub_home), "--node", name, "--json")
@@ -527,9 +510,9 @@ def setup_aipipe(work: Path, rounds: int, privacy: str) -> AipipeSite:
     return site
 
 
-def start_hub(group: Processes, site: AipipeSite, what_ifs: list[str], seconds: float) -> str:
+def start_hub(group: Processes, site: AipipeSite, what_ifs: list[str]) -> str:
     args = ["hub", "serve", "--home", str(site.hub_home), "--port", str(site.port)]
-    group.start("hub", patched(what_ifs, "hub", seconds) + args)
+    group.start("hub", patched(what_ifs, "hub") + args)
     url = f"http://127.0.0.1:{site.port}"
     wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, "the hub")
     return url
@@ -563,16 +546,16 @@ def run_aipipe(site: AipipeSite, args: argparse.Namespace, what_ifs: list[str]) 
     rounds, poll = args.rounds, args.poll
     env = {**os.environ, "AIPIPE_TOKEN": site.token}
     with processes(site.work) as group:
-        env["AIPIPE_HUB_URL"] = start_hub(group, site, what_ifs, args.what_if_s)
+        env["AIPIPE_HUB_URL"] = start_hub(group, site, what_ifs)
         since = utc_now()
         for name in SITES:
             command = ["node", "start", "--home", str(site.work / name), "--poll", str(poll)]
-            group.start(name, patched(what_ifs, "node", args.what_if_s) + command)
+            group.start(name, patched(what_ifs, "node") + command)
         wait_until(lambda: nodes_polling(env, since), "4 node daemons polling the hub")
         command = ["train", "run", "--study", STUDY, "--rounds", str(rounds), "--json"]
         began = time.monotonic()
         out = subprocess.run(
-            patched(what_ifs, "cli", args.what_if_s) + command,
+            patched(what_ifs, "cli") + command,
             capture_output=True,
             text=True,
             env=env,
@@ -878,7 +861,6 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated")
     parser.add_argument("--poll", type=float, default=10.0, help="node start --poll (seconds)")
     parser.add_argument("--privacy", choices=("none", "dp"), default="none")
-    parser.add_argument("--what-if-s", type=float, default=0.02, help="patched poll steps")
     parser.add_argument("--flwr", default="1.42.0", help="Flower version for its own venv")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--quick", action="store_true", help="6 rounds, 1 repeat")
@@ -978,7 +960,6 @@ def write_results(
             "lr": 0.001,
             "privacy": args.privacy,
             "node_poll_s": args.poll,
-            "what_if_s": args.what_if_s,
             "study_rounds_declared": study_rounds,
             "excluded": "process start-up, setup, Flower's wait for its clients, round 1 of "
             "each repeat, and for cycle the last round",
