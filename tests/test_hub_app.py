@@ -25,6 +25,7 @@ from aipipe.hub.app import create_app
 from aipipe.hub.enrolment import issue_token
 from aipipe.hub.home import HubPaths, init_hub
 from aipipe.secure.identity import Identity
+from aipipe.study.spec import load_study
 from aipipe.wire import EnrolRequest, EnrolToken
 from aipipe.wire.frames import MEDIA_TYPE
 from aipipe.wire.tensors import decode_arrays
@@ -526,3 +527,18 @@ def test_openapi_lists_every_v1_route(hub: Hub) -> None:
 
     assert response.status_code == 200
     assert set(response.json()["paths"]) >= V1_ROUTES
+
+
+def test_a_study_asking_for_secure_aggregation_is_refused_not_run_in_the_clear(
+    tmp_path: Path,
+) -> None:
+    paths, token = init_hub(tmp_path / "hub", "h")
+    spec = load_study(Path(__file__).resolve().parents[1] / "examples/heart-disease/study.yaml")
+    raw = {**spec.model_dump(mode="json"), "name": "secure-heart", "secure": "secagg"}
+
+    with TestClient(create_app(paths)) as client:
+        response = client.post("/v1/studies", json={"spec": raw},
+                               headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+
+    assert response.status_code == 422
+    assert "secure: secagg" in response.json()["detail"]

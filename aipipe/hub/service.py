@@ -123,6 +123,13 @@ class HubService:
             raise StudyError(f"invalid study: {exc.errors()[0]['msg']}") from exc
         if self.store.study(spec.name) is not None:
             raise ConflictError(f"study '{spec.name}' is already published; give a new name")
+        if spec.secure != "none":
+            # Refused rather than silently aggregated in the clear: the SecAgg+/CKKS round
+            # protocol is not wired into hub and nodes yet (aipipe/secure holds the primitives).
+            raise StudyError(
+                f"study '{spec.name}' asks for secure: {spec.secure}, which this hub cannot run "
+                "yet; publish it with secure: none or wait for secure-aggregation rounds"
+            )
         arrays = weights_to_arrays(build_model(spec.model, len(spec.columns()), seed=0))
         blob = self.store.put_blob(encode_arrays(arrays))
         version = version_id(spec.name, 0, None, blob)

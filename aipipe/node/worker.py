@@ -97,6 +97,8 @@ class NodeWorker:
 
     def _train(self, spec: StudySpec, item: WorkItem) -> str:
         assert item.round is not None and item.version is not None and item.study_digest
+        if spec.secure != "none":
+            raise StudyError(f"this node cannot send secure: {spec.secure} updates yet")
         matrix = self.features(spec)
         sigma = None
         if spec.privacy.mode == "dp":
