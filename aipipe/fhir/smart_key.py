@@ -8,21 +8,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from aipipe.errors import ConfigError, IdentityError
+from aipipe.secure.keyfiles import load_private_pem, pem_bytes, write_private
 
 Alg = Literal["ES384", "RS384"]
 RSA_BITS = 3072
-_PRIVATE_MODE = 0o600
 
 
 def _b64url(data: bytes) -> str:
@@ -64,41 +61,15 @@ class SmartKey:
     @classmethod
     def load(cls, path: Path) -> SmartKey:
         """Read a PKCS#8 PEM key, refusing one that group or others can read (like ssh)."""
-        try:
-            mode = path.stat().st_mode
-            data = path.read_bytes()
-        except OSError as exc:
-            raise IdentityError(f"cannot read SMART key {path}: {exc.strerror}") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise IdentityError(
-                f"SMART key {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
-                f"run: chmod 600 {path}"
-            )
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except ValueError as exc:
-            raise IdentityError(f"SMART key {path} is not an unencrypted PEM private key") from exc
+        key = load_private_pem(path, what="SMART key")
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise IdentityError(f"SMART key {path} is not an EC P-384 or RSA key")
         return cls(key)
 
     def save(self, path: Path) -> None:
-        """Write the key with mode 0600 from the first byte; never replace an existing key."""
-        pem = self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_MODE)
-        except FileExistsError as exc:
-            raise IdentityError(
-                f"SMART key {path} already exists; it may be the key the EHR has registered. "
-                f"Move it away first if you really mean to replace it"
-            ) from exc
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-        os.chmod(path, _PRIVATE_MODE)
+        """Write the key with mode 0600 from the first byte; never replace an existing key
+        (it may be the one the EHR has registered)."""
+        write_private(path, pem_bytes(self.key), what="SMART key", replace=False)
 
     @property
     def alg(self) -> Alg:

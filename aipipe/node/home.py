@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 from datetime import UTC, datetime
@@ -21,11 +20,11 @@ from aipipe.errors import ConfigError, IdentityError, NodeExistsError
 from aipipe.fhir.smart_key import SmartKey
 from aipipe.node.client import HubClient
 from aipipe.secure.identity import Identity
+from aipipe.secure.keyfiles import write_private
 from aipipe.settings import NODE_CONFIG, NodeConfig, NodePaths, load_node_config, save_node_config
 from aipipe.store.node_store import NodeStore
 from aipipe.wire import EnrolRequest, EnrolToken
 
-_KEY_MODE = 0o600
 CREDENTIAL = "hub.credential"
 
 
@@ -47,7 +46,7 @@ def init_node(
     )
     paths = NodePaths(home, config)
     Identity.generate().save(paths.identity_key)
-    _write_secret(paths.pseudonym_key, secrets.token_bytes(32))
+    write_private(paths.pseudonym_key, secrets.token_bytes(32), what="pseudonym key")
     NodeStore.open(paths.store, b"").close()
     save_node_config(home, config)
     with open_audit(paths) as audit:
@@ -69,12 +68,6 @@ def _move_aside(home: Path) -> Path:
     return backup
 
 
-def _write_secret(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _KEY_MODE)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-
-
 def enrol(paths: NodePaths, token_text: str) -> str:
     """Register this node's public key with the hub named in the token; return the hub URL."""
     try:
@@ -89,7 +82,7 @@ def enrol(paths: NodePaths, token_text: str) -> str:
     request = EnrolRequest(node=token.node, secret=token.secret, public_key=identity.public_hex)
     with HubClient(token.hub_url) as client:
         response = client.enrol(request)
-    _write_secret(paths.home / CREDENTIAL, response.credential.encode())
+    write_private(paths.home / CREDENTIAL, response.credential.encode(), what="hub credential")
     paths.config.hub_url = token.hub_url
     save_node_config(paths.home, paths.config)
     return token.hub_url

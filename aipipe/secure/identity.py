@@ -6,8 +6,6 @@ others can read it, as ssh refuses a loose private key.
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from aipipe.errors import IdentityError, SignatureError
-
-_PRIVATE_MODE = 0o600
+from aipipe.secure.keyfiles import load_private_pem, pem_bytes, write_private
 
 
 @dataclass(frozen=True)
@@ -32,35 +29,14 @@ class Identity:
 
     @classmethod
     def load(cls, path: Path) -> Identity:
-        try:
-            mode = path.stat().st_mode
-            data = path.read_bytes()
-        except OSError as exc:
-            raise IdentityError(f"cannot read identity key {path}: {exc.strerror}") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise IdentityError(
-                f"identity key {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
-                f"run: chmod 600 {path}"
-            )
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except ValueError as exc:
-            raise IdentityError(f"identity key {path} is not a PEM private key") from exc
+        key = load_private_pem(path, what="identity key")
         if not isinstance(key, Ed25519PrivateKey):
             raise IdentityError(f"identity key {path} is not an Ed25519 key")
         return cls(key)
 
     def save(self, path: Path) -> None:
         """Write the key with mode 0600 from the first byte: never world-readable."""
-        pem = self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-        os.chmod(path, _PRIVATE_MODE)
+        write_private(path, pem_bytes(self.key), what="identity key")
 
     @property
     def public_bytes(self) -> bytes:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -25,6 +25,7 @@ import sqlite_utils
 from aipipe.errors import StoreError
 from aipipe.fhir.mapping import MappedResource
 from aipipe.store.schema import migrate
+from aipipe.store.sqlite import immediate
 
 
 class WriteOutcome(StrEnum):
@@ -96,15 +97,8 @@ class NodeStore:
         digest = hmac.new(self._pseudonym_key, patient_id.encode(), hashlib.sha256)
         return digest.hexdigest()[:20]
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return immediate(self.conn)
 
     def write_batch(self, batch: Sequence[MappedResource]) -> list[WriteOutcome]:
         """Store a batch atomically; return each resource's outcome, in order."""
