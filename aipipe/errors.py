@@ -22,7 +22,9 @@ they enter (``raise FhirServerError(...) from exc``), never logged and re-raised
     ├── UpdateRejectedError       an update the hub refuses (bad signature, replay, late, …)
     ├── StudyNotApprovedError     a node asked to train for a study it has not approved
     ├── AggregationError          (aipipe.aggregation) unusable update, sum or setting
-    └── BudgetExhaustedError      (aipipe.privacy) a round that would exceed the site's ε
+    ├── SecureAggregationError    (aipipe.secure.errors) exit 16: masks, shares, CKKS contexts
+    ├── PrivacyError              (aipipe.privacy.errors) exit 17, e.g. BudgetExhaustedError
+    └── ModelError                (aipipe.models.errors) exit 18: weights that fit no model
 """
 
 from __future__ import annotations

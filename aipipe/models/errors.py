@@ -14,7 +14,7 @@ from aipipe.errors import AipipeError
 class ModelError(AipipeError):
     """Model weights cannot be used."""
 
-    exit_code = 11
+    exit_code = 18
 
 
 class ModelFormatError(ModelError):

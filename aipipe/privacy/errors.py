@@ -17,7 +17,7 @@ from aipipe.errors import AipipeError
 class PrivacyError(AipipeError):
     """A training round cannot be run within its privacy terms."""
 
-    exit_code = 10
+    exit_code = 17
 
 
 class BudgetNotSetError(PrivacyError):
