@@ -162,6 +162,7 @@ def report(work: Path, study: str) -> None:
 
     models = json.loads(aipipe("model", "list", "--study", study, "--json"))
     final = models[-1]
+    console.print()
     console.rule("5. results")
     table = Table(
         title=f"test split per site: federated model {final['version'][:12]} beside the site "

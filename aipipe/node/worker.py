@@ -137,9 +137,9 @@ class NodeWorker:
             epsilon = None
         global_weights = decode_arrays(self.client.model_weights(item.version))
         model = arrays_to_model(global_weights, build_model(spec.model, len(matrix.columns)))
-        seed = int.from_bytes(
-            hashlib.sha256(f"{self.name}:{spec.name}:{item.round}".encode()).digest()[:4], "little"
-        )
+        # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
+        # anyone who can recompute it can subtract the noise from the update.
+        seed = secrets.randbits(63)
         result = train_local(
             model,
             matrix.x_train,
