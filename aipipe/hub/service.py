@@ -436,29 +436,11 @@ class HubService:
             "total_examples": row.total_examples,
         }
         state = aggregator.optimizer_state()
-        with self.store.transaction() as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    version,
-                    row.study,
-                    row.round,
-                    row.base_version,
-                    _iso(_now()),
-                    aggregator.name,
-                    blob,
-                    json.dumps(lineage),
-                ),
-            )
-            conn.execute(
-                "UPDATE studies SET current_version = ?, optimizer_state = ? WHERE name = ?",
-                (version, encode_arrays(state) if state else None, row.study),
-            )
-            conn.execute(
-                "UPDATE rounds SET state = 'closed', result_version = ?, closed_at = ? "
-                "WHERE study = ? AND round = ?",
-                (version, _iso(_now()), row.study, row.round),
-            )
+        with self.store.transaction():  # model, study head and round move together
+            self.store.add_model(version, row.study, row.round, row.base_version,
+                                 aggregator.name, blob, lineage)  # fmt: skip
+            self.store.set_study_head(row.study, version, encode_arrays(state) if state else None)
+            self.store.set_round_state(row.study, row.round, "closed", result_version=version)
         self.audit.append(
             "aggregate",
             actor="hub",

@@ -166,6 +166,13 @@ class HubStore:
     def studies(self) -> list[sqlite3.Row]:
         return list(self.conn.execute("SELECT * FROM studies ORDER BY name"))
 
+    def set_study_head(self, study: str, version: str, optimizer_state: bytes | None) -> None:
+        """The study's current model version and the server optimizer's state after it."""
+        self.conn.execute(
+            "UPDATE studies SET current_version = ?, optimizer_state = ? WHERE name = ?",
+            (version, optimizer_state, study),
+        )
+
     def exclude(self, study: str, node: str, reason: str) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?)", (study, node, reason)
@@ -309,12 +316,6 @@ class HubStore:
             )
             conn.execute("INSERT INTO nonces VALUES (?, ?)", (node, record["nonce"]))
         return None
-
-    def nonce_seen(self, node: str, nonce: str) -> bool:
-        row = self.conn.execute(
-            "SELECT 1 FROM nonces WHERE node = ? AND nonce = ?", (node, nonce)
-        ).fetchone()
-        return row is not None
 
     def node_status(self, study: str, number: int, node: str) -> str | None:
         row = self.conn.execute(
