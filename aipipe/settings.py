@@ -31,6 +31,8 @@ class NodeConfig(BaseModel):
     allow_non_private: bool = False
     smart_client_id: str | None = None
     smart_key: str = "smart.key"
+    sealing_key: str = "sealing.key"
+    secure_dir: str = "secure"
 
 
 class NodePaths:
@@ -44,6 +46,8 @@ class NodePaths:
         self.pseudonym_key = home / config.pseudonym_key
         self.audit_log = home / config.audit_log
         self.smart_key = home / config.smart_key
+        self.sealing_key = home / config.sealing_key
+        self.secure_dir = home / config.secure_dir
         self.config_file = home / NODE_CONFIG
 
 

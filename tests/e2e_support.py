@@ -288,13 +288,19 @@ def restart_hub(group: ProcessGroup, hub: Hub) -> Hub:
 # -- studies and updates ----------------------------------------------------------------------
 
 
-def write_test_study(path: Path, *, name: str, deadline_s: float) -> Path:
-    """The heart-disease study, made small: 3 rounds of 5 DP-SGD steps, quorum of 2 nodes."""
+def write_test_study(
+    path: Path, *, name: str, deadline_s: float, secure: Mapping[str, Any] | None = None
+) -> Path:
+    """The heart-disease study, made small: 3 rounds of 5 DP-SGD steps, quorum of 2 nodes.
+
+    `secure` adds fields such as {"secure": "secagg", "min_nodes": 3, "secure_options": ...}.
+    """
     raw = yaml.safe_load(EXAMPLE_STUDY.read_text())
     raw["name"] = name
     raw["training"] = {"rounds": 3, "local_steps": 5, "batch_size": 8, "lr": 0.01}
     raw["min_nodes"] = 2
     raw["round_deadline_s"] = deadline_s
+    raw.update(secure or {})
     assert raw["privacy"]["mode"] == "dp"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -463,10 +469,12 @@ class Federation:
         )  # fmt: skip
         aipipe("node", "ingest", "--home", home, HEART / "fhir" / site, "--json")
 
-    def publish(self, study: str, *, deadline_s: float) -> None:
+    def publish(
+        self, study: str, *, deadline_s: float, secure: Mapping[str, Any] | None = None
+    ) -> None:
         """Publish another copy of the test study under `study`; every node approves it."""
         study_file = write_test_study(
-            self.root / f"{study}.yaml", name=study, deadline_s=deadline_s
+            self.root / f"{study}.yaml", name=study, deadline_s=deadline_s, secure=secure
         )
         aipipe("study", "publish", study_file, "--json", env=self.admin_env)
         self.approve(study)

@@ -529,16 +529,17 @@ def test_openapi_lists_every_v1_route(hub: Hub) -> None:
     assert set(response.json()["paths"]) >= V1_ROUTES
 
 
-def test_a_study_asking_for_secure_aggregation_is_refused_not_run_in_the_clear(
+def test_a_secure_study_with_fewer_than_three_nodes_is_refused_at_publish(
     tmp_path: Path,
 ) -> None:
     paths, token = init_hub(tmp_path / "hub", "h")
     spec = load_study(Path(__file__).resolve().parents[1] / "examples/heart-disease/study.yaml")
-    raw = {**spec.model_dump(mode="json"), "name": "secure-heart", "secure": "secagg"}
+    raw = {**spec.model_dump(mode="json"), "name": "secure-heart", "secure": "secagg",
+           "min_nodes": 2}  # fmt: skip
 
     with TestClient(create_app(paths)) as client:
         response = client.post("/v1/studies", json={"spec": raw},
                                headers={"Authorization": f"Bearer {token}"})  # fmt: skip
 
     assert response.status_code == 422
-    assert "secure: secagg" in response.json()["detail"]
+    assert "min_nodes ≥ 3" in response.json()["detail"]

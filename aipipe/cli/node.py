@@ -27,6 +27,7 @@ from aipipe.node.home import (
     enrol,
     hub_client,
     init_node,
+    node_vault,
     open_audit,
     open_node,
     open_store,
@@ -346,6 +347,7 @@ def start(
     audit = open_audit(paths)
     try:
         with hub_client(paths) as client:
+            log = functools.partial(err_console.log, f"[{paths.config.name}]")
             worker = NodeWorker(
                 paths.config.name,
                 store,
@@ -353,8 +355,9 @@ def start(
                 Identity.load(paths.identity_key),
                 audit,
                 allow_non_private=paths.config.allow_non_private,
+                vault=node_vault(paths),
+                log=log,
             )
-            log = functools.partial(err_console.log, f"[{paths.config.name}]")
             done = Daemon(worker, log, poll_wait_s=poll).run(once=once)
     finally:
         audit.close()

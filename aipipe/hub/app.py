@@ -45,8 +45,10 @@ from aipipe.wire import (
     WorkItem,
 )
 from aipipe.wire.frames import MEDIA_TYPE
+from aipipe.wire.secure import CkksKeyInfo, Keyring, SecAggRoundConfig
 
 MAX_UPDATE_BYTES = 256 * 1024 * 1024
+MAX_KEYS_BYTES = 64 * 1024 * 1024
 TICK_S = 0.5
 LONG_POLL_STEP_S = 0.2
 
@@ -91,6 +93,7 @@ def create_app(paths: HubPaths) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=_error_status(exc))
 
     _routes(app)
+    _secure_routes(app)
     return app
 
 
@@ -293,3 +296,89 @@ def _routes(app: FastAPI) -> None:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus(service: Svc) -> str:
         return service.prometheus_text()
+
+
+def _secure_routes(app: FastAPI) -> None:
+    """SecAgg+ stages and the CKKS key ceremony (DESIGN §7); see aipipe.hub.secure."""
+
+    @app.get("/v1/keyring")
+    async def keyring(service: Svc, _: Anyone) -> Keyring:
+        return service.secure.keyring()
+
+    prefix = "/v1/studies/{study}/rounds/{number}"
+
+    @app.get(prefix + "/secagg/config")
+    async def secagg_config(study: str, number: int, service: Svc, node: Node) -> SecAggRoundConfig:
+        return service.secure.secagg.config(study, number, node.name)
+
+    @app.post(prefix + "/secagg/{step}")
+    async def secagg_post(
+        study: str,
+        number: int,
+        step: str,
+        request: Request,
+        service: Svc,
+        changes: Notify,
+        node: Node,
+    ) -> dict[str, bool]:
+        service.secure.secagg.post(
+            service.spec(study), number, node.name, step, await _small_body(request)
+        )
+        changes.notify()
+        return {"ok": True}
+
+    @app.get(prefix + "/secagg/{step}")
+    async def secagg_poll(
+        study: str,
+        number: int,
+        step: str,
+        service: Svc,
+        changes: Notify,
+        node: Node,
+        wait: Annotated[float, Query(ge=0, le=60)] = 0,
+    ) -> Response:
+        """The node's message for `step` once the stage before it closed; 204 until then."""
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            message = service.secure.secagg.poll(study, number, node.name, step)
+            left = deadline - asyncio.get_running_loop().time()
+            if message is not None:
+                return Response(message.model_dump_json(), media_type="application/json")
+            if left <= 0:
+                return Response(status_code=204)
+            await changes.wait(min(left, LONG_POLL_STEP_S))
+
+    @app.post("/v1/studies/{study}/ckks/keys")
+    async def ckks_keys(
+        study: str, request: Request, service: Svc, changes: Notify, node: Node
+    ) -> dict[str, bool]:
+        service.secure.ckks.post_keys(service.spec(study), node.name, await _small_body(request))
+        changes.notify()
+        return {"ok": True}
+
+    @app.get("/v1/studies/{study}/ckks/keys")
+    async def ckks_key_info(study: str, service: Svc, node: Node) -> CkksKeyInfo:
+        return service.secure.ckks.key_info(study, node.name)
+
+    @app.get(prefix + "/ckks/sum")
+    async def ckks_sum(study: str, number: int, service: Svc, node: Node) -> Response:
+        return Response(service.secure.ckks.bundle(study, number, node.name), media_type=MEDIA_TYPE)
+
+    @app.post(prefix + "/ckks/decrypted")
+    async def ckks_decrypted(
+        study: str, number: int, request: Request, service: Svc, changes: Notify, node: Node
+    ) -> dict[str, bool]:
+        body = await request.body()
+        if len(body) > MAX_UPDATE_BYTES:
+            raise ConflictError(f"decrypted sum of {len(body)} bytes is too large")
+        service.secure.ckks.decrypted(service.spec(study), number, node.name, body)
+        changes.notify()
+        return {"ok": True}
+
+
+async def _small_body(request: Request) -> bytes:
+    """A JSON body of key material: keys, shares, sealed contexts (well under 64 MiB)."""
+    body = await request.body()
+    if len(body) > MAX_KEYS_BYTES:
+        raise ConflictError(f"request body of {len(body)} bytes is too large for key material")
+    return body

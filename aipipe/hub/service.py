@@ -34,6 +34,7 @@ from aipipe.errors import (
     UpdateRejectedError,
 )
 from aipipe.hub.home import HubPaths
+from aipipe.hub.secure import SecureRounds
 from aipipe.hub.updates import verified_update
 from aipipe.models import build_model, weights_to_arrays
 from aipipe.secure.identity import Identity
@@ -51,7 +52,7 @@ from aipipe.wire import (
     UpdateReceipt,
     WorkItem,
 )
-from aipipe.wire.tensors import decode_arrays, encode_arrays
+from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class HubService:
         self.store = store
         self.audit = audit
         self.identity = identity
+        self.secure = SecureRounds(self)
 
     # -- auth and enrolment ------------------------------------------------------------------
 
@@ -96,6 +98,8 @@ class HubService:
 
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         credential = secrets.token_urlsafe(32)
+        if (request.sealing_key is None) != (request.sealing_signature is None):
+            raise AuthError("a sealing key must come with its identity signature")
         if not self.store.enrol(request.node, request.secret, request.public_key, credential):
             self.audit.append(
                 "enrolment",
@@ -104,6 +108,10 @@ class HubService:
                 details={"reason": "invalid or used token"},
             )
             raise AuthError(f"enrolment token for '{request.node}' is invalid or already used")
+        if request.sealing_key is not None and request.sealing_signature is not None:
+            self.secure.register_sealing_key(
+                request.node, request.public_key, request.sealing_key, request.sealing_signature
+            )
         self.audit.append(
             "enrolment",
             actor=request.node,
@@ -123,13 +131,7 @@ class HubService:
             raise StudyError(f"invalid study: {exc.errors()[0]['msg']}") from exc
         if self.store.study(spec.name) is not None:
             raise ConflictError(f"study '{spec.name}' is already published; give a new name")
-        if spec.secure != "none":
-            # Refused rather than silently aggregated in the clear: the SecAgg+/CKKS round
-            # protocol is not wired into hub and nodes yet (aipipe/secure holds the primitives).
-            raise StudyError(
-                f"study '{spec.name}' asks for secure: {spec.secure}, which this hub cannot run "
-                "yet; publish it with secure: none or wait for secure-aggregation rounds"
-            )
+        SecureRounds.check_spec(spec)
         arrays = weights_to_arrays(build_model(spec.model, len(spec.columns()), seed=0))
         blob = self.store.put_blob(encode_arrays(arrays))
         version = version_id(spec.name, 0, None, blob)
@@ -178,7 +180,7 @@ class HubService:
         active = self.store.active_round(study)
         if active is not None:
             raise ConflictError(f"round {active.round} of '{study}' is still {active.state}")
-        selected = self.store.eligible_nodes(study)
+        selected = self.secure.eligible(spec, self.store.eligible_nodes(study))
         if len(selected) < spec.min_nodes:
             raise ConflictError(
                 f"study '{study}' needs {spec.min_nodes} nodes but {len(selected)} are eligible; "
@@ -188,6 +190,8 @@ class HubService:
         assert base is not None
         deadline = _now() + timedelta(seconds=deadline_s or spec.round_deadline_s)
         number = self.store.open_round(study, base, _iso(deadline), selected)
+        if spec.secure != "none":
+            self.secure.open(spec, number, base, selected)
         self.audit.append(
             "admin",
             actor="admin",
@@ -208,6 +212,7 @@ class HubService:
             base_version=row.base_version,
             deadline=row.deadline,
             reason=row.reason,
+            stage=self.secure.stage(study, number),
             selected=[n["node"] for n in nodes],
             reported=[n["node"] for n in nodes if n["status"] == "reported"],
             declined={n["node"]: n["reason"] or "" for n in nodes if n["status"] == "declined"},
@@ -219,19 +224,9 @@ class HubService:
         for study_row in self.store.studies():
             study = str(study_row["name"])
             active = self.store.active_round(study)
-            if (
-                active is not None
-                and active.state in ACTIVE
-                and self.store.node_status(study, active.round, node) == "selected"
-            ):
-                return WorkItem(
-                    kind="train",
-                    study=study,
-                    study_digest=study_row["digest"],
-                    round=active.round,
-                    version=active.base_version,
-                    deadline=active.deadline,
-                )
+            item = None if active is None else self._round_work(study_row, active, node)
+            if item is not None:
+                return item
             current = study_row["current_version"]
             model = self.store.model(current) if current else None
             if (
@@ -248,6 +243,23 @@ class HubService:
                 )
         return WorkItem(kind="idle")
 
+    def _round_work(self, study_row: Any, active: RoundRow, node: str) -> WorkItem | None:
+        spec = self.spec(active.study)
+        if spec.secure != "none":
+            return self.secure.work(spec, active, node, study_row["digest"])
+        if active.state in ACTIVE and self.store.node_status(spec.name, active.round, node) == (
+            "selected"
+        ):
+            return WorkItem(
+                kind="train",
+                study=spec.name,
+                study_digest=study_row["digest"],
+                round=active.round,
+                version=active.base_version,
+                deadline=active.deadline,
+            )
+        return None
+
     def refuse_update(self, node: str, study: str, number: int, reason: str) -> NoReturn:
         """Audit and raise a refusal decided before the update could be read."""
         self.audit.append(
@@ -260,6 +272,11 @@ class HubService:
         raise UpdateRejectedError(reason)
 
     def receive_update(self, node: str, study: str, number: int, body: bytes) -> UpdateReceipt:
+        spec = self.spec(study)
+        if spec.secure != "none":
+            self.secure.receive_update(spec, node, number, body)
+            row = self.store.round(study, number)
+            return UpdateReceipt(accepted=True, round_state=row.state if row else "unknown")
         try:
             header, delta = verified_update(self, node, study, number, body)
         except (UpdateRejectedError, SignatureError) as exc:
@@ -271,6 +288,8 @@ class HubService:
                 details={"reason": str(exc)},
             )
             raise UpdateRejectedError(str(exc)) from exc
+        n, norm = header.num_examples, header.update_norm
+        assert n is not None and norm is not None  # a plaintext header states both
         record = {
             "nonce": header.nonce,
             "num_examples": header.num_examples,
@@ -283,7 +302,7 @@ class HubService:
 
         def fold(previous: bytes | None) -> bytes:
             running = decode_arrays(previous) if previous else None
-            weighted = {k: v.astype(np.float64) * header.num_examples for k, v in delta.items()}
+            weighted = {k: v.astype(np.float64) * n for k, v in delta.items()}
             if running is not None:
                 weighted = {k: running[k] + weighted[k] for k in weighted}
             return encode_arrays(weighted)
@@ -305,7 +324,7 @@ class HubService:
             details={
                 "n": header.num_examples,
                 "epsilon": header.epsilon_spent,
-                "update_norm": round(header.update_norm, 6),
+                "update_norm": round(norm, 6),
             },
         )
         self._maybe_close(study, number)
@@ -373,6 +392,9 @@ class HubService:
         if row is None or row.state not in ACTIVE:
             return
         spec = self.spec(study)
+        if spec.secure != "none":
+            self.secure.advance(spec, number)
+            return
         nodes = self.store.round_nodes(study, number)
         reported = sum(1 for n in nodes if n["status"] == "reported")
         pending = sum(1 for n in nodes if n["status"] == "selected")
@@ -398,24 +420,11 @@ class HubService:
         )
 
     def _aggregate(self, row: RoundRow) -> None:
-        spec = self.spec(row.study)
-        study_row = self.store.study(row.study)
-        assert study_row is not None and row.sum_blob is not None
-        base = self.store.model(row.base_version)
-        assert base is not None
-        global_weights = decode_arrays(self.store.blob(base["blob"]))
-        aggregator = aggregator_for(spec.aggregation, spec.training.proximal_mu)
-        if study_row["optimizer_state"]:
-            aggregator.load_optimizer_state(decode_arrays(study_row["optimizer_state"]))
-        try:
-            new = aggregator.from_sum(
-                global_weights, decode_arrays(row.sum_blob), row.total_examples
-            )
-        except AggregationError as exc:
-            self.store.set_round_state(row.study, row.round, "failed", reason=str(exc))
+        """Close a plaintext round from its stored running sum."""
+        if self.spec(row.study).secure != "none":
+            self.secure.advance(self.spec(row.study), row.round)
             return
-        blob = self.store.put_blob(encode_arrays(new))
-        version = version_id(row.study, row.round, row.base_version, blob)
+        assert row.sum_blob is not None
         contributors = [
             {
                 "node": n["node"],
@@ -426,26 +435,53 @@ class HubService:
             for n in self.store.round_nodes(row.study, row.round)
             if n["status"] == "reported"
         ]
+        self.publish_aggregate(row, decode_arrays(row.sum_blob), row.total_examples, contributors)
+
+    def publish_aggregate(
+        self,
+        row: RoundRow,
+        weighted_sum: Arrays,
+        total_examples: int,
+        contributors: list[dict[str, Any]],
+    ) -> None:
+        """The study's server step on Σn·Δ and Σn; the new version becomes the study's head."""
+        spec = self.spec(row.study)
+        study_row = self.store.study(row.study)
+        base = self.store.model(row.base_version)
+        assert study_row is not None and base is not None
+        global_weights = decode_arrays(self.store.blob(base["blob"]))
+        aggregator = aggregator_for(spec.aggregation, spec.training.proximal_mu)
+        if study_row["optimizer_state"]:
+            aggregator.load_optimizer_state(decode_arrays(study_row["optimizer_state"]))
+        try:
+            new = aggregator.from_sum(global_weights, weighted_sum, total_examples)
+        except AggregationError as exc:
+            self.store.set_round_state(row.study, row.round, "failed", reason=str(exc))
+            return
+        blob = self.store.put_blob(encode_arrays(new))
+        version = version_id(row.study, row.round, row.base_version, blob)
         lineage = {
             "study": row.study,
             "study_digest": spec.digest(),
             "round": row.round,
             "parent": row.base_version,
             "aggregator": aggregator.name,
+            "secure": spec.secure,
             "contributors": contributors,
-            "total_examples": row.total_examples,
+            "total_examples": total_examples,
         }
         state = aggregator.optimizer_state()
         with self.store.transaction():  # model, study head and round move together
-            self.store.add_model(version, row.study, row.round, row.base_version,
-                                 aggregator.name, blob, lineage)  # fmt: skip
+            self.store.add_model(
+                version, row.study, row.round, row.base_version, aggregator.name, blob, lineage
+            )
             self.store.set_study_head(row.study, version, encode_arrays(state) if state else None)
             self.store.set_round_state(row.study, row.round, "closed", result_version=version)
         self.audit.append(
             "aggregate",
             actor="hub",
             resource=f"study/{row.study}/round/{row.round}",
-            details={"nodes": len(contributors), "total": row.total_examples},
+            details={"nodes": len(contributors), "total": total_examples, "secure": spec.secure},
         )
         self.audit.append(
             "model.version",

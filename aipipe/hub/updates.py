@@ -25,6 +25,19 @@ if TYPE_CHECKING:
 def verified_update(
     service: HubService, node: str, study: str, number: int, body: bytes
 ) -> tuple[UpdateHeader, Arrays]:
+    """A plaintext update's header and its delta, checked against the round's base model."""
+    header, payload = verified_header(service, node, study, number, body, secure="none")
+    row = service.store.round(study, number)
+    assert row is not None  # verified_header checked it
+    delta = _checked_delta(service, row.base_version, payload)
+    check_norm(header, delta)
+    return header, delta
+
+
+def verified_header(
+    service: HubService, node: str, study: str, number: int, body: bytes, *, secure: str
+) -> tuple[UpdateHeader, bytes]:
+    """The signed header and raw payload of any update (plain, masked or encrypted)."""
     try:
         header_json, payload = unpack_frame(body)
         header = UpdateHeader.model_validate_json(header_json)
@@ -49,9 +62,11 @@ def verified_update(
         )
     if header.study_digest != service.study_info(study).digest:
         raise UpdateRejectedError("update was trained for a different version of the study")
-    delta = _checked_delta(service, row.base_version, payload)
-    check_norm(header, delta)
-    return header, delta
+    if header.secure != secure:
+        raise UpdateRejectedError(
+            f"study '{study}' takes secure: {secure} updates; this one is {header.secure}"
+        )
+    return header, payload
 
 
 def _check_signature(service: HubService, node: str, header: UpdateHeader) -> None:
@@ -90,6 +105,8 @@ def check_norm(header: UpdateHeader, delta: Arrays) -> None:
     actual = float(
         np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values()))
     )
+    if header.update_norm is None:
+        raise UpdateRejectedError("a plaintext update must state its norm")
     if abs(actual - header.update_norm) > 1e-4 * max(1.0, actual):
         raise UpdateRejectedError(
             f"update claims norm {header.update_norm:.6g} but its tensors have {actual:.6g}"

@@ -22,6 +22,7 @@ from aipipe.errors import (
     StudyError,
     UpdateRejectedError,
 )
+from aipipe.secure.errors import SecAggRoundFailedError
 from aipipe.wire import (
     Decline,
     EnrolRequest,
@@ -34,6 +35,7 @@ from aipipe.wire import (
     WorkItem,
 )
 from aipipe.wire.frames import MEDIA_TYPE
+from aipipe.wire.secure import CkksKeyInfo, CkksKeys, Keyring, SecAggRoundConfig, SecAggStep
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -134,10 +136,18 @@ class HubClient:
         """The round; with `changed_from`, wait up to `wait_s` for its state or metrics to move."""
         params: dict[str, str | float | int] = {}
         if changed_from is not None:
-            params = {"wait": wait_s, "state": changed_from.state,
-                      "metrics": len(changed_from.metrics)}  # fmt: skip
-        return self._json(RoundInfo, "GET", f"/v1/studies/{study}/rounds/{number}",
-                          params=params, timeout=wait_s + 30)  # fmt: skip
+            params = {
+                "wait": wait_s,
+                "state": changed_from.state,
+                "metrics": len(changed_from.metrics),
+            }
+        return self._json(
+            RoundInfo,
+            "GET",
+            f"/v1/studies/{study}/rounds/{number}",
+            params=params,
+            timeout=wait_s + 30,
+        )
 
     def rounds(self, study: str) -> list[RoundInfo]:
         data = self._request("GET", f"/v1/studies/{study}/rounds").json()
@@ -178,6 +188,63 @@ class HubClient:
     def report(self, report: EvalReport) -> None:
         self._request(
             "POST", f"/v1/models/{report.version}/metrics", json=report.model_dump(mode="json")
+        )
+
+    # -- secure aggregation ----------------------------------------------------------------
+
+    def keyring(self) -> Keyring:
+        return self._json(Keyring, "GET", "/v1/keyring")
+
+    def _round_path(self, study: str, number: int) -> str:
+        return f"/v1/studies/{study}/rounds/{number}"
+
+    def secagg_config(self, study: str, number: int) -> SecAggRoundConfig:
+        path = self._round_path(study, number) + "/secagg/config"
+        return self._json(SecAggRoundConfig, "GET", path)
+
+    def secagg_post(self, study: str, number: int, step: SecAggStep, message: BaseModel) -> None:
+        path = self._round_path(study, number) + f"/secagg/{step}"
+        self._request(
+            "POST",
+            path,
+            content=message.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+
+    def secagg_wait(
+        self, study: str, number: int, step: SecAggStep, model: type[M], *, until: float
+    ) -> M:
+        """Long-poll `step` until the hub closes the stage before it (`until`: monotonic)."""
+        path = self._round_path(study, number) + f"/secagg/{step}"
+        while (left := until - time.monotonic()) > 0:
+            wait = min(left, 20.0)
+            response = self._request("GET", path, params={"wait": wait}, timeout=wait + 30)
+            if response.status_code == 200:
+                return model.model_validate_json(response.content)
+        raise SecAggRoundFailedError(
+            f"the hub did not release {step} for round {number} of '{study}' before its deadline"
+        )
+
+    def ckks_post_keys(self, study: str, keys: CkksKeys) -> None:
+        self._request(
+            "POST",
+            f"/v1/studies/{study}/ckks/keys",
+            content=keys.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+
+    def ckks_key_info(self, study: str) -> CkksKeyInfo:
+        return self._json(CkksKeyInfo, "GET", f"/v1/studies/{study}/ckks/keys")
+
+    def ckks_bundle(self, study: str, number: int) -> bytes:
+        return self._request("GET", self._round_path(study, number) + "/ckks/sum").content
+
+    def ckks_decrypted(self, study: str, number: int, frame: bytes) -> None:
+        self._request(
+            "POST",
+            self._round_path(study, number) + "/ckks/decrypted",
+            content=frame,
+            headers={"Content-Type": MEDIA_TYPE},
         )
 
 

@@ -5,6 +5,7 @@
 <home>/identity.key     Ed25519 private key, mode 0600
 <home>/pseudonym.key    32 random bytes keying patient pseudonyms, mode 0600
 <home>/audit.sqlite     hash-chained audit log
+<home>/sealing.key      X25519 key that study secrets are sealed to, mode 0600 (SecureVault)
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from aipipe.audit.log import AuditLog
 from aipipe.errors import ConfigError, IdentityError, NodeExistsError
 from aipipe.fhir.smart_key import SmartKey
 from aipipe.node.client import HubClient
+from aipipe.node.vault import SecureVault
 from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
 from aipipe.settings import NODE_CONFIG, NodeConfig, NodePaths, load_node_config, save_node_config
 from aipipe.store.node_store import NodeStore
 from aipipe.wire import EnrolRequest, EnrolToken
+from aipipe.wire.secure import sealing_key_payload
 
 CREDENTIAL = "hub.credential"
 
@@ -46,6 +49,7 @@ def init_node(
     )
     paths = NodePaths(home, config)
     Identity.generate().save(paths.identity_key)
+    SecureVault.create_sealing_key(paths.sealing_key)
     write_private(paths.pseudonym_key, secrets.token_bytes(32), what="pseudonym key")
     NodeStore.open(paths.store, b"").close()
     save_node_config(home, config)
@@ -79,7 +83,17 @@ def enrol(paths: NodePaths, token_text: str) -> str:
             f"this enrolment token is for node '{token.node}', not '{paths.config.name}'"
         )
     identity = Identity.load(paths.identity_key)
-    request = EnrolRequest(node=token.node, secret=token.secret, public_key=identity.public_hex)
+    vault = node_vault(paths)
+    if not paths.sealing_key.exists():  # a node initialised before sealing keys existed
+        SecureVault.create_sealing_key(paths.sealing_key)
+    sealing = vault.sealing_public()
+    request = EnrolRequest(
+        node=token.node,
+        secret=token.secret,
+        public_key=identity.public_hex,
+        sealing_key=sealing.hex(),
+        sealing_signature=identity.sign(sealing_key_payload(token.node, sealing)).hex(),
+    )
     with HubClient(token.hub_url) as client:
         response = client.enrol(request)
     write_private(paths.home / CREDENTIAL, response.credential.encode(), what="hub credential")
@@ -108,6 +122,10 @@ def hub_client(paths: NodePaths) -> HubClient:
         )
     credential = (paths.home / CREDENTIAL).read_text().strip()
     return HubClient(paths.config.hub_url, token=credential)
+
+
+def node_vault(paths: NodePaths) -> SecureVault:
+    return SecureVault(paths.sealing_key, paths.secure_dir)
 
 
 def open_audit(paths: NodePaths) -> AuditLog:

@@ -10,22 +10,30 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aipipe.audit.log import AuditLog
 from aipipe.errors import StudyError, StudyNotApprovedError
 from aipipe.models import ModelError, arrays_to_model, build_model
+from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
-from aipipe.node.training import evaluate, train_local
+from aipipe.node.training import TrainResult, evaluate, train_local
+from aipipe.node.vault import SecureVault
 from aipipe.privacy.accountant import calibrate_noise, sample_rate
 from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError
 from aipipe.privacy.ledger import BudgetLedger
+from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import StudySpec
 from aipipe.wire import EvalReport, FeatureStats, UpdateHeader, WorkItem, pack_frame
 from aipipe.wire.tensors import decode_arrays, encode_arrays
+
+
+def _quiet(message: str) -> None:
+    """The default progress log: none (the daemon passes its own)."""
 
 
 @dataclass
@@ -36,6 +44,8 @@ class NodeWorker:
     identity: Identity
     audit: AuditLog
     allow_non_private: bool = False
+    vault: SecureVault | None = None
+    log: Callable[[str], None] = _quiet
     _features: dict[str, FeatureMatrix] = field(default_factory=dict)
 
     def handle(self, item: WorkItem) -> str:
@@ -50,9 +60,24 @@ class NodeWorker:
         if item.kind == "evaluate":
             return self._evaluate(spec, item.version)
         assert item.round is not None
+        if item.kind in ("keygen", "decrypt"):
+            step = (
+                secure_rounds.ckks_keygen if item.kind == "keygen" else secure_rounds.ckks_decrypt
+            )
+            try:
+                return step(self, spec, item)
+            except SecureAggregationError as exc:
+                self.audit.append(
+                    f"secure.{item.kind}",
+                    actor=self.name,
+                    resource=f"study/{spec.name}",
+                    outcome="refused",
+                    details={"round": item.round, "reason": str(exc)},
+                )
+                return f"round {item.round}: refused to {item.kind}: {exc}"
         try:
             return self._train(spec, item)
-        except (StudyError, PrivacyError, ModelError) as exc:
+        except (StudyError, PrivacyError, ModelError, SecureAggregationError) as exc:
             # The node cannot take part (data does not fit the study, no budget set, ...):
             # say so to the hub rather than leave the round waiting for its deadline.
             self.client.decline(spec.name, item.round, str(exc), exclude=False)
@@ -97,76 +122,23 @@ class NodeWorker:
 
     def _train(self, spec: StudySpec, item: WorkItem) -> str:
         assert item.round is not None and item.version is not None and item.study_digest
-        if spec.secure != "none":
-            raise StudyError(f"this node cannot send secure: {spec.secure} updates yet")
         matrix = self.features(spec)
-        sigma = None
-        if spec.privacy.mode == "dp":
-            ledger = BudgetLedger(self.store.db)
-            q = sample_rate(spec.training.batch_size, len(matrix.y_train))
-            budget, _ = ledger.budget(spec.name)
-            total_steps = spec.training.rounds * spec.training.local_steps
-            sigma = calibrate_noise(
-                budget, spec.privacy.delta, q, total_steps, spec.privacy.accountant
-            )
-            try:
-                entry = ledger.charge(
-                    spec.name,
-                    item.round,
-                    noise_multiplier=sigma,
-                    sample_rate=q,
-                    steps=spec.training.local_steps,
-                    accountant=spec.privacy.accountant,
-                )
-            except BudgetExhaustedError as exc:
-                self.audit.append(
-                    "train",
-                    actor=self.name,
-                    resource=f"study/{spec.name}",
-                    outcome="refused",
-                    details={"round": item.round, "reason": str(exc)},
-                )
-                self.client.decline(spec.name, item.round, str(exc), exclude=True)
-                return f"round {item.round}: budget exhausted, declined"
-            epsilon: float | None = entry.epsilon
-        elif not self.allow_non_private:
-            reason = f"node {self.name} does not allow training without DP (privacy: none)"
-            self.client.decline(spec.name, item.round, reason, exclude=True)
-            return f"round {item.round}: {reason}"
-        else:
-            epsilon = None
-        global_weights = decode_arrays(self.client.model_weights(item.version))
-        model = arrays_to_model(global_weights, build_model(spec.model, len(matrix.columns)))
-        # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
-        # anyone who can recompute it can subtract the noise from the update.
-        seed = secrets.randbits(63)
-        result = train_local(
-            model,
-            matrix.x_train,
-            matrix.y_train,
-            training=spec.training,
-            privacy=spec.privacy,
-            noise_multiplier=sigma,
-            global_weights=global_weights,
-            seed=seed,
-        )
+        charged = self._charge_budget(spec, item.round, len(matrix.y_train))
+        if isinstance(charged, str):
+            return charged
+        sigma, epsilon = charged
+
+        def local_update() -> TrainResult:
+            return self._local_update(spec, item, matrix, sigma)
+
+        if spec.secure == "secagg":
+            return secure_rounds.secagg_round(self, spec, item, local_update, epsilon)
+        if spec.secure == "ckks":
+            return secure_rounds.ckks_round(self, spec, item, local_update, epsilon)
+        result = local_update()
         payload = encode_arrays(result.delta)
-        header = UpdateHeader(
-            node=self.name,
-            study=spec.name,
-            study_digest=item.study_digest,
-            round=item.round,
-            base_version=item.version,
-            num_examples=result.num_examples,
-            payload_sha256=hashlib.sha256(payload).hexdigest(),
-            epsilon_spent=epsilon,
-            delta=spec.privacy.delta if epsilon is not None else None,
-            train_loss=None,
-            update_norm=result.update_norm,
-            nonce=secrets.token_hex(16),
-        )
-        signed = header.model_copy(
-            update={"signature": self.identity.sign(header.signing_bytes()).hex()}
+        header = self.signed_header(
+            spec, item, payload, epsilon, n=result.num_examples, norm=result.update_norm
         )
         self.audit.append(
             "train",
@@ -180,12 +152,97 @@ class NodeWorker:
             },
         )
         receipt = self.client.upload(
-            spec.name, item.round, pack_frame(signed.model_dump_json().encode(), payload)
+            spec.name, item.round, pack_frame(header.model_dump_json().encode(), payload)
         )
         return (
             f"round {item.round}: sent update (n={result.num_examples}, "
             f"ε={epsilon if epsilon is None else round(epsilon, 3)}), round {receipt.round_state}"
         )
+
+    def _charge_budget(
+        self, spec: StudySpec, number: int, train_rows: int
+    ) -> tuple[float | None, float | None] | str:
+        """(σ, ε spent so far) once this round is charged; a summary string if declined."""
+        if spec.privacy.mode != "dp":
+            if self.allow_non_private:
+                return None, None
+            reason = f"node {self.name} does not allow training without DP (privacy: none)"
+            self.client.decline(spec.name, number, reason, exclude=True)
+            return f"round {number}: {reason}"
+        ledger = BudgetLedger(self.store.db)
+        q = sample_rate(spec.training.batch_size, train_rows)
+        budget, _ = ledger.budget(spec.name)
+        total_steps = spec.training.rounds * spec.training.local_steps
+        sigma = calibrate_noise(budget, spec.privacy.delta, q, total_steps, spec.privacy.accountant)
+        try:
+            entry = ledger.charge(
+                spec.name,
+                number,
+                noise_multiplier=sigma,
+                sample_rate=q,
+                steps=spec.training.local_steps,
+                accountant=spec.privacy.accountant,
+            )
+        except BudgetExhaustedError as exc:
+            self.audit.append(
+                "train",
+                actor=self.name,
+                resource=f"study/{spec.name}",
+                outcome="refused",
+                details={"round": number, "reason": str(exc)},
+            )
+            self.client.decline(spec.name, number, str(exc), exclude=True)
+            return f"round {number}: budget exhausted, declined"
+        return sigma, entry.epsilon
+
+    def _local_update(
+        self, spec: StudySpec, item: WorkItem, matrix: FeatureMatrix, sigma: float | None
+    ) -> TrainResult:
+        assert item.version is not None
+        global_weights = decode_arrays(self.client.model_weights(item.version))
+        model = arrays_to_model(global_weights, build_model(spec.model, len(matrix.columns)))
+        # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
+        # anyone who can recompute it can subtract the noise from the update.
+        return train_local(
+            model,
+            matrix.x_train,
+            matrix.y_train,
+            training=spec.training,
+            privacy=spec.privacy,
+            noise_multiplier=sigma,
+            global_weights=global_weights,
+            seed=secrets.randbits(63),
+        )
+
+    def signed_header(
+        self,
+        spec: StudySpec,
+        item: WorkItem,
+        payload: bytes,
+        epsilon: float | None,
+        *,
+        n: int | None = None,
+        norm: float | None = None,
+    ) -> UpdateHeader:
+        """The update's header bound to this round and payload, signed by this node."""
+        assert item.round is not None and item.version is not None and item.study_digest
+        header = UpdateHeader(
+            node=self.name,
+            study=spec.name,
+            study_digest=item.study_digest,
+            round=item.round,
+            base_version=item.version,
+            secure=spec.secure,
+            num_examples=n,
+            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            epsilon_spent=epsilon,
+            delta=spec.privacy.delta if epsilon is not None else None,
+            train_loss=None,
+            update_norm=norm,
+            nonce=secrets.token_hex(16),
+        )
+        signature = self.identity.sign(header.signing_bytes()).hex()
+        return header.model_copy(update={"signature": signature})
 
     def _evaluate(self, spec: StudySpec, version: str) -> str:
         matrix = self.features(spec)

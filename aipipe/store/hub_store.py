@@ -266,9 +266,12 @@ class HubStore:
         number: int,
         node: str,
         record: dict[str, Any],
-        fold: Callable[[bytes | None], bytes],
+        fold: Callable[[bytes | None], bytes | None],
     ) -> str | None:
         """Record an accepted update and fold it into the round's sum, atomically.
+
+        `fold` maps the stored sum to the new one; under SecAgg+ nothing is stored (None): the
+        masked sum is the round coordinator's, and only an unmasked sum ever reaches the store.
 
         Returns None on success, or why the update cannot be taken (checked inside the
         transaction, so two concurrent uploads cannot both pass).
@@ -293,7 +296,7 @@ class HubStore:
                 return "this update was already received once (replayed nonce)"
             new_sum = fold(current.sum_blob)
             conn.execute(
-                "UPDATE rounds SET sum_blob = ?, total_examples = total_examples + ?, "
+                "UPDATE rounds SET sum_blob = ?, total_examples = total_examples + coalesce(?, 0), "
                 "state = 'collecting' WHERE study = ? AND round = ?",
                 (new_sum, record["num_examples"], study, number),
             )

@@ -149,6 +149,28 @@ class Aggregation(_Model):
     tau: float = Field(default=1e-3, gt=0)
 
 
+class SecureOptions(_Model):
+    """How `secure: secagg | ckks` encodes and protects each node's update (DESIGN §7).
+
+    A node clips its model delta Δ to L2 norm `update_clip` and weights it by
+    r = min(n, max_examples) / max_examples ∈ (0, 1]; it sends [r, r·Δ] masked or encrypted, so
+    the hub learns Σr and Σr·Δ (hence the FedAvg mean) but not any node's n or Δ. Every
+    coordinate is then within ±max(1, update_clip), the range the fixed-point codec and the
+    CKKS parameters are sized for.
+    """
+
+    update_clip: float = Field(default=10.0, gt=0)
+    max_examples: int = Field(default=1000, gt=0)
+    # SecAgg+: None takes the protocol defaults (aipipe.secure.secagg.graph): k = n − 1 up to
+    # 10 nodes, t = ⌊2(k+1)/3⌋ + 1.
+    neighbours: int | None = Field(default=None, gt=0)
+    threshold: int | None = Field(default=None, gt=1)
+    bits: Literal[32, 64] = 32
+    # How long the hub waits at each key-exchange, masking or decryption stage for late nodes
+    # before it counts them as dropped.
+    stage_timeout_s: float = Field(default=120.0, gt=0)
+
+
 class StudySpec(_Model):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     description: str = ""
@@ -162,6 +184,7 @@ class StudySpec(_Model):
     training: Training = Training()
     privacy: Privacy = Privacy()
     secure: Literal["none", "ckks", "secagg"] = "none"
+    secure_options: SecureOptions = SecureOptions()
     aggregation: Aggregation = Aggregation()
     min_nodes: int = Field(default=2, ge=1)
     round_deadline_s: float = Field(default=600.0, gt=0)

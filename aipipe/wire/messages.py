@@ -11,7 +11,7 @@ import base64
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
 TOKEN_PREFIX = "aipipe-enrol."
@@ -53,6 +53,10 @@ class EnrolRequest(Wire):
     node: str = Field(pattern=_NAME)
     secret: str
     public_key: str = Field(pattern=_HEX64)
+    # X25519 key that secrets (a study's CKKS context) are sealed to, signed by the identity
+    # key over `aipipe.wire.secure.sealing_key_payload`.
+    sealing_key: str | None = Field(default=None, pattern=_HEX64)
+    sealing_signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
 
 
 class EnrolResponse(Wire):
@@ -97,12 +101,16 @@ class RoundInfo(Wire):
     declined: dict[str, str]
     deadline: str
     reason: str | None = None
+    # Secure rounds: "keys", "advertising", "sharing", "masking", "unmasking", "decrypting".
+    stage: str | None = None
     result_version: str | None = None
     metrics: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
 
 
 class WorkItem(Wire):
-    kind: Literal["train", "evaluate", "idle"]
+    """What the hub asks of a node. `keygen` and `decrypt` are the CKKS key holder's steps."""
+
+    kind: Literal["train", "evaluate", "idle", "keygen", "decrypt"]
     study: str | None = None
     study_digest: str | None = None
     round: int | None = None
@@ -111,7 +119,11 @@ class WorkItem(Wire):
 
 
 class UpdateHeader(Wire):
-    """The signed part of an update. `payload_sha256` binds the tensors."""
+    """The signed part of an update. `payload_sha256` binds the tensors.
+
+    Under secure aggregation the payload is a masked vector (`secagg`) or a ciphertext (`ckks`)
+    and the header leaves out the node's n and update norm: the hub learns only their sums.
+    """
 
     protocol: int = PROTOCOL_VERSION
     node: str = Field(pattern=_NAME)
@@ -119,14 +131,24 @@ class UpdateHeader(Wire):
     study_digest: str = Field(pattern=_HEX64)
     round: int = Field(ge=1)
     base_version: str = Field(pattern=_HEX64)
-    num_examples: int = Field(gt=0)
+    secure: Literal["none", "ckks", "secagg"] = "none"
+    num_examples: int | None = Field(default=None, gt=0)
     payload_sha256: str = Field(pattern=_HEX64)
     epsilon_spent: float | None = None
     delta: float | None = None
     train_loss: float | None = None
-    update_norm: float = Field(ge=0)
+    update_norm: float | None = Field(default=None, ge=0)
     nonce: str = Field(min_length=16, max_length=64)
     signature: str = ""
+
+    @model_validator(mode="after")
+    def _plain_updates_say_n_and_norm(self) -> UpdateHeader:
+        plain = self.secure == "none"
+        if plain != (self.num_examples is not None and self.update_norm is not None):
+            raise ValueError(
+                "a plaintext update states num_examples and update_norm; a secure one neither"
+            )
+        return self
 
     def signing_bytes(self) -> bytes:
         fields = self.model_dump(exclude={"signature"})

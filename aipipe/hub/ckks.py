@@ -1,0 +1,265 @@
+"""CKKS rounds at the hub: the key ceremony, the ciphertext sum, and the key holder's decryption.
+
+    keys        the designated node (first selected, by name) generates the study's context and
+                posts the public context plus the secret context sealed to every other selected
+                node's X25519 key; once per study
+    collecting  nodes post ciphertexts of [r, r·Δ]; the hub folds them with the public context,
+                which can add but neither encrypt nor decrypt
+    decrypting  a contributor fetches the sum *and* every signed contribution, rebuilds the sum,
+                checks it is the hub's and has ≥ min_nodes distinct signers, and only then
+                decrypts and posts the sum
+
+Nodes enrolled after the ceremony hold no key for the study and are not selected for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import ValidationError
+
+from aipipe.errors import ConflictError, NotFoundError, SignatureError
+from aipipe.secure.ckks import CkksContext, CkksSum, EncryptedVector
+from aipipe.secure.errors import SecureAggregationError
+from aipipe.secure.identity import verify_signature
+from aipipe.store.secure_store import CkksKeysRow
+from aipipe.wire import FrameError, UpdateHeader, WorkItem, pack_frame, unpack_frame
+from aipipe.wire.secure import (
+    CkksKeyInfo,
+    CkksKeys,
+    DecryptBundleHeader,
+    DecryptedSum,
+    SealedContextWire,
+    ckks_keys_payload,
+)
+from aipipe.wire.tensors import TensorDecodeError, decode_arrays
+
+if TYPE_CHECKING:
+    from aipipe.hub.secure import SecureRounds
+    from aipipe.store.hub_store import RoundRow
+    from aipipe.study.spec import StudySpec
+
+
+class CkksRounds:
+    def __init__(self, secure: SecureRounds) -> None:
+        self._secure = secure
+
+    def eligible(self, study: str, nodes: list[str]) -> list[str]:
+        """Key holders once the study has keys; before, nodes that can receive a sealed box."""
+        if self._secure.store.ckks_keys(study) is not None:
+            holders = self._secure.store.ckks_holders(study)
+            return [n for n in nodes if n in holders]
+        sealable = self._secure.store.sealing_keys()
+        return [n for n in nodes if n in sealable]
+
+    def open(self, spec: StudySpec, number: int) -> None:
+        has_keys = self._secure.store.ckks_keys(spec.name) is not None
+        self._enter(spec, number, "collecting" if has_keys else "keys")
+
+    def _enter(self, spec: StudySpec, number: int, stage: str) -> None:
+        deadline = self._secure.stage_deadline(spec, number)
+        if stage == "collecting":
+            row = self._secure.round_row(spec.name, number)
+            deadline = self._secure.parse(row.deadline)
+        self._secure.store.set_stage(spec.name, number, stage, self._secure.iso(deadline))
+
+    def designated(self, study: str, number: int) -> str:
+        return self._secure.selected(study, number)[0]
+
+    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> WorkItem | None:
+        stage = self._secure.stage(spec.name, row.round)
+        status = self._secure.service.store.node_status(spec.name, row.round, node)
+        kind: Literal["keygen", "train", "decrypt"] | None = None
+        if stage == "keys" and node == self.designated(spec.name, row.round):
+            kind = "keygen"
+        elif stage == "collecting" and status == "selected":
+            kind = "train"
+        elif stage == "decrypting" and status == "reported":
+            kind = "decrypt"
+        if kind is None:
+            return None
+        return WorkItem(
+            kind=kind,
+            study=spec.name,
+            study_digest=digest,
+            round=row.round,
+            version=row.base_version,
+            deadline=row.deadline,
+        )
+
+    # -- key ceremony --------------------------------------------------------------------------
+
+    def post_keys(self, spec: StudySpec, node: str, body: bytes) -> None:
+        study = spec.name
+        active = self._secure.service.store.active_round(study)
+        if active is None or self._secure.stage(study, active.round) != "keys":
+            raise ConflictError(f"study '{study}' is not waiting for CKKS keys")
+        number = active.round
+        if node != self.designated(study, number):
+            self._secure.refuse(node, study, number, "only the designated node makes the keys")
+        try:
+            keys = CkksKeys.model_validate_json(body)
+            public = CkksContext.from_bytes(keys.public_context)
+        except (ValidationError, SecureAggregationError) as exc:
+            self._secure.refuse(node, study, number, f"unusable CKKS keys: {exc}")
+        problem = self._keys_problem(spec, number, node, keys, public)
+        if problem:
+            self._secure.refuse(node, study, number, problem)
+        row = CkksKeysRow(node, keys.fingerprint, keys.public_context, keys.signature)
+        sealed = {box.recipient_id: box.model_dump_json() for box in keys.sealed}
+        self._secure.store.set_ckks_keys(study, row, sealed)
+        self._secure.audit_stage(study, number, "keys", len(sealed) + 1, [])
+        self._enter(spec, number, "collecting")
+
+    def _keys_problem(
+        self, spec: StudySpec, number: int, node: str, keys: CkksKeys, public: CkksContext
+    ) -> str | None:
+        if public.is_private:
+            return "the 'public' context carries a secret key; the hub must never hold one"
+        if public.fingerprint != keys.fingerprint or keys.generator != node:
+            return "the keys' fingerprint or generator does not match"
+        try:
+            identity = self._secure.identity_key(node)
+            payload = ckks_keys_payload(spec.name, keys.fingerprint, keys.public_context)
+            verify_signature(identity, keys.signature, payload)
+        except SignatureError:
+            return "the public context is not signed by the generating node"
+        others = set(self._secure.selected(spec.name, number)) - {node}
+        recipients = [box.recipient_id for box in keys.sealed]
+        if sorted(recipients) != sorted(others):
+            return (
+                f"sealed contexts go to {sorted(recipients)}, not to the round's {sorted(others)}"
+            )
+        if any(b.study_id != spec.name or b.fingerprint != keys.fingerprint for b in keys.sealed):
+            return "a sealed context is bound to another study or context"
+        return None
+
+    def key_info(self, study: str, node: str) -> CkksKeyInfo:
+        keys = self._secure.store.ckks_keys(study)
+        if keys is None:
+            raise NotFoundError(f"study '{study}' has no CKKS keys yet")
+        sealed = self._secure.store.ckks_sealed(study, node)
+        return CkksKeyInfo(
+            generator=keys.generator,
+            fingerprint=keys.fingerprint,
+            public_context=keys.public_context,
+            signature=keys.signature,
+            sealed=None if sealed is None else SealedContextWire.model_validate_json(sealed),
+        )
+
+    def public_context(self, study: str) -> CkksContext:
+        keys = self._secure.store.ckks_keys(study)
+        if keys is None:
+            raise ConflictError(f"study '{study}' has no CKKS keys yet")
+        return CkksContext.from_bytes(keys.public_context)
+
+    # -- ciphertexts ---------------------------------------------------------------------------
+
+    def ciphertext(self, spec: StudySpec, header: UpdateHeader, payload: bytes) -> None:
+        study, number, node = spec.name, header.round, header.node
+        if self._secure.stage(study, number) != "collecting":
+            self._secure.refuse(node, study, number, "the round is not collecting ciphertexts")
+        context = self.public_context(study)
+        size = self._secure.layout(self._secure.round_row(study, number).base_version).size
+        try:
+            vector = EncryptedVector.from_bytes(payload)
+            if vector.length != size:
+                raise SecureAggregationError(
+                    f"ciphertext holds {vector.length} values; this model takes {size}"
+                )
+            CkksSum(context).add(vector)  # refuses another context before anything is stored
+        except SecureAggregationError as exc:
+            self._secure.refuse(node, study, number, str(exc))
+        self._secure.service.store.put_blob(payload)  # addressed by sha256 = payload_sha256
+
+        def fold(previous: bytes | None) -> bytes:
+            total = CkksSum(context)
+            if previous is not None:
+                total.add(EncryptedVector.from_bytes(previous))
+            total.add(vector)
+            self._secure.store.add_update_header(study, number, node, header.model_dump_json())
+            return total.result().to_bytes()
+
+        self._secure.record_update(study, header, fold)
+        self.advance(spec, number)
+
+    def advance(self, spec: StudySpec, number: int) -> None:
+        study = spec.name
+        stage = self._secure.stage(study, number)
+        expired = self._secure.stage_expired(study, number)
+        if stage == "keys" and expired:
+            who = self.designated(study, number)
+            self._secure.fail(study, number, f"node '{who}' did not make the CKKS keys in time")
+        elif stage == "collecting":
+            nodes = self._secure.service.store.round_nodes(study, number)
+            pending = sum(1 for n in nodes if n["status"] == "selected")
+            reported = sum(1 for n in nodes if n["status"] == "reported")
+            if pending and not expired:
+                return
+            if reported < spec.min_nodes:
+                why = (
+                    f"{reported} of {len(nodes)} nodes sent ciphertexts; study '{study}' needs "
+                    f"min_nodes={spec.min_nodes}"
+                )
+                self._secure.fail(study, number, why)
+                return
+            self._secure.service.store.set_round_state(study, number, "aggregating")
+            self._secure.audit_stage(study, number, "collecting", reported, [])
+            self._enter(spec, number, "decrypting")
+        elif stage == "decrypting" and expired:
+            self._secure.fail(study, number, "no key-holding node decrypted the sum in time")
+
+    # -- decryption ----------------------------------------------------------------------------
+
+    def bundle(self, study: str, number: int, node: str) -> bytes:
+        """The sum and every signed contribution, for a contributor to check and decrypt."""
+        if self._secure.stage(study, number) != "decrypting":
+            raise ConflictError(f"round {number} of '{study}' is not waiting for decryption")
+        if self._secure.service.store.node_status(study, number, node) != "reported":
+            raise ConflictError(f"node '{node}' holds no contribution to round {number}")
+        row = self._secure.round_row(study, number)
+        assert row.sum_blob is not None
+        headers = self._secure.store.update_headers(study, number)
+        contributions = [UpdateHeader.model_validate_json(h) for h in headers.values()]
+        parts = [row.sum_blob] + [
+            self._secure.service.store.blob(h.payload_sha256) for h in contributions
+        ]
+        head = DecryptBundleHeader(contributions=contributions, sizes=[len(p) for p in parts])
+        return pack_frame(head.model_dump_json().encode(), b"".join(parts))
+
+    def decrypted(self, spec: StudySpec, number: int, node: str, body: bytes) -> None:
+        study = spec.name
+        if self._secure.stage(study, number) != "decrypting":
+            raise ConflictError(f"round {number} of '{study}' is not waiting for decryption")
+        row = self._secure.round_row(study, number)
+        assert row.sum_blob is not None
+        try:
+            head_json, payload = unpack_frame(body)
+            head = DecryptedSum.model_validate_json(head_json)
+            verify_signature(
+                self._secure.identity_key(node), bytes.fromhex(head.signature), head.signing_bytes()
+            )
+            total = decode_arrays(payload)["sum"]
+        except (
+            FrameError,
+            ValidationError,
+            SignatureError,
+            TensorDecodeError,
+            KeyError,
+            ValueError,
+        ) as exc:
+            self._secure.refuse(node, study, number, f"unusable decrypted sum: {exc}")
+        reported = sorted(self._secure.store.update_headers(study, number))
+        checks = {
+            "it names another node, study or round": (head.node, head.study, head.round)
+            == (node, study, number),
+            "it decrypts another sum": head.sum_sha256 == hashlib.sha256(row.sum_blob).hexdigest(),
+            "its contributors differ": sorted(head.contributors) == reported,
+            "its payload does not match": head.payload_sha256
+            == hashlib.sha256(payload).hexdigest(),
+        }
+        failed = [why for why, ok in checks.items() if not ok]
+        if failed:
+            self._secure.refuse(node, study, number, f"decrypted sum refused: {failed[0]}")
+        self._secure.finish(spec, number, total.astype("float64").ravel(), reported)

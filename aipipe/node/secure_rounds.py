@@ -1,0 +1,404 @@
+"""A node's side of secure rounds: SecAgg+ stages, the CKKS key ceremony, and decryption.
+
+Order keeps the promises of DESIGN §7: the round's ε is charged before anything is sent (the
+worker does it); under SecAgg+ the node exchanges keys first and trains only after its shares
+are out, so a node that fails while training is a dropout the protocol recovers from; every
+message the node sends is bound to the round and signed or authenticated; and a node checks
+what the hub announces (round config, unmask requests, CKKS sums) against its own approved
+study before it reveals anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from aipipe.errors import ConflictError, SignatureError
+from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution, fixed_point_codec
+from aipipe.secure.errors import SecAggProtocolError, SecureAggregationError
+from aipipe.secure.identity import verify_signature
+from aipipe.secure.secagg import SecAggClient, SecAggConfig, default_threshold
+from aipipe.wire import UpdateHeader, WorkItem, pack_frame, unpack_frame
+from aipipe.wire.secure import (
+    CkksKeys,
+    DecryptBundleHeader,
+    DecryptedSum,
+    Keyring,
+    SealedContextWire,
+    SecAggAdvert,
+    SecAggForwarded,
+    SecAggNeighbourKeys,
+    SecAggRoundConfig,
+    SecAggShares,
+    SecAggUnmask,
+    SecAggUnmaskRequest,
+    ckks_keys_payload,
+    sealing_key_payload,
+)
+from aipipe.wire.tensors import decode_arrays, encode_arrays
+
+if TYPE_CHECKING:
+    from aipipe.node.training import TrainResult
+    from aipipe.node.vault import SecureVault
+    from aipipe.node.worker import NodeWorker
+    from aipipe.secure.ckks import CkksContext
+    from aipipe.study.spec import StudySpec
+
+CKKS_PRECISION = 1e-7  # absolute error per value of a decrypted sum
+
+
+def _deadline(item: WorkItem) -> float:
+    """The round's deadline on this process's monotonic clock."""
+    assert item.deadline is not None
+    end = datetime.fromisoformat(item.deadline.replace("Z", "+00:00"))
+    return time.monotonic() + max((end - datetime.now(UTC)).total_seconds(), 0.0)
+
+
+def _layout(worker: NodeWorker, item: WorkItem) -> UpdateLayout:
+    assert item.version is not None
+    return UpdateLayout.of(decode_arrays(worker.client.model_weights(item.version)))
+
+
+def _vault(worker: NodeWorker) -> SecureVault:
+    if worker.vault is None:
+        raise SecureAggregationError(f"node {worker.name} has no key vault for secure rounds")
+    return worker.vault
+
+
+def _record(
+    worker: NodeWorker, spec: StudySpec, item: WorkItem, result: TrainResult, layout: UpdateLayout
+) -> FloatArray:
+    """x = [r, r·clip(Δ)], kept in the node's own records before it is masked or encrypted."""
+    assert item.round is not None
+    options = spec.secure_options
+    x = contribution(
+        result.delta,
+        result.num_examples,
+        layout=layout,
+        update_clip=options.update_clip,
+        max_examples=options.max_examples,
+    )
+    _vault(worker).record_sent(spec.name, item.round, x)
+    worker.audit.append(
+        "train",
+        actor=worker.name,
+        resource=f"study/{spec.name}",
+        details={
+            "round": item.round,
+            "n": result.num_examples,
+            "secure": spec.secure,
+            "contribution_sha256": hashlib.sha256(x.tobytes()).hexdigest(),
+        },
+    )
+    return x
+
+
+# -- SecAgg+ -------------------------------------------------------------------------------------
+
+
+def checked_config(
+    spec: StudySpec, message: SecAggRoundConfig, me: str, number: int, size: int
+) -> SecAggConfig:
+    """The hub's round config, refused unless it is the one this node's study implies."""
+    config = SecAggConfig(
+        message.round_id,
+        tuple(message.clients),
+        message.vector_length,
+        message.neighbours,
+        message.threshold,
+        message.bits,
+    )
+    options, k = spec.secure_options, config.neighbours
+    wanted_t = options.threshold or default_threshold(k)
+    problems = [
+        why
+        for why, bad in (
+            ("it is for another round", not config.round_id.startswith(f"{spec.name}/{number}/")),
+            ("this node is not in it", me not in config.clients),
+            (
+                f"it has fewer than min_nodes={spec.min_nodes} nodes",
+                len(config.clients) < spec.min_nodes,
+            ),
+            (f"its vectors are not {size} long", config.vector_length != size),
+            (f"it uses {config.bits}-bit words", config.bits != options.bits),
+            (f"threshold t={config.threshold} is below {wanted_t}", config.threshold < wanted_t),
+            (
+                f"k={k} neighbours differs from the study's",
+                options.neighbours is not None and k != options.neighbours,
+            ),
+        )
+        if bad
+    ]
+    if problems:
+        raise SecAggProtocolError(f"refusing the hub's SecAgg+ round: {'; '.join(problems)}")
+    return config
+
+
+def secagg_round(
+    worker: NodeWorker,
+    spec: StudySpec,
+    item: WorkItem,
+    train: Callable[[], TrainResult],
+    epsilon: float | None,
+) -> str:
+    assert item.round is not None
+    client, study, number = worker.client, spec.name, item.round
+    until = _deadline(item)
+    layout = _layout(worker, item)
+    message = client.secagg_config(study, number)
+    config = checked_config(spec, message, worker.name, number, layout.size)
+    roster = {e.node: e.identity_key for e in client.keyring().nodes}
+    protocol = SecAggClient(
+        config=config, client_id=worker.name, identity=worker.identity, roster=roster
+    )
+    client.secagg_post(study, number, "advert", SecAggAdvert(advert=protocol.advertise()))
+    keys = client.secagg_wait(study, number, "neighbour-keys", SecAggNeighbourKeys, until=until)
+    client.secagg_post(study, number, "shares", SecAggShares(reply=protocol.share_keys(keys.keys)))
+    worker.log(f"round {number}: shared keys with {len(keys.keys.adverts)} neighbours")
+    forwarded = client.secagg_wait(study, number, "forwarded-shares", SecAggForwarded, until=until)
+    result = train()
+    x = _record(worker, spec, item, result, layout)
+    codec = fixed_point_codec(spec.secure_options.update_clip, len(config.clients), config.bits)
+    masked = protocol.mask(forwarded.shares, codec.encode(x))
+    header = worker.signed_header(spec, item, masked.data, epsilon)
+    client.upload(study, number, pack_frame(header.model_dump_json().encode(), masked.data))
+    worker.log(f"round {number}: sent masked update")
+    request = client.secagg_wait(study, number, "unmask-request", SecAggUnmaskRequest, until=until)
+    survivors = len(request.request.survivors)
+    if survivors < min(spec.min_nodes, config.neighbours + 1):
+        raise SecAggProtocolError(
+            f"the hub asks to unmask a sum of {survivors} inputs; study '{study}' needs "
+            f"min_nodes={spec.min_nodes}, so this node reveals nothing"
+        )
+    client.secagg_post(
+        study, number, "unmask", SecAggUnmask(reply=protocol.unmask(request.request))
+    )
+    return f"round {number}: secagg update sent and unmasked with {survivors} survivors"
+
+
+# -- CKKS ----------------------------------------------------------------------------------------
+
+
+def _checked_keyring(keyring: Keyring) -> dict[str, tuple[bytes, bytes | None]]:
+    """node → (identity key, sealing key if its identity signature verifies)."""
+    out: dict[str, tuple[bytes, bytes | None]] = {}
+    for entry in keyring.nodes:
+        sealing = entry.sealing_key
+        if sealing is not None and entry.sealing_signature is not None:
+            try:
+                verify_signature(
+                    entry.identity_key,
+                    entry.sealing_signature,
+                    sealing_key_payload(entry.node, sealing),
+                )
+            except SignatureError:
+                sealing = None
+        out[entry.node] = (entry.identity_key, sealing)
+    return out
+
+
+def ckks_keygen(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
+    """Make the study's context; seal its secret to every other selected node (via the hub)."""
+    from aipipe.secure.ckks import CkksContext, choose_ckks_params, seal_context
+
+    assert item.round is not None
+    selected = worker.client.round(spec.name, item.round).selected
+    keys = _checked_keyring(worker.client.keyring())
+    others = [n for n in selected if n != worker.name]
+    unsealable = [n for n in others if keys.get(n, (b"", None))[1] is None]
+    if unsealable:
+        raise SecureAggregationError(f"no verified sealing key for {', '.join(unsealable)}")
+    value_max = max(1.0, spec.secure_options.update_clip)
+    params = choose_ckks_params(
+        max_abs_sum=len(selected) * value_max, precision=CKKS_PRECISION, n_max=len(selected)
+    )
+    context = CkksContext.generate(params)
+    sealed = []
+    for node in others:
+        box = seal_context(
+            context,
+            study_id=spec.name,
+            recipient_id=node,
+            recipient_public_key=keys[node][1] or b"",
+            sender=worker.identity,
+        )
+        sealed.append(
+            SealedContextWire(
+                study_id=box.study_id,
+                recipient_id=box.recipient_id,
+                fingerprint=box.fingerprint,
+                sealed=box.sealed,
+                signature=box.signature,
+            )
+        )
+    public = context.public_bytes()
+    _vault(worker).save_context(spec.name, context)
+    signature = worker.identity.sign(ckks_keys_payload(spec.name, context.fingerprint, public))
+    worker.client.ckks_post_keys(
+        spec.name,
+        CkksKeys(
+            generator=worker.name,
+            fingerprint=context.fingerprint,
+            public_context=public,
+            signature=signature,
+            sealed=sealed,
+        ),
+    )
+    worker.audit.append(
+        "secure.keygen",
+        actor=worker.name,
+        resource=f"study/{spec.name}",
+        details={
+            "recipients": len(sealed),
+            "slots": params.slots,
+            "coeff_mod_bits": list(params.coeff_mod_bit_sizes),
+        },
+    )
+    return f"made the CKKS context of '{spec.name}' and sealed it to {len(sealed)} nodes"
+
+
+def study_context(worker: NodeWorker, spec: StudySpec) -> CkksContext:
+    """The study's secret context: from the vault, or opened from the box sealed to this node."""
+    from aipipe.secure.ckks import SealedContext, open_context
+
+    vault = _vault(worker)
+    context = vault.load_context(spec.name)
+    if context is not None:
+        return context
+    info = worker.client.ckks_key_info(spec.name)
+    keys = _checked_keyring(worker.client.keyring())
+    if info.sealed is None or info.generator not in keys:
+        raise SecureAggregationError(f"the hub holds no CKKS context sealed to {worker.name}")
+    generator_key = keys[info.generator][0]
+    try:
+        payload = ckks_keys_payload(spec.name, info.fingerprint, info.public_context)
+        verify_signature(generator_key, info.signature, payload)
+    except SignatureError as exc:
+        raise SecureAggregationError("the study's public context is not the generator's") from exc
+    box = info.sealed
+    context = open_context(
+        SealedContext(box.study_id, box.recipient_id, box.fingerprint, box.sealed, box.signature),
+        study_id=spec.name,
+        recipient_id=worker.name,
+        recipient_key=vault.sealing_key(),
+        sender_public_key=generator_key,
+    )
+    if context.fingerprint != info.fingerprint:
+        raise SecureAggregationError("the sealed context is not the study's public one")
+    vault.save_context(spec.name, context)
+    return context
+
+
+def ckks_round(
+    worker: NodeWorker,
+    spec: StudySpec,
+    item: WorkItem,
+    train: Callable[[], TrainResult],
+    epsilon: float | None,
+) -> str:
+    assert item.round is not None
+    context = study_context(worker, spec)
+    layout = _layout(worker, item)
+    x = _record(worker, spec, item, train(), layout)
+    payload = context.encrypt(x).to_bytes()
+    header = worker.signed_header(spec, item, payload, epsilon)
+    receipt = worker.client.upload(
+        spec.name, item.round, pack_frame(header.model_dump_json().encode(), payload)
+    )
+    return (
+        f"round {item.round}: ckks update sent ({len(payload)} bytes), round {receipt.round_state}"
+    )
+
+
+def ckks_decrypt(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
+    """Decrypt the round's sum, only if it is the sum of ≥ min_nodes distinct signed updates."""
+    from aipipe.secure.ckks import EncryptedVector, sum_encrypted
+
+    assert item.round is not None
+    context = study_context(worker, spec)
+    try:
+        bundle = worker.client.ckks_bundle(spec.name, item.round)
+    except ConflictError:  # every contributor is offered the work; another one was first
+        return f"round {item.round}: another key holder decrypted the sum"
+    head_json, payload = unpack_frame(bundle)
+    head = DecryptBundleHeader.model_validate_json(head_json)
+    parts, offset = [], 0
+    for size in head.sizes:
+        parts.append(payload[offset : offset + size])
+        offset += size
+    if offset != len(payload) or len(parts) != len(head.contributions) + 1:
+        raise SecureAggregationError("the hub's decryption bundle is malformed")
+    roster = {e.node: e.identity_key for e in worker.client.keyring().nodes}
+    signers = _checked_contributions(spec, item, head.contributions, parts[1:], roster)
+    if len(signers) < spec.min_nodes:
+        raise SecureAggregationError(
+            f"the hub's sum holds {len(signers)} signed contributions; study '{spec.name}' needs "
+            f"min_nodes={spec.min_nodes}, so this node does not decrypt it"
+        )
+    rebuilt = sum_encrypted(context, [EncryptedVector.from_bytes(c) for c in parts[1:]])
+    if rebuilt.to_bytes() != parts[0]:
+        raise SecureAggregationError("the hub's sum is not the sum of the signed contributions")
+    values = encode_arrays({"sum": context.decrypt(rebuilt)})
+    answer = DecryptedSum(
+        node=worker.name,
+        study=spec.name,
+        round=item.round,
+        sum_sha256=hashlib.sha256(parts[0]).hexdigest(),
+        contributors=signers,
+        payload_sha256=hashlib.sha256(values).hexdigest(),
+    )
+    signed = answer.model_copy(
+        update={"signature": worker.identity.sign(answer.signing_bytes()).hex()}
+    )
+    try:
+        worker.client.ckks_decrypted(
+            spec.name, item.round, pack_frame(signed.model_dump_json().encode(), values)
+        )
+    except ConflictError:
+        if worker.client.round(spec.name, item.round).state != "closed":
+            raise
+        return f"round {item.round}: another key holder decrypted the sum first"
+    worker.audit.append(
+        "secure.decrypt",
+        actor=worker.name,
+        resource=f"study/{spec.name}",
+        details={"round": item.round, "contributors": len(signers)},
+    )
+    return f"round {item.round}: decrypted the sum of {len(signers)} contributions"
+
+
+def _checked_contributions(
+    spec: StudySpec,
+    item: WorkItem,
+    headers: list[UpdateHeader],
+    ciphertexts: list[bytes],
+    roster: dict[str, bytes],
+) -> list[str]:
+    """Names of the distinct nodes whose signed headers bind these ciphertexts to this round."""
+    signers: set[str] = set()
+    for header, blob in zip(headers, ciphertexts, strict=True):
+        binding = (
+            header.study,
+            header.round,
+            header.base_version,
+            header.study_digest,
+            header.secure,
+        )
+        expected = (spec.name, item.round, item.version, item.study_digest, "ckks")
+        if binding != expected or hashlib.sha256(blob).hexdigest() != header.payload_sha256:
+            raise SecureAggregationError(f"contribution of '{header.node}' is for another round")
+        try:
+            verify_signature(
+                roster.get(header.node, b""),
+                bytes.fromhex(header.signature),
+                header.signing_bytes(),
+            )
+        except (SignatureError, ValueError) as exc:
+            raise SecureAggregationError(f"contribution of '{header.node}' is not signed") from exc
+        if header.node in signers:
+            raise SecureAggregationError(f"'{header.node}' appears twice in the hub's sum")
+        signers.add(header.node)
+    return sorted(signers)

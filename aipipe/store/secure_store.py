@@ -1,0 +1,145 @@
+"""The hub's secure-aggregation state in SQLite, beside `HubStore` on the same connection.
+
+- `sealing_keys`: each node's X25519 sealing key with the identity signature that vouches for it;
+- `ckks_keys` / `ckks_sealed`: a study's public CKKS context and the secret context sealed to
+  each node (the hub cannot open these boxes);
+- `secure_rounds`: the stage of a secure round and when the stage gives up on late nodes;
+- `seen_keys`: every SecAgg+ public key ever advertised, so a reused key is refused;
+- `secure_updates`: the signed header of each accepted ciphertext, which the CKKS key holder
+  re-checks before it decrypts a sum.
+
+Nothing here can decrypt or unmask a node's update: the hub holds public keys, sealed boxes,
+ciphertexts and the stage bookkeeping only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aipipe.store.node_store import utc_now
+from aipipe.store.sqlite import immediate
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sealing_keys (node TEXT PRIMARY KEY, sealing_key BLOB NOT NULL,
+    signature BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS ckks_keys (study TEXT PRIMARY KEY, generator TEXT NOT NULL,
+    fingerprint BLOB NOT NULL, public_context BLOB NOT NULL, signature BLOB NOT NULL,
+    created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ckks_sealed (study TEXT NOT NULL, node TEXT NOT NULL,
+    sealed TEXT NOT NULL, PRIMARY KEY (study, node));
+CREATE TABLE IF NOT EXISTS secure_rounds (study TEXT NOT NULL, round INTEGER NOT NULL,
+    stage TEXT NOT NULL, stage_deadline TEXT NOT NULL, PRIMARY KEY (study, round));
+CREATE TABLE IF NOT EXISTS seen_keys (key BLOB PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS secure_updates (study TEXT NOT NULL, round INTEGER NOT NULL,
+    node TEXT NOT NULL, header TEXT NOT NULL, PRIMARY KEY (study, round, node));
+"""
+
+
+@dataclass(frozen=True)
+class CkksKeysRow:
+    generator: str
+    fingerprint: bytes
+    public_context: bytes
+    signature: bytes
+
+
+class SecureStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        conn.executescript(_SCHEMA)
+
+    # -- sealing keys ------------------------------------------------------------------------
+
+    def set_sealing_key(self, node: str, key: bytes, signature: bytes) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO sealing_keys VALUES (?, ?, ?)", (node, key, signature)
+        )
+
+    def sealing_keys(self) -> dict[str, tuple[bytes, bytes]]:
+        rows = self.conn.execute("SELECT node, sealing_key, signature FROM sealing_keys")
+        return {str(n): (bytes(k), bytes(s)) for n, k, s in rows}
+
+    # -- CKKS key ceremony -------------------------------------------------------------------
+
+    def set_ckks_keys(self, study: str, keys: CkksKeysRow, sealed: dict[str, str]) -> None:
+        """The public context and every sealed box, stored together or not at all."""
+        with immediate(self.conn) as conn:
+            conn.execute(
+                "INSERT INTO ckks_keys VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    study,
+                    keys.generator,
+                    keys.fingerprint,
+                    keys.public_context,
+                    keys.signature,
+                    utc_now(),
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO ckks_sealed VALUES (?, ?, ?)",
+                [(study, node, box) for node, box in sealed.items()],
+            )
+
+    def ckks_keys(self, study: str) -> CkksKeysRow | None:
+        row = self.conn.execute(
+            "SELECT generator, fingerprint, public_context, signature FROM ckks_keys "
+            "WHERE study = ?",
+            (study,),
+        ).fetchone()
+        if row is None:
+            return None
+        return CkksKeysRow(str(row[0]), bytes(row[1]), bytes(row[2]), bytes(row[3]))
+
+    def ckks_sealed(self, study: str, node: str) -> str | None:
+        """The node's sealed context as stored (the `SealedContextWire` JSON)."""
+        row = self.conn.execute(
+            "SELECT sealed FROM ckks_sealed WHERE study = ? AND node = ?", (study, node)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def ckks_holders(self, study: str) -> set[str]:
+        """Nodes holding the study's secret context: the generator and every sealed recipient."""
+        keys = self.ckks_keys(study)
+        rows = self.conn.execute("SELECT node FROM ckks_sealed WHERE study = ?", (study,))
+        return {str(r[0]) for r in rows} | ({keys.generator} if keys else set())
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def set_stage(self, study: str, number: int, stage: str, deadline: str) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO secure_rounds VALUES (?, ?, ?, ?)",
+            (study, number, stage, deadline),
+        )
+
+    def stage(self, study: str, number: int) -> tuple[str, str] | None:
+        """(stage, stage deadline) of a secure round; None for a plaintext round."""
+        row = self.conn.execute(
+            "SELECT stage, stage_deadline FROM secure_rounds WHERE study = ? AND round = ?",
+            (study, number),
+        ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    # -- SecAgg+ key freshness ---------------------------------------------------------------
+
+    def add_seen_keys(self, keys: Iterable[bytes]) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO seen_keys VALUES (?)", [(k,) for k in keys])
+
+    def seen_keys(self) -> frozenset[bytes]:
+        return frozenset(bytes(r[0]) for r in self.conn.execute("SELECT key FROM seen_keys"))
+
+    # -- signed headers of secure updates ----------------------------------------------------
+
+    def add_update_header(self, study: str, number: int, node: str, header_json: str) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO secure_updates VALUES (?, ?, ?, ?)",
+            (study, number, node, header_json),
+        )
+
+    def update_headers(self, study: str, number: int) -> dict[str, str]:
+        rows = self.conn.execute(
+            "SELECT node, header FROM secure_updates WHERE study = ? AND round = ? ORDER BY node",
+            (study, number),
+        )
+        return {str(n): str(h) for n, h in rows}
