@@ -75,6 +75,7 @@ class SecAggClient:
         self._b_shares: dict[str, tuple[int, bytes]] = {}
         self._s_shares: dict[str, tuple[int, bytes]] = {}
         self._peers: frozenset[str] = frozenset()
+        self._share_keys: dict[str, bytes] = {}
 
     def _expect(self, stage: _Stage, round_id: str, recipient: str, step: str) -> None:
         if self._stage is not stage:
@@ -98,19 +99,14 @@ class SecAggClient:
         """Round 1: check the neighbours' adverts, share b_u and the s key among the holders."""
         cfg, me = self.config, self.client_id
         self._expect(_Stage.ADVERTISED, keys.round_id, keys.recipient, "share_keys")
-        own = {crypto.public_bytes(self._c_key), crypto.public_bytes(self._s_key)}
-        used: set[bytes] = set(own)
-        for advert in keys.adverts:
-            crypto.verify_advert(
-                advert, round_id=cfg.round_id, roster=self._roster, seen_public_keys=self._seen
-            )
-            if advert.client_id not in cfg.graph[me] or advert.client_id in self._adverts:
-                raise SecAggProtocolError(f"unexpected key advert from {advert.client_id!r}")
-            if {advert.c_public, advert.s_public} & used:
-                raise SecAggProtocolError(f"{advert.client_id!r} advertises a key already in use")
-            used |= {advert.c_public, advert.s_public}
-            self._adverts[advert.client_id] = advert
+        self._accept_adverts(keys)
         _need_holders(len(self._adverts) + 1, cfg.threshold, "neighbours advertised keys")
+        # c_uv is the same key from either end (labels sorted), so one X25519 agreement per
+        # neighbour seals the shares sent to it here and opens those it sends back in `mask`.
+        self._share_keys = {
+            v: crypto.share_key(self._c_key, a.c_public, cfg.round_id, me, v)
+            for v, a in self._adverts.items()
+        }
         holders = cfg.holders(me)
         self._seed = os.urandom(crypto.SEED_BYTES)
         b_shares = crypto.split_secret(self._seed, cfg.threshold, len(holders))
@@ -121,17 +117,32 @@ class SecAggClient:
         for position, holder in enumerate(holders):
             if holder == me:
                 self._own_b_share = (position + 1, b_shares[position])
-            elif holder in self._adverts:
-                key = crypto.share_key(
-                    self._c_key, self._adverts[holder].c_public, cfg.round_id, me, holder
-                )
+            elif holder in self._share_keys:
                 ad = crypto.share_ad(cfg.round_id, me, holder)
                 sealed = crypto.seal_share(
-                    key, ad, position + 1, b_shares[position], s_shares[position]
+                    self._share_keys[holder],
+                    ad,
+                    position + 1,
+                    b_shares[position],
+                    s_shares[position],
                 )
                 out.append(EncryptedShare(cfg.round_id, me, holder, sealed))
         self._stage = _Stage.SHARED
         return ShareKeysReply(cfg.round_id, me, tuple(out))
+
+    def _accept_adverts(self, keys: NeighbourKeys) -> None:
+        cfg, me = self.config, self.client_id
+        used = {crypto.public_bytes(self._c_key), crypto.public_bytes(self._s_key)}
+        for advert in keys.adverts:
+            crypto.verify_advert(
+                advert, round_id=cfg.round_id, roster=self._roster, seen_public_keys=self._seen
+            )
+            if advert.client_id not in cfg.graph[me] or advert.client_id in self._adverts:
+                raise SecAggProtocolError(f"unexpected key advert from {advert.client_id!r}")
+            if {advert.c_public, advert.s_public} & used:
+                raise SecAggProtocolError(f"{advert.client_id!r} advertises a key already in use")
+            used |= {advert.c_public, advert.s_public}
+            self._adverts[advert.client_id] = advert
 
     def mask(self, forwarded: ForwardedShares, encoded: UIntArray) -> MaskedInput:
         """Round 2: keep the shares addressed here; send y = x + PRG(b) + Σ ±PRG(s_uv)."""
@@ -148,9 +159,8 @@ class SecAggClient:
             self._keep_share(share)
         self._peers = frozenset(self._b_shares)
         _need_holders(len(self._peers) + 1, cfg.threshold, "neighbours shared keys")
-        masked = words.astype(dtype.newbyteorder("<"), copy=True)
         stream = crypto.MaskStream(cfg.vector_length, cfg.bits)
-        stream.add(masked, self._seed)
+        masked = stream.masked(words, self._seed)
         for peer in sorted(self._peers):
             key = crypto.mask_key(self._s_key, self._adverts[peer].s_public, cfg.round_id, me, peer)
             stream.add(masked, key, crypto.mask_sign(me, peer))
@@ -163,11 +173,8 @@ class SecAggClient:
             raise SecAggProtocolError(f"a share from {sender!r} is bound to another round or peer")
         if sender not in self._adverts or sender in self._b_shares:
             raise SecAggProtocolError(f"unexpected or repeated share from {sender!r}")
-        key = crypto.share_key(
-            self._c_key, self._adverts[sender].c_public, cfg.round_id, sender, self.client_id
-        )
         ad = crypto.share_ad(cfg.round_id, sender, self.client_id)
-        index, b_share, s_share = crypto.open_share(key, ad, share.ciphertext)
+        index, b_share, s_share = crypto.open_share(self._share_keys[sender], ad, share.ciphertext)
         if index != cfg.holders(sender).index(self.client_id) + 1:
             raise SecAggProtocolError(f"share from {sender!r} carries x = {index}, not ours")
         self._b_shares[sender] = (index, b_share)
@@ -202,7 +209,7 @@ class SecAggClient:
             tuple(RevealedShare(o, *self._s_shares[o]) for o in sorted(dropped)),
         )
         self._stage = _Stage.DONE
-        self._seed, self._b_shares, self._s_shares = b"", {}, {}
+        self._seed, self._b_shares, self._s_shares, self._share_keys = b"", {}, {}, {}
         return reply
 
 

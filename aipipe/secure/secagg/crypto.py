@@ -1,17 +1,21 @@
-"""The cryptography of SecAgg+, as small pure functions over `cryptography` and pycryptodome.
+"""The cryptography of SecAgg+, as small pure functions over `cryptography` and Python ints.
 
 - Key agreement: X25519; every shared secret goes through HKDF-SHA256 with a label that names the
   purpose, the round and both parties, so one agreement never yields the same key twice.
 - PRG: AES-128-CTR keystream (zero IV; every key is used for one stream only) read as
   little-endian words; ~6–9 GB/s here, 7× NumPy's MT19937 (DESIGN §7).
-- Shares: Shamir t-of-m over GF(2^128) (pycryptodome), one polynomial per 16-byte chunk, all
-  chunks of one holder at the same x-coordinate; sent under AES-256-GCM keyed from the c-key
-  agreement, with (round, sender, receiver) as associated data.
+- Shares: Shamir (1979) t-of-m over the prime field F_p, p = 2^521 − 1: a whole secret (16-byte
+  mask seed or 32-byte s key) is one field element, so one polynomial per secret and one
+  `SHARE_BYTES`-byte share per holder, share i at x = i + 1; sent under AES-256-GCM keyed from
+  the c-key agreement, with (round, sender, receiver) as associated data.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import secrets
 import struct
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -19,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -37,10 +40,21 @@ UIntArray = npt.NDArray[np.unsignedinteger[Any]]
 KEYS_LABEL = b"aipipe/secagg/keys/v1"
 _MASK_LABEL = b"aipipe/secagg/mask/v1"
 _SHARE_LABEL = b"aipipe/secagg/share/v1"
-_CHUNK = 16
 _NONCE = 12
 SEED_BYTES = 16
-SHARE_PLAINTEXT = struct.calcsize(">H") + SEED_BYTES + 32
+KEY_BYTES = 32  # a raw X25519 private key
+
+# The Shamir field F_p. p = 2^521 − 1 is a Mersenne prime (the field of NIST P-521): its
+# primality is textbook, so there is no generated constant to trust. Why not a prime just above
+# 2^256, which would give 33-byte shares instead of 66: the headroom. A share set with a random
+# error interpolates to an unrelated element, which fits a 32-byte key with probability
+# 2^256/p ≈ 2^-265 (a 16-byte seed: 2^-393), so `combine_secret`'s length check refuses such
+# corruption almost surely; just above 2^256 it would almost never fire. It does not stop a
+# chosen offset (seed + 1 fits); for s keys the server also compares the rebuilt key with the
+# advertised public key. Speed is no reason to go smaller (see `_lagrange_weights`).
+PRIME = 2**521 - 1
+SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 66: one field element, big-endian
+SHARE_PLAINTEXT = struct.calcsize(">H") + 2 * SHARE_BYTES
 
 
 def public_bytes(key: X25519PrivateKey) -> bytes:
@@ -92,6 +106,13 @@ class MaskStream:
         encryptor.update_into(self._zeros, self._out)
         return np.frombuffer(self._out, dtype=self._dtype, count=self._length)
 
+    def masked(self, words: UIntArray, key: bytes) -> UIntArray:
+        """words + PRG(key) as a new little-endian array: the input is copied while masked,
+        instead of copied first and then read and written again by `add`."""
+        out = np.empty(self._length, dtype=self._dtype)
+        np.add(words, self.words(key), out=out)
+        return out
+
     def add(self, acc: UIntArray, key: bytes, sign: int = 1) -> None:
         stream = self.words(key)
         if sign > 0:
@@ -132,39 +153,97 @@ def open_share(key: bytes, ad: bytes, ciphertext: bytes) -> tuple[int, bytes, by
             f"a key share holds {len(plaintext)} bytes, not {SHARE_PLAINTEXT}"
         )
     (index,) = struct.unpack(">H", plaintext[:2])
-    return index, plaintext[2 : 2 + SEED_BYTES], plaintext[2 + SEED_BYTES :]
+    return index, plaintext[2 : 2 + SHARE_BYTES], plaintext[2 + SHARE_BYTES :]
 
 
 def split_secret(secret: bytes, threshold: int, count: int) -> list[bytes]:
-    """Shamir t-of-`count` shares of `secret` (a multiple of 16 bytes); share i has x = i + 1."""
-    if not secret or len(secret) % _CHUNK:
-        raise ValueError(f"secret of {len(secret)} bytes is not a positive multiple of {_CHUNK}")
-    per_chunk = [
-        Shamir.split(threshold, count, secret[i : i + _CHUNK])
-        for i in range(0, len(secret), _CHUNK)
-    ]
-    return [b"".join(chunk[j][1] for chunk in per_chunk) for j in range(count)]
+    """Shamir t-of-`count` shares of `secret` (1 to 65 bytes); share i is f(i + 1), f(0) = secret.
+
+    f has t − 1 coefficients drawn uniformly from F_p, so any t − 1 shares are uniform and
+    independent of the secret (Shamir 1979); `secrets` because they are key material.
+    """
+    if not 0 < len(secret) < SHARE_BYTES:
+        raise ValueError(f"secret of {len(secret)} bytes; Shamir over F_p takes 1 to 65 bytes")
+    if not 0 < threshold <= count < 2**16:
+        raise ValueError(f"cannot split {threshold}-of-{count}; need 1 ≤ t ≤ count < 65536")
+    coefficients = [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    coefficients.append(int.from_bytes(secret, "big"))  # highest degree first, f(0) last
+    shares: list[bytes] = []
+    for x in range(1, count + 1):
+        y = 0
+        for c in coefficients:  # Horner
+            y = (y * x + c) % PRIME
+        shares.append(y.to_bytes(SHARE_BYTES, "big"))
+    return shares
 
 
-def combine_secret(shares: Sequence[tuple[int, bytes]], threshold: int, what: str) -> bytes:
-    """The secret from ≥ t shares (x, data); fewer is a failed round, not a wrong answer.
+def combine_secret(
+    shares: Sequence[tuple[int, bytes]], threshold: int, what: str, *, size: int
+) -> bytes:
+    """The `size`-byte secret from ≥ t shares (x, data); fewer fail the round, never mislead.
 
-    Below t, Lagrange interpolation still returns 16 bytes per chunk, but they are independent of
-    the secret (Shamir 1979), so the count is checked here instead of trusting the result.
+    Below t, Lagrange interpolation still returns a field element, but it is independent of the
+    secret (Shamir 1979), so the count is checked here instead of trusting the result. The first
+    t distinct shares by x are used; a value that does not fit in `size` bytes means a corrupt
+    share and is refused (see `PRIME`).
     """
     distinct = dict(shares)
     if len(distinct) < threshold:
         raise SecAggRoundFailedError(
             f"{what}: {len(distinct)} shares but {threshold} are needed; too many clients dropped"
         )
-    chosen = sorted(distinct.items())[:threshold]
-    size = len(chosen[0][1])
-    if size == 0 or size % _CHUNK or any(len(data) != size for _, data in chosen):
-        raise SecAggProtocolError(f"{what}: shares of unequal or invalid length")
-    return b"".join(
-        Shamir.combine([(x, data[i : i + _CHUNK]) for x, data in chosen])
-        for i in range(0, size, _CHUNK)
-    )
+    points = [(x, _share_value(x, data, what)) for x, data in sorted(distinct.items())]
+    value = _interpolate_at_zero(points[:threshold])
+    if value >> (8 * size):
+        raise SecAggRoundFailedError(
+            f"{what}: the shares rebuild a {value.bit_length()}-bit value, not a {size}-byte "
+            "secret; a holder revealed a corrupt share, so the round cannot be finished"
+        )
+    return value.to_bytes(size, "big")
+
+
+def _share_value(x: int, data: bytes, what: str) -> int:
+    """The field element of one share; `SecAggProtocolError` if it cannot be one."""
+    if len(data) != SHARE_BYTES:
+        raise SecAggProtocolError(
+            f"{what}: a share of {len(data)} bytes, not {SHARE_BYTES}; shares of unequal or "
+            "invalid length"
+        )
+    y = int.from_bytes(data, "big")
+    if not 0 < x < 2**16 or y >= PRIME:
+        raise SecAggProtocolError(f"{what}: share at x = {x} is not a point of F_p (malformed)")
+    return y
+
+
+def _interpolate_at_zero(points: Sequence[tuple[int, int]]) -> int:
+    """f(0) by Lagrange: Σ y_i · Π_{j≠i} x_j / (x_j − x_i) mod p."""
+    weights, inverse = _lagrange_weights(tuple(x for x, _ in points))
+    acc = sum(w * y for w, (_, y) in zip(weights, points, strict=True))
+    return acc * inverse % PRIME
+
+
+@functools.lru_cache(maxsize=256)
+def _lagrange_weights(xs: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """Integers w_i and L⁻¹ mod p with f(0) = L⁻¹ · Σ w_i · y_i, for distinct small x.
+
+    Each basis value Π_{j≠i} x_j / (x_j − x_i) is a fraction of small integers; over
+    L = lcm(denominators) the sum needs one modular inverse (of the small L) instead of one per
+    point. Cached (a pure function of the x) because a server rebuilds every survivor's seed from
+    the same x = 1..t when the first t holders answered: O(t) per secret instead of O(t²).
+    """
+    nums: list[int] = []
+    dens: list[int] = []
+    for i, xi in enumerate(xs):
+        num = den = 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num *= xj
+                den *= xj - xi
+        nums.append(num)
+        dens.append(den)
+    common = math.lcm(*dens)
+    weights = tuple(num * (common // den) for num, den in zip(nums, dens, strict=True))
+    return weights, pow(common, -1, PRIME)
 
 
 def verify_advert(

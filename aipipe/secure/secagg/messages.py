@@ -89,7 +89,7 @@ class UnmaskRequest:
 
 @dataclass(frozen=True, slots=True)
 class RevealedShare:
-    """A Shamir share of `owner`'s secret: x-coordinate `index`, 16 bytes per 16-byte chunk."""
+    """A Shamir share of `owner`'s secret: x-coordinate `index`, one F_p element (66 bytes)."""
 
     owner: str
     index: int

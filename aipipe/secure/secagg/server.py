@@ -210,8 +210,8 @@ class SecAggServer:
         holder, request = reply.client_id, self._requests.get(reply.client_id)
         if request is None or holder in self._answered:
             raise SecAggProtocolError(f"unexpected or repeated unmask reply from {holder!r}")
-        self._check_revealed(holder, reply.b_shares, request.survivors, 16, "b-share")
-        self._check_revealed(holder, reply.s_shares, request.dropped, 32, "s-key share")
+        self._check_revealed(holder, reply.b_shares, request.survivors, "b-share")
+        self._check_revealed(holder, reply.s_shares, request.dropped, "s-key share")
         for share in reply.b_shares:
             self._b.setdefault(share.owner, {})[share.index] = share.data
         for share in reply.s_shares:
@@ -223,14 +223,13 @@ class SecAggServer:
         holder: str,
         shares: tuple[RevealedShare, ...],
         owners: tuple[str, ...],
-        size: int,
         what: str,
     ) -> None:
         if sorted(s.owner for s in shares) != sorted(owners):
             raise SecAggProtocolError(f"{holder!r} revealed {what}s for other clients than asked")
         for share in shares:
             x = self.config.holders(share.owner).index(holder) + 1
-            if share.index != x or len(share.data) != size:
+            if share.index != x or len(share.data) != crypto.SHARE_BYTES:
                 raise SecAggProtocolError(
                     f"{holder!r} revealed a malformed {what} of {share.owner!r}"
                 )
@@ -242,7 +241,10 @@ class SecAggServer:
         stream = crypto.MaskStream(cfg.vector_length, cfg.bits)
         for u in sorted(self._u3):
             seed = crypto.combine_secret(
-                list(self._b.get(u, {}).items()), cfg.threshold, f"mask seed of {u!r}"
+                list(self._b.get(u, {}).items()),
+                cfg.threshold,
+                f"mask seed of {u!r}",
+                size=crypto.SEED_BYTES,
             )
             stream.add(total, seed, -1)
         dropped = self._u2 - self._u3
@@ -257,7 +259,10 @@ class SecAggServer:
 
     def _recover_s_key(self, u: str) -> X25519PrivateKey:
         raw = crypto.combine_secret(
-            list(self._s.get(u, {}).items()), self.config.threshold, f"s key of {u!r}"
+            list(self._s.get(u, {}).items()),
+            self.config.threshold,
+            f"s key of {u!r}",
+            size=crypto.KEY_BYTES,
         )
         key = X25519PrivateKey.from_private_bytes(raw)
         if crypto.public_bytes(key) != self._adverts[u].s_public:
