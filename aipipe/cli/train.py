@@ -107,7 +107,9 @@ def _wait_metrics(hub_client: HubClient, info: RoundInfo, timeout_s: float = 60.
 
 
 def _progress_table(info: RoundInfo) -> Table:
-    table = Table(title=f"{info.study} round {info.round}: {info.state}", title_justify="left")
+    stage = f" ({info.stage})" if info.stage else ""
+    title = f"{info.study} round {info.round}: {info.state}{stage}"
+    table = Table(title=title, title_justify="left")
     table.add_column("node")
     table.add_column("status")
     for node in info.selected:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
+from aipipe.aggregation import aggregator_for
 from aipipe.errors import ConflictError, SignatureError, StudyError, UpdateRejectedError
 from aipipe.hub.ckks import CkksRounds
 from aipipe.hub.secagg import STAGES, SecAggRounds
@@ -120,6 +121,13 @@ class SecureRounds:
         """Refuse at publish what a secure round could not honour."""
         if spec.secure == "none":
             return
+        aggregator = aggregator_for(spec.aggregation, spec.training.proximal_mu)
+        if aggregator.requires_individual_updates:
+            raise StudyError(
+                f"aggregation '{aggregator.name}' needs every update on its own, which secure: "
+                f"{spec.secure} hides from the hub; use fedavg, fedprox, fedadam or fedyogi, or "
+                "publish with secure: none"
+            )
         if spec.min_nodes < 3:
             raise StudyError(
                 f"study '{spec.name}' asks for secure: {spec.secure} with min_nodes="

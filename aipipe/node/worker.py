@@ -97,7 +97,10 @@ class NodeWorker:
     def features(self, spec: StudySpec) -> FeatureMatrix:
         if spec.name not in self._features:
             self._features[spec.name] = matrix = extract(self.store, spec)
-            self._report_stats(spec, matrix)
+            if spec.secure == "none":
+                # Under secure aggregation the hub must not learn a site's n or statistics: no
+                # pooled preprocessing for hub-side CDS then; score with `node serve-cds`.
+                self._report_stats(spec, matrix)
             self.audit.append(
                 "features.extract",
                 actor=self.name,
