@@ -117,10 +117,12 @@ def test_parameters_above_the_he_standard_bound_are_refused() -> None:
 
 
 def test_parameters_are_chosen_from_range_and_precision() -> None:
-    assert choose_ckks_params(max_abs_sum=100.0, precision=1e-6, n_max=50).coeff_mod_bit_sizes == (
-        60,
-        60,
-    )
+    small = choose_ckks_params(max_abs_sum=100.0, precision=1e-6, n_max=50)
+    assert (small.poly_modulus_degree, small.coeff_mod_bit_sizes) == (4096, (60, 49))
+    context = CkksContext.generate(small)
+    x = np.linspace(-2, 2, 3000)  # two ciphertexts of 2048 slots
+    total = sum_encrypted(context, [context.encrypt(x) for _ in range(50)])
+    assert np.max(np.abs(context.decrypt(total) - 50 * x)) <= 1e-6
     wide = choose_ckks_params(max_abs_sum=1e9, precision=1e-6, n_max=50)
     assert wide.coeff_mod_bit_sizes == (60, 40, 60)
     assert wide.log2_max_abs >= 30 and wide.error_bound(50) <= 1e-6

@@ -1,8 +1,8 @@
 """CKKS rounds at the hub: the key ceremony, the ciphertext sum, and the key holder's decryption.
 
-    keys        the designated node (first selected, by name) generates the study's context and
-                posts the public context plus the secret context sealed to every other selected
-                node's X25519 key; once per study
+    keys        the designated node (by name, rotating with the round number) generates the
+                study's context and posts the public context plus the secret context sealed to
+                every other selected node's X25519 key; once per study
     collecting  nodes post ciphertexts of [r, r·Δ]; the hub folds them with the public context,
                 which can add but neither encrypt nor decrypt
     decrypting  a contributor fetches the sum *and* every signed contribution, rebuilds the sum,
@@ -65,7 +65,10 @@ class CkksRounds:
         self._secure.store.set_stage(spec.name, number, stage, self._secure.iso(deadline))
 
     def designated(self, study: str, number: int) -> str:
-        return self._secure.selected(study, number)[0]
+        """The node asked to make the keys: rotates with the round number, so a study whose
+        designated node is down gets another one at its next round."""
+        selected = self._secure.selected(study, number)
+        return selected[(number - 1) % len(selected)]
 
     def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> WorkItem | None:
         stage = self._secure.stage(spec.name, row.round)
