@@ -309,7 +309,7 @@ def _secure_routes(app: FastAPI) -> None:
 
     @app.get(prefix + "/secagg/config")
     async def secagg_config(study: str, number: int, service: Svc, node: Node) -> SecAggRoundConfig:
-        return service.secure.secagg.config(study, number, node.name)
+        return service.secure.secagg.config(service.spec(study), number, node.name)
 
     @app.post(prefix + "/secagg/{step}")
     async def secagg_post(
@@ -340,7 +340,7 @@ def _secure_routes(app: FastAPI) -> None:
         """The node's message for `step` once the stage before it closed; 204 until then."""
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            message = service.secure.secagg.poll(study, number, node.name, step)
+            message = service.secure.secagg.poll(service.spec(study), number, node.name, step)
             left = deadline - asyncio.get_running_loop().time()
             if message is not None:
                 return Response(message.model_dump_json(), media_type="application/json")

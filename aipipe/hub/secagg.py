@@ -4,11 +4,13 @@ One `SecAggServer` (aipipe.secure.secagg) per round routes the protocol; this mo
 stages with deadlines. A stage closes once every node still in the round has answered, or at
 its deadline (`secure_options.stage_timeout_s`), and the nodes that did not answer count as
 dropped — the protocol's own recovery (Shamir shares of the dropped nodes' mask keys) removes
-their masks. The hub stores no masked input and no share in clear: the masked sum lives in the
-server object, and only the unmasked *sum* of at least `min_nodes` inputs is ever decoded.
+their masks. Only the unmasked *sum* of at least `min_nodes` inputs is ever decoded.
 
-The masked sum and the nodes' per-round keys live in memory, on both sides; a hub restarted
-mid-round therefore fails the round with a reason (a node restarted mid-round is a dropout).
+Every message the server accepted, and every stage it closed, is appended to the round's log in
+`SecureStore` in the transaction that accepts it. The server is a deterministic function of
+that log, so a hub restarted mid-round rebuilds it by replaying the log and the round goes on
+(nodes retry while the hub is away). The log holds what the hub already sees: signed public
+keys, shares encrypted node to node, masked inputs, and the shares revealed for unmasking.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ _POSTS: dict[str, tuple[str, type[BaseModel]]] = {
     "unmask": ("unmasking", SecAggUnmask),
 }
 _POLLS = {"neighbour-keys": "sharing", "forwarded-shares": "masking", "unmask-request": "unmasking"}
+_CLOSE = "close"
 
 
 @dataclass
@@ -76,44 +79,91 @@ def round_config(
     )
 
 
+def _apply(state: SecAggRound, kind: str, node: str, body: bytes) -> None:
+    """Feed one logged message (or stage close) to the round: the same code live and replayed."""
+    server = state.server
+    if kind == _CLOSE:
+        _close(state)
+        return
+    if kind == "advert":
+        server.receive_advertisement(SecAggAdvert.model_validate_json(body).advert)
+    elif kind == "shares":
+        server.receive_shares(SecAggShares.model_validate_json(body).reply)
+    elif kind == "masked":
+        server.receive_masked_input(MaskedInput(server.config.round_id, node, body))
+    else:
+        server.receive_unmask(SecAggUnmask.model_validate_json(body).reply)
+    state.answered.add(node)
+
+
+def _close(state: SecAggRound) -> None:
+    """End the current stage: the next stage's members and what each of them fetches."""
+    server = state.server
+    outbox: dict[str, BaseModel]
+    if state.stage == "advertising":
+        members = server.close_advertising()
+        outbox = {c: SecAggNeighbourKeys(keys=server.neighbour_keys(c)) for c in members}
+    elif state.stage == "sharing":
+        members = server.close_sharing()
+        outbox = {c: SecAggForwarded(shares=server.forwarded_shares(c)) for c in members}
+    else:
+        members = server.close_masking()
+        outbox = {c: SecAggUnmaskRequest(request=server.unmask_request(c)) for c in members}
+    state.stage = STAGES[STAGES.index(state.stage) + 1]
+    state.members, state.answered, state.outbox = frozenset(members), set(), outbox
+
+
 class SecAggRounds:
     def __init__(self, secure: SecureRounds) -> None:
         self._secure = secure
         self._rounds: dict[tuple[str, int], SecAggRound] = {}
 
-    def open(self, spec: StudySpec, number: int, base: str, selected: list[str]) -> None:
-        service = self._secure.service
-        size = self._secure.layout(base).size
-        config = round_config(spec, number, base, selected, size)
-        roster = {r["name"]: bytes.fromhex(r["public_key"]) for r in service.store.nodes()}
-        server = SecAggServer(
-            config=config, roster=roster, seen_public_keys=self._secure.store.seen_keys()
+    def _new(self, spec: StudySpec, number: int, *, replay: bool) -> SecAggRound:
+        secure = self._secure
+        row = secure.round_row(spec.name, number)
+        selected = secure.selected(spec.name, number)
+        config = round_config(
+            spec, number, row.base_version, selected, secure.layout(row.base_version).size
         )
-        self._rounds[(spec.name, number)] = SecAggRound(
-            server,
-            fixed_point_codec(spec.secure_options.update_clip, len(config.clients), config.bits),
-            "",
-            self._secure.now(),
-            frozenset(selected),
-        )
-        self._enter(spec, number, "advertising", frozenset(selected))
+        roster = {r["name"]: bytes.fromhex(r["public_key"]) for r in secure.service.store.nodes()}
+        seen = secure.store.seen_keys(exclude_round=config.round_id if replay else None)
+        server = SecAggServer(config=config, roster=roster, seen_public_keys=seen)
+        codec = fixed_point_codec(spec.secure_options.update_clip, len(selected), config.bits)
+        return SecAggRound(server, codec, "advertising", secure.now(), frozenset(selected))
 
-    def _enter(self, spec: StudySpec, number: int, stage: str, members: frozenset[str]) -> None:
-        state = self._rounds[(spec.name, number)]
-        state.stage, state.members, state.answered = stage, members, set()
+    def open(self, spec: StudySpec, number: int) -> None:
+        state = self._rounds[(spec.name, number)] = self._new(spec, number, replay=False)
         state.deadline = self._secure.stage_deadline(spec, number)
-        self._secure.store.set_stage(spec.name, number, stage, self._secure.iso(state.deadline))
+        self._secure.store.set_stage(
+            spec.name, number, state.stage, self._secure.iso(state.deadline)
+        )
 
-    def _get(self, study: str, number: int) -> SecAggRound:
-        state = self._rounds.get((study, number))
-        if state is None:
-            raise ConflictError(f"round {number} of '{study}' has no SecAgg+ round in progress")
+    def _get(self, spec: StudySpec, number: int) -> SecAggRound:
+        """The round in memory, or rebuilt from its log after a hub restart."""
+        state = self._rounds.get((spec.name, number))
+        if state is not None:
+            return state
+        found = self._secure.store.stage(spec.name, number)
+        if found is None or found[0] not in STAGES:
+            raise ConflictError(f"round {number} of '{spec.name}' has no SecAgg+ round in progress")
+        state = self._new(spec, number, replay=True)
+        try:
+            for kind, node, body in self._secure.store.secagg_log(spec.name, number):
+                _apply(state, kind, node, body)
+        except (SecureAggregationError, ValidationError) as exc:
+            why = f"the SecAgg+ round could not be rebuilt from its log: {exc}"
+            self._secure.fail(spec.name, number, why)
+            raise ConflictError(why) from exc
+        state.deadline = self._secure.parse(found[1])
+        self._rounds[(spec.name, number)] = state
         return state
 
-    def config(self, study: str, number: int, node: str) -> SecAggRoundConfig:
-        cfg = self._get(study, number).server.config
+    def config(self, spec: StudySpec, number: int, node: str) -> SecAggRoundConfig:
+        cfg = self._get(spec, number).server.config
         if node not in cfg.clients:
-            raise ConflictError(f"node '{node}' was not selected for round {number} of '{study}'")
+            raise ConflictError(
+                f"node '{node}' was not selected for round {number} of '{spec.name}'"
+            )
         return SecAggRoundConfig(
             round_id=cfg.round_id,
             clients=list(cfg.clients),
@@ -123,9 +173,12 @@ class SecAggRounds:
             bits=32 if cfg.bits == 32 else 64,
         )
 
-    def wants_advert(self, study: str, number: int, node: str) -> bool:
-        state = self._rounds.get((study, number))
-        return state is not None and state.stage == "advertising" and node not in state.answered
+    def wants_advert(self, spec: StudySpec, number: int, node: str) -> bool:
+        try:
+            state = self._get(spec, number)
+        except ConflictError:
+            return False
+        return state.stage == "advertising" and node not in state.answered
 
     # -- node → hub ----------------------------------------------------------------------------
 
@@ -133,7 +186,7 @@ class SecAggRounds:
         if step not in _POSTS:
             raise NotFoundError(f"no SecAgg+ step '{step}'; nodes post {', '.join(_POSTS)}")
         stage, model = _POSTS[step]
-        state = self._get(spec.name, number)
+        state = self._get(spec, number)
         self._check_member(state, node, stage, step)
         try:
             message = model.model_validate_json(body)
@@ -142,16 +195,13 @@ class SecAggRounds:
         inner = getattr(message, "advert", None) or getattr(message, "reply", None)
         if getattr(inner, "client_id", None) != node:
             self._secure.refuse(node, spec.name, number, f"{step} names another sender")
+        kind = "advert" if stage == "advertising" else step
         try:
-            if isinstance(message, SecAggAdvert):
-                state.server.receive_advertisement(message.advert)
-            elif isinstance(message, SecAggShares):
-                state.server.receive_shares(message.reply)
-            elif isinstance(message, SecAggUnmask):
-                state.server.receive_unmask(message.reply)
+            with self._secure.service.store.transaction():
+                self._secure.store.log_secagg(spec.name, number, kind, node, body)
+                _apply(state, kind, node, body)
         except SecureAggregationError as exc:
             self._secure.refuse(node, spec.name, number, f"{step}: {exc}")
-        state.answered.add(node)
         self.advance(spec, number)
 
     def _check_member(self, state: SecAggRound, node: str, stage: str, step: str) -> None:
@@ -163,34 +213,31 @@ class SecAggRounds:
             raise ConflictError(f"node '{node}' already answered the {stage} stage")
 
     def masked_input(self, spec: StudySpec, header: UpdateHeader, payload: bytes) -> None:
-        """Fold a signed masked input, recording it in the same store transaction."""
+        """Fold a signed masked input, logging and recording it in one store transaction."""
         number, node = header.round, header.node
-        state = self._get(spec.name, number)
+        state = self._get(spec, number)
         self._check_member(state, node, "masking", "masked input")
-        round_id = state.server.config.round_id
 
         def fold(previous: bytes | None) -> None:
-            state.server.receive_masked_input(MaskedInput(round_id, node, payload))
+            self._secure.store.log_secagg(spec.name, number, "masked", node, payload)
+            _apply(state, "masked", node, payload)
 
         try:
             self._secure.record_update(spec.name, header, fold)
         except SecureAggregationError as exc:
             self._secure.refuse(node, spec.name, number, str(exc))
-        state.answered.add(node)
         self.advance(spec, number)
 
     # -- hub → node ----------------------------------------------------------------------------
 
-    def poll(self, study: str, number: int, node: str, step: str) -> BaseModel | None:
+    def poll(self, spec: StudySpec, number: int, node: str, step: str) -> BaseModel | None:
         """What `node` fetches at `step`, or None while the stage before is still open."""
         if step not in _POLLS:
             raise NotFoundError(f"no SecAgg+ step '{step}'; nodes fetch {', '.join(_POLLS)}")
-        row = self._secure.service.store.round(study, number)
-        if row is not None and row.state == "failed":
-            raise ConflictError(f"round {number} of '{study}' failed: {row.reason}")
-        state = self._rounds.get((study, number))
-        if state is None:
-            raise ConflictError(f"round {number} of '{study}' has no SecAgg+ round in progress")
+        row = self._secure.round_row(spec.name, number)
+        if row.state == "failed":
+            raise ConflictError(f"round {number} of '{spec.name}' failed: {row.reason}")
+        state = self._get(spec, number)
         wanted = _POLLS[step]
         if STAGES.index(state.stage) < STAGES.index(wanted):
             return None
@@ -202,53 +249,46 @@ class SecAggRounds:
 
     def advance(self, spec: StudySpec, number: int) -> None:
         """Close the current stage if everyone answered or its deadline passed."""
-        state = self._rounds.get((spec.name, number))
-        if state is None:
-            return
-        declined = self._secure.declined(spec.name, number)
-        waiting = state.members - state.answered - declined
-        if waiting and self._secure.now() < state.deadline:
-            return
-        server = state.server
+        secure = self._secure
         try:
-            if state.stage == "advertising":
-                members = server.close_advertising()
-                self._secure.store.add_seen_keys(server.used_public_keys)
-                state.outbox = {
-                    c: SecAggNeighbourKeys(keys=server.neighbour_keys(c)) for c in members
-                }
-                self._closed(spec, number, state, "sharing", members)
-            elif state.stage == "sharing":
-                members = server.close_sharing()
-                state.outbox = {
-                    c: SecAggForwarded(shares=server.forwarded_shares(c)) for c in members
-                }
-                self._closed(spec, number, state, "masking", members)
-            elif state.stage == "masking":
-                members = server.close_masking()
-                self._secure.need_min_nodes(spec, len(members), "masked inputs")
-                state.outbox = {
-                    c: SecAggUnmaskRequest(request=server.unmask_request(c)) for c in members
-                }
-                self._closed(spec, number, state, "unmasking", members)
-            else:
-                result = server.finish()
-                self._rounds.pop((spec.name, number))
-                total = state.codec.decode_sum(result.total, len(result.contributors))
-                self._secure.finish(spec, number, total, list(result.contributors))
+            state = self._get(spec, number)
+        except ConflictError:
+            return  # no round in progress (closed, failed, or a log that did not replay)
+        try:
+            declined = secure.declined(spec.name, number)
+            if state.members - state.answered - declined and secure.now() < state.deadline:
+                return
+            if state.stage == "unmasking":
+                self._finish(spec, number, state)
+                return
+            before = state.members
+            with secure.service.store.transaction():
+                secure.store.log_secagg(spec.name, number, _CLOSE, "hub", b"")
+                _close(state)
+            if state.stage == "sharing":
+                secure.store.add_seen_keys(
+                    state.server.used_public_keys, state.server.config.round_id
+                )
+            if state.stage == "unmasking":
+                secure.need_min_nodes(spec, len(state.members), "masked inputs")
+            dropped = sorted(before - state.members)
+            secure.audit_stage(
+                spec.name,
+                number,
+                STAGES[STAGES.index(state.stage) - 1],
+                len(state.members),
+                dropped,
+            )
+            state.deadline = secure.stage_deadline(spec, number)
+            secure.store.set_stage(spec.name, number, state.stage, secure.iso(state.deadline))
         except SecAggRoundFailedError as exc:
-            self._rounds.pop((spec.name, number), None)
             self._secure.fail(spec.name, number, str(exc))
 
-    def _closed(
-        self, spec: StudySpec, number: int, state: SecAggRound, stage: str, members: tuple[str, ...]
-    ) -> None:
-        dropped = sorted(state.members - set(members))
-        self._secure.audit_stage(spec.name, number, state.stage, len(members), dropped)
-        self._enter(spec, number, stage, frozenset(members))
+    def _finish(self, spec: StudySpec, number: int, state: SecAggRound) -> None:
+        result = state.server.finish()
+        self._rounds.pop((spec.name, number))
+        total = state.codec.decode_sum(result.total, len(result.contributors))
+        self._secure.finish(spec, number, total, list(result.contributors))
 
     def forget(self, study: str, number: int) -> None:
         self._rounds.pop((study, number), None)
-
-    def running(self, study: str, number: int) -> bool:
-        return (study, number) in self._rounds

@@ -18,7 +18,7 @@ import numpy as np
 from aipipe.aggregation import aggregator_for
 from aipipe.errors import ConflictError, SignatureError, StudyError, UpdateRejectedError
 from aipipe.hub.ckks import CkksRounds
-from aipipe.hub.secagg import STAGES, SecAggRounds
+from aipipe.hub.secagg import SecAggRounds
 from aipipe.hub.updates import verified_header
 from aipipe.secure.encoding import FloatArray, UpdateLayout, mean_from_sum
 from aipipe.secure.errors import SecAggRoundFailedError, SecureAggregationError
@@ -138,10 +138,10 @@ class SecureRounds:
     def eligible(self, spec: StudySpec, nodes: list[str]) -> list[str]:
         return self.ckks.eligible(spec.name, nodes) if spec.secure == "ckks" else nodes
 
-    def open(self, spec: StudySpec, number: int, base: str, selected: list[str]) -> None:
+    def open(self, spec: StudySpec, number: int) -> None:
         try:
             if spec.secure == "secagg":
-                self.secagg.open(spec, number, base, selected)
+                self.secagg.open(spec, number)
             else:
                 self.ckks.open(spec, number)
         except SecureAggregationError as exc:
@@ -150,7 +150,7 @@ class SecureRounds:
     def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> WorkItem | None:
         if spec.secure == "ckks":
             return self.ckks.work(spec, row, node, digest)
-        if self.secagg.wants_advert(spec.name, row.round, node):
+        if self.secagg.wants_advert(spec, row.round, node):
             return WorkItem(
                 kind="train",
                 study=spec.name,
@@ -179,14 +179,8 @@ class SecureRounds:
             return
         if spec.secure == "ckks":
             self.ckks.advance(spec, number)
-        elif self.secagg.running(spec.name, number):
+        else:
             self.secagg.advance(spec, number)
-        elif self.stage(spec.name, number) in STAGES:
-            why = (
-                "the hub restarted during this SecAgg+ round; its masked sum and the nodes' "
-                "round keys lived in memory. Open a new round"
-            )
-            self.fail(spec.name, number, why)
 
     # -- outcomes ------------------------------------------------------------------------------
 

@@ -191,7 +191,7 @@ class HubService:
         deadline = _now() + timedelta(seconds=deadline_s or spec.round_deadline_s)
         number = self.store.open_round(study, base, _iso(deadline), selected)
         if spec.secure != "none":
-            self.secure.open(spec, number, base, selected)
+            self.secure.open(spec, number)
         self.audit.append(
             "admin",
             actor="admin",

@@ -5,6 +5,8 @@
   each node (the hub cannot open these boxes);
 - `secure_rounds`: the stage of a secure round and when the stage gives up on late nodes;
 - `seen_keys`: every SecAgg+ public key ever advertised, so a reused key is refused;
+- `secagg_log`: what a SecAgg+ round's server accepted, in order, to rebuild it after a restart
+  (signed public keys, node-to-node encrypted shares, masked inputs, revealed shares);
 - `secure_updates`: the signed header of each accepted ciphertext, which the CKKS key holder
   re-checks before it decrypts a sum.
 
@@ -31,7 +33,10 @@ CREATE TABLE IF NOT EXISTS ckks_sealed (study TEXT NOT NULL, node TEXT NOT NULL,
     sealed TEXT NOT NULL, PRIMARY KEY (study, node));
 CREATE TABLE IF NOT EXISTS secure_rounds (study TEXT NOT NULL, round INTEGER NOT NULL,
     stage TEXT NOT NULL, stage_deadline TEXT NOT NULL, PRIMARY KEY (study, round));
-CREATE TABLE IF NOT EXISTS seen_keys (key BLOB PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS seen_keys (key BLOB PRIMARY KEY, round_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS secagg_log (study TEXT NOT NULL, round INTEGER NOT NULL,
+    kind TEXT NOT NULL, node TEXT NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS secagg_log_round ON secagg_log (study, round);
 CREATE TABLE IF NOT EXISTS secure_updates (study TEXT NOT NULL, round INTEGER NOT NULL,
     node TEXT NOT NULL, header TEXT NOT NULL, PRIMARY KEY (study, round, node));
 """
@@ -123,11 +128,28 @@ class SecureStore:
 
     # -- SecAgg+ key freshness ---------------------------------------------------------------
 
-    def add_seen_keys(self, keys: Iterable[bytes]) -> None:
-        self.conn.executemany("INSERT OR IGNORE INTO seen_keys VALUES (?)", [(k,) for k in keys])
+    def add_seen_keys(self, keys: Iterable[bytes], round_id: str) -> None:
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO seen_keys VALUES (?, ?)", [(k, round_id) for k in keys]
+        )
 
-    def seen_keys(self) -> frozenset[bytes]:
-        return frozenset(bytes(r[0]) for r in self.conn.execute("SELECT key FROM seen_keys"))
+    def seen_keys(self, exclude_round: str | None = None) -> frozenset[bytes]:
+        """Keys advertised in earlier rounds (all but `exclude_round`'s, when rebuilding it)."""
+        rows = self.conn.execute("SELECT key FROM seen_keys WHERE round_id IS NOT ?",
+                                 (exclude_round,))  # fmt: skip
+        return frozenset(bytes(r[0]) for r in rows)
+
+    def log_secagg(self, study: str, number: int, kind: str, node: str, body: bytes) -> None:
+        self.conn.execute(
+            "INSERT INTO secagg_log VALUES (?, ?, ?, ?, ?)", (study, number, kind, node, body)
+        )
+
+    def secagg_log(self, study: str, number: int) -> list[tuple[str, str, bytes]]:
+        rows = self.conn.execute(
+            "SELECT kind, node, body FROM secagg_log WHERE study = ? AND round = ? ORDER BY rowid",
+            (study, number),
+        )
+        return [(str(k), str(n), bytes(b)) for k, n, b in rows]
 
     # -- signed headers of secure updates ----------------------------------------------------
 
