@@ -7,6 +7,7 @@ that would exceed the budget is declined and the node asks to be excluded from t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aipipe.audit.log import AuditLog
-from aipipe.errors import StudyError, StudyNotApprovedError
+from aipipe.errors import ConflictError, StudyError, StudyNotApprovedError
 from aipipe.models import ModelError, arrays_to_model, build_model
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
@@ -67,21 +68,27 @@ class NodeWorker:
             try:
                 return step(self, spec, item)
             except SecureAggregationError as exc:
-                self.audit.append(
-                    f"secure.{item.kind}",
-                    actor=self.name,
-                    resource=f"study/{spec.name}",
-                    outcome="refused",
-                    details={"round": item.round, "reason": str(exc)},
-                )
+                self._audit_refusal(f"secure.{item.kind}", spec, item.round, exc)
                 return f"round {item.round}: refused to {item.kind}: {exc}"
         try:
             return self._train(spec, item)
         except (StudyError, PrivacyError, ModelError, SecureAggregationError) as exc:
-            # The node cannot take part (data does not fit the study, no budget set, ...):
-            # say so to the hub rather than leave the round waiting for its deadline.
-            self.client.decline(spec.name, item.round, str(exc), exclude=False)
+            # The node cannot take part (data does not fit the study, no budget set, a secure
+            # round it refuses to go on with, ...): say so to the hub rather than leave the round
+            # waiting for its deadline. Past its masked input a node has nothing to decline.
+            self._audit_refusal("train", spec, item.round, exc)
+            with contextlib.suppress(ConflictError):
+                self.client.decline(spec.name, item.round, str(exc), exclude=False)
             return f"round {item.round}: declined: {exc}"
+
+    def _audit_refusal(self, action: str, spec: StudySpec, number: int, exc: Exception) -> None:
+        self.audit.append(
+            action,
+            actor=self.name,
+            resource=f"study/{spec.name}",
+            outcome="refused",
+            details={"round": number, "reason": str(exc)},
+        )
 
     def approved_spec(self, study: str, digest: str | None) -> StudySpec:
         approval = self.store.approval(study)
