@@ -1,154 +1,50 @@
-"""The hub's HTTP API in-process: FastAPI's TestClient over a hub home made by `init_hub`.
+"""The hub's HTTP API in-process (`tests/hub_support.py`): enrolment, studies, plaintext rounds.
 
-The client runs the app's lifespan (store, audit log, deadline ticker). Nodes are built here
-with `Identity.generate()` and enrol with tokens from `aipipe.hub.enrolment.issue_token`;
-updates are framed and signed like `aipipe/node/worker.py` does (`tests/e2e_support.py`).
+Updates are framed and signed like `aipipe/node/worker.py` does (`tests/e2e_support.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 
 from aipipe.audit.log import AuditLog
 from aipipe.hub.app import create_app
-from aipipe.hub.enrolment import issue_token
-from aipipe.hub.home import HubPaths, init_hub
+from aipipe.hub.home import init_hub
 from aipipe.secure.identity import Identity
 from aipipe.study.spec import load_study
-from aipipe.wire import EnrolRequest, EnrolToken
 from aipipe.wire.frames import MEDIA_TYPE
-from aipipe.wire.tensors import decode_arrays
 from tests.e2e_support import frame, signed_update, wait_until
+from tests.hub_support import Arrays, Hub, Node, Round
 
-Arrays = dict[str, npt.NDArray[Any]]
-
-STUDY: dict[str, Any] = {
-    "name": "hub-test",
-    "cohort": {"label": {"conditions": ["snomed|53741008"]}},
-    "features": [
-        {"name": "age", "codes": ["loinc|30525-0"]},
-        {"name": "chol", "codes": ["loinc|2093-3"]},
-    ],
-    "min_nodes": 2,
-}
 V1_ROUTES = {
     "/v1/enrol",
     "/v1/nodes",
+    "/v1/keyring",
     "/v1/studies",
     "/v1/studies/{study}",
     "/v1/studies/{study}/rounds",
     "/v1/studies/{study}/rounds/{number}",
     "/v1/studies/{study}/rounds/{number}/updates",
     "/v1/studies/{study}/rounds/{number}/decline",
+    "/v1/studies/{study}/rounds/{number}/secagg/config",
+    "/v1/studies/{study}/rounds/{number}/secagg/{step}",
+    "/v1/studies/{study}/ckks/keys",
+    "/v1/studies/{study}/rounds/{number}/ckks/sum",
+    "/v1/studies/{study}/rounds/{number}/ckks/decrypted",
     "/v1/work",
     "/v1/models",
     "/v1/models/{version}",
     "/v1/models/{version}/weights",
     "/v1/models/{version}/metrics",
 }
-
-
-@dataclass(frozen=True)
-class Node:
-    name: str
-    identity: Identity
-    credential: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.credential}"}
-
-
-@dataclass(frozen=True)
-class Round:
-    study: str
-    digest: str
-    number: int
-    base_version: str
-    base: Arrays
-
-
-@dataclass
-class Hub:
-    client: TestClient
-    paths: HubPaths
-    admin_token: str
-
-    @property
-    def admin(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.admin_token}"}
-
-    def issue_token(self, node: str) -> EnrolToken:
-        """A one-time token, issued the way `aipipe hub enrol-token` issues it."""
-        store = self.paths.open_store()
-        audit = AuditLog.open(self.paths.audit_log, Identity.load(self.paths.identity_key))
-        try:
-            return EnrolToken.decode(issue_token(store, audit, node, "http://testserver"))
-        finally:
-            audit.close()
-            store.close()
-
-    def enrol_request(self, token: EnrolToken, identity: Identity) -> Response:
-        body = EnrolRequest(node=token.node, secret=token.secret, public_key=identity.public_hex)
-        response: Response = self.client.post("/v1/enrol", json=body.model_dump())
-        return response
-
-    def enrol(self, name: str) -> Node:
-        identity = Identity.generate()
-        response = self.enrol_request(self.issue_token(name), identity)
-        assert response.status_code == 200, response.text
-        return Node(name, identity, response.json()["credential"])
-
-    def publish(self, spec: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = self.client.post("/v1/studies", json={"spec": spec or STUDY}, headers=self.admin)
-        assert response.status_code == 200, response.text
-        study: dict[str, Any] = response.json()
-        return study
-
-    def post_round(self, study: str = "hub-test", deadline_s: float | None = None) -> Response:
-        response: Response = self.client.post(
-            f"/v1/studies/{study}/rounds", json={"deadline_s": deadline_s}, headers=self.admin
-        )
-        return response
-
-    def open_round(self, study: dict[str, Any], deadline_s: float | None = None) -> Round:
-        response = self.post_round(study["name"], deadline_s)
-        assert response.status_code == 200, response.text
-        info = response.json()
-        base = self.weights(info["base_version"])
-        return Round(study["name"], study["digest"], info["round"], info["base_version"], base)
-
-    def weights(self, version: str) -> Arrays:
-        response = self.client.get(f"/v1/models/{version}/weights", headers=self.admin)
-        assert response.status_code == 200, response.text
-        return decode_arrays(response.content)
-
-    def round(self, at: Round) -> dict[str, Any]:
-        info: dict[str, Any] = self.client.get(
-            f"/v1/studies/{at.study}/rounds/{at.number}", headers=self.admin
-        ).json()
-        return info
-
-    def upload(
-        self, node: Node, at: Round, body: bytes, content_type: str = MEDIA_TYPE
-    ) -> Response:
-        response: Response = self.client.post(
-            f"/v1/studies/{at.study}/rounds/{at.number}/updates",
-            content=body,
-            headers={**node.headers, "Content-Type": content_type},
-        )
-        return response
 
 
 def update(

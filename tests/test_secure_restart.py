@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from aipipe.wire.secure import (
     SecAggUnmaskRequest,
 )
 from tests.e2e_support import frame, sign
-from tests.test_hub_app import STUDY, Hub, Node, Round
+from tests.hub_support import STUDY, Hub, Node, Round
 
 NAMES = ("alpha", "beta", "gamma")
 CLIP = 10.0
@@ -145,3 +146,24 @@ def test_a_secagg_round_survives_a_hub_restart_after_each_stage(tmp_path: Path, 
     assert info["reported"] == list(NAMES)
     for key, value in expected.items():
         np.testing.assert_allclose(got[key], value, atol=1e-5)
+
+
+def test_a_round_whose_log_does_not_replay_fails_and_the_hub_still_starts(tmp_path: Path) -> None:
+    paths, token = init_hub(tmp_path / "hub", "test-hub")
+    with TestClient(create_app(paths)) as client:
+        hub = Hub(client, paths, token)
+        nodes = [hub.enrol(name) for name in NAMES]
+        at = hub.open_round(hub.publish({**STUDY, "secure": "secagg", "min_nodes": 3}))
+        roster = {n.name: n.identity.public_bytes for n in nodes}
+        party = Party(hub, nodes[0], at, roster)
+        party.post(hub, "advert", SecAggAdvert(advert=party.protocol.advertise()))
+    conn = sqlite3.connect(paths.store)
+    with conn:
+        conn.execute("UPDATE secagg_log SET body = ?", (b"{not json",))
+    conn.close()
+
+    with TestClient(create_app(paths)) as client:
+        info = Hub(client, paths, token).round(at)
+
+    assert info["state"] == "failed"
+    assert "could not be rebuilt from its log" in info["reason"]

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from aipipe.errors import ConflictError, NotFoundError
 from aipipe.secure.encoding import fixed_point_codec
-from aipipe.secure.errors import SecAggRoundFailedError, SecureAggregationError
+from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.fixedpoint import FixedPointCodec
 from aipipe.secure.secagg import MaskedInput, SecAggConfig, SecAggServer
 from aipipe.wire import UpdateHeader
@@ -187,7 +187,7 @@ class SecAggRounds:
             raise NotFoundError(f"no SecAgg+ step '{step}'; nodes post {', '.join(_POSTS)}")
         stage, model = _POSTS[step]
         state = self._get(spec, number)
-        self._check_member(state, node, stage, step)
+        self._check_member(spec, number, state, node, stage, step)
         try:
             message = model.model_validate_json(body)
         except ValidationError as exc:
@@ -204,19 +204,25 @@ class SecAggRounds:
             self._secure.refuse(node, spec.name, number, f"{step}: {exc}")
         self.advance(spec, number)
 
-    def _check_member(self, state: SecAggRound, node: str, stage: str, step: str) -> None:
+    def _check_member(
+        self, spec: StudySpec, number: int, state: SecAggRound, node: str, stage: str, step: str
+    ) -> None:
+        """Refuse, and audit, a message out of stage, from a dropped node, or repeated."""
+        reason = None
         if state.stage != stage:
-            raise ConflictError(f"{step} is refused: the round is {state.stage}, not {stage}")
-        if node not in state.members:
-            raise ConflictError(f"node '{node}' is not in the {stage} stage (counted as dropped)")
-        if node in state.answered:
-            raise ConflictError(f"node '{node}' already answered the {stage} stage")
+            reason = f"{step} is refused: the round is {state.stage}, not {stage}"
+        elif node not in state.members:
+            reason = f"{step} is refused: node '{node}' was counted as dropped before {stage}"
+        elif node in state.answered:
+            reason = f"{step} is refused: node '{node}' already answered the {stage} stage"
+        if reason is not None:
+            self._secure.refuse(node, spec.name, number, reason)
 
     def masked_input(self, spec: StudySpec, header: UpdateHeader, payload: bytes) -> None:
         """Fold a signed masked input, logging and recording it in one store transaction."""
         number, node = header.round, header.node
         state = self._get(spec, number)
-        self._check_member(state, node, "masking", "masked input")
+        self._check_member(spec, number, state, node, "masking", "masked input")
 
         def fold(previous: bytes | None) -> None:
             self._secure.store.log_secagg(spec.name, number, "masked", node, payload)
@@ -281,12 +287,12 @@ class SecAggRounds:
             )
             state.deadline = secure.stage_deadline(spec, number)
             secure.store.set_stage(spec.name, number, state.stage, secure.iso(state.deadline))
-        except SecAggRoundFailedError as exc:
+        except SecureAggregationError as exc:  # too few left, or a malformed input in the sum
             self._secure.fail(spec.name, number, str(exc))
 
     def _finish(self, spec: StudySpec, number: int, state: SecAggRound) -> None:
-        result = state.server.finish()
         self._rounds.pop((spec.name, number))
+        result = state.server.finish()
         total = state.codec.decode_sum(result.total, len(result.contributors))
         self._secure.finish(spec, number, total, list(result.contributors))
 

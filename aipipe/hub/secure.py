@@ -20,7 +20,7 @@ from aipipe.errors import ConflictError, SignatureError, StudyError, UpdateRejec
 from aipipe.hub.ckks import CkksRounds
 from aipipe.hub.secagg import SecAggRounds
 from aipipe.hub.updates import verified_header
-from aipipe.secure.encoding import FloatArray, UpdateLayout, mean_from_sum
+from aipipe.secure.encoding import FloatArray, UpdateLayout, check_sum, mean_from_sum
 from aipipe.secure.errors import SecAggRoundFailedError, SecureAggregationError
 from aipipe.secure.identity import verify_signature
 from aipipe.store.hub_store import RoundRow
@@ -32,6 +32,10 @@ from aipipe.wire.tensors import decode_arrays
 if TYPE_CHECKING:
     from aipipe.hub.service import HubService
     from aipipe.study.spec import StudySpec
+
+# Decoding error allowed on a sum's range check: CKKS errs by ~1e-8 here, fixed point by
+# n/(2·scale) < 1e-6 at 32 bits; 1e-3 is far above both and far below a malformed input.
+SUM_TOLERANCE = 1e-3
 
 
 class SecureRounds:
@@ -229,7 +233,8 @@ class SecureRounds:
     def fail(self, study: str, number: int, reason: str) -> None:
         self.secagg.forget(study, number)
         self.service.store.set_round_state(study, number, "failed", reason=reason)
-        self.store.set_stage(study, number, "failed", self.iso(self.now()))
+        if self.store.stage(study, number) is not None:  # a secure round: its stage too
+            self.store.set_stage(study, number, "failed", self.iso(self.now()))
         self.service.audit.append(
             "aggregate",
             actor="hub",
@@ -245,6 +250,7 @@ class SecureRounds:
         row = self.round_row(spec.name, number)
         try:
             self.need_min_nodes(spec, len(contributors), "contributions are in the sum")
+            check_sum(total, len(contributors), spec.secure_options.update_clip, SUM_TOLERANCE)
             weighted, examples = mean_from_sum(
                 np.asarray(total, dtype=np.float64),
                 layout=self.layout(row.base_version),

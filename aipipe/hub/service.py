@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from aipipe.aggregation import AggregationError, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import (
+    AipipeError,
     AuthError,
     ConflictError,
     NotFoundError,
@@ -379,10 +380,15 @@ class HubService:
         changed state."""
         changed = False
         for row in self.store.pending_rounds():
-            if row.state == "aggregating":
-                self._aggregate(row)
-            else:
-                self._maybe_close(row.study, row.round)
+            try:
+                if row.state == "aggregating":
+                    self._aggregate(row)
+                else:
+                    self._maybe_close(row.study, row.round)
+            except AipipeError as exc:
+                # One round that cannot go on must not stop the ticker (nor a restart, which
+                # ticks first): it fails with the reason, and every other round carries on.
+                self.secure.fail(row.study, row.round, f"round could not continue: {exc}")
             after = self.store.round(row.study, row.round)
             changed |= after is not None and after.state != row.state
         return changed

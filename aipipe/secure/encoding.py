@@ -80,6 +80,25 @@ def contribution(
     return np.concatenate([[r], r * flat])
 
 
+def check_sum(total: FloatArray, count: int, update_clip: float, tolerance: float) -> None:
+    """Refuse a sum that `count` valid contributions cannot make: 0 < Σr ≤ n and every
+    |Σx_j| ≤ n · max(1, update_clip) (up to `tolerance`, the mode's decoding error).
+
+    Masking and encryption hide each input, so the hub cannot check one; a malformed input
+    (a word outside the codec's range, a ciphertext of unclipped values) shows here, in the
+    sum, and the round fails instead of publishing a model built from it.
+    """
+    weight = float(total[0]) if total.size else 0.0
+    largest = float(np.max(np.abs(total))) if total.size else 0.0
+    bound = count * value_range(update_clip) + tolerance
+    if not (np.all(np.isfinite(total)) and 0 < weight <= count + tolerance and largest <= bound):
+        raise SecureAggregationError(
+            f"the sum of {count} contributions is outside what clipped inputs can add up to "
+            f"(Σr = {weight:.6g}, max |Σx| = {largest:.6g}, bound {bound:.6g}); a node sent a "
+            "malformed input, so no model is published from it"
+        )
+
+
 def mean_from_sum(
     total: FloatArray, *, layout: UpdateLayout, max_examples: int
 ) -> tuple[dict[str, FloatArray], int]:

@@ -202,6 +202,11 @@ def combine_secret(
     return value.to_bytes(size, "big")
 
 
+def is_share(data: bytes) -> bool:
+    """Whether `data` can be a share: SHARE_BYTES big-endian bytes of an element of F_p."""
+    return len(data) == SHARE_BYTES and int.from_bytes(data, "big") < PRIME
+
+
 def _share_value(x: int, data: bytes, what: str) -> int:
     """The field element of one share; `SecAggProtocolError` if it cannot be one."""
     if len(data) != SHARE_BYTES:

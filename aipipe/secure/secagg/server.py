@@ -229,7 +229,7 @@ class SecAggServer:
             raise SecAggProtocolError(f"{holder!r} revealed {what}s for other clients than asked")
         for share in shares:
             x = self.config.holders(share.owner).index(holder) + 1
-            if share.index != x or len(share.data) != crypto.SHARE_BYTES:
+            if share.index != x or not crypto.is_share(share.data):
                 raise SecAggProtocolError(
                     f"{holder!r} revealed a malformed {what} of {share.owner!r}"
                 )
