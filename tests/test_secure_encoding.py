@@ -17,6 +17,7 @@ from aipipe.errors import StudyError
 from aipipe.hub import secure as hub_secure
 from aipipe.secure.encoding import (
     UpdateLayout,
+    check_sum,
     contribution,
     fixed_point_codec,
     mean_from_sum,
@@ -148,3 +149,25 @@ def test_a_secure_study_with_an_aggregator_that_needs_single_updates_is_refused(
 
 def test_a_secure_study_with_fedadam_is_accepted() -> None:
     hub_secure.SecureRounds.check_spec(secure_spec(aggregation={"name": "fedadam"}))
+
+
+def test_a_sum_that_valid_contributions_can_make_passes_the_range_check() -> None:
+    total = np.sum([encode(delta(i, scale=5.0), 1000) for i in range(3)], axis=0)
+
+    check_sum(total, 3, 10.0, tolerance=1e-3)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.array([3.5, 0.1, 0.1, 0.1, 0.1]),  # Σr > n: a node inflated its weight past r ≤ 1
+        np.array([0.0, 0.1, 0.1, 0.1, 0.1]),  # no weight at all
+        np.array([1.0, 0.1, 31.0, 0.1, 0.1]),  # |Σx| > n · update_clip
+        np.array([1.0, np.nan, 0.1, 0.1, 0.1]),
+    ],
+)
+def test_a_sum_no_three_clipped_contributions_can_make_is_refused(
+    bad: npt.NDArray[np.float64],
+) -> None:
+    with pytest.raises(SecureAggregationError, match="outside what clipped inputs can add up to"):
+        check_sum(bad, 3, 10.0, tolerance=1e-3)
