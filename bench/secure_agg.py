@@ -13,7 +13,8 @@ and mode:
   hub = fold the masked inputs + `SecAggServer.finish` (Shamir reconstruction, mask removal)
   + decode. Key exchange (advertise, share_keys, unmask on the nodes; routing at the hub) is
   timed and counted apart, because it can run before training ends.
-- `ckks`: TenSEAL CKKS, N = 8192, [60, 60], scale 2^40, symmetric (`aipipe.secure.ckks`).
+- `ckks`: TenSEAL CKKS with the parameters a study's key ceremony picks for that many nodes
+  (`choose_ckks_params`, precision 1e-7: N = 4096, [60, 49], scale 2^37–2^41), symmetric.
   node = encrypt + serialize; hub = deserialize + add with the public context, plus one
   decryption of the sum by a key holder. Key exchange = generating the context once and sealing
   it to every other node (per study, not per round).
@@ -44,7 +45,15 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from aipipe.secure.ckks import CkksContext, CkksSum, EncryptedVector, open_context, seal_context
+from aipipe.node.secure_rounds import CKKS_PRECISION
+from aipipe.secure.ckks import (
+    CkksContext,
+    CkksSum,
+    EncryptedVector,
+    choose_ckks_params,
+    open_context,
+    seal_context,
+)
 from aipipe.secure.fixedpoint import FixedPointCodec
 from aipipe.secure.identity import Identity
 from aipipe.secure.sealedbox import x25519_public_bytes
@@ -150,7 +159,11 @@ def ckks_setup(ids: dict[str, Identity]) -> tuple[CkksContext, CkksContext, floa
     """One node generates the context and seals it to every other node; the hub keeps the public."""
     owner = next(iter(ids))
     start = time.perf_counter()
-    secret = CkksContext.generate()
+    # The parameters a study's key ceremony picks (aipipe.node.secure_rounds.ckks_keygen).
+    params = choose_ckks_params(
+        max_abs_sum=len(ids) * CLIP, precision=CKKS_PRECISION, n_max=len(ids)
+    )
+    secret = CkksContext.generate(params)
     public = CkksContext.from_bytes(secret.public_bytes())
     sealed_bytes = 0
     for c in ids:
@@ -195,9 +208,11 @@ def measure_case(size: int, nodes: int, repeats: int, skip: set[str]) -> dict[st
     modes = [m for m in MODES if f"{size}x{nodes}x{m}" not in skip]
     runs: dict[str, list[Run]] = {m: [] for m in modes}
     ckks_keyx: tuple[float, float] = (0.0, 0.0)
+    ckks_params: dict[str, Any] = {}
     if "ckks" in modes:
         secret, public, keyx_s, keyx_bytes = ckks_setup(ids)
         ckks_keyx = (keyx_s, keyx_bytes)
+        ckks_params = dataclasses.asdict(secret.params)
     for rep in range(repeats):
         rng = np.random.default_rng(rep)
         xs = {c: rng.uniform(-CLIP, CLIP, size) for c in ids}
@@ -212,7 +227,7 @@ def measure_case(size: int, nodes: int, repeats: int, skip: set[str]) -> dict[st
                 run = run_ckks(xs, secret, public)
                 run.keyx_s, run.keyx_bytes_per_node = ckks_keyx
                 runs[mode].append(run)
-    return summarise(size, nodes, runs)
+    return {**summarise(size, nodes, runs), "ckks_params": ckks_params}
 
 
 def summarise(size: int, nodes: int, runs: dict[str, list[Run]]) -> dict[str, Any]:
