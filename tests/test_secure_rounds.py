@@ -88,7 +88,7 @@ from aipipe.wire.secure import (
     ckks_keys_payload,
 )
 from aipipe.wire.tensors import decode_arrays, encode_arrays
-from tests.e2e_support import frame, sign, signed_update
+from tests.e2e_support import frame, sign, signed_update, wait_until
 from tests.hub_support import Arrays, Hub, Node, Round, running_hub
 
 SecureMode = Literal["secagg", "ckks"]
@@ -858,9 +858,10 @@ class CkksRound:
         return hub.upload(node, self.at, frame(header, payload))
 
 
-def ckks_round_open(hub: Hub) -> tuple[Round, list[Node]]:
+def ckks_round_open(hub: Hub, stage_timeout_s: float = QUIET_STAGE_S) -> tuple[Round, list[Node]]:
     nodes = [hub.enrol(name) for name in NAMES[:3]]
-    return hub.open_round(hub.publish(secure_spec("ckks-faults", "ckks"))), nodes
+    spec = secure_spec("ckks-faults", "ckks", stage_timeout_s=stage_timeout_s)
+    return hub.open_round(hub.publish(spec)), nodes
 
 
 def post_keys(hub: Hub, at: Round, maker: Node, keys: CkksKeys) -> Response:
@@ -872,15 +873,19 @@ def post_keys(hub: Hub, at: Round, maker: Node, keys: CkksKeys) -> Response:
     return response
 
 
-@pytest.fixture
-def collecting(hub: Hub) -> CkksRound:
+def past_key_ceremony(hub: Hub, stage_timeout_s: float = QUIET_STAGE_S) -> CkksRound:
     """A CKKS round past its key ceremony: the hub collects ciphertexts."""
-    at, nodes = ckks_round_open(hub)
+    at, nodes = ckks_round_open(hub, stage_timeout_s)
     context = new_context()
     response = post_keys(hub, at, nodes[0], ckks_keys(at.study, nodes[0], context, nodes[1:]))
     assert response.status_code == 200, response.text
     assert hub.round(at)["stage"] == "collecting"
     return CkksRound(at, nodes, context)
+
+
+@pytest.fixture
+def collecting(hub: Hub) -> CkksRound:
+    return past_key_ceremony(hub)
 
 
 def test_ckks_keys_not_signed_by_the_generating_node_are_refused_and_audited(hub: Hub) -> None:
@@ -991,6 +996,50 @@ def test_a_ckks_round_decrypted_by_a_key_holder_makes_the_fedavg_model(
     got, expected = hub.weights(info["result_version"]), fedavg(at, sent)
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-5)
+
+
+def work_of(hub: Hub, node: Node, wait_s: float = 0) -> WorkItem:
+    response = hub.client.get("/v1/work", params={"wait": wait_s}, headers=node.headers)
+    return WorkItem.model_validate(response.json())
+
+
+def all_sent(hub: Hub, ckks: CkksRound) -> None:
+    for node in ckks.nodes:
+        x = contribution_of(node.name, ckks.at)
+        assert ckks.upload(hub, node, ckks.context.encrypt(x)).status_code == 200
+
+
+def test_only_the_designated_key_holder_is_asked_to_decrypt(
+    hub: Hub, collecting: CkksRound
+) -> None:
+    first, second, _ = collecting.nodes
+    all_sent(hub, collecting)
+
+    bundle = hub.client.get(f"{collecting.at.path}/ckks/sum", headers=second.headers)
+
+    assert work_of(hub, first).kind == "decrypt"
+    assert work_of(hub, second).kind == "idle"
+    assert "is decrypted by 'node-a', not 'node-b'" in refusal(bundle)
+
+
+def test_a_key_holder_that_does_not_decrypt_in_time_hands_over_to_the_next(
+    hub: Hub, tmp_path: Path
+) -> None:
+    ckks = past_key_ceremony(hub, stage_timeout_s=DROPOUT_STAGE_S)
+    first, second, _ = ckks.nodes
+    all_sent(hub, ckks)
+    assert work_of(hub, first).kind == "decrypt"  # ... and node-a never answers
+
+    handed_over = wait_until(
+        lambda: work_of(hub, second, wait_s=1).kind == "decrypt",
+        what="node-b to be asked to decrypt",
+        timeout_s=WAIT_S,
+    )
+    decrypt_as(hub, ckks, second, tmp_path / "node-b")
+
+    assert handed_over and hub.round(ckks.at)["state"] == "closed"
+    stages = [e.details for e in hub.events("round.stage") if e.details["stage"] == "decrypting"]
+    assert stages == [{"stage": "decrypting", "nodes": 3, "dropped": ["node-a"]}]
 
 
 def test_a_decrypted_sum_outside_the_range_of_clipped_contributions_fails_the_round(

@@ -5,9 +5,10 @@
                 every other selected node's X25519 key; once per study
     collecting  nodes post ciphertexts of [r, r·Δ]; the hub folds them with the public context,
                 which can add but neither encrypt nor decrypt
-    decrypting  a contributor fetches the sum *and* every signed contribution, rebuilds the sum,
-                checks it is the hub's and has ≥ min_nodes distinct signers, and only then
-                decrypts and posts the sum
+    decrypting  one contributor (rotating with the round; the next one if it does not answer
+                within the stage timeout) fetches the sum *and* every signed contribution,
+                rebuilds the sum, checks it is the hub's and has ≥ min_nodes distinct signers,
+                and only then decrypts and posts the sum
 
 Nodes enrolled after the ceremony hold no key for the study and are not selected for it.
 """
@@ -57,12 +58,13 @@ class CkksRounds:
         has_keys = self._secure.store.ckks_keys(spec.name) is not None
         self._enter(spec, number, "collecting" if has_keys else "keys")
 
-    def _enter(self, spec: StudySpec, number: int, stage: str) -> None:
+    def _enter(self, spec: StudySpec, number: int, stage: str, holder: str | None = None) -> None:
         deadline = self._secure.stage_deadline(spec, number)
         if stage == "collecting":
             row = self._secure.round_row(spec.name, number)
             deadline = self._secure.parse(row.deadline)
-        self._secure.store.set_stage(spec.name, number, stage, self._secure.iso(deadline))
+        iso = self._secure.iso(deadline)
+        self._secure.store.set_stage(spec.name, number, stage, iso, holder)
 
     def designated(self, study: str, number: int) -> str:
         """The node asked to make the keys: rotates with the round number, so a study whose
@@ -78,7 +80,7 @@ class CkksRounds:
             kind = "keygen"
         elif stage == "collecting" and status == "selected":
             kind = "train"
-        elif stage == "decrypting" and status == "reported":
+        elif stage == "decrypting" and node == self._secure.store.holder(spec.name, row.round):
             kind = "decrypt"
         if kind is None:
             return None
@@ -209,18 +211,41 @@ class CkksRounds:
                 return
             self._secure.service.store.set_round_state(study, number, "aggregating")
             self._secure.audit_stage(study, number, "collecting", reported, [])
-            self._enter(spec, number, "decrypting")
+            contributors = self._contributors(study, number)
+            first = contributors[(number - 1) % len(contributors)]
+            self._enter(spec, number, "decrypting", first)
         elif stage == "decrypting" and expired:
-            self._secure.fail(study, number, "no key-holding node decrypted the sum in time")
+            self._next_holder(spec, number)
+
+    def _contributors(self, study: str, number: int) -> list[str]:
+        return sorted(self._secure.store.update_headers(study, number))
+
+    def _next_holder(self, spec: StudySpec, number: int) -> None:
+        """The key holder asked to decrypt did not answer in time: ask the next contributor, and
+        fail the round once every contributor had its turn."""
+        contributors = self._contributors(spec.name, number)
+        late = self._secure.store.holder(spec.name, number)
+        after = contributors[(contributors.index(late) + 1) % len(contributors)] if late else None
+        if after is None or after == contributors[(number - 1) % len(contributors)]:
+            self._secure.fail(spec.name, number, "no key-holding node decrypted the sum in time")
+            return
+        self._secure.audit_stage(spec.name, number, "decrypting", len(contributors), [late or ""])
+        self._enter(spec, number, "decrypting", after)
+
+    def _check_holder(self, study: str, number: int, node: str) -> None:
+        if self._secure.stage(study, number) != "decrypting":
+            raise ConflictError(f"round {number} of '{study}' is not waiting for decryption")
+        holder = self._secure.store.holder(study, number)
+        if node != holder:
+            raise ConflictError(
+                f"round {number} of '{study}' is decrypted by '{holder}', not '{node}'"
+            )
 
     # -- decryption ----------------------------------------------------------------------------
 
     def bundle(self, study: str, number: int, node: str) -> bytes:
-        """The sum and every signed contribution, for a contributor to check and decrypt."""
-        if self._secure.stage(study, number) != "decrypting":
-            raise ConflictError(f"round {number} of '{study}' is not waiting for decryption")
-        if self._secure.service.store.node_status(study, number, node) != "reported":
-            raise ConflictError(f"node '{node}' holds no contribution to round {number}")
+        """The sum and every signed contribution, for the key holder to check and decrypt."""
+        self._check_holder(study, number, node)
         row = self._secure.round_row(study, number)
         assert row.sum_blob is not None
         headers = self._secure.store.update_headers(study, number)
@@ -233,8 +258,7 @@ class CkksRounds:
 
     def decrypted(self, spec: StudySpec, number: int, node: str, body: bytes) -> None:
         study = spec.name
-        if self._secure.stage(study, number) != "decrypting":
-            raise ConflictError(f"round {number} of '{study}' is not waiting for decryption")
+        self._check_holder(study, number, node)
         row = self._secure.round_row(study, number)
         assert row.sum_blob is not None
         try:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from aipipe.errors import ConflictError, SignatureError
+from aipipe.errors import SignatureError
 from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution, fixed_point_codec
 from aipipe.secure.errors import SecAggProtocolError, SecureAggregationError
 from aipipe.secure.identity import verify_signature
@@ -38,7 +38,7 @@ from aipipe.wire.secure import (
     ckks_keys_payload,
     sealing_key_payload,
 )
-from aipipe.wire.tensors import decode_arrays, encode_arrays
+from aipipe.wire.tensors import encode_arrays
 
 if TYPE_CHECKING:
     from aipipe.node.training import TrainResult
@@ -59,7 +59,7 @@ def _deadline(item: WorkItem) -> float:
 
 def _layout(worker: NodeWorker, item: WorkItem) -> UpdateLayout:
     assert item.version is not None
-    return UpdateLayout.of(decode_arrays(worker.client.model_weights(item.version)))
+    return UpdateLayout.of(worker.base_weights(item.version))
 
 
 def _vault(worker: NodeWorker) -> SecureVault:
@@ -319,11 +319,7 @@ def ckks_decrypt(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
 
     assert item.round is not None
     context = study_context(worker, spec)
-    try:
-        bundle = worker.client.ckks_bundle(spec.name, item.round)
-    except ConflictError:  # every contributor is offered the work; another one was first
-        return f"round {item.round}: another key holder decrypted the sum"
-    head_json, payload = unpack_frame(bundle)
+    head_json, payload = unpack_frame(worker.client.ckks_bundle(spec.name, item.round))
     head = DecryptBundleHeader.model_validate_json(head_json)
     parts, offset = [], 0
     for size in head.sizes:
@@ -353,14 +349,9 @@ def ckks_decrypt(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
     signed = answer.model_copy(
         update={"signature": worker.identity.sign(answer.signing_bytes()).hex()}
     )
-    try:
-        worker.client.ckks_decrypted(
-            spec.name, item.round, pack_frame(signed.model_dump_json().encode(), values)
-        )
-    except ConflictError:
-        if worker.client.round(spec.name, item.round).state != "closed":
-            raise
-        return f"round {item.round}: another key holder decrypted the sum first"
+    worker.client.ckks_decrypted(
+        spec.name, item.round, pack_frame(signed.model_dump_json().encode(), values)
+    )
     worker.audit.append(
         "secure.decrypt",
         actor=worker.name,

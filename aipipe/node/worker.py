@@ -30,7 +30,7 @@ from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import StudySpec
 from aipipe.wire import EvalReport, FeatureStats, UpdateHeader, WorkItem, pack_frame
-from aipipe.wire.tensors import decode_arrays, encode_arrays
+from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
 
 
 def _quiet(message: str) -> None:
@@ -48,6 +48,7 @@ class NodeWorker:
     vault: SecureVault | None = None
     log: Callable[[str], None] = _quiet
     _features: dict[str, FeatureMatrix] = field(default_factory=dict)
+    _weights: dict[str, Arrays] = field(default_factory=dict)
 
     def handle(self, item: WorkItem) -> str:
         """Do one work item; return a one-line summary for logs (counts only, no PHI)."""
@@ -89,6 +90,13 @@ class NodeWorker:
             outcome="refused",
             details={"round": number, "reason": str(exc)},
         )
+
+    def base_weights(self, version: str) -> Arrays:
+        """A model version's weights, fetched once (a secure round reads them twice)."""
+        if version not in self._weights:
+            self._weights.clear()
+            self._weights[version] = decode_arrays(self.client.model_weights(version))
+        return self._weights[version]
 
     def approved_spec(self, study: str, digest: str | None) -> StudySpec:
         approval = self.store.approval(study)
@@ -209,7 +217,7 @@ class NodeWorker:
         self, spec: StudySpec, item: WorkItem, matrix: FeatureMatrix, sigma: float | None
     ) -> TrainResult:
         assert item.version is not None
-        global_weights = decode_arrays(self.client.model_weights(item.version))
+        global_weights = self.base_weights(item.version)
         model = arrays_to_model(global_weights, build_model(spec.model, len(matrix.columns)))
         # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
         # anyone who can recompute it can subtract the noise from the update.
@@ -256,7 +264,7 @@ class NodeWorker:
 
     def _evaluate(self, spec: StudySpec, version: str) -> str:
         matrix = self.features(spec)
-        weights = decode_arrays(self.client.model_weights(version))
+        weights = self.base_weights(version)
         model = arrays_to_model(weights, build_model(spec.model, len(matrix.columns)))
         result = evaluate(model, matrix.x_test, matrix.y_test)
         self.client.report(

@@ -3,7 +3,8 @@
 - `sealing_keys`: each node's X25519 sealing key with the identity signature that vouches for it;
 - `ckks_keys` / `ckks_sealed`: a study's public CKKS context and the secret context sealed to
   each node (the hub cannot open these boxes);
-- `secure_rounds`: the stage of a secure round and when the stage gives up on late nodes;
+- `secure_rounds`: the stage of a secure round, when the stage gives up on late nodes, and the
+  node whose turn it is (the CKKS key holder asked to decrypt);
 - `seen_keys`: every SecAgg+ public key ever advertised, so a reused key is refused;
 - `secagg_log`: what a SecAgg+ round's server accepted, in order, to rebuild it after a restart
   (signed public keys, node-to-node encrypted shares, masked inputs, revealed shares);
@@ -32,7 +33,7 @@ CREATE TABLE IF NOT EXISTS ckks_keys (study TEXT PRIMARY KEY, generator TEXT NOT
 CREATE TABLE IF NOT EXISTS ckks_sealed (study TEXT NOT NULL, node TEXT NOT NULL,
     sealed TEXT NOT NULL, PRIMARY KEY (study, node));
 CREATE TABLE IF NOT EXISTS secure_rounds (study TEXT NOT NULL, round INTEGER NOT NULL,
-    stage TEXT NOT NULL, stage_deadline TEXT NOT NULL, PRIMARY KEY (study, round));
+    stage TEXT NOT NULL, stage_deadline TEXT NOT NULL, holder TEXT, PRIMARY KEY (study, round));
 CREATE TABLE IF NOT EXISTS seen_keys (key BLOB PRIMARY KEY, round_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS secagg_log (study TEXT NOT NULL, round INTEGER NOT NULL,
     kind TEXT NOT NULL, node TEXT NOT NULL, body BLOB NOT NULL);
@@ -112,11 +113,19 @@ class SecureStore:
 
     # -- stages ------------------------------------------------------------------------------
 
-    def set_stage(self, study: str, number: int, stage: str, deadline: str) -> None:
+    def set_stage(
+        self, study: str, number: int, stage: str, deadline: str, holder: str | None = None
+    ) -> None:
         self.conn.execute(
-            "INSERT OR REPLACE INTO secure_rounds VALUES (?, ?, ?, ?)",
-            (study, number, stage, deadline),
+            "INSERT OR REPLACE INTO secure_rounds VALUES (?, ?, ?, ?, ?)",
+            (study, number, stage, deadline, holder),
         )
+
+    def holder(self, study: str, number: int) -> str | None:
+        row = self.conn.execute(
+            "SELECT holder FROM secure_rounds WHERE study = ? AND round = ?", (study, number)
+        ).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
 
     def stage(self, study: str, number: int) -> tuple[str, str] | None:
         """(stage, stage deadline) of a secure round; None for a plaintext round."""
