@@ -474,7 +474,9 @@ def patched(what_ifs: list[str], process: str) -> list[str]:
 def study_yaml(work: Path, rounds: int, privacy: str) -> Path:
     spec = yaml.safe_load((DATA / "study.yaml").read_text())
     spec["name"] = STUDY
-    spec["training"].update(local_steps=1, rounds=rounds)
+    # The step both engines run (the Flower clients' `Task.fit`): one Adam step at lr 1e-3 on a
+    # batch of 4, FLamby's constants; the shipped study itself trains with SGD at lr 0.5.
+    spec["training"].update(local_steps=1, rounds=rounds, optimizer="adam", lr=1e-3, batch_size=4)
     if privacy == "none":
         spec["privacy"] = {"mode": "none"}
     spec["round_deadline_s"] = 120
