@@ -6,7 +6,8 @@ AipipeError
     ├── SecAggProtocolError       a SecAgg+ message refused: unsigned, reused key, wrong round,
     │   │                         wrong length, share that does not decrypt, out of order
     │   └── UnmaskRefusedError    the server asked to unmask one neighbour both ways
-    ├── SecAggRoundFailedError    fewer than t survivors or shares: the sum cannot be recovered
+    ├── SecAggRoundFailedError    fewer than t survivors or shares, or shares that rebuild no
+    │                             secret (corrupt): the sum cannot be recovered
     ├── CkksContextError          a ciphertext from another context, a public context asked to
     │                             decrypt, parameters below 128-bit security
     └── SealedBoxError            a sealed secret that does not open for this recipient
@@ -40,7 +41,8 @@ class UnmaskRefusedError(SecAggProtocolError):
 
 
 class SecAggRoundFailedError(SecureAggregationError):
-    """Too many clients dropped: fewer than t shares survive for some secret."""
+    """Too many clients dropped (fewer than t shares survive for some secret), or the shares
+    revealed for a secret are corrupt."""
 
 
 class CkksContextError(SecureAggregationError):
