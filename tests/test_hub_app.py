@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fastapi.testclient import TestClient
 from httpx import Response
 
@@ -22,7 +23,7 @@ from aipipe.secure.identity import Identity
 from aipipe.study.spec import load_study
 from aipipe.wire.frames import MEDIA_TYPE
 from tests.e2e_support import frame, signed_update, wait_until
-from tests.hub_support import Arrays, Hub, Node, Round
+from tests.hub_support import Arrays, Hub, Node, Round, enrol_request
 
 V1_ROUTES = {
     "/v1/enrol",
@@ -149,6 +150,31 @@ def test_an_enrolment_token_cannot_be_used_twice(hub: Hub) -> None:
     assert first.status_code == 200
     assert again.status_code == 401
     assert "invalid or already used" in again.json()["detail"]
+
+
+def test_a_sealing_key_not_signed_by_the_node_is_refused_and_the_token_stays_usable(
+    hub: Hub,
+) -> None:
+    token, identity, sealing = (
+        hub.issue_token("alpha"),
+        Identity.generate(),
+        X25519PrivateKey.generate(),
+    )
+    honest = enrol_request(token, identity, sealing)
+    forged = honest.model_copy(
+        update={
+            "sealing_signature": enrol_request(
+                token, Identity.generate(), sealing
+            ).sealing_signature
+        }
+    )
+
+    refused = hub.client.post("/v1/enrol", json=forged.model_dump())
+    accepted = hub.client.post("/v1/enrol", json=honest.model_dump())
+
+    assert refused.status_code == 401
+    assert "not signed by the node's identity key" in refused.json()["detail"]
+    assert accepted.status_code == 200
 
 
 # -- studies and rounds -----------------------------------------------------------------------

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, NoReturn
 import numpy as np
 
 from aipipe.aggregation import aggregator_for
-from aipipe.errors import ConflictError, SignatureError, StudyError, UpdateRejectedError
+from aipipe.errors import (
+    AuthError,
+    ConflictError,
+    SignatureError,
+    StudyError,
+    UpdateRejectedError,
+)
 from aipipe.hub.ckks import CkksRounds
 from aipipe.hub.secagg import SecAggRounds
 from aipipe.hub.updates import verified_header
@@ -25,7 +31,7 @@ from aipipe.secure.errors import SecAggRoundFailedError, SecureAggregationError
 from aipipe.secure.identity import verify_signature
 from aipipe.store.hub_store import RoundRow
 from aipipe.store.secure_store import SecureStore
-from aipipe.wire import UpdateHeader, WorkItem
+from aipipe.wire import EnrolRequest, UpdateHeader, WorkItem
 from aipipe.wire.secure import Keyring, KeyringEntry, sealing_key_payload
 from aipipe.wire.tensors import decode_arrays
 
@@ -96,12 +102,23 @@ class SecureRounds:
 
     # -- enrolment -----------------------------------------------------------------------------
 
-    def register_sealing_key(
-        self, node: str, identity_hex: str, key_hex: str, sig_hex: str
-    ) -> None:
-        key, signature = bytes.fromhex(key_hex), bytes.fromhex(sig_hex)
-        verify_signature(bytes.fromhex(identity_hex), signature, sealing_key_payload(node, key))
-        self.store.set_sealing_key(node, key, signature)
+    @staticmethod
+    def checked_sealing_key(request: EnrolRequest) -> tuple[bytes, bytes] | None:
+        """The (sealing key, signature) a node enrols with, if its identity key signed it."""
+        if request.sealing_key is None and request.sealing_signature is None:
+            return None
+        if request.sealing_key is None or request.sealing_signature is None:
+            raise AuthError("a sealing key must come with its identity signature")
+        key, signature = (
+            bytes.fromhex(request.sealing_key),
+            bytes.fromhex(request.sealing_signature),
+        )
+        try:
+            identity = bytes.fromhex(request.public_key)
+            verify_signature(identity, signature, sealing_key_payload(request.node, key))
+        except SignatureError as exc:
+            raise AuthError("the sealing key is not signed by the node's identity key") from exc
+        return key, signature
 
     def keyring(self) -> Keyring:
         sealing = self.store.sealing_keys()

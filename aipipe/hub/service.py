@@ -99,8 +99,7 @@ class HubService:
 
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         credential = secrets.token_urlsafe(32)
-        if (request.sealing_key is None) != (request.sealing_signature is None):
-            raise AuthError("a sealing key must come with its identity signature")
+        sealing = self.secure.checked_sealing_key(request)  # before the one-time token is spent
         if not self.store.enrol(request.node, request.secret, request.public_key, credential):
             self.audit.append(
                 "enrolment",
@@ -109,10 +108,8 @@ class HubService:
                 details={"reason": "invalid or used token"},
             )
             raise AuthError(f"enrolment token for '{request.node}' is invalid or already used")
-        if request.sealing_key is not None and request.sealing_signature is not None:
-            self.secure.register_sealing_key(
-                request.node, request.public_key, request.sealing_key, request.sealing_signature
-            )
+        if sealing is not None:
+            self.secure.store.set_sealing_key(request.node, *sealing)
         self.audit.append(
             "enrolment",
             actor=request.node,
