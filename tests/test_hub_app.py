@@ -155,19 +155,11 @@ def test_an_enrolment_token_cannot_be_used_twice(hub: Hub) -> None:
 def test_a_sealing_key_not_signed_by_the_node_is_refused_and_the_token_stays_usable(
     hub: Hub,
 ) -> None:
-    token, identity, sealing = (
-        hub.issue_token("alpha"),
-        Identity.generate(),
-        X25519PrivateKey.generate(),
-    )
+    token = hub.issue_token("alpha")
+    identity, sealing = Identity.generate(), X25519PrivateKey.generate()
     honest = enrol_request(token, identity, sealing)
-    forged = honest.model_copy(
-        update={
-            "sealing_signature": enrol_request(
-                token, Identity.generate(), sealing
-            ).sealing_signature
-        }
-    )
+    signed_by_another = enrol_request(token, Identity.generate(), sealing).sealing_signature
+    forged = honest.model_copy(update={"sealing_signature": signed_by_another})
 
     refused = hub.client.post("/v1/enrol", json=forged.model_dump())
     accepted = hub.client.post("/v1/enrol", json=honest.model_dump())
