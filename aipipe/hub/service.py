@@ -82,6 +82,7 @@ class HubService:
         self.audit = audit
         self.identity = identity
         self.secure = SecureRounds(self)
+        self._specs: dict[str, StudySpec] = {}
 
     # -- auth and enrolment ------------------------------------------------------------------
 
@@ -152,10 +153,15 @@ class HubService:
         return self.study_info(spec.name)
 
     def spec(self, name: str) -> StudySpec:
-        row = self.store.study(name)
-        if row is None:
-            raise NotFoundError(f"no study '{name}' on this hub; publish it first")
-        return StudySpec.model_validate(json.loads(row["spec"]))
+        """A published study; parsed once, since a published study never changes (every work
+        long-poll asks for it)."""
+        spec = self._specs.get(name)
+        if spec is None:
+            row = self.store.study(name)
+            if row is None:
+                raise NotFoundError(f"no study '{name}' on this hub; publish it first")
+            spec = self._specs[name] = StudySpec.model_validate(json.loads(row["spec"]))
+        return spec
 
     def study_info(self, name: str) -> StudyInfo:
         row = self.store.study(name)
