@@ -69,7 +69,12 @@ def _vault(worker: NodeWorker) -> SecureVault:
 
 
 def _record(
-    worker: NodeWorker, spec: StudySpec, item: WorkItem, result: TrainResult, layout: UpdateLayout
+    worker: NodeWorker,
+    spec: StudySpec,
+    item: WorkItem,
+    result: TrainResult,
+    layout: UpdateLayout,
+    epsilon: float | None,
 ) -> FloatArray:
     """x = [r, r·clip(Δ)], kept in the node's own records before it is masked or encrypted."""
     assert item.round is not None
@@ -89,6 +94,7 @@ def _record(
         details={
             "round": item.round,
             "n": result.num_examples,
+            "epsilon_total": epsilon,
             "secure": spec.secure,
             "contribution_sha256": hashlib.sha256(x.tobytes()).hexdigest(),
         },
@@ -160,7 +166,7 @@ def secagg_round(
     worker.log(f"round {number}: shared keys with {len(keys.keys.adverts)} neighbours")
     forwarded = client.secagg_wait(study, number, "forwarded-shares", SecAggForwarded, until=until)
     result = train()
-    x = _record(worker, spec, item, result, layout)
+    x = _record(worker, spec, item, result, layout, epsilon)
     codec = fixed_point_codec(spec.secure_options.update_clip, len(config.clients), config.bits)
     masked = protocol.mask(forwarded.shares, codec.encode(x))
     header = worker.signed_header(spec, item, masked.data, epsilon)
@@ -302,7 +308,7 @@ def ckks_round(
     assert item.round is not None
     context = study_context(worker, spec)
     layout = _layout(worker, item)
-    x = _record(worker, spec, item, train(), layout)
+    x = _record(worker, spec, item, train(), layout, epsilon)
     payload = context.encrypt(x).to_bytes()
     header = worker.signed_header(spec, item, payload, epsilon)
     receipt = worker.client.upload(

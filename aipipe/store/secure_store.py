@@ -144,8 +144,9 @@ class SecureStore:
 
     def seen_keys(self, exclude_round: str | None = None) -> frozenset[bytes]:
         """Keys advertised in earlier rounds (all but `exclude_round`'s, when rebuilding it)."""
-        rows = self.conn.execute("SELECT key FROM seen_keys WHERE round_id IS NOT ?",
-                                 (exclude_round,))  # fmt: skip
+        rows = self.conn.execute(
+            "SELECT key FROM seen_keys WHERE round_id IS NOT ?", (exclude_round,)
+        )
         return frozenset(bytes(r[0]) for r in rows)
 
     def log_secagg(self, study: str, number: int, kind: str, node: str, body: bytes) -> None:
