@@ -273,15 +273,15 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/models")
     async def models(service: Svc, _: Anyone, study: str | None = None) -> list[ModelVersionInfo]:
-        return [service.model_info(r["version"]) for r in service.store.models(study)]
+        return [service.models.info(r["version"]) for r in service.store.models(study)]
 
     @app.get("/v1/models/{version}")
     async def model(version: str, service: Svc, _: Anyone) -> ModelVersionInfo:
-        return service.model_info(version)
+        return service.models.info(version)
 
     @app.get("/v1/models/{version}/weights")
     async def weights(version: str, service: Svc, _: Anyone) -> Response:
-        return Response(service.model_weights(version), media_type="application/octet-stream")
+        return Response(service.models.weights(version), media_type="application/octet-stream")
 
     @app.post("/v1/models/{version}/metrics")
     async def metrics(

@@ -1,5 +1,5 @@
 """The hub's CDS Hooks provider: the current model version of every study that has closed a
-round, scored with the sites' pooled train preprocessing (`HubService.pooled_preprocessor`).
+round, scored with the sites' pooled train preprocessing (`pooled_preprocessor`).
 
 Scorers are built once per (study, version) and rebuilt when a new round closes.
 """
@@ -8,10 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from aipipe.cds import PatientScorer, ServiceEntry, service_entries
 from aipipe.errors import StudyError
 from aipipe.hub.service import HubService
+from aipipe.study.features import Preprocessor
 from aipipe.wire.tensors import decode_arrays
+
+
+def pooled_preprocessor(service: HubService, study: str) -> Preprocessor:
+    """The sites' train preprocessing pooled, to score patients at the hub."""
+    parts = [
+        (
+            int(s["n"]),
+            Preprocessor(
+                {int(c): float(v) for c, v in s["fills"].items()},
+                None if s["mean"] is None else np.asarray(s["mean"], np.float64),
+                None if s["std"] is None else np.asarray(s["std"], np.float64),
+            ),
+        )
+        for s in service.store.feature_stats(study, service.study_info(study).digest)
+    ]
+    return Preprocessor.pooled(parts)
 
 
 class HubCdsProvider:
@@ -29,10 +48,10 @@ class HubCdsProvider:
                 continue
             spec = self._service.spec(study)
             try:
-                preprocessor = self._service.pooled_preprocessor(study)
+                preprocessor = pooled_preprocessor(self._service, study)
             except StudyError:
                 continue  # no site has reported its preprocessing yet
-            weights = decode_arrays(self._service.model_weights(version))
+            weights = decode_arrays(self._service.models.weights(version))
             scorer = PatientScorer(spec, weights, preprocessor, version)
             self._built[study] = (version, service_entries(spec, version), scorer)
 

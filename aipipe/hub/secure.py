@@ -85,7 +85,7 @@ class SecureRounds:
         return found is not None and self.now() >= self.parse(found[1])
 
     def layout(self, base_version: str) -> UpdateLayout:
-        return UpdateLayout.of(decode_arrays(self.service.model_weights(base_version)))
+        return UpdateLayout.of(decode_arrays(self.service.models.weights(base_version)))
 
     def selected(self, study: str, number: int) -> list[str]:
         return [str(n["node"]) for n in self.service.store.round_nodes(study, number)]
@@ -279,4 +279,4 @@ class SecureRounds:
         self.store.set_stage(spec.name, number, "done", self.iso(self.now()))
         self.service.store.set_round_state(spec.name, number, "aggregating")
         lineage = [{"node": n, "secure": spec.secure} for n in contributors]
-        self.service.publish_aggregate(row, weighted, examples, lineage)
+        self.service.models.publish(row, spec, weighted, examples, lineage)

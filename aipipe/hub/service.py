@@ -13,7 +13,6 @@ hub restarted after SIGKILL picks its rounds up from the store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from typing import Any, Literal, NoReturn
 import numpy as np
 from pydantic import ValidationError
 
-from aipipe.aggregation import AggregationError, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import (
     AipipeError,
@@ -35,25 +33,24 @@ from aipipe.errors import (
     UpdateRejectedError,
 )
 from aipipe.hub.home import HubPaths
+from aipipe.hub.models import ModelRegistry, version_id
 from aipipe.hub.secure import SecureRounds
 from aipipe.hub.updates import verified_update
 from aipipe.models import build_model, weights_to_arrays
 from aipipe.secure.identity import Identity
 from aipipe.store.hub_store import ACTIVE, HubStore, RoundRow, secret_hash
-from aipipe.study.features import Preprocessor
 from aipipe.study.spec import StudySpec
 from aipipe.wire import (
     EnrolRequest,
     EnrolResponse,
     EvalReport,
     FeatureStats,
-    ModelVersionInfo,
     RoundInfo,
     StudyInfo,
     UpdateReceipt,
     WorkItem,
 )
-from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
+from aipipe.wire.tensors import decode_arrays, encode_arrays
 
 
 @dataclass(frozen=True)
@@ -70,17 +67,13 @@ def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def version_id(study: str, number: int, parent: str | None, weights_digest: str) -> str:
-    """A model version's address: its weights and its place in the lineage."""
-    return hashlib.sha256(f"{study}:{number}:{parent}:{weights_digest}".encode()).hexdigest()
-
-
 class HubService:
     def __init__(self, paths: HubPaths, store: HubStore, audit: AuditLog, identity: Identity):
         self.paths = paths
         self.store = store
         self.audit = audit
         self.identity = identity
+        self.models = ModelRegistry(store, audit)
         self.secure = SecureRounds(self)
         self._specs: dict[str, StudySpec] = {}
 
@@ -361,21 +354,6 @@ class HubService:
             raise ConflictError(f"statistics are for another version of study '{study}'")
         self.store.put_feature_stats(study, node, stats.study_digest, stats.model_dump(mode="json"))
 
-    def pooled_preprocessor(self, study: str) -> Preprocessor:
-        """The sites' train preprocessing pooled, to score patients at the hub (CDS)."""
-        parts = [
-            (
-                int(s["n"]),
-                Preprocessor(
-                    {int(c): float(v) for c, v in s["fills"].items()},
-                    None if s["mean"] is None else np.asarray(s["mean"], np.float64),
-                    None if s["std"] is None else np.asarray(s["std"], np.float64),
-                ),
-            )
-            for s in self.store.feature_stats(study, self.study_info(study).digest)
-        ]
-        return Preprocessor.pooled(parts)
-
     # -- closing -----------------------------------------------------------------------------
 
     def tick(self) -> bool:
@@ -444,84 +422,11 @@ class HubService:
             for n in self.store.round_nodes(row.study, row.round)
             if n["status"] == "reported"
         ]
-        self.publish_aggregate(row, decode_arrays(row.sum_blob), row.total_examples, contributors)
-
-    def publish_aggregate(
-        self,
-        row: RoundRow,
-        weighted_sum: Arrays,
-        total_examples: int,
-        contributors: list[dict[str, Any]],
-    ) -> None:
-        """The study's server step on Σn·Δ and Σn; the new version becomes the study's head."""
-        spec = self.spec(row.study)
-        study_row = self.store.study(row.study)
-        base = self.store.model(row.base_version)
-        assert study_row is not None and base is not None
-        global_weights = decode_arrays(self.store.blob(base["blob"]))
-        aggregator = aggregator_for(spec.aggregation, spec.training.proximal_mu)
-        if study_row["optimizer_state"]:
-            aggregator.load_optimizer_state(decode_arrays(study_row["optimizer_state"]))
-        try:
-            new = aggregator.from_sum(global_weights, weighted_sum, total_examples)
-        except AggregationError as exc:
-            self.store.set_round_state(row.study, row.round, "failed", reason=str(exc))
-            return
-        blob = self.store.put_blob(encode_arrays(new))
-        version = version_id(row.study, row.round, row.base_version, blob)
-        lineage = {
-            "study": row.study,
-            "study_digest": spec.digest(),
-            "round": row.round,
-            "parent": row.base_version,
-            "aggregator": aggregator.name,
-            "secure": spec.secure,
-            "contributors": contributors,
-            "total_examples": total_examples,
-        }
-        state = aggregator.optimizer_state()
-        with self.store.transaction():  # model, study head and round move together
-            self.store.add_model(
-                version, row.study, row.round, row.base_version, aggregator.name, blob, lineage
-            )
-            self.store.set_study_head(row.study, version, encode_arrays(state) if state else None)
-            self.store.set_round_state(row.study, row.round, "closed", result_version=version)
-        self.audit.append(
-            "aggregate",
-            actor="hub",
-            resource=f"study/{row.study}/round/{row.round}",
-            details={"nodes": len(contributors), "total": total_examples, "secure": spec.secure},
-        )
-        self.audit.append(
-            "model.version",
-            actor="hub",
-            resource=f"model/{version}",
-            details={"parent": row.base_version, "round": row.round},
+        self.models.publish(
+            row, self.spec(row.study), decode_arrays(row.sum_blob), row.total_examples, contributors
         )
 
     # -- models ------------------------------------------------------------------------------
-
-    def model_info(self, version: str) -> ModelVersionInfo:
-        row = self.store.model(version)
-        if row is None:
-            raise NotFoundError(f"no model version {version[:12]}")
-        lineage = json.loads(row["lineage"])
-        return ModelVersionInfo(
-            version=version,
-            study=row["study"],
-            round=row["round"],
-            parent=row["parent"],
-            created_at=row["created_at"],
-            aggregator=row["aggregator"],
-            contributors=lineage.get("contributors", []),
-            metrics=self.store.metrics(version),
-        )
-
-    def model_weights(self, version: str) -> bytes:
-        row = self.store.model(version)
-        if row is None:
-            raise NotFoundError(f"no model version {version[:12]}")
-        return self.store.blob(row["blob"])
 
     def prometheus_text(self) -> str:
         """Counts for Prometheus' text format; no node-level or patient-level data."""

@@ -87,7 +87,7 @@ def _checked_delta(service: HubService, base_version: str, payload: bytes) -> Ar
         delta = decode_arrays(payload)
     except TensorDecodeError as exc:
         raise UpdateRejectedError(str(exc)) from exc
-    base = decode_arrays(service.model_weights(base_version))
+    base = decode_arrays(service.models.weights(base_version))
     if set(delta) != set(base):
         raise UpdateRejectedError("update tensors do not match the model's parameters")
     for key, value in delta.items():

@@ -1,0 +1,106 @@
+"""Model versions at the hub: the study's server step on a round's sum, and the registry.
+
+A version is addressed by its weights and its place in the lineage (`version_id`); its lineage
+names the round, the parent version, the aggregator and the contributors. Plaintext rounds
+(`HubService`) and secure ones (`aipipe.hub.secure`) both end in `ModelRegistry.publish`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from aipipe.aggregation import AggregationError, aggregator_for
+from aipipe.audit.log import AuditLog
+from aipipe.errors import NotFoundError
+from aipipe.store.hub_store import HubStore, RoundRow
+from aipipe.study.spec import StudySpec
+from aipipe.wire import ModelVersionInfo
+from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
+
+
+def version_id(study: str, number: int, parent: str | None, weights_digest: str) -> str:
+    """A model version's address: its weights and its place in the lineage."""
+    return hashlib.sha256(f"{study}:{number}:{parent}:{weights_digest}".encode()).hexdigest()
+
+
+class ModelRegistry:
+    def __init__(self, store: HubStore, audit: AuditLog) -> None:
+        self.store = store
+        self.audit = audit
+
+    def publish(
+        self,
+        row: RoundRow,
+        spec: StudySpec,
+        weighted_sum: Arrays,
+        total_examples: int,
+        contributors: list[dict[str, Any]],
+    ) -> None:
+        """The study's server step on Σn·Δ and Σn; the new version becomes the study's head."""
+        study_row = self.store.study(row.study)
+        base = self.store.model(row.base_version)
+        assert study_row is not None and base is not None
+        global_weights = decode_arrays(self.store.blob(base["blob"]))
+        aggregator = aggregator_for(spec.aggregation, spec.training.proximal_mu)
+        if study_row["optimizer_state"]:
+            aggregator.load_optimizer_state(decode_arrays(study_row["optimizer_state"]))
+        try:
+            new = aggregator.from_sum(global_weights, weighted_sum, total_examples)
+        except AggregationError as exc:
+            self.store.set_round_state(row.study, row.round, "failed", reason=str(exc))
+            return
+        blob = self.store.put_blob(encode_arrays(new))
+        version = version_id(row.study, row.round, row.base_version, blob)
+        lineage = {
+            "study": row.study,
+            "study_digest": spec.digest(),
+            "round": row.round,
+            "parent": row.base_version,
+            "aggregator": aggregator.name,
+            "secure": spec.secure,
+            "contributors": contributors,
+            "total_examples": total_examples,
+        }
+        state = aggregator.optimizer_state()
+        with self.store.transaction():  # model, study head and round move together
+            self.store.add_model(
+                version, row.study, row.round, row.base_version, aggregator.name, blob, lineage
+            )
+            self.store.set_study_head(row.study, version, encode_arrays(state) if state else None)
+            self.store.set_round_state(row.study, row.round, "closed", result_version=version)
+        self.audit.append(
+            "aggregate",
+            actor="hub",
+            resource=f"study/{row.study}/round/{row.round}",
+            details={"nodes": len(contributors), "total": total_examples, "secure": spec.secure},
+        )
+        self.audit.append(
+            "model.version",
+            actor="hub",
+            resource=f"model/{version}",
+            details={"parent": row.base_version, "round": row.round},
+        )
+
+    def info(self, version: str) -> ModelVersionInfo:
+        row = self.store.model(version)
+        if row is None:
+            raise NotFoundError(f"no model version {version[:12]}")
+        lineage = json.loads(row["lineage"])
+        return ModelVersionInfo(
+            version=version,
+            study=row["study"],
+            round=row["round"],
+            parent=row["parent"],
+            created_at=row["created_at"],
+            aggregator=row["aggregator"],
+            contributors=lineage.get("contributors", []),
+            metrics=self.store.metrics(version),
+        )
+
+    def weights(self, version: str) -> bytes:
+        row = self.store.model(version)
+        if row is None:
+            raise NotFoundError(f"no model version {version[:12]}")
+        return self.store.blob(row["blob"])
