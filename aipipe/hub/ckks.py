@@ -169,24 +169,27 @@ class CkksRounds:
         size = self._secure.layout(self._secure.round_row(study, number).base_version).size
         try:
             vector = EncryptedVector.from_bytes(payload)
-            if vector.length != size:
-                raise SecureAggregationError(
-                    f"ciphertext holds {vector.length} values; this model takes {size}"
-                )
-            CkksSum(context).add(vector)  # refuses another context before anything is stored
         except SecureAggregationError as exc:
             self._secure.refuse(node, study, number, str(exc))
-        self._secure.service.store.put_blob(payload)  # addressed by sha256 = payload_sha256
+        if vector.length != size:
+            why = f"ciphertext holds {vector.length} values; this model takes {size}"
+            self._secure.refuse(node, study, number, why)
 
         def fold(previous: bytes | None) -> bytes:
+            """Inside the accepting transaction: a ciphertext of another context raises here,
+            before its blob or header is kept, and the whole update rolls back."""
             total = CkksSum(context)
             if previous is not None:
                 total.add(EncryptedVector.from_bytes(previous))
             total.add(vector)
+            self._secure.service.store.put_blob(payload)  # addressed by sha256 = payload_sha256
             self._secure.store.add_update_header(study, number, node, header.model_dump_json())
             return total.result().to_bytes()
 
-        self._secure.record_update(study, header, fold)
+        try:
+            self._secure.record_update(study, header, fold)
+        except SecureAggregationError as exc:
+            self._secure.refuse(node, study, number, str(exc))
         self.advance(spec, number)
 
     def advance(self, spec: StudySpec, number: int) -> None:

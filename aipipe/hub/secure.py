@@ -95,10 +95,10 @@ class SecureRounds:
         return {str(n["node"]) for n in nodes if n["status"] == "declined"}
 
     def identity_key(self, node: str) -> bytes:
-        for row in self.service.store.nodes():
-            if row["name"] == node:
-                return bytes.fromhex(row["public_key"])
-        raise SignatureError(f"node '{node}' is not enrolled")
+        key = self.service.store.public_key(node)
+        if key is None:
+            raise SignatureError(f"node '{node}' is not enrolled")
+        return key
 
     # -- enrolment -----------------------------------------------------------------------------
 

@@ -72,12 +72,12 @@ def verified_header(
 def _check_signature(service: HubService, node: str, header: UpdateHeader) -> None:
     if not header.signature:
         raise UpdateRejectedError("update is not signed")
-    rows = [r for r in service.store.nodes() if r["name"] == node]
-    if not rows:
+    key = service.store.public_key(node)
+    if key is None:
         raise UpdateRejectedError(f"node '{node}' is not enrolled")
     try:
         signature = bytes.fromhex(header.signature)
-        verify_signature(bytes.fromhex(rows[0]["public_key"]), signature, header.signing_bytes())
+        verify_signature(key, signature, header.signing_bytes())
     except (ValueError, SignatureError) as exc:
         raise UpdateRejectedError("update signature does not verify with the node's key") from exc
 

@@ -143,6 +143,11 @@ class HubStore:
         ).fetchone()
         return row
 
+    def public_key(self, node: str) -> bytes | None:
+        """An enrolled node's Ed25519 identity key, or None for a node the hub does not know."""
+        row = self.conn.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
+        return None if row is None else bytes.fromhex(row[0])
+
     def touch_node(self, node: str) -> None:
         self.conn.execute("UPDATE nodes SET last_seen = ? WHERE name = ?", (utc_now(), node))
 
