@@ -95,9 +95,15 @@ def build_app(audit_path: Path) -> FastAPI:
     provider = StaticCdsProvider([scorer], settings={scorer.study.name: settings})
     audit = AuditLog.open(audit_path, None, owner="hub/bench")
     app = FastAPI()
-    app.include_router(cds_router(provider, audit=audit, jwt=None, pseudonym_key=KEY))
+    # Served on 127.0.0.1 only, so the loopback opt-out from client JWTs applies (JWT checks
+    # are timed on their own below).
+    app.include_router(
+        cds_router(provider, audit=audit, jwt=None, pseudonym_key=KEY, allow_unauthenticated=True)
+    )
     # The same service without its audit log, to show what one fsync'd event per call costs.
-    quiet = cds_router(provider, audit=None, jwt=None, pseudonym_key=KEY)
+    quiet = cds_router(
+        provider, audit=None, jwt=None, pseudonym_key=KEY, allow_unauthenticated=True
+    )
     app.include_router(quiet, prefix="/no-audit")
 
     # The floor's constant answer: a real card for a real patient, so the bytes match.

@@ -1,12 +1,16 @@
 """The hub serving CDS Hooks for a model trained by real nodes: two node processes train the
 Synthea diabetes study, then a patient-view request built from a shipped Synthea patient gets
-a well-formed card with a RiskAssessment suggestion."""
+a well-formed card with a RiskAssessment suggestion. The hub's hub.yaml registers one CDS client
+(calls carry its JWT) and allows one fhirServer: an HTTPS server in this process, with a CA made
+for the test; a fhirServer off that list is never connected to."""
 
 from __future__ import annotations
 
 import json
 import socket
 from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import pytest
 import yaml
 
 from aipipe.fhir.files import read_bundle
+from tests.cds_net import HttpsFhir, https_fhir, listener, make_ca
 from tests.e2e_support import (
     ProcessGroup,
     aipipe,
@@ -23,6 +28,8 @@ from tests.e2e_support import (
     start_hub,
     wait_until,
 )
+from tests.test_cds_auth import ISSUER, Signer
+from tests.test_cds_service import Fhir
 
 pytestmark = pytest.mark.e2e
 
@@ -35,10 +42,39 @@ def _patient_resources(bundle: Path) -> list[dict[str, Any]]:
     return [item.resource for item in read_bundle(bundle) if item.error is None]
 
 
+@dataclass(frozen=True)
+class Trained:
+    url: str
+    study: str
+    bundle: Path
+    root: Path
+    client: Signer  # the CDS client hub.yaml registers
+    ehr: HttpsFhir  # the fhirServer hub.yaml allows
+
+    def headers(self, endpoint: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.client.token(aud=self.url + endpoint)}"}
+
+
+def _records(bundle: Path) -> dict[str, list[dict[str, Any]]]:
+    resources = _patient_resources(bundle)
+    patient = next(r for r in resources if r["resourceType"] == "Patient")
+    return {patient["id"]: resources}
+
+
+def _secure_cds(hub_home: Path, root: Path, ehr_url: str, client: Signer) -> None:
+    """hub.yaml: one CDS client, and the one FHIR server (with its CA) CDS may read."""
+    path = hub_home / "hub.yaml"
+    config = yaml.safe_load(path.read_text())
+    config |= {
+        "cds_clients": {ISSUER: {"keys": [client.jwk]}},
+        "cds_fhir_servers": [ehr_url],
+        "cds_fhir_ca_bundle": str(root / "ca.pem"),
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 @pytest.fixture(scope="module")
-def trained_hub(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[str, str, Path, Path]]:
+def trained_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     if not BUNDLES.is_dir():
         pytest.skip(f"Synthea bundles not found at {BUNDLES}")
     root = tmp_path_factory.mktemp("cds-e2e")
@@ -49,8 +85,12 @@ def trained_hub(
     study_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     bundles = sorted(BUNDLES.glob("*.json"))
     group = ProcessGroup(root / "logs")
-    try:
+    client = Signer("ES384")
+    with ExitStack() as stack:
+        ehr = stack.enter_context(https_fhir(make_ca(root), Fhir(_records(bundles[0]))))
+        stack.callback(group.stop)
         token = aipipe_json("hub", "init", "--home", root / "hub", "--json")["admin_token"]
+        _secure_cds(root / "hub", root, ehr.base_url, client)
         hub = start_hub(group, root / "hub")
         admin = {"AIPIPE_HUB_URL": hub.url, "AIPIPE_TOKEN": token}
         for index, site in enumerate(("east", "west")):
@@ -66,20 +106,18 @@ def trained_hub(
             group.start(site, "node", "start", "--home", root / site, "--poll", "1")
         aipipe("train", "run", "--study", raw["name"], "--rounds", "2", "--json", env=admin,
                timeout_s=300)  # fmt: skip
-        yield hub.url, raw["name"], bundles[0], root
-    finally:
-        group.stop()
+        yield Trained(hub.url, raw["name"], bundles[0], root, client, ehr)
 
 
-def test_discovery_lists_the_trained_study_on_every_hook(
-    trained_hub: tuple[str, str, Path, Path],
-) -> None:
-    url, study, _, _ = trained_hub
+def test_discovery_lists_the_trained_study_on_every_hook(trained_hub: Trained) -> None:
+    url, study = trained_hub.url, trained_hub.study
+    headers = trained_hub.headers("/cds-services")
 
-    services = httpx.get(f"{url}/cds-services", timeout=30).json()["services"]
+    services = httpx.get(f"{url}/cds-services", headers=headers, timeout=30).json()["services"]
 
     hooks = {s["hook"] for s in services if s["id"].startswith(study)}
     assert hooks == {"patient-view", "order-select", "medication-prescribe"}
+    assert httpx.get(f"{url}/cds-services", timeout=30).status_code == 401
 
 
 def _patient_view(bundle: Path) -> dict[str, Any]:
@@ -99,13 +137,15 @@ def _patient_view(bundle: Path) -> dict[str, Any]:
 
 
 def test_patient_view_for_a_synthea_patient_returns_a_well_formed_risk_card(
-    trained_hub: tuple[str, str, Path, Path],
+    trained_hub: Trained,
 ) -> None:
-    url, study, bundle, _ = trained_hub
-    request = _patient_view(bundle)
+    endpoint = f"/cds-services/{trained_hub.study}-patient-view"
+    request = _patient_view(trained_hub.bundle)
     patient = request["prefetch"]["patient"]
 
-    response = httpx.post(f"{url}/cds-services/{study}-patient-view", json=request, timeout=60)
+    response = httpx.post(
+        trained_hub.url + endpoint, json=request, headers=trained_hub.headers(endpoint), timeout=60
+    )
 
     assert response.status_code == 200, response.text
     cards = response.json()["cards"]
@@ -123,10 +163,46 @@ def test_patient_view_for_a_synthea_patient_returns_a_well_formed_risk_card(
     json.dumps(card)  # the card is plain JSON all the way down
 
 
-def test_node_predict_scores_its_cohort_with_the_federated_model(
-    trained_hub: tuple[str, str, Path, Path],
+def test_the_hub_needs_a_client_jwt(trained_hub: Trained) -> None:
+    endpoint = f"/cds-services/{trained_hub.study}-patient-view"
+
+    response = httpx.post(
+        trained_hub.url + endpoint, json=_patient_view(trained_hub.bundle), timeout=60
+    )
+
+    assert response.status_code == 401
+
+
+def _without_prefetch(trained_hub: Trained, fhir_server: str) -> httpx.Response:
+    endpoint = f"/cds-services/{trained_hub.study}-patient-view"
+    request = _patient_view(trained_hub.bundle)
+    del request["prefetch"]
+    request["fhirServer"] = fhir_server
+    return httpx.post(
+        trained_hub.url + endpoint, json=request, headers=trained_hub.headers(endpoint), timeout=60
+    )
+
+
+def test_the_hub_never_connects_to_a_fhir_server_off_its_allow_list(trained_hub: Trained) -> None:
+    with listener() as trap:
+        response = _without_prefetch(trained_hub, trap.url)
+
+    assert response.status_code == 412, response.text
+    assert trap.connections == []
+
+
+def test_the_hub_reads_the_allowed_fhir_server_trusting_its_ca_bundle(
+    trained_hub: Trained,
 ) -> None:
-    _, study, _, root = trained_hub
+    response = _without_prefetch(trained_hub, trained_hub.ehr.base_url)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["cards"][0]["indicator"] in ("info", "warning", "critical")
+    assert any(path.startswith("/fhir/Patient/") for path in trained_hub.ehr.paths)
+
+
+def test_node_predict_scores_its_cohort_with_the_federated_model(trained_hub: Trained) -> None:
+    study, root = trained_hub.study, trained_hub.root
 
     report = json.loads(aipipe("node", "predict", "--home", root / "east", "--study", study,
                                "--json").stdout)  # fmt: skip
@@ -136,17 +212,16 @@ def test_node_predict_scores_its_cohort_with_the_federated_model(
     assert all(len(p["patient"]) == 20 for p in report["predictions"])  # pseudonyms, not ids
 
 
-def test_node_serves_cds_hooks_inside_the_hospital(
-    trained_hub: tuple[str, str, Path, Path], tmp_path: Path
-) -> None:
-    _, study, bundle, root = trained_hub
+def test_node_serves_cds_hooks_inside_the_hospital(trained_hub: Trained, tmp_path: Path) -> None:
+    study, bundle, root = trained_hub.study, trained_hub.bundle, trained_hub.root
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     group = ProcessGroup(tmp_path / "logs")
     try:
         server = group.start("node-cds", "node", "serve-cds", "--home", root / "east",
-                             "--study", study, "--port", str(port))  # fmt: skip
+                             "--study", study, "--port", str(port),
+                             "--allow-unauthenticated")  # fmt: skip
         base = f"http://127.0.0.1:{port}"
 
         def ready() -> bool:

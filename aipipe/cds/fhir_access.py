@@ -1,12 +1,16 @@
 """Fetching what a CDS Client did not prefetch from its FHIR server (CDS Hooks 2.0,
 "FHIR Resource Access"), with the bearer token the client passed in `fhirAuthorization`.
 
-The server URL comes from the request, so it is checked before any call: https only (the spec:
-"The scheme MUST be https when production data is exchanged"; plain http only where a deployment
-allows it), optionally an allow-list of server prefixes, TLS certificates always verified, short
-timeouts, and paging links that must stay on the same server. A request that names a fhirServer
-without `fhirAuthorization` is read without a token (the spec allows fhirServer alone; open test
-servers answer that way). A read that finds nothing (404/410) is "no data"; a search must answer.
+The server URL comes from the request, so it is checked before any connection is made: https
+only (the spec: "The scheme MUST be https when production data is exchanged"; plain http only
+where a deployment allows it), and only servers on the operator's allow-list (`allowed_servers`;
+empty, the default, allows none): the same scheme, host and port as an entry, and a path equal to
+or under the entry's path, with no user info, query, fragment or dot segments. TLS certificates
+are always verified (`ca_bundle` adds a hospital's own CA), timeouts are short, redirects are not
+followed, and paging links must stay under the server that was asked. A request that names a
+fhirServer without `fhirAuthorization` is read without a token (the spec allows fhirServer alone;
+open test servers answer that way). A read that finds nothing (404/410) is "no data"; a search
+must answer.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import httpx
 
 from aipipe import __version__
 from aipipe.errors import FhirServerError
+from aipipe.fhir.base_url import ServerBase
 
 
 @dataclass(frozen=True)
@@ -32,33 +37,50 @@ class FetchResult:
     errors: dict[str, str] = field(default_factory=dict)
 
 
+NOT_ALLOWED = (
+    "the fhirServer is not on this service's allow-list of FHIR servers (set by its operator: "
+    "hub.yaml cds_fhir_servers, `node serve-cds --fhir-allow URL`)"
+)
+
+
 @dataclass(frozen=True)
 class FhirAccess:
     """How the service may call CDS Clients' FHIR servers.
 
-    `transport` replaces the network (tests); `ca_bundle` names a PEM file of extra trusted
-    certificate authorities (a hospital's own CA). Certificate checks cannot be turned off.
+    `allowed_servers` lists the FHIR base URLs the operator allows (none by default: every
+    fhirServer is refused and the service answers from prefetch alone). `transport` replaces
+    the network (tests); `ca_bundle` names a PEM file of extra trusted certificate authorities
+    (a hospital's own CA). Certificate checks cannot be turned off.
     """
 
     timeout_s: float = 5.0
     max_pages: int = 20
-    allowed_servers: tuple[str, ...] | None = None
+    allowed_servers: tuple[str, ...] = ()
     allow_http: bool = False
     ca_bundle: str | None = None
     transport: httpx.AsyncBaseTransport | None = None
+    _bases: tuple[ServerBase, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        bases = []
+        for allowed in self.allowed_servers:
+            try:
+                bases.append(ServerBase.parse(allowed))
+            except ValueError as exc:
+                raise ValueError(f"allowed FHIR server {allowed!r}: {exc}") from None
+        object.__setattr__(self, "_bases", tuple(bases))
+        self._verify()  # a missing or unreadable CA bundle fails here, not on the first call
 
     def refusal(self, server: str) -> str | None:
         """Why this service will not call `server`, or None when it may."""
-        if not server.startswith("https://") and not (
-            self.allow_http and server.startswith("http://")
-        ):
+        try:
+            target = ServerBase.parse(server)
+        except ValueError as exc:
+            return f"the fhirServer is not a plain FHIR base URL ({exc})"
+        if target.scheme != "https" and not self.allow_http:
             return "the fhirServer must use https"
-        if self.allowed_servers is not None and not any(
-            server.rstrip("/") == allowed.rstrip("/")
-            or server.startswith(allowed.rstrip("/") + "/")
-            for allowed in self.allowed_servers
-        ):
-            return "the fhirServer is not one this service is allowed to call"
+        if not any(base.covers(target) for base in self._bases):
+            return NOT_ALLOWED
         return None
 
     def _verify(self) -> ssl.SSLContext | bool:
@@ -108,11 +130,12 @@ class FhirAccess:
             return first
         entries = _entries(first)
         page = first
+        server = ServerBase.parse(base)
         for _ in range(self.max_pages - 1):
             following = _next_link(page)
             if following is None:
                 break
-            if not following.startswith(base + "/") and following != base:
+            if not _under(server, following):
                 raise FhirServerError(f"the '{key}' search pages to another server; not followed")
             page = await _get_json(client, following, key, absent_ok=False) or {}
             entries.extend(_entries(page))
@@ -150,6 +173,13 @@ async def _get_json(
     if not isinstance(body, dict):
         raise FhirServerError(f"the FHIR server's answer to the '{key}' query is not a resource")
     return body
+
+
+def _under(server: ServerBase, link: str) -> bool:
+    try:
+        return server.covers(ServerBase.parse(link, query_ok=True))
+    except ValueError:
+        return False
 
 
 def _entries(bundle: Mapping[str, Any]) -> list[Any]:

@@ -18,6 +18,8 @@ HOOKS: tuple[Hook, ...] = ("patient-view", "order-select", "medication-prescribe
 
 # "One-sentence, <140-character summary message" (Card attributes).
 SUMMARY_MAX = 139
+# Feedback items in one call: one per card shown; each is one audit event.
+MAX_FEEDBACK = 50
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 
@@ -204,5 +206,5 @@ class Feedback(_Wire):
 
 
 class FeedbackRequest(_Wire):
-    feedback: list[Feedback] = Field(min_length=1)
+    feedback: list[Feedback] = Field(min_length=1, max_length=MAX_FEEDBACK)
     extension: dict[str, Any] | None = None

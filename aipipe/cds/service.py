@@ -16,8 +16,17 @@ Prefetched data that is present but unusable (null, of the wrong type, for anoth
 missing values the model needs) is not a protocol error: it gets an `info` card saying what is
 missing.
 
+Every route needs a CDS Client JWT (discovery too: it names the studies and model versions). A
+router without a `JwtPolicy` answers 401 to everyone unless built with `allow_unauthenticated=True`,
+which its hosts allow only on a loopback address (`aipipe.cds.limits.require_loopback`).
+
 Every call is audited (`cds.request`, `cds.discovery`, `cds.feedback`, `auth.failure`) with the
-patient as an HMAC pseudonym under the router's key, never the raw id.
+patient as an HMAC pseudonym under the router's key, never the raw id. One call writes a bounded
+event: a service id that names no service is kept as a short hash, every audited string and list
+is cut (`aipipe.cds.limits`), a feedback call carries at most `models.MAX_FEEDBACK` items, and a
+body is read only up to `MAX_BODY_BYTES`. A fhirServer off the operator's allow-list is never
+contacted: the call is answered from its prefetch (412 if that lacks required data) and the
+refusal is audited with the server's origin only.
 """
 
 from __future__ import annotations
@@ -38,16 +47,24 @@ from pydantic import BaseModel, ValidationError
 from aipipe.cds.auth import CdsClient, JwtPolicy
 from aipipe.cds.cards import build_cards, unscored_card
 from aipipe.cds.fhir_access import FhirAccess
+from aipipe.cds.limits import bounded, clip, service_label
 from aipipe.cds.models import Card, CdsRequest, CdsResponse, Discovery, FeedbackRequest
 from aipipe.cds.prefetch import REQUIRED, PatientData, collect, render_template, unsatisfied
 from aipipe.cds.provider import AuditSink, CdsProvider, ServiceEntry
 from aipipe.cds.scoring import PatientScorer
 from aipipe.errors import AipipeError, AuthError
+from aipipe.fhir.base_url import origin_of
 
 _M = TypeVar("_M", bound=BaseModel)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_NO_CLIENTS = (
+    "this CDS service has no CDS clients configured, so it answers no one: register each EHR's "
+    "issuer and JWK Set (hub.yaml cds_clients, `node serve-cds --cds-clients FILE`), or, on a "
+    "loopback address only, opt out (hub.yaml cds_allow_unauthenticated, `node serve-cds "
+    "--allow-unauthenticated`)"
+)
 
 
 class _Reject(Exception):
@@ -88,10 +105,12 @@ class _CdsHandler:
         pseudonym_key: bytes,
         fhir: FhirAccess,
         clock: Callable[[], datetime],
+        allow_unauthenticated: bool,
     ) -> None:
         self._provider = provider
         self._audit = audit
         self._jwt = jwt
+        self._open = allow_unauthenticated
         self._key = pseudonym_key
         self._fhir = fhir
         self._clock = clock
@@ -111,6 +130,7 @@ class _CdsHandler:
         )
 
     async def call(self, service_id: str, request: Request) -> Response:
+        service_id = service_label(service_id)
         record = _Record(
             "cds.request", f"cds-service:{service_id}", details={"service": service_id}
         )
@@ -121,6 +141,7 @@ class _CdsHandler:
         return await self._finish(record, response=response)
 
     async def feedback(self, service_id: str, request: Request) -> Response:
+        service_id = service_label(service_id)
         record = _Record(
             "cds.feedback", f"cds-service:{service_id}", details={"service": service_id}
         )
@@ -184,14 +205,14 @@ class _CdsHandler:
         if not todo:
             return values, []
         required = [key for key in todo if key in REQUIRED]
-        if body.fhirServer is None:
+        refused = self._refused_server(body.fhirServer, record)
+        if body.fhirServer is None or refused is not None:
+            why = refused or "no fhirServer was given to read them from"
             if required:
-                raise _Reject(
-                    412,
-                    f"prefetch lacks {', '.join(required)} and no fhirServer was given to read "
-                    "them from",
-                )
-            return values, []
+                raise _Reject(412, f"prefetch lacks {', '.join(required)} and {why}")
+            return values, [] if refused is None else [
+                f"'{k}' could not be read: {why}" for k in todo
+            ]
         queries = {key: _render(entry.prefetch[key], body.context) for key in todo}
         token = body.fhirAuthorization.access_token if body.fhirAuthorization else None
         partial = len(todo) < len(entry.prefetch)
@@ -231,9 +252,19 @@ class _CdsHandler:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _refused_server(self, server: str | None, record: _Record) -> str | None:
+        """Why the request's fhirServer will not be contacted (audited by origin), or None."""
+        refused = None if server is None else self._fhir.refusal(server)
+        if server is not None and refused is not None:
+            record.details["fhirServer_refused"] = origin_of(server)
+        return refused
+
     def _authenticate(self, request: Request, endpoint: str, record: _Record) -> CdsClient | None:
         if self._jwt is None:
-            return None
+            if self._open:
+                return None
+            record.action = "auth.failure"
+            raise _Reject(401, _NO_CLIENTS)
         audience = self._jwt.audience(str(request.url), endpoint)
         try:
             client = self._jwt.verify(request.headers.get("authorization"), audience)
@@ -257,7 +288,7 @@ class _CdsHandler:
     def _rejected(self, record: _Record, exc: _Reject) -> Response:
         record.outcome = "refused" if exc.status == 401 else "failure"
         record.details.update(status=exc.status, reason=exc.message)
-        return operation_outcome(exc.status, exc.message)
+        return operation_outcome(exc.status, clip(exc.message, 600))
 
     async def _finish(self, *records: _Record, response: Response) -> Response:
         """Audit, then answer. The append runs in a worker thread: an audit commit waits on
@@ -277,10 +308,10 @@ class _CdsHandler:
         for record in records:
             self._audit.append(
                 record.action,
-                actor=record.actor,
-                resource=record.resource,
+                actor=clip(record.actor),
+                resource=clip(record.resource),
                 outcome=record.outcome,
-                details=record.details,
+                details=bounded(record.details),
             )
 
 
@@ -300,13 +331,18 @@ def _render(template: str, context: Mapping[str, Any]) -> str:
 
 
 async def _read_body(request: Request) -> bytes:
+    """The body, read chunk by chunk and given up on as soon as it passes `MAX_BODY_BYTES`."""
+    too_big = _Reject(413, f"the request body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _Reject(413, f"the request body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise _Reject(413, f"the request body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
-    return body
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _parse(model: type[_M], body: bytes) -> _M:
@@ -328,17 +364,21 @@ def cds_router(
     pseudonym_key: bytes,
     fhir: FhirAccess | None = None,
     clock: Callable[[], datetime] | None = None,
+    allow_unauthenticated: bool = False,
 ) -> APIRouter:
     """The CDS Hooks routes, to mount at the service's `{baseUrl}` (`app.include_router(...)`).
 
     `pseudonym_key` (≥ 16 bytes, secret) keys the HMAC that stands for patients in the audit log.
-    `jwt=None` serves unauthenticated callers: only for tests or behind an authenticating proxy.
+    `jwt=None` answers every call 401, unless `allow_unauthenticated` (for a service bound to
+    loopback only: tests, a demo, behind an authenticating proxy). `fhir` says which fhirServers
+    may be read (`FhirAccess()`: none).
     """
     if len(pseudonym_key) < 16:
         raise ValueError("pseudonym_key must be at least 16 secret bytes")
     handler = _CdsHandler(
-        provider, audit, jwt, pseudonym_key, fhir or FhirAccess(), clock or _utc_now
-    )
+        provider, audit, jwt, pseudonym_key, fhir or FhirAccess(), clock or _utc_now,
+        allow_unauthenticated,
+    )  # fmt: skip
     router = APIRouter(tags=["cds-hooks"])
     router.add_api_route("/cds-services", handler.discovery, methods=["GET"])
     router.add_api_route("/cds-services/{service_id}", handler.call, methods=["POST"])

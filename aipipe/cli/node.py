@@ -452,11 +452,30 @@ def serve_cds(
     jwks: Path = typer.Option(
         None,
         "--cds-clients",
-        help="JSON file mapping each allowed CDS client `iss` to its JWK Set; when given, "
-        "every call needs a client JWT (ES384/RS384).",
+        help="JSON file mapping each allowed CDS client `iss` to its JWK Set: every call "
+        "needs a JWT (ES384/RS384) from one of them. Without it, calls are refused (401) unless "
+        "--allow-unauthenticated.",
+    ),
+    allow_unauthenticated: bool = typer.Option(
+        False,
+        "--allow-unauthenticated",
+        help="Serve calls without a client JWT; only with a loopback --host (tests, demos).",
+    ),
+    fhir_allow: list[str] = typer.Option(
+        [],
+        "--fhir-allow",
+        help="FHIR base URL (https) a request's fhirServer may name (repeat); any other "
+        "fhirServer is never contacted.",
+    ),
+    fhir_ca_bundle: Path = typer.Option(
+        None, "--fhir-ca-bundle", help="PEM file of extra CAs for the --fhir-allow servers."
     ),
 ) -> None:
     """Serve CDS Hooks for approved studies from inside the hospital (PHI stays on site)."""
+    from aipipe.cds.limits import require_loopback
+
+    if allow_unauthenticated:
+        require_loopback(host, "--allow-unauthenticated")
     import uvicorn
 
     from aipipe.cds import JwtPolicy
@@ -464,14 +483,34 @@ def serve_cds(
 
     paths = open_node(home)
     policy = JwtPolicy(json.loads(jwks.read_text())) if jwks else None
+    fhir = _fhir_access(fhir_allow, fhir_ca_bundle)
     store = open_store(paths)
     audit = open_audit(paths)
     try:
         with hub_client(paths) as client:
-            app_ = node_cds_app(store, client, study, audit, jwt=policy,
+            app_ = node_cds_app(store, client, study, audit, jwt=policy, fhir=fhir,
+                                allow_unauthenticated=allow_unauthenticated,
                                 pseudonym_key=paths.pseudonym_key.read_bytes())  # fmt: skip
         err_console.log(f"[{paths.config.name}] CDS Hooks at http://{host}:{port}/cds-services")
         uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
     finally:
         audit.close()
         store.close()
+
+
+def _fhir_access(servers: list[str], ca_bundle: Path | None) -> Any:
+    """The FhirAccess for `serve-cds --fhir-allow/--fhir-ca-bundle` (ConfigError if unusable)."""
+    from aipipe.cds import FhirAccess
+
+    for server in servers:
+        if not server.startswith("https://"):
+            raise ConfigError(
+                f"--fhir-allow {server!r} is not an https URL; give the FHIR base URL"
+            )
+    try:
+        return FhirAccess(
+            allowed_servers=tuple(servers),
+            ca_bundle=None if ca_bundle is None else str(ca_bundle),
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--fhir-allow/--fhir-ca-bundle: {exc}") from exc

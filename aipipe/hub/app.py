@@ -26,7 +26,7 @@ from aipipe.errors import (
     StudyError,
     UpdateRejectedError,
 )
-from aipipe.hub.cds import HubCdsProvider
+from aipipe.hub.cds import HubCdsProvider, hub_fhir_access
 from aipipe.hub.home import HubPaths
 from aipipe.hub.service import HubService, Principal
 from aipipe.secure.identity import Identity
@@ -98,11 +98,14 @@ def create_app(paths: HubPaths) -> FastAPI:
 
 
 def _cds(paths: HubPaths, service: HubService, audit: AuditLog) -> APIRouter:
-    """CDS Hooks at /cds-services; CDS clients must present a JWT when hub.yaml lists any."""
+    """CDS Hooks at /cds-services: clients present a JWT (hub.yaml cds_clients) unless
+    cds_allow_unauthenticated; fhirServers are read only from cds_fhir_servers."""
     clients = paths.config.cds_clients
     policy = JwtPolicy(clients, base_url=paths.config.cds_base_url) if clients else None
     key = service.identity.sign(b"aipipe-cds-pseudonym-key")[:32]
-    return cds_router(HubCdsProvider(service), audit=audit, jwt=policy, pseudonym_key=key)
+    return cds_router(HubCdsProvider(service), audit=audit, jwt=policy, pseudonym_key=key,
+                      fhir=hub_fhir_access(paths),
+                      allow_unauthenticated=paths.config.cds_allow_unauthenticated)  # fmt: skip
 
 
 class Changes:

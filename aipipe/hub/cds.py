@@ -10,11 +10,29 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from aipipe.cds import PatientScorer, ServiceEntry, service_entries
-from aipipe.errors import StudyError
+from aipipe.cds import FhirAccess, PatientScorer, ServiceEntry, service_entries
+from aipipe.errors import ConfigError, StudyError
+from aipipe.hub.home import HubPaths
 from aipipe.hub.service import HubService
 from aipipe.study.features import Preprocessor
 from aipipe.wire.tensors import decode_arrays
+
+
+def hub_fhir_access(paths: HubPaths) -> FhirAccess:
+    """Which fhirServers CDS requests may have the hub read: hub.yaml's cds_fhir_servers, with
+    cds_fhir_ca_bundle (relative to the home) trusted on top of the usual CAs."""
+    config = paths.config
+    bundle = None if config.cds_fhir_ca_bundle is None else paths.home / config.cds_fhir_ca_bundle
+    try:
+        return FhirAccess(
+            allowed_servers=tuple(config.cds_fhir_servers),
+            ca_bundle=None if bundle is None else str(bundle),
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"hub.yaml cds_fhir_ca_bundle {bundle} cannot be loaded ({exc}); give a PEM file "
+            "of CA certificates"
+        ) from exc
 
 
 def pooled_preprocessor(service: HubService, study: str) -> Preprocessor:

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aipipe.errors import ConfigError, NodeExistsError, NodeNotFoundError
+from aipipe.fhir.base_url import ServerBase
 from aipipe.secure.identity import Identity
 from aipipe.store.hub_store import HubStore, secret_hash
 
@@ -33,9 +34,28 @@ class HubConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     created: str
     default_deadline_s: float = Field(default=600.0, gt=0)
-    # CDS Hooks: allowed client issuers → their JWK Sets; empty serves CDS without a JWT.
+    # CDS Hooks: allowed client issuers → their JWK Sets; empty answers every CDS call 401
+    # unless cds_allow_unauthenticated (refused by `hub serve` off a loopback address).
     cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
     cds_base_url: str | None = None
+    # -- CDS hardening (issue 9) --
+    cds_allow_unauthenticated: bool = False
+    # FHIR base URLs (https) a CDS request's fhirServer may name; empty: none is ever read.
+    cds_fhir_servers: list[str] = Field(default_factory=list)
+    # PEM file of extra CAs for those servers (relative to the home); verification stays on.
+    cds_fhir_ca_bundle: str | None = None
+
+    @field_validator("cds_fhir_servers")
+    @classmethod
+    def _https_bases(cls, servers: list[str]) -> list[str]:
+        for server in servers:
+            try:
+                base = ServerBase.parse(server)
+            except ValueError as exc:
+                raise ValueError(f"cds_fhir_servers entry {server!r}: {exc}") from None
+            if base.scheme != "https":
+                raise ValueError(f"cds_fhir_servers entry {server!r} must use https")
+        return servers
 
 
 class HubPaths:

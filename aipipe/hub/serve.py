@@ -12,11 +12,14 @@ import socket
 
 import uvicorn
 
+from aipipe.cds.limits import require_loopback
 from aipipe.hub.app import create_app
 from aipipe.hub.home import HubPaths
 
 
 def serve(paths: HubPaths, host: str, port: int, log_level: str = "warning") -> None:
+    if paths.config.cds_allow_unauthenticated:
+        require_loopback(host, "hub.yaml cds_allow_unauthenticated")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets accepted from a TCP
     # listener that says so; without it every keep-alive answer waited ~44 ms for the client's

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from aipipe import __version__
 from aipipe.audit.log import AuditLog
-from aipipe.cds import JwtPolicy, PatientScorer, StaticCdsProvider, cds_router
+from aipipe.cds import FhirAccess, JwtPolicy, PatientScorer, StaticCdsProvider, cds_router
 from aipipe.errors import ConfigError
 from aipipe.node.client import HubClient
 from aipipe.store.node_store import NodeStore
@@ -27,6 +27,8 @@ def node_cds_app(
     *,
     pseudonym_key: bytes,
     jwt: JwtPolicy | None,
+    fhir: FhirAccess | None = None,
+    allow_unauthenticated: bool = False,
 ) -> FastAPI:
     scorers = []
     for name in studies:
@@ -41,5 +43,6 @@ def node_cds_app(
         scorers.append(PatientScorer(spec, weights, extract(store, spec).preprocessor, version))
     app = FastAPI(title="aipipe node CDS Hooks", version=__version__)
     app.include_router(cds_router(StaticCdsProvider(scorers), audit=audit, jwt=jwt,
-                                  pseudonym_key=pseudonym_key))  # fmt: skip
+                                  pseudonym_key=pseudonym_key, fhir=fhir,
+                                  allow_unauthenticated=allow_unauthenticated))  # fmt: skip
     return app
