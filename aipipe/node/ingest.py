@@ -149,7 +149,7 @@ def ingest_files(
         for item in read_file(path, progress, limits):
             writer.add(item)
         read = report.total("read") - read_before
-        if read == 0 or report.total("rejected") - rejected_before == read:
+        if read and report.total("rejected") - rejected_before == read:
             report.files_all_rejected.append(str(path))
     writer.flush()
     store.record_run("files", started, json.dumps(report.to_dict()))
