@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from aipipe.cli import model as model_cli
 from aipipe.cli.app import app
