@@ -10,8 +10,29 @@ from rich.table import Table
 
 from aipipe.cli.options import HUB, JSON, TOKEN, client
 from aipipe.cli.render import console, emit_json, kv_table
+from aipipe.errors import ConfigError, NotFoundError
+from aipipe.node.client import HubClient
 
 app = typer.Typer(help="List, inspect and export model versions.", no_args_is_help=True)
+
+VERSION_LENGTH = 64  # a version id is a sha256 in hex; tables print its first 12 characters
+
+
+def resolve_version(hub_client: HubClient, version: str) -> str:
+    """The full version id that `version` abbreviates (as the tables print it), if exactly one."""
+    if len(version) == VERSION_LENGTH:
+        return version
+    matches = [m["version"] for m in hub_client.models() if m["version"].startswith(version)]
+    if not matches or not version:
+        raise NotFoundError(
+            f"no model version starts with {version!r}; `aipipe model list` shows them"
+        )
+    if len(matches) > 1:
+        raise ConfigError(
+            f"model version {version!r} is ambiguous: {len(matches)} versions start with it; "
+            "give more characters"
+        )
+    return str(matches[0])
 
 
 @app.command("list")
@@ -45,13 +66,14 @@ def list_models(
 
 @app.command()
 def show(
-    version: str = typer.Argument(..., help="The full model version id."),
+    version: str = typer.Argument(..., help="The model version id, or an unambiguous prefix."),
     hub: str = HUB,
     token: str = TOKEN,
     as_json: bool = JSON,
 ) -> None:
     """Show one version's lineage: parent, contributors (n, ε), aggregator, metrics."""
     with client(hub, token) as hub_client:
+        version = resolve_version(hub_client, version)
         info = hub_client.model(version)
     if as_json:
         emit_json(info)
@@ -77,17 +99,24 @@ def show(
 
 @app.command()
 def export(
-    version: str = typer.Argument(..., help="The full model version id."),
+    version: str = typer.Argument(..., help="The model version id, or an unambiguous prefix."),
     out: Path = typer.Option(..., "--out", help="Write <out>.safetensors and <out>.json here."),
     hub: str = HUB,
     token: str = TOKEN,
 ) -> None:
-    """Export a version's weights (safetensors) and lineage (JSON)."""
+    """Export a version's weights (safetensors) and lineage (JSON); creates missing folders."""
     with client(hub, token) as hub_client:
+        version = resolve_version(hub_client, version)
         weights = hub_client.model_weights(version)
         info = hub_client.model(version)
     weights_path = out.with_suffix(".safetensors")
     lineage_path = out.with_suffix(".json")
-    weights_path.write_bytes(weights)
-    lineage_path.write_text(json.dumps(info, indent=2))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        weights_path.write_bytes(weights)
+        lineage_path.write_text(json.dumps(info, indent=2))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the export to {out.parent}: {exc.strerror}; choose another --out"
+        ) from exc
     console.print(f"[green]✓[/] wrote {weights_path} and {lineage_path}")

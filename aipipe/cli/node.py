@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -20,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from aipipe.cli.render import console, emit_json, err_console, kv_table
-from aipipe.errors import ConfigError
+from aipipe.errors import ConfigError, SourceError
 from aipipe.fhir.server import DEFAULT_TYPES, FhirServerSource
 from aipipe.fhir.smart import DEFAULT_SCOPES, SmartKey, smart_auth_for
 from aipipe.node.home import (
@@ -169,6 +170,25 @@ def ingest(
             details={"files": report.files, **report.to_dict()["totals"]},
         )
     _render_report(report, as_json)
+    _check_anything_stored(report)
+
+
+def _check_anything_stored(report: IngestReport) -> None:
+    """An ingest that rejected all it read failed: exit non-zero, naming what it read."""
+    read, rejected = report.total("read"), report.total("rejected")
+    named = report.files_all_rejected
+    where = ", ".join(named) if report.source == "files" else report.source
+    if read and rejected == read:
+        raise SourceError(
+            f"node ingest rejected all {read} resources of {where}; the reasons are listed "
+            "above: check that these are FHIR R4 NDJSON or Bundle files"
+        )
+    if named:
+        err_console.print(
+            f"[yellow]warning:[/] nothing was stored from {escape(', '.join(named))}: "
+            "every resource in it was rejected",
+            soft_wrap=True,
+        )
 
 
 def _load_files(store: NodeStore, paths: list[Path], quiet: bool) -> IngestReport:

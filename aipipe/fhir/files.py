@@ -5,6 +5,9 @@ however large the file: the first pass maps each entry's `fullUrl` to `Type/id`,
 yields the resources with `urn:uuid:` (and other fullUrl) references rewritten to `Type/id`, as a
 FHIR server does when it processes a transaction. A resource known only by its `urn:uuid:`
 fullUrl gets the uuid as its id, so ingesting the same bundle twice is idempotent.
+
+Every line, entry and single-resource file is held to `IngestLimits` (depth, bytes) before it
+is parsed; one that breaks a bound is yielded as an error naming the bound, never its content.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
-import ijson
-
 from aipipe.errors import SourceError
+from aipipe.fhir.limits import DEFAULT_LIMITS, IngestLimits, depth_exceeds
+from aipipe.fhir.stream import Rejected, walk_bundle
 
 _UUID_URN = re.compile(r"^urn:uuid:([A-Za-z0-9\-.]{1,64})$")
 _SUFFIXES = (".ndjson", ".ndjson.gz", ".json", ".json.gz")
+
+_SKIP_CHUNK = 1 << 20  # an over-long line is read past in pieces of this size
 
 Progress = Callable[[int], None]
 
@@ -67,33 +72,63 @@ def _open(path: Path) -> IO[bytes]:
         raise SourceError(f"cannot open {path}: {exc.strerror}") from exc
 
 
-def read_file(path: Path, progress: Progress | None = None) -> Iterator[SourceItem]:
+def read_file(
+    path: Path, progress: Progress | None = None, limits: IngestLimits = DEFAULT_LIMITS
+) -> Iterator[SourceItem]:
     name = path.name.lower()
     if name.endswith((".ndjson", ".ndjson.gz")):
-        yield from read_ndjson(path, progress)
+        yield from read_ndjson(path, progress, limits)
     else:
-        yield from read_bundle(path, progress)
+        yield from read_bundle(path, progress, limits)
 
 
-def read_ndjson(path: Path, progress: Progress | None = None) -> Iterator[SourceItem]:
+def read_ndjson(
+    path: Path, progress: Progress | None = None, limits: IngestLimits = DEFAULT_LIMITS
+) -> Iterator[SourceItem]:
     name = path.name
     with _open(path) as handle:
-        for number, line in enumerate(handle, start=1):
+        for number, (line, length) in enumerate(_bounded_lines(handle, limits), start=1):
             if progress is not None:
-                progress(len(line))
+                progress(length)
+            origin = f"{name}:{number}"
+            if line is None:
+                error = f"line larger than {limits.max_resource_bytes} bytes"
+                yield SourceItem(None, origin, error=error)
+                continue
             text = line.strip()
-            if not text:
-                continue
-            try:
-                decoded = text.decode("utf-8")
-                resource = json.loads(decoded)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                yield SourceItem(None, f"{name}:{number}", error="invalid JSON line")
-                continue
-            if isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
-                yield from _bundle_entries(resource, f"{name}:{number}")
-                continue
-            yield SourceItem(resource, name, raw_text=decoded)
+            if text:
+                yield from _parse_line(text, origin, name, limits)
+
+
+def _bounded_lines(handle: IO[bytes], limits: IngestLimits) -> Iterator[tuple[bytes | None, int]]:
+    """Each line with its length; None in place of a line over the bound, which is read past
+    in pieces and never held whole (a gzip member can expand to gigabytes of one line)."""
+    bound = limits.max_resource_bytes
+    while line := handle.readline(bound + 1):
+        if len(line) <= bound or line.endswith(b"\n"):
+            yield line, len(line)
+            continue
+        length = len(line)
+        while line and not line.endswith(b"\n"):
+            line = handle.readline(_SKIP_CHUNK)
+            length += len(line)
+        yield None, length
+
+
+def _parse_line(text: bytes, origin: str, name: str, limits: IngestLimits) -> Iterator[SourceItem]:
+    if depth_exceeds(text, limits.max_depth):
+        yield SourceItem(None, origin, error=f"nested deeper than {limits.max_depth} levels")
+        return
+    try:
+        decoded = text.decode("utf-8")
+        resource = json.loads(decoded)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        yield SourceItem(None, origin, error="invalid JSON line")
+        return
+    if isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
+        yield from _bundle_entries(resource, origin)
+        return
+    yield SourceItem(resource, name, raw_text=decoded)
 
 
 def _bundle_entries(bundle: dict[str, Any], origin: str) -> Iterator[SourceItem]:
@@ -103,62 +138,69 @@ def _bundle_entries(bundle: dict[str, Any], origin: str) -> Iterator[SourceItem]
         yield _resolve_entry(entry, urls, f"{origin}#entry{index}")
 
 
-def read_bundle(path: Path, progress: Progress | None = None) -> Iterator[SourceItem]:
+def read_bundle(
+    path: Path, progress: Progress | None = None, limits: IngestLimits = DEFAULT_LIMITS
+) -> Iterator[SourceItem]:
     """Stream a Bundle (or a single resource) from a JSON file."""
     size = path.stat().st_size
     urls: dict[str, str] = {}
-    try:
-        with _open(path) as handle:
-            kind = _top_level_type(handle)
-        if kind != "Bundle":
-            yield from _single_resource(path, progress)
-            return
-        with _open(path) as handle:
-            for entry in ijson.items(handle, "entry.item", use_float=True):
-                identity = _entry_identity(entry)
-                if identity is not None:
-                    urls[identity[0]] = identity[1]
-    except (ijson.JSONError, ijson.IncompleteJSONError) as exc:
-        yield SourceItem(None, path.name, error=f"truncated or invalid JSON ({_short(exc)})")
-        # Entries before the damage are still good: fall through with what was mapped.
+    kind: str | None = None
+    with _open(path) as handle:
+        for item in walk_bundle(handle, limits):
+            if item.kind == "resourceType":
+                kind = item.value
+            elif item.kind == "entry" and (identity := _entry_identity(item.value)) is not None:
+                urls[identity[0]] = identity[1]
+            elif item.kind == "damage" and kind == "Bundle":
+                # Entries before the damage are still good: the second pass yields them.
+                yield SourceItem(None, path.name, error=f"truncated or invalid JSON ({item.value})")
+    if kind != "Bundle":
+        yield from _single_resource(path, progress, limits)
+        return
     reported = 0
-    try:
-        with _open(path) as handle:
-            for index, entry in enumerate(ijson.items(handle, "entry.item", use_float=True)):
-                yield _resolve_entry(entry, urls, f"{path.name}#entry{index}")
-                if progress is not None:
-                    position = min(handle.tell(), size)
-                    progress(position - reported)
-                    reported = position
-    except (ijson.JSONError, ijson.IncompleteJSONError):
-        pass  # already reported by the first pass
+    with _open(path) as handle:
+        index = 0
+        for item in walk_bundle(handle, limits):
+            if item.kind != "entry":
+                continue
+            yield _entry_item(item.value, urls, f"{path.name}#entry{index}")
+            index += 1
+            if progress is not None:
+                position = min(handle.tell(), size)
+                progress(position - reported)
+                reported = position
     if progress is not None:
         progress(size - reported)
 
 
-def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+def _entry_item(entry: Any, urls: dict[str, str], origin: str) -> SourceItem:
+    if isinstance(entry, Rejected):
+        return SourceItem(None, origin, error=entry.reason)
+    return _resolve_entry(entry, urls, origin)
 
 
-def _top_level_type(handle: IO[bytes]) -> str | None:
-    for prefix, event, value in ijson.parse(handle):
-        if prefix == "resourceType" and event == "string":
-            return str(value)
-        if prefix == "" and event == "end_map":
-            break
-    return None
-
-
-def _single_resource(path: Path, progress: Progress | None) -> Iterator[SourceItem]:
+def _single_resource(
+    path: Path, progress: Progress | None, limits: IngestLimits
+) -> Iterator[SourceItem]:
+    bound = limits.max_resource_bytes
     try:
         with _open(path) as handle:
-            resource = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        yield SourceItem(None, path.name, error="invalid JSON")
-        return
+            text = handle.read(bound + 1)
     finally:
         if progress is not None:
             progress(os.path.getsize(path))
+    if len(text) > bound:
+        yield SourceItem(None, path.name, error=f"resource larger than {bound} bytes")
+        return
+    if depth_exceeds(text, limits.max_depth):
+        error = f"nested deeper than {limits.max_depth} levels"
+        yield SourceItem(None, path.name, error=error)
+        return
+    try:
+        resource = json.loads(text.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        yield SourceItem(None, path.name, error="invalid JSON")
+        return
     yield SourceItem(resource, path.name)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from aipipe.fhir.codes import CONCEPTS, convert_unit
 
+_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
@@ -86,6 +87,9 @@ def map_resource(resource: Any, raw_text: str | None = None) -> MappedResource:
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise ResourceRejected("not a FHIR resource (no resourceType)")
     rtype: str = resource["resourceType"]
+    if not _TYPE.match(rtype):
+        # Not a type name, so possibly anything: naming it in a reason could leak content.
+        raise ResourceRejected("not a FHIR resource (resourceType is not a type name)")
     rid = resource.get("id")
     if rid is None:
         raise ResourceRejected(f"{rtype} has no id (and no fullUrl to derive one)")

@@ -12,6 +12,7 @@ the status and the server's OperationOutcome diagnostics, never resource content
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 import httpx
 
 from aipipe.errors import ConfigError, FhirServerError
+from aipipe.fhir.limits import DEFAULT_LIMITS, IngestLimits, depth_exceeds
 
 __all__ = ["DEFAULT_TYPES", "FhirServerSource", "PullStats"]
 
@@ -38,6 +40,9 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # A server may ask for a long pause; past this we would rather fail and let the caller retry later
 # than hang an ingest on a misconfigured gateway.
 MAX_RETRY_AFTER_S = 120.0
+# A page holds up to `_count` resources of up to `max_resource_bytes` each, but never more than
+# this: a page is parsed whole, so its size is what one pull can take in memory.
+MAX_PAGE_BYTES = 64 * 1024 * 1024
 # Servers cap `_count` differently (sekmet and HAPI at 1000); above that they silently page smaller.
 MAX_PAGE_SIZE = 1000
 FHIR_JSON = "application/fhir+json"
@@ -80,6 +85,7 @@ class FhirServerSource:
         auth: httpx.Auth | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        limits: IngestLimits = DEFAULT_LIMITS,
     ) -> None:
         self.base_url = _check_base_url(base_url)
         _check_range("page_size", page_size, 1, MAX_PAGE_SIZE)
@@ -91,6 +97,9 @@ class FhirServerSource:
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         self.sort_by_last_updated = sort_by_last_updated
+        self.limits = limits
+        # The page bound follows the resource bound, so a test (or a site) lowering one lowers both.
+        self.max_page_bytes = min(MAX_PAGE_BYTES, limits.max_resource_bytes * 4)
         self.last_pull: PullStats | None = None
         self._sleep = sleep
         self._client = httpx.Client(
@@ -197,9 +206,7 @@ class FhirServerSource:
             last = attempt >= self.max_retries
             try:
                 headers = {"Content-Type": FHIR_JSON} if body is not None else None
-                response = self._client.request(
-                    method, url, params=params, json=body, headers=headers
-                )
+                response = self._request(method, url, params, body, headers)
             except httpx.TransportError as exc:
                 if last:
                     raise FhirServerError(self._unreachable(exc)) from exc
@@ -209,6 +216,40 @@ class FhirServerSource:
                     return self._parse(response)
                 self._sleep(self._backoff(attempt, _retry_after(response)))
             attempt += 1
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        params: httpx.QueryParams | None,
+        body: Any,
+        headers: dict[str, str] | None,
+    ) -> httpx.Response:
+        """Send, and read at most `max_page_bytes` of the answer (streamed, never more)."""
+        request = self._client.build_request(method, url, params=params, json=body, headers=headers)
+        response = self._client.send(request, stream=True)
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > self.max_page_bytes:
+                    raise FhirServerError(
+                        f"FHIR server at {self.base_url} answered {request.url.path} with more "
+                        f"than {self.max_page_bytes} bytes; lower --page-size"
+                    )
+                chunks.append(chunk)
+        finally:
+            response.close()
+        # Already decoded: drop the encoding headers so the new response does not decode again.
+        kept = [
+            (key, value)
+            for key, value in response.headers.multi_items()
+            if key.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code, headers=kept, content=b"".join(chunks), request=request
+        )
 
     def _backoff(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
@@ -224,9 +265,15 @@ class FhirServerSource:
             )
         if status >= 300:
             raise FhirServerError(self._refused(response))
+        content = response.content
+        if depth_exceeds(content, self.limits.max_depth + 3):  # Bundle.entry[].resource
+            raise FhirServerError(
+                f"FHIR server at {self.base_url} answered {response.request.url.path} with JSON "
+                f"nested deeper than {self.limits.max_depth} levels; refusing to parse it"
+            )
         try:
-            body = response.json()
-        except ValueError as exc:
+            body = json.loads(content)
+        except (ValueError, RecursionError) as exc:
             raise FhirServerError(
                 f"FHIR server at {self.base_url} answered {response.request.url.path} with "
                 f"something that is not JSON ({response.headers.get('content-type', 'no type')})"
@@ -283,7 +330,7 @@ def _outcome_diagnostics(response: httpx.Response, limit: int = 300) -> str:
     """The OperationOutcome's issue texts, if the error body is one; servers put no PHI there."""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
         return ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 from aipipe.errors import (
     AipipeError,
     AuthError,
+    ConfigError,
     ConflictError,
     HubUnavailableError,
     NotFoundError,
@@ -63,6 +65,10 @@ class HubClient:
     ) -> None:
         if max_retries < 0 or backoff_s < 0:
             raise ValueError("max_retries and backoff_s must be ≥ 0")
+        if urlsplit(base_url).scheme not in ("http", "https") or "://" not in base_url:
+            raise ConfigError(
+                f"hub URL {base_url!r} needs http:// or https://, e.g. http://{base_url}"
+            )
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(

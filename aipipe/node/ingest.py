@@ -9,6 +9,7 @@ reasons, never resource contents.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,10 +17,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aipipe.fhir.files import Progress, SourceItem, discover, read_file
+from aipipe.fhir.limits import DEFAULT_LIMITS, IngestLimits
 from aipipe.fhir.mapping import MappedResource, ResourceRejected, map_resource
 from aipipe.store.node_store import NodeStore, WriteOutcome, later, utc_now
 
 BATCH_SIZE = 5000  # one transaction per batch; larger batches re-dirty fewer index pages
+# A resourceType that is not a type name is content, not a type: reported as `unknown`.
+_TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 
 
 @dataclass
@@ -39,6 +43,15 @@ class IngestReport:
     reasons: Counter[str] = field(default_factory=Counter)
     warnings: Counter[str] = field(default_factory=Counter)
     files: int = 0
+    # Where each rejection reason was first seen: `file:line` or `file#entryN`, never content.
+    first_rejected: dict[str, str] = field(default_factory=dict)
+    # The files of which nothing was stored, for the operator to look at.
+    files_all_rejected: list[str] = field(default_factory=list)
+
+    def reject(self, rtype: str, reason: str, origin: str) -> None:
+        self.counts(rtype).rejected += 1
+        self.reasons[reason] += 1
+        self.first_rejected.setdefault(reason, origin)
 
     def counts(self, rtype: str) -> TypeCounts:
         return self.types.setdefault(rtype, TypeCounts())
@@ -53,6 +66,8 @@ class IngestReport:
             "types": {t: vars(c) for t, c in sorted(self.types.items())},
             "totals": {name: self.total(name) for name in vars(TypeCounts())},
             "rejected_reasons": dict(self.reasons.most_common()),
+            "first_rejected_at": dict(self.first_rejected),
+            "files_all_rejected": list(self.files_all_rejected),
             "warnings": dict(self.warnings.most_common()),
         }
 
@@ -66,9 +81,12 @@ class ResourceSource(Protocol):
 class _Writer:
     """Maps items, buffers them and writes full batches to the store, counting everything."""
 
-    def __init__(self, store: NodeStore, report: IngestReport) -> None:
+    def __init__(
+        self, store: NodeStore, report: IngestReport, limits: IngestLimits = DEFAULT_LIMITS
+    ) -> None:
         self.store = store
         self.report = report
+        self.limits = limits
         self.pending: list[MappedResource] = []
         self.max_updated: dict[str, str] = {}
 
@@ -77,14 +95,16 @@ class _Writer:
         counts = self.report.counts(rtype)
         counts.read += 1
         if item.error is not None:
-            counts.rejected += 1
-            self.report.reasons[f"{rtype}: {item.error}"] += 1
+            self.report.reject(rtype, f"{rtype}: {item.error}", item.origin)
             return
         try:
             mapped = map_resource(item.resource, item.raw_text)
         except ResourceRejected as exc:
-            counts.rejected += 1
-            self.report.reasons[exc.reason] += 1
+            self.report.reject(rtype, exc.reason, item.origin)
+            return
+        bound = self.limits.max_resource_bytes
+        if item.raw_text is None and len(mapped.json.encode()) > bound:
+            self.report.reject(rtype, f"{rtype}: resource larger than {bound} bytes", item.origin)
             return
         self.report.warnings.update(mapped.warnings)
         self.pending.append(mapped)
@@ -107,22 +127,30 @@ class _Writer:
 
 
 def _type_of(item: SourceItem) -> str:
-    if isinstance(item.resource, dict) and isinstance(item.resource.get("resourceType"), str):
-        return str(item.resource["resourceType"])
+    rtype = item.resource.get("resourceType") if isinstance(item.resource, dict) else None
+    if isinstance(rtype, str) and _TYPE_NAME.match(rtype):
+        return rtype
     return item.resource_type or "unknown"
 
 
 def ingest_files(
-    store: NodeStore, paths: list[Path], progress: Progress | None = None
+    store: NodeStore,
+    paths: list[Path],
+    progress: Progress | None = None,
+    limits: IngestLimits = DEFAULT_LIMITS,
 ) -> IngestReport:
     """Ingest NDJSON and Bundle files (directories expanded)."""
     files = discover(paths)
     report = IngestReport(source="files", files=len(files))
     started = utc_now()
-    writer = _Writer(store, report)
+    writer = _Writer(store, report, limits)
     for path in files:
-        for item in read_file(path, progress):
+        rejected_before, read_before = report.total("rejected"), report.total("read")
+        for item in read_file(path, progress, limits):
             writer.add(item)
+        read = report.total("read") - read_before
+        if read and report.total("rejected") - rejected_before == read:
+            report.files_all_rejected.append(str(path))
     writer.flush()
     store.record_run("files", started, json.dumps(report.to_dict()))
     return report
@@ -140,6 +168,7 @@ def ingest_server(
     resource_types: Iterable[str],
     since: str | None = None,
     on_resource: Callable[[str], None] | None = None,
+    limits: IngestLimits = DEFAULT_LIMITS,
 ) -> IngestReport:
     """Pull each type updated after its cursor (or `since`), then advance the cursors.
 
@@ -149,7 +178,7 @@ def ingest_server(
     report = IngestReport(source=source_key)
     started = utc_now()
     for rtype in resource_types:
-        writer = _Writer(store, report)
+        writer = _Writer(store, report, limits)
         cursor = since if since is not None else store.cursor(source_key, rtype)
         report.counts(rtype)
         for resource in source.iter_resources(rtype, cursor):

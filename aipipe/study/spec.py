@@ -217,7 +217,7 @@ def parse_study(text: str, *, source: str = "<study>") -> StudySpec:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise StudyError(f"{source} is not valid YAML: {exc}") from exc
+        raise StudyError(f"{source} is not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(raw, dict):
         raise StudyError(f"{source} must be a YAML mapping with name, cohort and features")
     try:
@@ -231,7 +231,20 @@ def load_study(path: Path) -> StudySpec:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise StudyError(f"cannot read study file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise StudyError(
+            f"study file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from exc
     return parse_study(text, source=str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what the parser found and where, without its multi-line excerpt of the file."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = exc.problem or exc.context or "syntax error"
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
 
 
 def _first_errors(exc: ValidationError, limit: int = 3) -> str:
