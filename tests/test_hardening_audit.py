@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +309,99 @@ def test_a_database_file_that_is_zeroed_is_not_an_audit_log(
 
     with pytest.raises(StoreError, match="not an aipipe audit log"):
         verify(log_path)
+
+
+# --- the hub and its nodes -------------------------------------------------------------------
+
+
+def test_a_hub_stopped_in_process_leaves_a_checkpoint_at_its_head(tmp_path: Path) -> None:
+    from tests.hub_support import running_hub
+
+    with running_hub(tmp_path / "hub") as hub:
+        hub.enrol("site-a")
+        hub.publish()
+        paths = hub.paths
+
+    with AuditLog.open(paths.audit_log, None) as log:
+        head, checkpoints = log.head(), log.checkpoints()
+    assert head is not None and checkpoints
+    assert (checkpoints[-1].seq, checkpoints[-1].hash) == (head.seq, head.hash)
+    identity = Identity.load(paths.identity_key)
+    assert verify(paths.audit_log, trusted_keys=[identity.public_bytes]).events == head.seq
+
+
+def test_every_hub_response_carries_its_signed_audit_head(tmp_path: Path) -> None:
+    from aipipe.audit import HEADER, Anchor
+    from tests.hub_support import running_hub
+
+    with running_hub(tmp_path / "hub") as hub:
+        healthz = hub.client.get("/healthz")
+        refused = hub.client.get("/v1/work")  # no token: 401, with the head all the same
+        identity = Identity.load(hub.paths.identity_key)
+
+    heads = [Anchor.parse(response.headers[HEADER]) for response in (healthz, refused)]
+    assert refused.status_code == 401
+    assert {head.public_key for head in heads} == {identity.public_hex}
+    with AuditLog.open(hub.paths.audit_log, None) as log:
+        stored = {(c.seq, c.hash) for c in log.checkpoints()}
+    assert {(head.seq, head.hash) for head in heads} <= stored
+
+
+def _enrol_through_the_cli(hub_home: Path, node_home: Path, name: str) -> None:
+    from tests.e2e_support import aipipe_in_process
+
+    issued = aipipe_in_process("hub", "enrol-token", "--home", hub_home, "--node", name, "--json")
+    token = json.loads(issued.stdout)["token"]
+    aipipe_in_process("node", "init", "--home", node_home, "--name", name, "--token", token)
+
+
+def _copy_home(hub_home: Path, to: Path) -> Path:
+    to.mkdir()
+    for name in ("identity.key", "audit.sqlite"):
+        shutil.copy2(hub_home / name, to / name)
+    return to
+
+
+@pytest.mark.e2e
+def test_a_hub_log_cut_or_wiped_after_a_node_saw_its_head_fails_against_the_nodes_copy(
+    tmp_path: Path,
+) -> None:
+    from tests.e2e_support import ProcessGroup, aipipe, aipipe_in_process, start_hub
+
+    hub_home = tmp_path / "hub"
+    aipipe_in_process("hub", "init", "--home", hub_home, "--json")
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        for name in ("site-a", "site-b"):  # site-b enrols with a hub restarted after site-a
+            hub = start_hub(group, hub_home)
+            _enrol_through_the_cli(hub_home, tmp_path / name, name)
+            hub.process.send(signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal
+            assert hub.process.wait() in (0, -signal.SIGTERM), hub.process.log_tail()
+    finally:
+        group.stop()
+    kept = tmp_path / "site-b" / "hub-audit-head"
+    seen = int(kept.read_text().split(".")[0])
+    cut = _copy_home(hub_home, tmp_path / "cut")
+    _tamper(
+        cut / "audit.sqlite",
+        ("DELETE FROM events WHERE seq >= ?", [seen]),
+        ("DELETE FROM checkpoints WHERE seq >= ?", [seen]),
+    )
+    wiped = _copy_home(hub_home, tmp_path / "wiped")
+    _wipe(wiped / "audit.sqlite")
+    _fill(wiped / "audit.sqlite", Identity.load(wiped / "identity.key"), 2 * seen)
+
+    intact = aipipe("audit", "verify", "--home", hub_home, "--strict", "--anchor", kept)
+    results = {
+        home.name: aipipe("audit", "verify", "--home", home, "--anchor", kept, check=False)
+        for home in (cut, wiped)
+    }
+
+    assert seen > 1  # the first run's final checkpoint, signed at shutdown
+    assert "anchored at  event" in intact.stdout
+    assert {name: r.returncode for name, r in results.items()} == {
+        "cut": AuditChainBrokenError.exit_code,
+        "wiped": AuditChainBrokenError.exit_code,
+    }
+    assert f"the outside anchor was signed at event {seen}" in results["cut"].stderr
+    assert f"event {seen} is not the event the outside anchor signed" in results["wiped"].stderr
