@@ -146,7 +146,7 @@ def test_malformed_events_are_refused_before_they_reach_the_chain(
     with AuditLog.open(log_path, None) as log, pytest.raises(exception):
         log.append(event.pop("action"), actor="user:alice", **event)
 
-    assert verify(log_path).events == 0
+    assert verify(log_path, allow_unsigned=True).events == 0
 
 
 def test_the_table_refuses_updates_and_deletes(log_path: Path) -> None:
@@ -169,7 +169,7 @@ def test_a_checkpoint_is_signed_every_n_events_and_on_request(
         explicit = log.checkpoint()
         checkpoints = log.checkpoints()
 
-    assert [c.seq for c in checkpoints] == [10, 20, 25]
+    assert [c.seq for c in checkpoints] == [1, 10, 20, 26]  # 1: the signed cadence policy
     assert explicit == checkpoints[-1]
     assert {c.public_key for c in checkpoints} == {owner.public_hex}
 
@@ -207,7 +207,7 @@ def test_two_processes_appending_at_once_keep_one_valid_chain(log_path: Path) ->
         worker.join(120)
 
     assert [worker.exitcode for worker in workers] == [0, 0]
-    assert verify(log_path).events == 600
+    assert verify(log_path, allow_unsigned=True).events == 600
     actors = [row["actor"] for row in _rows(log_path)]
     assert actors.count("node:a") == actors.count("node:b") == 300
     turns = sum(a != b for a, b in itertools.pairwise(actors))
@@ -223,17 +223,18 @@ def test_a_long_chain_verifies_with_its_checkpoints(log_path: Path, owner: Ident
     report = verify(log_path, trusted_keys=[owner.public_bytes])
 
     rows = _rows(log_path)
-    assert report.events == 250
-    assert report.checkpoints == 5
+    assert report.events == 251  # the policy event, then the 250 appended
+    assert report.checkpoints == 7  # at the policy, every 50th event, and at close
+    assert (report.checkpoint_every, report.unanchored) == (50, 0)
     assert report.head_hash == rows[-1]["hash"]
     assert (report.first_time, report.last_time) == (rows[0]["time"], rows[-1]["time"])
     assert report.signers == (owner.public_hex,)
 
 
-def test_an_empty_log_verifies_with_the_genesis_head(log_path: Path) -> None:
+def test_an_empty_unsigned_log_verifies_with_the_genesis_head_when_allowed(log_path: Path) -> None:
     AuditLog.open(log_path, None).close()
 
-    report = verify(log_path)
+    report = verify(log_path, allow_unsigned=True)
 
     assert (report.events, report.head_hash, report.first_time) == (0, GENESIS_HASH, None)
 
@@ -351,7 +352,7 @@ def test_a_checkpoint_re_signed_by_another_key_fails_only_when_the_owner_is_pinn
 ) -> None:
     _fill(log_path, owner, 10, every=10)
     intruder = Identity.generate()
-    head = _rows(log_path)[-1]["hash"]
+    head = _rows(log_path)[9]["hash"]
     signature = intruder.sign(f"aipipe-audit-checkpoint:10:{head}".encode()).hex()
     _tamper(
         log_path,
@@ -361,7 +362,7 @@ def test_a_checkpoint_re_signed_by_another_key_fails_only_when_the_owner_is_pinn
         ),
     )
 
-    assert verify(log_path).signers == (intruder.public_hex,)
+    assert intruder.public_hex in verify(log_path).signers
     error = _broken(log_path, trusted_keys=[owner.public_bytes])
     assert error.first_bad_seq == 10
     assert "not by the log owner's key" in str(error)
@@ -378,10 +379,10 @@ def test_a_jsonl_export_verifies_without_the_database(
 
     count = export(log_path, "jsonl", out)
 
-    assert count == 25
+    assert count == 26
     from_export = verify_jsonl(out, trusted_keys=[owner.public_bytes])
     assert from_export == verify(log_path, trusted_keys=[owner.public_bytes])
-    assert from_export.checkpoints == 2
+    assert from_export.checkpoints == 4  # the policy, events 10 and 20, and the close
 
 
 def test_an_edited_jsonl_line_fails_verification(
@@ -399,7 +400,7 @@ def test_an_edited_jsonl_line_fails_verification(
     with pytest.raises(AuditChainBrokenError) as caught:
         verify_jsonl(out)
 
-    assert caught.value.first_bad_seq == record["seq"] == 9
+    assert caught.value.first_bad_seq == record["seq"] == 8
 
 
 def test_a_jsonl_export_cut_before_its_last_checkpoint_fails(
@@ -488,11 +489,18 @@ def test_cli_export_writes_the_file_and_records_the_export(home: Path, tmp_path:
     )
 
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["events"] == 12
-    assert verify_jsonl(out).events == 12
+    printed = json.loads(result.stdout)
+    # 13 events (policy + 12), then the CLI's own cadence (100, not the fixture's 5) as event 14
+    assert printed["events"] == 14
+    assert verify_jsonl(out, strict=True).events == 14
     last = _rows(home / "audit.sqlite")[-1]
-    assert (last["seq"], last["action"]) == (13, "audit.export")
-    assert json.loads(last["details"]) == {"events": 12, "file": "audit.jsonl", "format": "jsonl"}
+    assert (last["seq"], last["action"]) == (15, "audit.export")
+    assert json.loads(last["details"]) == {
+        "anchor_seq": 14,
+        "events": 14,
+        "file": "audit.jsonl",
+        "format": "jsonl",
+    }
 
 
 def test_cli_verify_reports_an_intact_chain(home: Path) -> None:
@@ -500,7 +508,7 @@ def test_cli_verify_reports_an_intact_chain(home: Path) -> None:
 
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert (report["valid"], report["events"], report["checkpoints"]) == (True, 12, 2)
+    assert (report["valid"], report["events"], report["checkpoints"]) == (True, 13, 4)
     assert report["pinned"] is True
 
 
@@ -525,9 +533,9 @@ def test_cli_verify_checks_an_exported_jsonl_against_a_given_key(
     bad = CliRunner().invoke(app, ["verify", "--jsonl", str(out), "--key", other])
 
     assert good.exit_code == 0, good.output
-    assert "audit chain intact: 12 events" in good.output
+    assert "audit chain intact: 13 events" in good.output
     assert bad.exit_code == AuditChainBrokenError.exit_code
-    assert "checkpoint at event 5" in bad.output
+    assert "checkpoint at event 1 " in bad.output
 
 
 def test_cli_export_of_a_node_home_names_the_node_as_fhir_observer(

@@ -61,6 +61,8 @@ class Action(StrEnum):
     AUTH_FAILURE = "auth.failure"
     ADMIN = "admin"
     AUDIT_EXPORT = "audit.export"
+    AUDIT_POLICY = "audit.policy"
+    """The log's promise: a signed checkpoint every ``checkpoint_every`` events from here on."""
 
 
 class Outcome(StrEnum):

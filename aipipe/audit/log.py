@@ -11,6 +11,7 @@ are no defence against someone who can drop them, which is what `aipipe.audit.ve
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -42,6 +43,7 @@ from aipipe.secure.identity import Identity
 
 SCHEMA_VERSION = 1
 _BUSY_TIMEOUT_S = 30.0
+_log = logging.getLogger(__name__)
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS events (
@@ -180,6 +182,7 @@ class AuditLog:
         self._checkpoint_every = checkpoint_every
         self._owner = owner
         self._lock = threading.Lock()
+        self._latest: Checkpoint | None = None
 
     @classmethod
     def open(
@@ -192,10 +195,12 @@ class AuditLog:
     ) -> AuditLog:
         """Open or create the log at `path`.
 
-        `identity` signs a checkpoint every `checkpoint_every` events; with ``None`` the log
-        appends unsigned (verify then has no checkpoint to hold a rewrite against). `owner`, a
-        node or hub name, is kept in the log (the latest given wins) and names the FHIR export's
-        observer.
+        `identity` signs a checkpoint every `checkpoint_every` events and at `close`; opening
+        with it records that cadence in the log as a signed ``audit.policy`` event (when the log
+        has none yet, or another cadence or key), which `verify` then holds the log to. With
+        ``None`` the log appends unsigned (verify refuses such a log unless told to accept it).
+        `owner`, a node or hub name, is kept in the log (the latest given wins) and names the
+        FHIR export's observer.
         """
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
@@ -211,10 +216,15 @@ class AuditLog:
                 if owner is not None and owner != recorded:
                     conn.execute("INSERT OR REPLACE INTO meta VALUES ('owner', ?)", (owner,))
                     recorded = owner
+                if identity is not None:
+                    _record_policy(conn, identity, checkpoint_every)
+                latest = _latest_checkpoint(conn, identity)
         except BaseException:
             conn.close()
             raise
-        return cls(conn, path, identity, checkpoint_every, recorded)
+        log = cls(conn, path, identity, checkpoint_every, recorded)
+        log._latest = latest
+        return log
 
     @property
     def path(self) -> Path:
@@ -245,27 +255,12 @@ class AuditLog:
             raise ValueError("audit actor must be a pseudonymous id such as 'node:st-olav'")
         body = normalise_details(details)
         with self._lock, _transaction(self._conn, self._path, "IMMEDIATE") as conn:
-            head = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev_hash = (1, GENESIS_HASH) if head is None else (head[0] + 1, head[1])
-            content: dict[str, Any] = {
-                "seq": seq,
-                "time": utc_now(),
-                "actor": actor,
-                "action": name,
-                "resource": resource,
-                "outcome": result,
-                "details": body,
-                "prev_hash": prev_hash,
-            }
-            event = AuditEvent(**content, hash=content_hash(content))
-            row = {**content, "details": canonical_json(body), "hash": event.hash}
-            conn.execute(
-                f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) "
-                f"VALUES ({', '.join('?' * len(EVENT_FIELDS))})",
-                [row[key] for key in EVENT_FIELDS],
-            )
-            if self._identity is not None and seq % self._checkpoint_every == 0:
-                self._sign(conn, self._identity, seq, event.hash)
+            event = _insert_event(conn, name, actor, resource, result, body)
+            # The cadence the log promises (its latest policy), not this opener's: another
+            # process may have recorded a different one since.
+            every = _policy_cadence(conn) or self._checkpoint_every
+            if self._identity is not None and event.seq % every == 0:
+                self._latest = _sign(conn, self._identity, event.seq, event.hash)
         return event
 
     def checkpoint(self) -> Checkpoint | None:
@@ -279,7 +274,16 @@ class AuditLog:
             head = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
             if head is None:
                 return None
-            return self._sign(conn, self._identity, head[0], head[1])
+            self._latest = _sign(conn, self._identity, head[0], head[1])
+            return self._latest
+
+    @property
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest checkpoint this instance signed or found signed by its key at open.
+
+        Cached, so that handing the signed head out (the hub's response header) costs nothing.
+        """
+        return self._latest
 
     def head(self) -> AuditEvent | None:
         """The last event, or ``None`` for an empty log."""
@@ -307,7 +311,14 @@ class AuditLog:
         return [Checkpoint.from_dict(dict(row)) for row in rows]
 
     def close(self) -> None:
-        self._conn.close()
+        """Sign the head if events came after the last checkpoint (shutdown), then close."""
+        try:
+            if self._identity is not None:
+                self.checkpoint()
+        except StoreError as exc:  # a full disk must not stop the shutdown; verify will tell
+            _log.warning("could not sign the audit head at close: %s", exc)
+        finally:
+            self._conn.close()
 
     def __enter__(self) -> AuditLog:
         return self
@@ -320,26 +331,96 @@ class AuditLog:
     ) -> None:
         self.close()
 
-    @staticmethod
-    def _sign(conn: sqlite3.Connection, identity: Identity, seq: int, head: str) -> Checkpoint:
-        existing = conn.execute(
-            f"SELECT {', '.join(CHECKPOINT_FIELDS)} FROM checkpoints WHERE seq = ?", (seq,)
-        ).fetchone()
-        if existing is not None:
-            return Checkpoint.from_dict(dict(existing))
-        checkpoint = Checkpoint(
-            seq=seq,
-            hash=head,
-            time=utc_now(),
-            public_key=identity.public_hex,
-            signature=identity.sign(checkpoint_message(seq, head)).hex(),
-        )
-        record = checkpoint.to_dict()
-        conn.execute(
-            f"INSERT INTO checkpoints ({', '.join(CHECKPOINT_FIELDS)}) VALUES (?, ?, ?, ?, ?)",
-            [record[key] for key in CHECKPOINT_FIELDS],
-        )
-        return checkpoint
+
+def _sign(conn: sqlite3.Connection, identity: Identity, seq: int, head: str) -> Checkpoint:
+    existing = conn.execute(
+        f"SELECT {', '.join(CHECKPOINT_FIELDS)} FROM checkpoints WHERE seq = ?", (seq,)
+    ).fetchone()
+    if existing is not None:
+        return Checkpoint.from_dict(dict(existing))
+    checkpoint = Checkpoint(
+        seq=seq,
+        hash=head,
+        time=utc_now(),
+        public_key=identity.public_hex,
+        signature=identity.sign(checkpoint_message(seq, head)).hex(),
+    )
+    record = checkpoint.to_dict()
+    conn.execute(
+        f"INSERT INTO checkpoints ({', '.join(CHECKPOINT_FIELDS)}) VALUES (?, ?, ?, ?, ?)",
+        [record[key] for key in CHECKPOINT_FIELDS],
+    )
+    return checkpoint
+
+
+def _insert_event(
+    conn: sqlite3.Connection,
+    action: str,
+    actor: str,
+    resource: str,
+    outcome: str,
+    details: dict[str, Any],
+) -> AuditEvent:
+    """Append one event at the head inside the caller's write transaction."""
+    head = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    seq, prev_hash = (1, GENESIS_HASH) if head is None else (head[0] + 1, head[1])
+    content: dict[str, Any] = {
+        "seq": seq,
+        "time": utc_now(),
+        "actor": actor,
+        "action": action,
+        "resource": resource,
+        "outcome": outcome,
+        "details": details,
+        "prev_hash": prev_hash,
+    }
+    event = AuditEvent(**content, hash=content_hash(content))
+    row = {**content, "details": canonical_json(details), "hash": event.hash}
+    conn.execute(
+        f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) "
+        f"VALUES ({', '.join('?' * len(EVENT_FIELDS))})",
+        [row[key] for key in EVENT_FIELDS],
+    )
+    return event
+
+
+def _policy_cadence(conn: sqlite3.Connection) -> int | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'checkpoint_every'").fetchone()
+    try:
+        return None if row is None else max(int(row[0]), 1)
+    except ValueError:
+        return None
+
+
+def _record_policy(conn: sqlite3.Connection, identity: Identity, every: int) -> None:
+    """Promise a checkpoint every `every` events, as a signed event, unless already promised.
+
+    The promise is an event (hashed, chained, and signed by a checkpoint at its own seq), so
+    deleting checkpoint rows, all events, or the promise itself fails `verify`; ``meta`` only
+    caches it for writers.
+    """
+    promised = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    if (
+        promised.get("checkpoint_every") == str(every)
+        and promised.get("policy_key") == identity.public_hex
+    ):
+        return
+    details = {"checkpoint_every": every, "public_key": identity.public_hex}
+    event = _insert_event(conn, Action.AUDIT_POLICY.value, "audit", "audit-log", "success", details)
+    _sign(conn, identity, event.seq, event.hash)
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('checkpoint_every', ?)", (str(every),))
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('policy_key', ?)", (identity.public_hex,))
+
+
+def _latest_checkpoint(conn: sqlite3.Connection, identity: Identity | None) -> Checkpoint | None:
+    if identity is None:
+        return None
+    row = conn.execute(
+        f"SELECT {', '.join(CHECKPOINT_FIELDS)} FROM checkpoints WHERE public_key = ? "
+        "ORDER BY seq DESC LIMIT 1",
+        (identity.public_hex,),
+    ).fetchone()
+    return None if row is None else Checkpoint.from_dict(dict(row))
 
 
 def _event_from_row(row: Mapping[str, Any]) -> AuditEvent:

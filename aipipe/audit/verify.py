@@ -8,10 +8,18 @@ The walk checks, in sequence order and stopping at the first break:
   or one was rewritten and its hash recomputed);
 - each checkpoint's Ed25519 signature verifies, its key is a trusted one when keys are given, and
   it signs the hash that event now has (else the events up to it were rewritten after signing);
-- no checkpoint lies beyond the last event (else events were deleted from the end).
+- no checkpoint lies beyond the last event (else events were deleted from the end);
+- the log holds a signed ``audit.policy`` event (its promise of a checkpoint every N events) and
+  keeps it: a checkpoint at the policy event and at every multiple of N after it (else checkpoint
+  rows were deleted so that a rewrite could be rehashed, or the whole log was wiped or recreated
+  by someone without the key). An empty log, or one with no policy, fails unless
+  ``allow_unsigned``.
 
-What it cannot prove: that events after the last checkpoint were not deleted or rewritten along
-with their checkpoints. Anchor `VerifyReport.head_hash` elsewhere (the hub, a ticket) to cover that.
+The at most N−1 events after the last checkpoint are reported as ``unanchored``; ``strict`` fails
+on any (a log after its process stopped, or an export, ends in a checkpoint). Deleting events
+together with the checkpoints after them, down to an earlier checkpoint, or replacing the file
+with an older copy, is only caught by an `Anchor` kept outside the file: with ``anchor``, the
+log must still hold that exact event at that seq.
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from aipipe.audit.anchor import Anchor
 from aipipe.audit.events import (
     GENESIS_HASH,
+    Action,
     Checkpoint,
     checkpoint_message,
     content_hash,
@@ -48,6 +58,12 @@ class VerifyReport:
     """Hex public keys that signed checkpoints; compare them with the owner's key if unpinned."""
     pinned: bool
     """Whether checkpoint keys were checked against trusted keys."""
+    checkpoint_every: int | None = None
+    """The cadence the log's latest policy promises; ``None`` for an unsigned log."""
+    unanchored: int = 0
+    """Events after the last checkpoint (at most ``checkpoint_every`` − 1 unless unsigned)."""
+    anchored_at: int | None = None
+    """The seq of the outside anchor the log was checked against, if one was given."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "signers": list(self.signers)}
@@ -57,11 +73,23 @@ def _short(key: str) -> str:
     return f"{key[:16]}…"
 
 
+@dataclass(frozen=True)
+class _Rules:
+    """What a verification demands beyond an unbroken chain."""
+
+    anchor: Anchor | None = None
+    strict: bool = False
+    allow_unsigned: bool = False
+
+
 class _ChainWalk:
     """Feed events in file or table order with `add`, then `finish` for the report."""
 
     def __init__(
-        self, checkpoints: Iterable[Checkpoint], trusted_keys: Collection[bytes] | None
+        self,
+        checkpoints: Iterable[Checkpoint],
+        trusted_keys: Collection[bytes] | None,
+        rules: _Rules | None = None,
     ) -> None:
         checkpoints = list(checkpoints)
         for checkpoint in checkpoints:
@@ -80,6 +108,17 @@ class _ChainWalk:
         self._prev_hash = GENESIS_HASH
         self._first_time: str | None = None
         self._last_time: str | None = None
+        self._rules = rules or _Rules()
+        self._every: int | None = None
+        self._policy_seq = 0
+        anchor = self._rules.anchor
+        if anchor is not None and self._trusted and anchor.public_key not in self._trusted:
+            self._broken(
+                f"the outside anchor is signed by key {_short(anchor.public_key)}, not by the "
+                "key this log is checked against: the owner's key was replaced, or the anchor "
+                "belongs to another log",
+                1,
+            )
 
     def add(self, record: Mapping[str, Any]) -> None:
         seq = self._check_seq(record.get("seq"))
@@ -110,6 +149,34 @@ class _ChainWalk:
         self._last_time = str(record.get("time"))
         while self._pending and self._pending[0].seq == seq:
             self._check_checkpoint(self._pending.popleft(), self._prev_hash)
+        if record.get("action") == Action.AUDIT_POLICY.value:
+            self._adopt_policy(seq, record.get("details"))
+        self._check_cadence(seq)
+        anchor = self._rules.anchor
+        if anchor is not None and anchor.seq == seq and anchor.hash != self._prev_hash:
+            self._broken(
+                f"event {seq} is not the event the outside anchor signed (hash "
+                f"{anchor.hash[:16]}…): the log was rewritten, recreated or replaced",
+                seq,
+            )
+
+    def _adopt_policy(self, seq: int, details: Any) -> None:
+        every = details.get("checkpoint_every") if isinstance(details, Mapping) else None
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            self._broken(f"the audit policy at event {seq} names no valid cadence", seq)
+        self._every, self._policy_seq = every, seq
+
+    def _check_cadence(self, seq: int) -> None:
+        every = self._every
+        if every is None or self._last_checkpoint == seq:
+            return
+        if seq == self._policy_seq or seq % every == 0:
+            self._broken(
+                f"no signed checkpoint at event {seq}, though the log promises one every {every} "
+                f"events (policy at event {self._policy_seq}): checkpoint rows were deleted, so "
+                f"events {self._last_checkpoint + 1}–{seq} may have been rewritten",
+                self._last_checkpoint + 1,
+            )
 
     @property
     def expected_seq(self) -> int:
@@ -125,6 +192,7 @@ class _ChainWalk:
                 f"events {last + 1} to {signed} were deleted from the end",
                 last + 1,
             )
+        self._finish_rules(last)
         return VerifyReport(
             events=last,
             first_time=self._first_time,
@@ -133,7 +201,34 @@ class _ChainWalk:
             head_hash=self._prev_hash,
             signers=tuple(sorted(self._signers)),
             pinned=self._trusted is not None,
+            checkpoint_every=self._every,
+            unanchored=last - self._last_checkpoint,
+            anchored_at=None if self._rules.anchor is None else self._rules.anchor.seq,
         )
+
+    def _finish_rules(self, last: int) -> None:
+        rules = self._rules
+        if self._every is None and not rules.allow_unsigned:
+            what = "is empty and has" if last == 0 else f"has {last} events but"
+            self._broken(
+                f"the log {what} no signed audit policy: it was wiped, recreated without the "
+                "owner's key, or written unsigned (open it once with the owner's key, e.g. any "
+                "aipipe command on the home, to sign it from now on)",
+                1,
+            )
+        if rules.anchor is not None and last < rules.anchor.seq:
+            self._broken(
+                f"the log ends at event {last} but the outside anchor was signed at event "
+                f"{rules.anchor.seq}: events {last + 1}–{rules.anchor.seq} were deleted, or "
+                "the log was wiped or replaced by an older copy",
+                last + 1,
+            )
+        if rules.strict and last > self._last_checkpoint:
+            self._broken(
+                f"events {self._last_checkpoint + 1}–{last} come after the last signed "
+                "checkpoint: they were added, or the log's final checkpoint was removed",
+                self._last_checkpoint + 1,
+            )
 
     def _check_seq(self, seq: Any) -> int:
         expected = self._expected
@@ -189,14 +284,25 @@ class _ChainWalk:
         raise AuditChainBrokenError(message, first_bad_seq=first_bad_seq)
 
 
-def verify(path: Path, *, trusted_keys: Collection[bytes] | None = None) -> VerifyReport:
+def verify(
+    path: Path,
+    *,
+    trusted_keys: Collection[bytes] | None = None,
+    anchor: Anchor | None = None,
+    strict: bool = False,
+    allow_unsigned: bool = False,
+) -> VerifyReport:
     """Verify the audit log at `path`; raise `AuditChainBrokenError` at the first break.
 
     With `trusted_keys` (raw Ed25519 public keys, the owner's), every checkpoint must be signed
     by one of them; without, any key whose signature verifies is accepted and listed in the report.
+    `anchor`, a signed head kept outside the file, must still be in the log; `strict` fails on
+    events after the last checkpoint; `allow_unsigned` accepts a log with no signed policy (the
+    chain is then all that is checked).
     """
+    rules = _Rules(anchor, strict, allow_unsigned)
     with read_snapshot(path) as snapshot:
-        walk = _ChainWalk(snapshot.checkpoints, trusted_keys)
+        walk = _ChainWalk(snapshot.checkpoints, trusted_keys, rules)
         for row in snapshot.event_rows():
             walk.add(record_from_row(row))
         return walk.finish()
@@ -212,8 +318,15 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise SourceError(f"cannot read audit export {path}: {exc}") from exc
 
 
-def verify_jsonl(path: Path, *, trusted_keys: Collection[bytes] | None = None) -> VerifyReport:
-    """Verify a JSONL export (`aipipe.audit.export`) without the database.
+def verify_jsonl(
+    path: Path,
+    *,
+    trusted_keys: Collection[bytes] | None = None,
+    anchor: Anchor | None = None,
+    strict: bool = False,
+    allow_unsigned: bool = False,
+) -> VerifyReport:
+    """Verify a JSONL export (`aipipe.audit.export`) without the database, as `verify` does.
 
     Lines are events, or ``{"checkpoint": {...}}`` records; a line that is not a JSON object was
     edited or cut and breaks the chain where it stands.
@@ -227,7 +340,7 @@ def verify_jsonl(path: Path, *, trusted_keys: Collection[bytes] | None = None) -
         if isinstance(record, dict) and "checkpoint" in record:
             fields = record["checkpoint"]  # not an object: seq None, which the walk refuses
             checkpoints.append(Checkpoint.from_dict(fields if isinstance(fields, dict) else {}))
-    walk = _ChainWalk(checkpoints, trusted_keys)
+    walk = _ChainWalk(checkpoints, trusted_keys, _Rules(anchor, strict, allow_unsigned))
     for number, line in _jsonl_lines(path):
         try:
             record = json.loads(line)

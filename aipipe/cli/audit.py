@@ -2,6 +2,8 @@
 
 The log is ``<home>/audit.sqlite`` (or the ``audit_log`` a node's ``node.yaml`` names) and the
 owner's key ``<home>/identity.key``; a checkpoint signed by any other key fails `verify`.
+`export` signs the head first and writes it beside the export (``<out>.anchor``): keep that
+anchor elsewhere, and `verify --anchor` later proves the log still holds it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from aipipe.audit import Action, AuditLog, VerifyReport, export, verify, verify_jsonl
+from aipipe.audit import Action, Anchor, AuditLog, VerifyReport, export, verify, verify_jsonl
 from aipipe.cli.render import AipipeGroup, console, emit_json
 from aipipe.errors import ConfigError
 from aipipe.secure.identity import Identity
@@ -74,20 +76,46 @@ def export_command(
     out: Path = typer.Option(..., "--out", help="The file to write (replaced if it exists)."),
     as_json: bool = JSON,
 ) -> None:
-    """Write the audit log to a file and record the export in the log itself."""
+    """Write the audit log to a file and record the export in the log itself.
+
+    The head is signed first, so the export ends in a checkpoint; that signed head (the anchor)
+    is printed and written to OUT.anchor, to be kept apart from the log.
+    """
     where = _open_home(home)
-    count = export(where.log, fmt.value, out, observer=where.owner)
-    with AuditLog.open(where.log, where.identity) as log:
+    with AuditLog.open(where.log, where.identity) as log:  # closing signs the export event
+        signed = log.checkpoint() if where.identity is not None else None
+        anchor = None if signed is None else Anchor.from_checkpoint(signed)
+        count = export(where.log, fmt.value, out, observer=where.owner)
         log.append(
             Action.AUDIT_EXPORT,
             actor=_actor(),
             resource="audit-log",
-            details={"format": fmt.value, "events": count, "file": out.name},
+            details={"format": fmt.value, "events": count, "file": out.name}
+            | ({} if anchor is None else {"anchor_seq": anchor.seq}),
         )
+    anchor_file = None if anchor is None else _write_anchor(out, anchor)
     if as_json:
-        emit_json({"format": fmt.value, "events": count, "out": str(out)})
+        emit_json({
+            "format": fmt.value, "events": count, "out": str(out),
+            "anchor": None if anchor is None else anchor.compact(),
+            "anchor_file": None if anchor_file is None else str(anchor_file),
+        })  # fmt: skip
         return
     console.print(f"[green]✓[/] exported {count} audit events as {fmt.value} to {out}")
+    if anchor is None:
+        console.print("[yellow]![/] no identity key in the home: the head was not signed")
+        return
+    console.print(f"  signed head (anchor) at event {anchor.seq}, kept in {anchor_file}:")
+    console.print(f"  {anchor.compact()}", soft_wrap=True)
+
+
+def _write_anchor(out: Path, anchor: Anchor) -> Path:
+    path = out.with_name(f"{out.name}.anchor")
+    try:
+        path.write_text(anchor.compact() + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the audit anchor {path}: {exc.strerror}") from exc
+    return path
 
 
 @app.command("verify")
@@ -99,20 +127,31 @@ def verify_command(
     key: str | None = typer.Option(
         None, "--key", help="Trust checkpoints signed by this hex Ed25519 public key only."
     ),
+    anchor_value: str | None = typer.Option(
+        None,
+        "--anchor",
+        help="A signed head kept outside the log (an export's .anchor file, a node's "
+        "hub-audit-head file, or the value itself): the log must still hold it.",
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail if any event comes after the last signed checkpoint."
+    ),
     as_json: bool = JSON,
 ) -> None:
-    """Prove the hash chain unbroken and its checkpoints signed by the owner's key.
+    """Prove the hash chain unbroken, checkpointed as the log promises, signed by the owner's key.
 
-    Exits non-zero at the first break, naming the first bad sequence number.
+    Exits non-zero at the first break, naming the first bad sequence number. With --anchor the
+    anchor's key is the trusted one (unless --key names another).
     """
     if home is not None and jsonl is not None:
         raise ConfigError("pass either --home DIR or --jsonl FILE, not both")
     where = None if home is None else _open_home(home)
-    trusted = _trusted_keys(key, where)
+    anchor = None if anchor_value is None else Anchor.load(anchor_value)
+    trusted = _trusted_keys(key, where, anchor)
     if where is not None:
-        report = verify(where.log, trusted_keys=trusted)
+        report = verify(where.log, trusted_keys=trusted, anchor=anchor, strict=strict)
     elif jsonl is not None:
-        report = verify_jsonl(jsonl, trusted_keys=trusted)
+        report = verify_jsonl(jsonl, trusted_keys=trusted, anchor=anchor, strict=strict)
     else:
         raise ConfigError("pass --home DIR (a node or hub home) or --jsonl FILE (an export)")
     if as_json:
@@ -121,8 +160,11 @@ def verify_command(
     _render(report)
 
 
-def _trusted_keys(key: str | None, where: _Home | None) -> list[bytes] | None:
-    """The keys checkpoints must be signed by: --key, else the home's identity, else any."""
+def _trusted_keys(
+    key: str | None, where: _Home | None, anchor: Anchor | None
+) -> list[bytes] | None:
+    """The keys checkpoints must be signed by: --key, else the anchor's (kept outside the home,
+    so a replaced identity.key cannot vouch for a recreated log), else the home's, else any."""
     if key is not None:
         try:
             raw = bytes.fromhex(key)
@@ -131,6 +173,8 @@ def _trusted_keys(key: str | None, where: _Home | None) -> list[bytes] | None:
         if len(raw) != 32:
             raise ConfigError(f"--key {key!r} is not a 64-digit hex Ed25519 public key")
         return [raw]
+    if anchor is not None:
+        return [bytes.fromhex(anchor.public_key)]
     if where is None or where.identity is None:
         return None
     return [where.identity.public_bytes]
@@ -146,9 +190,18 @@ def _render(report: VerifyReport) -> None:
         "last event": report.last_time or "-",
         "head hash": report.head_hash,
         "signed by": ", ".join(report.signers) or "-",
+        "cadence": f"a checkpoint every {report.checkpoint_every} events"
+        if report.checkpoint_every
+        else "-",
+        "anchored at": "-" if report.anchored_at is None else f"event {report.anchored_at}",
     }
     for label, value in rows.items():  # whole hashes and keys: an auditor copies them
         console.print(f"  {label:<12} {escape(value)}", soft_wrap=True)
+    if report.unanchored:
+        console.print(
+            f"[yellow]![/] {report.unanchored} events after the last checkpoint are not signed "
+            "yet (normal while the process runs; it signs them when it stops)"
+        )
     if report.events and not report.checkpoints:
         console.print(
             "[yellow]![/] no signed checkpoint: a rewrite of the whole log would go unnoticed; "

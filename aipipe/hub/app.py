@@ -26,6 +26,7 @@ from aipipe.errors import (
     StudyError,
     UpdateRejectedError,
 )
+from aipipe.hub.audit_head import AuditHeadMiddleware
 from aipipe.hub.cds import HubCdsProvider, hub_fhir_access
 from aipipe.hub.home import HubPaths
 from aipipe.hub.service import HubService, Principal
@@ -75,6 +76,7 @@ def create_app(paths: HubPaths) -> FastAPI:
         audit = AuditLog.open(paths.audit_log, identity, owner=f"hub/{paths.config.name}")
         service = HubService(paths, store, audit, identity)
         app.state.service = service
+        app.state.audit = audit  # its latest signed head goes out on every response
         app.state.changes = changes = Changes()
         service.tick()  # resume rounds a previous process left behind
         app.include_router(_cds(paths, service, audit))
@@ -83,10 +85,11 @@ def create_app(paths: HubPaths) -> FastAPI:
             yield
         finally:
             ticker.cancel()
-            audit.close()
+            audit.close()  # signs the head: nothing after the last checkpoint is left unsigned
             store.close()
 
     app = FastAPI(title="aipipe hub", version=__version__, lifespan=lifespan)
+    app.add_middleware(AuditHeadMiddleware)
 
     @app.exception_handler(AipipeError)
     async def _aipipe_error(request: Request, exc: AipipeError) -> JSONResponse:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel
 
+from aipipe.audit.anchor import HEADER as AUDIT_HEAD_HEADER
 from aipipe.errors import (
     AipipeError,
     AuthError,
@@ -62,7 +63,10 @@ class HubClient:
         backoff_s: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
+        on_audit_head: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_audit_head` is given the hub's signed audit head from each response that has
+        one (`aipipe.audit.HeadRecorder.observe` keeps the highest in the node home)."""
         if max_retries < 0 or backoff_s < 0:
             raise ValueError("max_retries and backoff_s must be ≥ 0")
         if urlsplit(base_url).scheme not in ("http", "https") or "://" not in base_url:
@@ -71,8 +75,13 @@ class HubClient:
             )
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
+        hooks = {"response": [_audit_head_hook(on_audit_head)]} if on_audit_head else {}
         self._http = httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport
+            base_url=self.base_url,
+            headers=headers,
+            timeout=timeout_s,
+            transport=transport,
+            event_hooks=hooks,
         )
         self._retries = max_retries
         self._backoff = backoff_s
@@ -265,3 +274,12 @@ def _checked(response: httpx.Response) -> httpx.Response:
         raise UpdateRejectedError(f"hub refused the update: {detail}")
     error = _STATUS_ERRORS.get(response.status_code, AipipeError)
     raise error(f"hub answered {response.status_code}: {detail}")
+
+
+def _audit_head_hook(record: Callable[[str], None]) -> Callable[[httpx.Response], None]:
+    def hook(response: httpx.Response) -> None:
+        head = response.headers.get(AUDIT_HEAD_HEADER)
+        if head:
+            record(head)
+
+    return hook

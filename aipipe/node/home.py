@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import secrets
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aipipe.audit.anchor import HUB_HEAD_FILE, HeadRecorder
 from aipipe.audit.log import AuditLog
 from aipipe.errors import ConfigError, IdentityError, NodeExistsError
 from aipipe.fhir.smart_key import SmartKey
@@ -94,7 +96,7 @@ def enrol(paths: NodePaths, token_text: str) -> str:
         sealing_key=sealing.hex(),
         sealing_signature=identity.sign(sealing_key_payload(token.node, sealing)).hex(),
     )
-    with HubClient(token.hub_url) as client:
+    with HubClient(token.hub_url, on_audit_head=_hub_head(paths)) as client:
         response = client.enrol(request)
     write_private(paths.home / CREDENTIAL, response.credential.encode(), what="hub credential")
     paths.config.hub_url = token.hub_url
@@ -121,7 +123,12 @@ def hub_client(paths: NodePaths) -> HubClient:
             "run: aipipe node init --home ... --name ... --token <token from the hub>"
         )
     credential = (paths.home / CREDENTIAL).read_text().strip()
-    return HubClient(paths.config.hub_url, token=credential)
+    return HubClient(paths.config.hub_url, token=credential, on_audit_head=_hub_head(paths))
+
+
+def _hub_head(paths: NodePaths) -> Callable[[str], None]:
+    """Keep the highest signed audit head the hub has shown this node, in the node home."""
+    return HeadRecorder(paths.home / HUB_HEAD_FILE).observe
 
 
 def node_vault(paths: NodePaths) -> SecureVault:
