@@ -357,9 +357,9 @@ class HubService:
         )
 
     def report_stats(self, node: str, study: str, stats: FeatureStats) -> None:
+        self.access.check_stats(node, study, stats)
         if stats.study_digest != self.study_info(study).digest:
             raise ConflictError(f"statistics are for another version of study '{study}'")
-        self.access.check_stats(node, study, stats)
         self.store.put_feature_stats(study, node, stats.study_digest, stats.model_dump(mode="json"))
 
     # -- closing -----------------------------------------------------------------------------
