@@ -17,6 +17,7 @@ they enter (``raise FhirServerError(...) from exc``), never logged and re-raised
     ├── AuditChainBrokenError     an audit log whose hash chain does not verify
     ├── HubUnavailableError       the hub cannot be reached
     ├── AuthError                 missing, wrong or insufficient credentials
+    │   └── ForbiddenError        a valid credential outside its scope (HTTP 403)
     ├── NotFoundError             a study, round, node or model that does not exist
     ├── ConflictError             a request that the current state forbids (round already open)
     ├── UpdateRejectedError       an update the hub refuses (bad signature, replay, late, …)
@@ -106,6 +107,11 @@ class AuthError(AipipeError):
     """A request without valid credentials, or with a role that may not do this."""
 
     exit_code = 11
+
+
+class ForbiddenError(AuthError):
+    """A valid credential asking for what its role may not have, e.g. a node reading a study
+    it takes no part in."""
 
 
 class NotFoundError(AipipeError):

@@ -144,13 +144,12 @@ def contribution_of(name: str, at: Round) -> FloatArray:
     """x = [r, r·clip(Δ)] of a small random update; sites differ in Δ and in n."""
     rng = np.random.default_rng(NAMES.index(name) + 1)
     delta = {k: rng.normal(0.0, 0.2, v.shape) for k, v in at.base.items()}
-    options = at.spec.secure_options
     return contribution(
         delta,
         40 + 60 * NAMES.index(name),
         layout=at.layout,
-        update_clip=options.update_clip,
-        max_examples=options.max_examples,
+        update_clip=at.spec.bounds.update_norm,
+        max_examples=at.spec.bounds.max_examples,
     )
 
 
@@ -159,7 +158,7 @@ def fedavg(at: Round, contributions: list[FloatArray]) -> Arrays:
     weighted, examples = mean_from_sum(
         np.sum(contributions, axis=0),
         layout=at.layout,
-        max_examples=at.spec.secure_options.max_examples,
+        max_examples=at.spec.bounds.max_examples,
     )
     return {k: at.base[k] + weighted[k] / examples for k in at.base}
 
@@ -262,7 +261,9 @@ class SecAggParty:
         forwarded = SecAggForwarded.model_validate_json(self.fetch(name, "forwarded-shares"))
         x = self.sent[name] = contribution_of(name, self.at)
         options = self.at.spec.secure_options
-        codec = fixed_point_codec(options.update_clip, len(self.config.clients), options.bits)
+        codec = fixed_point_codec(
+            self.at.spec.bounds.update_norm, len(self.config.clients), options.bits
+        )
         return self.clients[name].mask(forwarded.shares, codec.encode(x)).data
 
     def upload(self, name: str, payload: bytes) -> Response:
@@ -370,11 +371,11 @@ def test_the_model_after_a_dropout_is_fedavg_of_the_survivors_within_the_quantis
 
     expected = fedavg(at, sent)
     options = at.spec.secure_options
-    codec = fixed_point_codec(options.update_clip, len(party.config.clients), options.bits)
+    codec = fixed_point_codec(at.spec.bounds.update_norm, len(party.config.clients), options.bits)
     weight = float(np.sum([x[0] for x in sent]))
     # Decoding errs by ≤ e = n/(2·scale) on Σr and on each Σr·Δ_j, so the mean errs by
     # ≤ e·(1 + update_clip)/Σr to first order; 1e-6 covers the float32 weights.
-    bound = 1.01 * codec.error_bound(len(sent)) * (1 + options.update_clip) / weight + 1e-6
+    bound = 1.01 * codec.error_bound(len(sent)) * (1 + at.spec.bounds.update_norm) / weight + 1e-6
     for key in expected:
         assert np.max(np.abs(got[key] - expected[key])) <= bound, key
         assert not np.allclose(got[key], at.base[key]), key

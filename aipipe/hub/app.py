@@ -22,6 +22,7 @@ from aipipe.errors import (
     AipipeError,
     AuthError,
     ConflictError,
+    ForbiddenError,
     NotFoundError,
     StudyError,
     UpdateRejectedError,
@@ -55,6 +56,8 @@ LONG_POLL_STEP_S = 0.2
 
 
 def _error_status(exc: AipipeError) -> int:
+    if isinstance(exc, ForbiddenError):
+        return 403
     if isinstance(exc, AuthError):
         return 401
     if isinstance(exc, NotFoundError):
@@ -200,8 +203,8 @@ def _routes(app: FastAPI) -> None:
         return service.publish(body.spec)
 
     @app.get("/v1/studies/{study}")
-    async def study(study: str, service: Svc, _: Anyone) -> StudyInfo:
-        return service.study_info(study)
+    async def study(study: str, service: Svc, who: Anyone) -> StudyInfo:
+        return service.access.study(who, study)
 
     @app.post("/v1/studies/{study}/rounds")
     async def open_round(
@@ -212,8 +215,8 @@ def _routes(app: FastAPI) -> None:
         return info
 
     @app.get("/v1/studies/{study}/rounds")
-    async def rounds(study: str, service: Svc, _: Anyone) -> list[RoundInfo]:
-        return [service.round_info(study, r.round) for r in service.store.rounds(study)]
+    async def rounds(study: str, service: Svc, who: Anyone) -> list[RoundInfo]:
+        return service.access.rounds(who, study)
 
     @app.get("/v1/studies/{study}/rounds/{number}")
     async def round_info(
@@ -221,7 +224,7 @@ def _routes(app: FastAPI) -> None:
         number: int,
         service: Svc,
         changes: Notify,
-        _: Anyone,
+        who: Anyone,
         wait: Annotated[float, Query(ge=0, le=60)] = 0,
         state: str | None = None,
         metrics: int | None = None,
@@ -230,7 +233,7 @@ def _routes(app: FastAPI) -> None:
         metric reports from `metrics` (a long-poll for `train round --wait`)."""
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            info = service.round_info(study, number)
+            info = service.access.round(who, study, number)
             left = deadline - asyncio.get_running_loop().time()
             unchanged = info.state == state and len(info.metrics) == (metrics or 0)
             if left <= 0 or not unchanged or state is None:
@@ -278,16 +281,16 @@ def _routes(app: FastAPI) -> None:
             await changes.wait(min(left, LONG_POLL_STEP_S))
 
     @app.get("/v1/models")
-    async def models(service: Svc, _: Anyone, study: str | None = None) -> list[ModelVersionInfo]:
-        return [service.models.info(r["version"]) for r in service.store.models(study)]
+    async def models(service: Svc, who: Anyone, study: str | None = None) -> list[ModelVersionInfo]:
+        return service.access.models(who, study)
 
     @app.get("/v1/models/{version}")
-    async def model(version: str, service: Svc, _: Anyone) -> ModelVersionInfo:
-        return service.models.info(version)
+    async def model(version: str, service: Svc, who: Anyone) -> ModelVersionInfo:
+        return service.access.model(who, version)
 
     @app.get("/v1/models/{version}/weights")
-    async def weights(version: str, service: Svc, _: Anyone) -> Response:
-        return Response(service.models.weights(version), media_type="application/octet-stream")
+    async def weights(version: str, service: Svc, who: Anyone) -> Response:
+        return Response(service.access.weights(who, version), media_type="application/octet-stream")
 
     @app.post("/v1/models/{version}/metrics")
     async def metrics(

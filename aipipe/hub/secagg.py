@@ -128,7 +128,7 @@ class SecAggRounds:
         roster = {r["name"]: bytes.fromhex(r["public_key"]) for r in secure.service.store.nodes()}
         seen = secure.store.seen_keys(exclude_round=config.round_id if replay else None)
         server = SecAggServer(config=config, roster=roster, seen_public_keys=seen)
-        codec = fixed_point_codec(spec.secure_options.update_clip, len(selected), config.bits)
+        codec = fixed_point_codec(spec.bounds.update_norm, len(selected), config.bits)
         return SecAggRound(server, codec, "advertising", secure.now(), frozenset(selected))
 
     def open(self, spec: StudySpec, number: int) -> None:

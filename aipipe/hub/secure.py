@@ -267,11 +267,11 @@ class SecureRounds:
         row = self.round_row(spec.name, number)
         try:
             self.need_min_nodes(spec, len(contributors), "contributions are in the sum")
-            check_sum(total, len(contributors), spec.secure_options.update_clip, SUM_TOLERANCE)
+            check_sum(total, len(contributors), spec.bounds.update_norm, SUM_TOLERANCE)
             weighted, examples = mean_from_sum(
                 np.asarray(total, dtype=np.float64),
                 layout=self.layout(row.base_version),
-                max_examples=spec.secure_options.max_examples,
+                max_examples=spec.bounds.max_examples,
             )
         except SecureAggregationError as exc:
             self.fail(spec.name, number, str(exc))

@@ -32,6 +32,7 @@ from aipipe.errors import (
     StudyError,
     UpdateRejectedError,
 )
+from aipipe.hub.access import Access
 from aipipe.hub.home import HubPaths
 from aipipe.hub.models import ModelRegistry, version_id
 from aipipe.hub.secure import SecureRounds
@@ -75,6 +76,7 @@ class HubService:
         self.identity = identity
         self.models = ModelRegistry(store, audit)
         self.secure = SecureRounds(self)
+        self.access = Access(self)
         self._specs: dict[str, StudySpec] = {}
 
     # -- auth and enrolment ------------------------------------------------------------------
@@ -230,6 +232,7 @@ class HubService:
                 model is not None
                 and model["round"] > 0
                 and not self.store.has_metrics(current, node)
+                and self.store.takes_part(study, node)
             ):
                 return WorkItem(
                     kind="evaluate",
@@ -302,9 +305,14 @@ class HubService:
             weighted = {k: v.astype(np.float64) * n for k, v in delta.items()}
             if running is not None:
                 weighted = {k: running[k] + weighted[k] for k in weighted}
+            if not all(np.all(np.isfinite(v)) for v in weighted.values()):
+                raise UpdateRejectedError("the round's sum would not be finite with this update")
             return encode_arrays(weighted)
 
-        problem = self.store.fold_update(study, number, node, record, fold)
+        try:
+            problem = self.store.fold_update(study, number, node, record, fold)
+        except UpdateRejectedError as exc:  # raised inside the transaction: nothing was folded
+            problem = str(exc)
         if problem is not None:
             self.audit.append(
                 "update.refused",
@@ -343,13 +351,13 @@ class HubService:
         self._maybe_close(study, number)
 
     def report_metrics(self, node: str, report: EvalReport) -> None:
-        if self.store.model(report.version) is None:
-            raise NotFoundError(f"no model version {report.version[:12]}")
+        self.access.check_metrics(node, report.version)
         self.store.add_metrics(
             report.version, node, report.model_dump(mode="json", exclude={"version", "protocol"})
         )
 
     def report_stats(self, node: str, study: str, stats: FeatureStats) -> None:
+        self.access.check_stats(node, study, stats)
         if stats.study_digest != self.study_info(study).digest:
             raise ConflictError(f"statistics are for another version of study '{study}'")
         self.store.put_feature_stats(study, node, stats.study_digest, stats.model_dump(mode="json"))

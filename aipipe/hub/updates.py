@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from aipipe.errors import SignatureError, UpdateRejectedError
 from aipipe.secure.identity import verify_signature
+from aipipe.study.spec import Bounds
 from aipipe.wire import FrameError, UpdateHeader, unpack_frame
 from aipipe.wire.tensors import Arrays, TensorDecodeError, decode_arrays
 
@@ -31,6 +32,7 @@ def verified_update(
     assert row is not None  # verified_header checked it
     delta = _checked_delta(service, row.base_version, payload)
     check_norm(header, delta)
+    check_bounds(service.spec(study).bounds, header)
     return header, delta
 
 
@@ -110,4 +112,25 @@ def check_norm(header: UpdateHeader, delta: Arrays) -> None:
     if abs(actual - header.update_norm) > 1e-4 * max(1.0, actual):
         raise UpdateRejectedError(
             f"update claims norm {header.update_norm:.6g} but its tensors have {actual:.6g}"
+        )
+
+
+# The signed norm may differ from the payload's by check_norm's tolerance, and a node's float32
+# clipping lands a hair above its target: allow that much over the bound, no more.
+_NORM_SLACK = 1e-4
+
+
+def check_bounds(bounds: Bounds, header: UpdateHeader) -> None:
+    """The study's `bounds`: one site may neither claim more rows nor move the model further
+    (without them one update with n = 10¹² and Δ = target − base sets the model)."""
+    assert header.num_examples is not None and header.update_norm is not None
+    if header.num_examples > bounds.max_examples:
+        raise UpdateRejectedError(
+            f"update claims n={header.num_examples} but the study allows at most "
+            f"max_examples={bounds.max_examples} per site; a node counts at most that many rows"
+        )
+    if header.update_norm > bounds.update_norm * (1 + _NORM_SLACK):
+        raise UpdateRejectedError(
+            f"update has norm {header.update_norm:.6g} but the study allows at most "
+            f"update_norm={bounds.update_norm:g}; a node clips its update to that norm"
         )

@@ -78,13 +78,12 @@ def _record(
 ) -> FloatArray:
     """x = [r, r·clip(Δ)], kept in the node's own records before it is masked or encrypted."""
     assert item.round is not None
-    options = spec.secure_options
     x = contribution(
         result.delta,
         result.num_examples,
         layout=layout,
-        update_clip=options.update_clip,
-        max_examples=options.max_examples,
+        update_clip=spec.bounds.update_norm,
+        max_examples=spec.bounds.max_examples,
     )
     _vault(worker).record_sent(spec.name, item.round, x)
     worker.audit.append(
@@ -167,7 +166,7 @@ def secagg_round(
     forwarded = client.secagg_wait(study, number, "forwarded-shares", SecAggForwarded, until=until)
     result = train()
     x = _record(worker, spec, item, result, layout, epsilon)
-    codec = fixed_point_codec(spec.secure_options.update_clip, len(config.clients), config.bits)
+    codec = fixed_point_codec(spec.bounds.update_norm, len(config.clients), config.bits)
     masked = protocol.mask(forwarded.shares, codec.encode(x))
     header = worker.signed_header(spec, item, masked.data, epsilon)
     client.upload(study, number, pack_frame(header.model_dump_json().encode(), masked.data))
@@ -217,7 +216,7 @@ def ckks_keygen(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
     unsealable = [n for n in others if keys.get(n, (b"", None))[1] is None]
     if unsealable:
         raise SecureAggregationError(f"no verified sealing key for {', '.join(unsealable)}")
-    value_max = max(1.0, spec.secure_options.update_clip)
+    value_max = max(1.0, spec.bounds.update_norm)
     params = choose_ckks_params(
         max_abs_sum=len(selected) * value_max, precision=CKKS_PRECISION, n_max=len(selected)
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -130,6 +130,20 @@ def train_local(
         noise_multiplier=sigma,
         sample_rate=q,
     )
+
+
+def clip_update(result: TrainResult, max_norm: float) -> TrainResult:
+    """Δ projected onto the L2 ball of radius `max_norm` (the study's `bounds.update_norm`),
+    the hub's bound on any update. Post-processing of a DP update: ε is unchanged. Scaled a
+    hair inside the ball so that float32 rounding never lands it outside."""
+    if result.update_norm <= max_norm:
+        return result
+    scale = max_norm * (1 - 1e-6) / result.update_norm
+    delta = {k: (v * scale).astype(v.dtype) for k, v in result.delta.items()}
+    start = {k: result.weights[k] - result.delta[k] for k in result.weights}
+    norm = math.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values()))
+    weights = {k: (start[k] + delta[k]).astype(result.weights[k].dtype) for k in start}
+    return replace(result, weights=weights, delta=delta, update_norm=norm)
 
 
 def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> EvalResult:

@@ -19,7 +19,7 @@ from aipipe.errors import ConflictError, StudyError, StudyNotApprovedError
 from aipipe.models import ModelError, arrays_to_model, build_model
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
-from aipipe.node.training import TrainResult, evaluate, train_local
+from aipipe.node.training import TrainResult, clip_update, evaluate, train_local
 from aipipe.node.vault import SecureVault
 from aipipe.privacy.accountant import calibrate_noise, sample_rate
 from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError
@@ -131,7 +131,7 @@ class NodeWorker:
             spec.name,
             FeatureStats(
                 study_digest=spec.digest(),
-                n=len(matrix.train_ids),
+                n=min(len(matrix.train_ids), spec.bounds.max_examples),
                 mean=None if prep.mean is None else [float(v) for v in prep.mean],
                 std=None if prep.std is None else [float(v) for v in prep.std],
                 fills={c: float(v) for c, v in prep.fills.items()},
@@ -155,9 +155,9 @@ class NodeWorker:
             return secure_rounds.ckks_round(self, spec, item, local_update, epsilon)
         result = local_update()
         payload = encode_arrays(result.delta)
-        header = self.signed_header(
-            spec, item, payload, epsilon, n=result.num_examples, norm=result.update_norm
-        )
+        # A site larger than bounds.max_examples weighs as that many (the hub refuses more).
+        weight = min(result.num_examples, spec.bounds.max_examples)
+        header = self.signed_header(spec, item, payload, epsilon, n=weight, norm=result.update_norm)
         self.audit.append(
             "train",
             actor=self.name,
@@ -221,7 +221,7 @@ class NodeWorker:
         model = arrays_to_model(global_weights, build_model(spec.model, len(matrix.columns)))
         # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
         # anyone who can recompute it can subtract the noise from the update.
-        return train_local(
+        result = train_local(
             model,
             matrix.x_train,
             matrix.y_train,
@@ -231,6 +231,7 @@ class NodeWorker:
             global_weights=global_weights,
             seed=secrets.randbits(63),
         )
+        return clip_update(result, spec.bounds.update_norm)  # the hub refuses longer updates
 
     def signed_header(
         self,

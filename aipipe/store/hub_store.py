@@ -183,6 +183,19 @@ class HubStore:
             "INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?)", (study, node, reason)
         )
 
+    def excluded(self, study: str, node: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM exclusions WHERE study = ? AND node = ?", (study, node)
+        ).fetchone()
+        return row is not None
+
+    def takes_part(self, study: str, node: str) -> bool:
+        """Selected for (hence offered work in) a round of the study, and not excluded since."""
+        row = self.conn.execute(
+            "SELECT 1 FROM round_nodes WHERE study = ? AND node = ? LIMIT 1", (study, node)
+        ).fetchone()
+        return row is not None and not self.excluded(study, node)
+
     def eligible_nodes(self, study: str) -> list[str]:
         rows = self.conn.execute(
             "SELECT name FROM nodes WHERE state = 'active' AND name NOT IN "

@@ -11,15 +11,21 @@ brings the equivalent codes and the canonical unit.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aipipe.errors import StudyError
 from aipipe.fhir.codes import CONCEPTS, expand_token
+
+# A study names at most this many features and its matrix has at most this many columns (a
+# categorical feature gives one per level): far above any clinical model, low enough that a
+# hostile or mistaken study cannot stall the hub while it is validated and its model built.
+MAX_FEATURES = 10_000
 
 
 class _Model(BaseModel):
@@ -149,18 +155,29 @@ class Aggregation(_Model):
     tau: float = Field(default=1e-3, gt=0)
 
 
-class SecureOptions(_Model):
-    """How `secure: secagg | ckks` encodes and protects each node's update (DESIGN §7).
+class Bounds(_Model):
+    """What one site may contribute to a round, in every `secure` mode; the hub refuses more.
 
-    A node clips its model delta Δ to L2 norm `update_clip` and weights it by
-    r = min(n, max_examples) / max_examples ∈ (0, 1]; it sends [r, r·Δ] masked or encrypted, so
-    the hub learns Σr and Σr·Δ (hence the FedAvg mean) but not any node's n or Δ. Every
-    coordinate is then within ±max(1, update_clip), the range the fixed-point codec and the
+    A node clips its model delta Δ to L2 norm `update_norm` (post-processing: DP is untouched)
+    and counts at most `max_examples` rows: a larger site weighs as `max_examples`. Without
+    these a single node could claim n = 10¹² or send Δ = target − base and set the model.
+
+    Plaintext: the hub refuses an update whose signed n exceeds `max_examples` or whose Δ is
+    longer than `update_norm`, and feature statistics that claim more rows. Secure modes: a
+    node sends [r, r·Δ] with r = min(n, max_examples) / max_examples ∈ (0, 1], masked or
+    encrypted, so the hub learns Σr and Σr·Δ (hence the FedAvg mean) but not any node's n or
+    Δ; every coordinate lies in ±max(1, update_norm), the range the fixed-point codec and the
     CKKS parameters are sized for.
     """
 
-    update_clip: float = Field(default=10.0, gt=0)
-    max_examples: int = Field(default=1000, gt=0)
+    max_examples: int = Field(default=1000, gt=0, le=10**9)
+    update_norm: float = Field(default=10.0, gt=0, le=1e6, allow_inf_nan=False)
+
+
+class SecureOptions(_Model):
+    """How `secure: secagg | ckks` protects each node's update (DESIGN §7); the update's
+    bounds, which these modes encode with, are the study's `bounds`."""
+
     # SecAgg+: None takes the protocol defaults (aipipe.secure.secagg.graph): k = n − 1 up to
     # 10 nodes, t = ⌊2(k+1)/3⌋ + 1.
     neighbours: int | None = Field(default=None, gt=0)
@@ -175,7 +192,7 @@ class StudySpec(_Model):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     description: str = ""
     cohort: Cohort
-    features: list[Feature] = Field(min_length=1)
+    features: list[Feature] = Field(min_length=1, max_length=MAX_FEATURES)
     demographics: list[Demographic] = Field(default_factory=list)
     reference_date: date | None = None
     split: Split = Split()
@@ -185,20 +202,43 @@ class StudySpec(_Model):
     privacy: Privacy = Privacy()
     secure: Literal["none", "ckks", "secagg"] = "none"
     secure_options: SecureOptions = SecureOptions()
+    bounds: Bounds = Bounds()
     aggregation: Aggregation = Aggregation()
     min_nodes: int = Field(default=2, ge=1)
     round_deadline_s: float = Field(default=600.0, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _early_limits(cls, raw: Any) -> Any:
+        """Refuse an oversized feature list before each feature is validated, and read the
+        bounds that older study files set under `secure_options`."""
+        if not isinstance(raw, dict):
+            return raw
+        features = raw.get("features")
+        if isinstance(features, list) and len(features) > MAX_FEATURES:
+            raise ValueError(
+                f"the study lists {len(features)} features; at most {MAX_FEATURES} are "
+                "allowed: select fewer features"
+            )
+        return _moved_bounds(raw)
+
     @model_validator(mode="after")
     def _unique_names(self) -> StudySpec:
-        names = [f.name for f in self.features] + list(self.demographics)
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        # Counters, not list.count: linear in the number of features (DESIGN: a study of tens
+        # of thousands of features must not stall the hub that validates it).
+        names = Counter([f.name for f in self.features] + list(self.demographics))
+        dupes = sorted(n for n, k in names.items() if k > 1)
         if dupes:
-            raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
+            raise ValueError(f"feature names must be unique; repeated: {_few(dupes)}")
         columns = self.columns()
-        clashes = sorted({c for c in columns if columns.count(c) > 1})
+        if len(columns) > MAX_FEATURES:
+            raise ValueError(
+                f"the features produce {len(columns)} columns; at most {MAX_FEATURES} are "
+                "allowed: select fewer features or levels"
+            )
+        clashes = sorted(c for c, k in Counter(columns).items() if k > 1)
         if clashes:
-            raise ValueError(f"two features produce the same column: {', '.join(clashes)}")
+            raise ValueError(f"two features produce the same column: {_few(clashes)}")
         if "age" in self.demographics and self.reference_date is None:
             raise ValueError("demographics 'age' needs a reference_date (age on that day)")
         return self
@@ -211,6 +251,30 @@ class StudySpec(_Model):
         """sha256 over the canonical JSON form: what a node approves and pins."""
         canonical = self.model_dump_json(exclude_none=False).encode()
         return hashlib.sha256(canonical).hexdigest()
+
+
+def _few(names: list[str], limit: int = 10) -> str:
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" (and {more} more)" if more > 0 else "")
+
+
+_MOVED_BOUNDS = {"update_clip": "update_norm", "max_examples": "max_examples"}
+
+
+def _moved_bounds(raw: dict[str, Any]) -> dict[str, Any]:
+    """Study files written before `bounds` set them as `secure_options.update_clip` and
+    `secure_options.max_examples`; read those as `bounds` (a study may not set both)."""
+    options = raw.get("secure_options")
+    if not isinstance(options, dict) or not set(options) & set(_MOVED_BOUNDS):
+        return raw
+    bounds = raw.get("bounds", {})
+    if not isinstance(bounds, dict):
+        return raw
+    moved = {_MOVED_BOUNDS[k]: v for k, v in options.items() if k in _MOVED_BOUNDS}
+    if set(moved) & set(bounds):
+        raise ValueError("set max_examples and update_norm under `bounds` only")
+    rest = {k: v for k, v in options.items() if k not in _MOVED_BOUNDS}
+    return {**raw, "secure_options": rest, "bounds": {**bounds, **moved}}
 
 
 def parse_study(text: str, *, source: str = "<study>") -> StudySpec:

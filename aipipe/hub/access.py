@@ -1,0 +1,154 @@
+"""What each credential may read and report at the hub: the admin token everything, a node
+credential only what concerns the studies it takes part in.
+
+A node *takes part* in a study when it was selected for one of the study's rounds (the hub
+offered it work there) and has not been excluded since (`HubStore.takes_part`). Then:
+
+- a study's definition is readable by every node not excluded from it: each enrolled node is
+  invited to a published study and must read it to approve it before its first round;
+- the study's rounds, model versions and weights only by nodes that take part;
+- what a node reads about a round or a model carries no other site's n, ε, update norm,
+  decline reason or evaluation report (the admin sees them): only its own;
+- a node reports evaluation metrics only for a trained version (round ≥ 1) of a study it takes
+  part in, and feature statistics only for such a study, with n within the study's
+  `bounds.max_examples` and finite values. Refused reports are audited.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, NoReturn
+
+from aipipe.errors import ConflictError, ForbiddenError, NotFoundError
+from aipipe.wire import FeatureStats, ModelVersionInfo, RoundInfo, StudyInfo
+
+if TYPE_CHECKING:
+    from aipipe.hub.service import HubService, Principal
+
+
+class Access:
+    def __init__(self, service: HubService) -> None:
+        self._service = service
+        self._store = service.store
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def study(self, who: Principal, study: str) -> StudyInfo:
+        info = self._service.study_info(study)
+        if who.kind == "node" and self._store.excluded(study, who.name):
+            raise ForbiddenError(f"node '{who.name}' is excluded from study '{study}'")
+        return info
+
+    def rounds(self, who: Principal, study: str) -> list[RoundInfo]:
+        self._require_part(who, study)
+        return [self._round(who, study, r.round) for r in self._store.rounds(study)]
+
+    def round(self, who: Principal, study: str, number: int) -> RoundInfo:
+        self._require_part(who, study)
+        return self._round(who, study, number)
+
+    def models(self, who: Principal, study: str | None) -> list[ModelVersionInfo]:
+        rows = self._store.models(study)
+        if who.kind == "node":
+            taking_part = {
+                str(s["name"])
+                for s in self._store.studies()
+                if self._store.takes_part(s["name"], who.name)
+            }
+            rows = [r for r in rows if r["study"] in taking_part]
+        return [self.model(who, r["version"]) for r in rows]
+
+    def model(self, who: Principal, version: str) -> ModelVersionInfo:
+        info = self._service.models.info(version)
+        if who.kind == "admin":
+            return info
+        self._require_part(who, info.study)
+        contributors = [
+            c if c.get("node") == who.name else {"node": c.get("node")} for c in info.contributors
+        ]
+        metrics = {k: v for k, v in info.metrics.items() if k == who.name}
+        return info.model_copy(update={"contributors": contributors, "metrics": metrics})
+
+    def weights(self, who: Principal, version: str) -> bytes:
+        self.model(who, version)
+        return self._service.models.weights(version)
+
+    # -- reports -----------------------------------------------------------------------------
+
+    def check_metrics(self, node: str, version: str) -> None:
+        row = self._store.model(version)
+        if row is None:
+            raise NotFoundError(f"no model version {version[:12]}")
+        if row["round"] < 1 or not self._store.takes_part(row["study"], node):
+            self._refuse(
+                "metrics.refused",
+                node,
+                f"model/{version}",
+                f"node '{node}' was not asked to evaluate version {version[:12]} (round "
+                f"{row['round']} of '{row['study']}'): it reports only on trained versions of "
+                "studies it takes part in",
+            )
+
+    def check_stats(self, node: str, study: str, stats: FeatureStats) -> None:
+        spec = self._service.spec(study)
+        if not self._store.takes_part(study, node):
+            self._refuse(
+                "stats.refused",
+                node,
+                f"study/{study}",
+                f"node '{node}' takes no part in study '{study}' (never selected for a round, "
+                "or excluded): its statistics are not pooled",
+            )
+        problem = _stats_problem(stats, len(spec.columns()), spec.bounds.max_examples)
+        if problem is not None:
+            self._refuse("stats.refused", node, f"study/{study}", problem, conflict=True)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _require_part(self, who: Principal, study: str) -> None:
+        self._service.study_info(study)  # 404 for a study that does not exist
+        if who.kind == "node" and not self._store.takes_part(study, who.name):
+            raise ForbiddenError(
+                f"node '{who.name}' takes no part in study '{study}': its rounds and models "
+                "are for the nodes selected for them"
+            )
+
+    def _round(self, who: Principal, study: str, number: int) -> RoundInfo:
+        info = self._service.round_info(study, number)
+        if who.kind == "admin":
+            return info
+        declined = {k: v if k == who.name else "declined" for k, v in info.declined.items()}
+        metrics = {k: v for k, v in info.metrics.items() if k == who.name}
+        return info.model_copy(update={"declined": declined, "metrics": metrics})
+
+    def _refuse(
+        self, action: str, node: str, resource: str, reason: str, *, conflict: bool = False
+    ) -> NoReturn:
+        self._service.audit.append(
+            action, actor=node, resource=resource, outcome="refused", details={"reason": reason}
+        )
+        raise ConflictError(reason) if conflict else ForbiddenError(reason)
+
+
+def _stats_problem(stats: FeatureStats, columns: int, max_examples: int) -> str | None:
+    """Why a site's statistics cannot be pooled, or None. A site weighs by its n in the pool:
+    n is bounded like an update's, and a NaN or infinity would poison every patient's score."""
+    if stats.n > max_examples:
+        return (
+            f"statistics claim n={stats.n} but the study allows at most "
+            f"max_examples={max_examples} per site"
+        )
+    for name, values in (("mean", stats.mean), ("std", stats.std)):
+        if values is None:
+            continue
+        if len(values) != columns:
+            return f"statistics hold {len(values)} {name} values for {columns} columns"
+        if not all(math.isfinite(v) for v in values):
+            return f"statistics hold a NaN or infinite {name}"
+    if stats.std is not None and any(v < 0 for v in stats.std):
+        return "statistics hold a negative std"
+    if not all(math.isfinite(v) for v in stats.fills.values()):
+        return "statistics hold a NaN or infinite fill value"
+    if any(not 0 <= c < columns for c in stats.fills):
+        return f"statistics fill a column outside 0..{columns - 1}"
+    return None
