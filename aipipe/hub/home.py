@@ -36,6 +36,9 @@ class HubConfig(BaseModel):
     # CDS Hooks: allowed client issuers → their JWK Sets; empty serves CDS without a JWT.
     cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
     cds_base_url: str | None = None
+    # Serve /docs (Swagger UI, assets from the hub) and /openapi.json to anyone; else
+    # /openapi.json needs the admin token and there is no /docs.
+    api_docs: bool = False
 
 
 class HubPaths:

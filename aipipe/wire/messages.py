@@ -25,6 +25,12 @@ class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ErrorBody(Wire):
+    """What the hub answers with every error status: one line saying what went wrong."""
+
+    detail: str
+
+
 class EnrolToken(Wire):
     """What `aipipe hub enrol-token` prints, as `aipipe-enrol.<base64url JSON>`."""
 
