@@ -9,8 +9,6 @@ response is checked for 5xx, undocumented status codes, content types and its sc
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -31,10 +28,13 @@ from schemathesis.specs.openapi.checks import (
 
 from aipipe.hub.app import create_app
 from aipipe.hub.home import init_hub
-from tests.hub_support import STUDY
+from aipipe.secure.identity import Identity
+from aipipe.wire import EnrolToken
+from tests.hub_support import STUDY, Hub, enrol_request
+from tests.live_server import serving
 
 # Per operation, per generation mode, per caller: ~30 operations x 2 x 3 x this.
-EXAMPLES = 8
+EXAMPLES = 6
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -48,27 +48,11 @@ class LiveHub:
     url: str
     admin: dict[str, str]
     node: dict[str, str]
-    schema: dict[str, Any]
-
-
-def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread]:
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "hub did not start"
-        time.sleep(0.02)
-    return server, thread
+    operations: list[Any]  # schemathesis APIOperations, loaded once for the three callers
 
 
 def _prepare(url: str, admin: dict[str, str], issue: Callable[[str], str]) -> dict[str, str]:
     """Publish a study, enrol two nodes, open a round; return the first node's headers."""
-    from aipipe.secure.identity import Identity
-    from aipipe.wire import EnrolToken
-    from tests.hub_support import enrol_request
 
     with httpx.Client(base_url=url, timeout=30) as client:
         assert client.post("/v1/studies", json={"spec": STUDY}, headers=admin).status_code == 200
@@ -85,29 +69,22 @@ def _prepare(url: str, admin: dict[str, str], issue: Callable[[str], str]) -> di
 
 @pytest.fixture(scope="module")
 def live_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveHub]:
-    from tests.hub_support import Hub
-
     paths, token = init_hub(tmp_path_factory.mktemp("fuzz") / "hub", "fuzz-hub")
-    app = create_app(paths)
-    server, thread = _serve(app)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     admin = {"Authorization": f"Bearer {token}"}
-    helper = Hub(None, paths, token)  # type: ignore[arg-type]
-    try:
+    helper = Hub(None, paths, token)  # type: ignore[arg-type]  # only issues tokens
+    app = create_app(paths)
+    with serving(app) as port:
+        url = f"http://127.0.0.1:{port}"
         node = _prepare(url, admin, lambda name: helper.issue_token(name).encode())
-        yield LiveHub(url, admin, node, app.openapi())
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        schema = schemathesis.openapi.from_dict(app.openapi())
+        operations = [result.ok() for result in schema.get_all_operations()]
+        yield LiveHub(url, admin, node, operations)
 
 
 def _fuzz(hub: LiveHub, headers: dict[str, str]) -> list[str]:
     """Every operation, valid and invalid requests; the failures, one line each."""
-    schema = schemathesis.openapi.from_dict(hub.schema)
     failures: list[str] = []
-    for result in schema.get_all_operations():
-        operation = result.ok()
+    for operation in hub.operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             try:
                 _fuzz_operation(operation, mode, hub.url, headers)

@@ -22,6 +22,7 @@ from aipipe.cds import JwtPolicy, cds_router
 from aipipe.errors import (
     AipipeError,
     AuthError,
+    BlobIntegrityError,
     ConflictError,
     NotFoundError,
     StudyError,
@@ -56,6 +57,8 @@ LONG_POLL_STEP_S = 0.2
 
 
 def _error_status(exc: AipipeError) -> int:
+    if isinstance(exc, BlobIntegrityError):
+        return 500  # the hub's own storage is damaged: nothing the caller can fix
     if isinstance(exc, AuthError):
         return 401
     if isinstance(exc, NotFoundError):
