@@ -12,6 +12,7 @@ they enter (``raise FhirServerError(...) from exc``), never logged and re-raised
     ├── SourceError               an input path that cannot be read at all
     ├── FhirServerError           a FHIR server unreachable or answering with errors
     ├── StoreError                the SQLite store is corrupt or of a newer schema
+    │   └── BlobIntegrityError    a stored blob is missing or does not hash to its address
     ├── IdentityError             key files missing, unreadable or with loose permissions
     ├── SignatureError            a signature that does not verify
     ├── AuditChainBrokenError     an audit log whose hash chain does not verify
@@ -73,6 +74,10 @@ class StoreError(AipipeError):
     """The node's SQLite store cannot be used (corrupt, or written by a newer aipipe)."""
 
     exit_code = 6
+
+
+class BlobIntegrityError(StoreError):
+    """A content-addressed blob is missing or its bytes do not hash to its address."""
 
 
 class IdentityError(AipipeError):

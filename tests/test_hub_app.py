@@ -427,7 +427,7 @@ def test_an_upload_refused_for_its_content_type_is_audited(
 
 
 def test_metrics_are_prometheus_text_with_the_node_count(hub: Hub, pair: tuple[Node, Node]) -> None:
-    response = hub.client.get("/metrics")
+    response = hub.client.get("/metrics", headers=hub.admin)
 
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -437,7 +437,7 @@ def test_metrics_are_prometheus_text_with_the_node_count(hub: Hub, pair: tuple[N
 
 
 def test_openapi_lists_every_v1_route(hub: Hub) -> None:
-    response = hub.client.get("/openapi.json")
+    response = hub.client.get("/openapi.json", headers=hub.admin)
 
     assert response.status_code == 200
     assert set(response.json()["paths"]) >= V1_ROUTES

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from aipipe import __version__
@@ -21,6 +22,7 @@ from aipipe.cds import JwtPolicy, cds_router
 from aipipe.errors import (
     AipipeError,
     AuthError,
+    BlobIntegrityError,
     ConflictError,
     ForbiddenError,
     NotFoundError,
@@ -30,6 +32,8 @@ from aipipe.errors import (
 from aipipe.hub.audit_head import AuditHeadMiddleware
 from aipipe.hub.cds import HubCdsProvider, hub_fhir_access
 from aipipe.hub.home import HubPaths
+from aipipe.hub.limits import MAX_KEYS_BYTES, MAX_UPDATE_BYTES, RequestGuard, Scope
+from aipipe.hub.openapi import CDS_RESPONSES, ERROR_RESPONSES, add_docs, validation_error
 from aipipe.hub.service import HubService, Principal
 from aipipe.secure.identity import Identity
 from aipipe.wire import (
@@ -49,13 +53,14 @@ from aipipe.wire import (
 from aipipe.wire.frames import MEDIA_TYPE
 from aipipe.wire.secure import CkksKeyInfo, Keyring, SecAggRoundConfig
 
-MAX_UPDATE_BYTES = 256 * 1024 * 1024
-MAX_KEYS_BYTES = 64 * 1024 * 1024
+MAX_ROUND = 2**31 - 1  # path integers past this are refused (422), not overflowed (500)
 TICK_S = 0.5
 LONG_POLL_STEP_S = 0.2
 
 
 def _error_status(exc: AipipeError) -> int:
+    if isinstance(exc, BlobIntegrityError):
+        return 500  # the hub's own storage is damaged: nothing the caller can fix
     if isinstance(exc, ForbiddenError):
         return 403
     if isinstance(exc, AuthError):
@@ -82,7 +87,7 @@ def create_app(paths: HubPaths) -> FastAPI:
         app.state.audit = audit  # its latest signed head goes out on every response
         app.state.changes = changes = Changes()
         service.tick()  # resume rounds a previous process left behind
-        app.include_router(_cds(paths, service, audit))
+        app.include_router(_cds(paths, service, audit), responses=CDS_RESPONSES)
         ticker = asyncio.create_task(_tick_forever(service, changes))
         try:
             yield
@@ -91,16 +96,33 @@ def create_app(paths: HubPaths) -> FastAPI:
             audit.close()  # signs the head: nothing after the last checkpoint is left unsigned
             store.close()
 
-    app = FastAPI(title="aipipe hub", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="aipipe hub",
+        version=__version__,
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # served by add_docs
+    )
     app.add_middleware(AuditHeadMiddleware)
 
     @app.exception_handler(AipipeError)
     async def _aipipe_error(request: Request, exc: AipipeError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=_error_status(exc))
 
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(RequestGuard, authenticate=_guard_authenticate)
+    add_docs(app, paths.config)
     _routes(app)
     _secure_routes(app)
     return app
+
+
+def _guard_authenticate(scope: Scope, token: str | None) -> Principal:
+    """The token check `RequestGuard` runs before a body is read."""
+    service: HubService = scope["app"].state.service
+    return service.authenticate(token)
 
 
 def _cds(paths: HubPaths, service: HubService, audit: AuditLog) -> APIRouter:
@@ -153,6 +175,9 @@ def _service(request: Request) -> HubService:
 def _principal(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
+    checked: Principal | None = getattr(request.state, "principal", None)
+    if checked is not None:  # RequestGuard authenticated it before reading the body
+        return checked
     token = authorization[7:] if authorization and authorization.startswith("Bearer ") else None
     return _service(request).authenticate(token)
 
@@ -174,6 +199,13 @@ Notify = Annotated[Changes, Depends(_changes)]
 Admin = Annotated[Principal, Depends(_admin)]
 Node = Annotated[Principal, Depends(_node)]
 Anyone = Annotated[Principal, Depends(_principal)]
+Number = Annotated[int, Path(ge=1, le=MAX_ROUND, description="round number")]
+
+
+def _binary(media_type: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entry of a 200 that is not JSON."""
+    schema = {"type": "string", "format": "binary"} if media_type != "text/plain" else {}
+    return {200: {"content": {media_type: {"schema": schema or {"type": "string"}}}}}
 
 
 def _routes(app: FastAPI) -> None:
@@ -216,12 +248,13 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/studies/{study}/rounds")
     async def rounds(study: str, service: Svc, who: Anyone) -> list[RoundInfo]:
+        service.spec(study)  # 404 for a study that does not exist, not []
         return service.access.rounds(who, study)
 
     @app.get("/v1/studies/{study}/rounds/{number}")
     async def round_info(
         study: str,
-        number: int,
+        number: Number,
         service: Svc,
         changes: Notify,
         who: Anyone,
@@ -242,7 +275,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/studies/{study}/rounds/{number}/updates")
     async def upload(
-        study: str, number: int, request: Request, service: Svc, changes: Notify, node: Node
+        study: str, number: Number, request: Request, service: Svc, changes: Notify, node: Node
     ) -> UpdateReceipt:
         if request.headers.get("content-type") != MEDIA_TYPE:
             service.refuse_update(node.name, study, number, f"updates are sent as {MEDIA_TYPE}")
@@ -257,7 +290,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/studies/{study}/rounds/{number}/decline")
     async def decline(
-        study: str, number: int, body: Decline, service: Svc, changes: Notify, node: Node
+        study: str, number: Number, body: Decline, service: Svc, changes: Notify, node: Node
     ) -> dict[str, bool]:
         service.decline(node.name, study, number, body.reason, body.exclude)
         changes.notify()
@@ -288,7 +321,7 @@ def _routes(app: FastAPI) -> None:
     async def model(version: str, service: Svc, who: Anyone) -> ModelVersionInfo:
         return service.access.model(who, version)
 
-    @app.get("/v1/models/{version}/weights")
+    @app.get("/v1/models/{version}/weights", responses=_binary("application/octet-stream"))
     async def weights(version: str, service: Svc, who: Anyone) -> Response:
         return Response(service.access.weights(who, version), media_type="application/octet-stream")
 
@@ -302,9 +335,9 @@ def _routes(app: FastAPI) -> None:
         changes.notify()
         return {"ok": True}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus(service: Svc) -> str:
-        return service.prometheus_text()
+    @app.get("/metrics", responses=_binary("text/plain"))
+    async def prometheus(service: Svc, _: Admin) -> PlainTextResponse:
+        return PlainTextResponse(service.prometheus_text())
 
 
 def _secure_routes(app: FastAPI) -> None:
@@ -317,13 +350,15 @@ def _secure_routes(app: FastAPI) -> None:
     prefix = "/v1/studies/{study}/rounds/{number}"
 
     @app.get(prefix + "/secagg/config")
-    async def secagg_config(study: str, number: int, service: Svc, node: Node) -> SecAggRoundConfig:
+    async def secagg_config(
+        study: str, number: Number, service: Svc, node: Node
+    ) -> SecAggRoundConfig:
         return service.secure.secagg.config(service.spec(study), number, node.name)
 
     @app.post(prefix + "/secagg/{step}")
     async def secagg_post(
         study: str,
-        number: int,
+        number: Number,
         step: str,
         request: Request,
         service: Svc,
@@ -336,10 +371,10 @@ def _secure_routes(app: FastAPI) -> None:
         changes.notify()
         return {"ok": True}
 
-    @app.get(prefix + "/secagg/{step}")
+    @app.get(prefix + "/secagg/{step}", responses={204: {"description": "not ready yet"}})
     async def secagg_poll(
         study: str,
-        number: int,
+        number: Number,
         step: str,
         service: Svc,
         changes: Notify,
@@ -369,13 +404,13 @@ def _secure_routes(app: FastAPI) -> None:
     async def ckks_key_info(study: str, service: Svc, node: Node) -> CkksKeyInfo:
         return service.secure.ckks.key_info(study, node.name)
 
-    @app.get(prefix + "/ckks/sum")
-    async def ckks_sum(study: str, number: int, service: Svc, node: Node) -> Response:
+    @app.get(prefix + "/ckks/sum", responses=_binary(MEDIA_TYPE))
+    async def ckks_sum(study: str, number: Number, service: Svc, node: Node) -> Response:
         return Response(service.secure.ckks.bundle(study, number, node.name), media_type=MEDIA_TYPE)
 
     @app.post(prefix + "/ckks/decrypted")
     async def ckks_decrypted(
-        study: str, number: int, request: Request, service: Svc, changes: Notify, node: Node
+        study: str, number: Number, request: Request, service: Svc, changes: Notify, node: Node
     ) -> dict[str, bool]:
         body = await request.body()
         if len(body) > MAX_UPDATE_BYTES:

@@ -38,12 +38,14 @@ class HubConfig(BaseModel):
     # unless cds_allow_unauthenticated (refused by `hub serve` off a loopback address).
     cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
     cds_base_url: str | None = None
-    # -- CDS hardening (issue 9) --
     cds_allow_unauthenticated: bool = False
     # FHIR base URLs (https) a CDS request's fhirServer may name; empty: none is ever read.
     cds_fhir_servers: list[str] = Field(default_factory=list)
     # PEM file of extra CAs for those servers (relative to the home); verification stays on.
     cds_fhir_ca_bundle: str | None = None
+    # Serve /docs (Swagger UI, assets from the hub) and /openapi.json to anyone; else
+    # /openapi.json needs the admin token and there is no /docs.
+    api_docs: bool = False
 
     @field_validator("cds_fhir_servers")
     @classmethod

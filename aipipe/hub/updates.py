@@ -43,8 +43,12 @@ def verified_header(
     try:
         header_json, payload = unpack_frame(body)
         header = UpdateHeader.model_validate_json(header_json)
-    except (FrameError, ValidationError) as exc:
+    except FrameError as exc:
         raise UpdateRejectedError(f"malformed update: {str(exc).splitlines()[0]}") from exc
+    except ValidationError as exc:  # name the field, not its value
+        first = exc.errors(include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "header"
+        raise UpdateRejectedError(f"malformed update header: {where}: {first['msg']}") from exc
     if header.node != node:
         raise UpdateRejectedError(f"update names node '{header.node}' but came from '{node}'")
     _check_signature(service, node, header)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aipipe.errors import StoreError
+from aipipe.errors import BlobIntegrityError, StoreError
 from aipipe.store.node_store import later, utc_now
 from aipipe.store.sqlite import immediate
 
@@ -369,11 +369,24 @@ class HubStore:
         return digest
 
     def blob(self, digest: str) -> bytes:
+        """The bytes stored at `digest`, checked against it: a damaged file is never served.
+
+        The error names the digest, not the path: it can reach an HTTP caller.
+        """
         path = self.blob_dir / digest[:2] / digest
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise StoreError(f"model blob {digest[:12]} is missing from {self.blob_dir}") from exc
+            raise BlobIntegrityError(
+                f"model blob {digest[:12]} is missing from the hub's blob store; restore the "
+                "hub home's blobs/ from a backup"
+            ) from exc
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BlobIntegrityError(
+                f"model blob {digest[:12]} is damaged (its sha256 does not match); restore the "
+                "hub home's blobs/ from a backup"
+            )
+        return data
 
     def add_model(
         self,

@@ -19,10 +19,19 @@ TOKEN_PREFIX = "aipipe-enrol."
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _STUDY = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _HEX64 = r"^[0-9a-f]{64}$"
+# Counts of examples: far above any site's cohort, and below SQLite's 64-bit INTEGER, so an
+# absurd count is a validation error (refused and audited), never an overflow.
+MAX_COUNT = 2**31 - 1
 
 
 class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ErrorBody(Wire):
+    """What the hub answers with every error status: one line saying what went wrong."""
+
+    detail: str
 
 
 class EnrolToken(Wire):
@@ -132,7 +141,7 @@ class UpdateHeader(Wire):
     round: int = Field(ge=1)
     base_version: str = Field(pattern=_HEX64)
     secure: Literal["none", "ckks", "secagg"] = "none"
-    num_examples: int | None = Field(default=None, gt=0)
+    num_examples: int | None = Field(default=None, gt=0, le=MAX_COUNT)
     payload_sha256: str = Field(pattern=_HEX64)
     epsilon_spent: float | None = None
     delta: float | None = None
@@ -174,7 +183,7 @@ class Decline(Wire):
 class EvalReport(Wire):
     protocol: int = PROTOCOL_VERSION
     version: str = Field(pattern=_HEX64)
-    n: int = Field(ge=0)
+    n: int = Field(ge=0, le=MAX_COUNT)
     accuracy: float | None
     auc: float | None
     loss: float | None
@@ -192,7 +201,7 @@ class FeatureStats(Wire):
 
     protocol: int = PROTOCOL_VERSION
     study_digest: str = Field(pattern=_HEX64)
-    n: int = Field(gt=1)
+    n: int = Field(gt=1, le=MAX_COUNT)
     mean: list[float] | None
     std: list[float] | None
     fills: dict[int, float]

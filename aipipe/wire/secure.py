@@ -8,9 +8,9 @@ ciphertexts are large and travel as binary frames behind a signed `UpdateHeader`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, WithJsonSchema
 
 from aipipe.secure._framing import frame
 from aipipe.secure.secagg.messages import (
@@ -42,6 +42,25 @@ def ckks_keys_payload(study: str, fingerprint: bytes, public_context: bytes) -> 
     return frame(CKKS_KEYS_LABEL, study, fingerprint, public_context)
 
 
+def _base64_schema(min_bytes: int, max_bytes: int) -> dict[str, Any]:
+    """A byte field's JSON schema as it travels: base64 text, 4 characters per 3 bytes."""
+    return {
+        "type": "string",
+        "contentEncoding": "base64",
+        "minLength": 4 * -(-min_bytes // 3),
+        "maxLength": 4 * -(-max_bytes // 3),
+    }
+
+
+Bytes32 = Annotated[
+    bytes, Field(min_length=32, max_length=32), WithJsonSchema(_base64_schema(32, 32))
+]
+Bytes64 = Annotated[
+    bytes, Field(min_length=64, max_length=64), WithJsonSchema(_base64_schema(64, 64))
+]
+PublicContext = Annotated[bytes, Field(max_length=4096), WithJsonSchema(_base64_schema(0, 4096))]
+
+
 class BytesWire(Wire):
     model_config = ConfigDict(
         extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64"
@@ -52,9 +71,9 @@ class KeyringEntry(BytesWire):
     """A node's public keys as the hub enrolled them; the sealing key is signed by the identity."""
 
     node: str = Field(pattern=_NAME)
-    identity_key: bytes = Field(min_length=32, max_length=32)
-    sealing_key: bytes | None = Field(default=None, min_length=32, max_length=32)
-    sealing_signature: bytes | None = Field(default=None, min_length=64, max_length=64)
+    identity_key: Bytes32
+    sealing_key: Bytes32 | None = None
+    sealing_signature: Bytes64 | None = None
 
 
 class Keyring(BytesWire):
@@ -102,9 +121,9 @@ class SealedContextWire(BytesWire):
 
     study_id: str
     recipient_id: str = Field(pattern=_NAME)
-    fingerprint: bytes = Field(min_length=32, max_length=32)
+    fingerprint: Bytes32
     sealed: bytes
-    signature: bytes = Field(min_length=64, max_length=64)
+    signature: Bytes64
 
 
 class CkksKeys(BytesWire):
@@ -112,9 +131,9 @@ class CkksKeys(BytesWire):
 
     protocol: int = PROTOCOL_VERSION
     generator: str = Field(pattern=_NAME)
-    fingerprint: bytes = Field(min_length=32, max_length=32)
-    public_context: bytes = Field(max_length=4096)
-    signature: bytes = Field(min_length=64, max_length=64)
+    fingerprint: Bytes32
+    public_context: PublicContext
+    signature: Bytes64
     sealed: list[SealedContextWire]
 
 
