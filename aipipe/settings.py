@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aipipe.errors import ConfigError, NodeNotFoundError
+from aipipe.secure.keyfiles import write_private
 
 NODE_CONFIG = "node.yaml"
 
@@ -67,4 +68,4 @@ def load_node_config(home: Path) -> NodePaths:
 
 def save_node_config(home: Path, config: NodeConfig) -> None:
     text = yaml.safe_dump(config.model_dump(), sort_keys=False)
-    (home / NODE_CONFIG).write_text(text, encoding="utf-8")
+    write_private(home / NODE_CONFIG, text.encode("utf-8"), what="node config")

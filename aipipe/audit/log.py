@@ -40,6 +40,7 @@ from aipipe.audit.events import (
 )
 from aipipe.errors import ConfigError, IdentityError, StoreError
 from aipipe.secure.identity import Identity
+from aipipe.store.sqlite import private_db
 
 SCHEMA_VERSION = 1
 _BUSY_TIMEOUT_S = 30.0
@@ -75,6 +76,7 @@ _SCHEMA = (
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    private_db(path)  # 0600 from the first byte; -wal and -shm take its mode
     try:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (BEGIN IMMEDIATE for appends).
         conn = sqlite3.connect(

@@ -10,7 +10,7 @@ from rich.table import Table
 from aipipe.audit.log import AuditLog
 from aipipe.cli.options import JSON
 from aipipe.cli.render import console, emit_json, err_console, kv_table
-from aipipe.hub.enrolment import issue_token
+from aipipe.hub.enrolment import issue_token, parse_ttl, token_expiry
 from aipipe.hub.home import init_hub, load_hub, served_url
 from aipipe.secure.identity import Identity
 
@@ -56,9 +56,19 @@ def enrol_token(
     url: str = typer.Option(
         None, "--url", help="The hub URL nodes use (default: where it serves)."
     ),
+    ttl: str = typer.Option(
+        "24h", "--ttl", help="How long the token stays valid: e.g. 3600, 30m, 24h, 7d (max 30d)."
+    ),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="Re-enrol a node that is already enrolled: the token moves the name to a new key "
+        "and revokes the old credential (audited as node.re_enrolled).",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Print a one-time enrolment token for a node (hub URL + secret)."""
+    ttl_s = parse_ttl(ttl)
     paths = load_hub(home)
     hub_url = url or served_url(paths)
     store = paths.open_store()
@@ -66,13 +76,15 @@ def enrol_token(
         paths.audit_log, Identity.load(paths.identity_key), owner=f"hub/{paths.config.name}"
     )
     try:
-        token = issue_token(store, audit, node, hub_url)
+        token = issue_token(store, audit, node, hub_url, ttl_s=ttl_s, replace=replace)
+        expires_at = token_expiry(store, node)
     finally:
         audit.close()
         store.close()
     if as_json:
-        emit_json({"node": node, "token": token})
+        emit_json({"node": node, "token": token, "expires_at": expires_at, "replace": replace})
     else:
+        err_console.print(f"token for {node} expires at {expires_at}")
         typer.echo(token)
 
 

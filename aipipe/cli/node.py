@@ -54,7 +54,10 @@ def init(
     home: Path = HOME,
     name: str = typer.Option(..., "--name", help="This institution's node name, e.g. 'cleveland'."),
     force: bool = typer.Option(
-        False, "--force", help="Move an existing node aside (into .replaced-*) and start over."
+        False,
+        "--force",
+        help="Move an existing node aside (into .replaced-*) and start over; its privacy ledger "
+        "(ε spent per study) is carried over. Re-enrol with a token from `enrol-token --replace`.",
     ),
     token: str = typer.Option(
         None,

@@ -303,11 +303,16 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/work")
     async def work(
-        service: Svc, changes: Notify, node: Node, wait: Annotated[float, Query(ge=0, le=60)] = 0
+        service: Svc,
+        changes: Notify,
+        node: Node,
+        wait: Annotated[float, Query(ge=0, le=60)] = 0,
+        skip: Annotated[list[str] | None, Query(max_length=64)] = None,
     ) -> WorkItem:
         deadline = asyncio.get_running_loop().time() + wait
+        declined = frozenset(skip or ())  # studies the node has not approved (yet)
         while True:
-            item = service.work_for(node.name)
+            item = service.work_for(node.name, declined)
             left = deadline - asyncio.get_running_loop().time()
             if item.kind != "idle" or left <= 0:
                 return item

@@ -1,17 +1,113 @@
-"""One-time enrolment tokens: issued on the hub's machine, redeemed over HTTP by a node."""
+"""One-time enrolment tokens: issued on the hub's machine, redeemed over HTTP by a node.
+
+A token expires (24 h unless `--ttl` says otherwise) and enrols one name once. A name that is
+already enrolled gets a token only with `replace`: re-enrolment hands the name to a new key and
+revokes the old credential, so it is an explicit admin action, audited at issue and at use.
+"""
 
 from __future__ import annotations
 
+import re
 import secrets
+from datetime import UTC, datetime, timedelta
 
 from aipipe.audit.log import AuditLog
-from aipipe.store.hub_store import HubStore
+from aipipe.errors import AipipeError, AuthError, ConfigError, ConflictError
+from aipipe.store.hub_store import DEFAULT_TOKEN_TTL_S, Enrolment, HubStore
 from aipipe.wire import EnrolToken
 
+# A DNS-label-like slug: it names the node in URLs, audit resources and file names.
+NODE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+RESERVED_NAMES = frozenset({"admin", "hub", "root", "system", "unknown", "anyone", "localhost"})
+MAX_TTL_S = 30 * 24 * 3600.0
+_TTL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
-def issue_token(store: HubStore, audit: AuditLog, node: str, hub_url: str) -> str:
+
+def check_node_name(name: str) -> None:
+    """Refuse names that are reserved for the hub's own roles or are not a slug."""
+    if name in RESERVED_NAMES:
+        raise ConfigError(
+            f"node name '{name}' is reserved ({', '.join(sorted(RESERVED_NAMES))}); "
+            "pick the institution's name"
+        )
+    if not NODE_NAME.match(name):
+        raise ConfigError(
+            f"node name '{name[:80]}' is not allowed: use 1-63 lower-case letters, digits and "
+            "inner hyphens, e.g. 'st-olavs'"
+        )
+
+
+def parse_ttl(text: str) -> float:
+    """'90', '90s', '30m', '24h' or '7d' as seconds, between 1 s and 30 days."""
+    match = _TTL.match(text.strip().lower())
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)] if match else 0.0
+    if not 1 <= seconds <= MAX_TTL_S:
+        raise ConfigError(
+            f"--ttl {text!r} is not a lifetime between 1s and 30d; write e.g. 3600, 30m, 24h or 7d"
+        )
+    return seconds
+
+
+def issue_token(
+    store: HubStore,
+    audit: AuditLog,
+    node: str,
+    hub_url: str,
+    *,
+    ttl_s: float = DEFAULT_TOKEN_TTL_S,
+    replace: bool = False,
+) -> str:
     """A token carrying the hub URL and a secret; only its hash is kept at the hub."""
+    check_node_name(node)
+    if not 0 < ttl_s <= MAX_TTL_S:
+        raise ConfigError(f"a token lifetime must be within 30 days, not {ttl_s:g} s")
+    enrolled = store.is_enrolled(node)
+    if enrolled and not replace:
+        raise ConflictError(
+            f"node '{node}' is already enrolled; a new token would replace its key and revoke "
+            f"its credential. If that is meant: aipipe hub enrol-token --node {node} --replace"
+        )
+    expires = datetime.now(UTC) + timedelta(seconds=ttl_s)
+    expires_at = expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     token = EnrolToken(hub_url=hub_url, node=node, secret=secrets.token_urlsafe(32))
-    store.add_enrol_token(node, token.secret)
-    audit.append("admin", actor="admin", resource=f"node/{node}", details={"op": "enrol-token"})
+    store.add_enrol_token(node, token.secret, expires_at=expires_at, replaces=replace)
+    audit.append(
+        "admin",
+        actor="admin",
+        resource=f"node/{node}",
+        details={
+            "op": "enrol-token",
+            "expires_at": expires_at,
+            "replace": replace,
+            "enrolled": enrolled,
+        },
+    )
     return token.encode()
+
+
+def refusal(node: str, done: Enrolment) -> tuple[str, AipipeError]:
+    """Why a token was not honoured (for the audit) and the error its redeemer gets."""
+    again = f"ask the hub's admin for a new one: aipipe hub enrol-token --node {node}"
+    if done.status == "expired":
+        error: AipipeError = AuthError(
+            f"enrolment token for '{node}' expired at {done.expires_at}; {again}"
+        )
+        return "expired token", error
+    if done.status == "taken":
+        error = ConflictError(
+            f"node '{node}' is already enrolled with another key; to move the name to this node "
+            f"the hub's admin must issue: aipipe hub enrol-token --node {node} --replace"
+        )
+        return "name already enrolled", error
+    return "invalid or used token", AuthError(
+        f"enrolment token for '{node}' is invalid or already used"
+    )
+
+
+def token_expiry(store: HubStore, node: str) -> str | None:
+    """When the node's outstanding token expires (for the CLI to say)."""
+    row = store.conn.execute(
+        "SELECT expires_at FROM enrol_tokens WHERE node = ?", (node,)
+    ).fetchone()
+    return None if row is None else row[0]

@@ -6,6 +6,9 @@
 <home>/blobs/          content-addressed model weights
 <home>/audit.sqlite    hash-chained audit log
 <home>/serve.json      written by `hub serve` once it listens: {"url", "pid"}
+<home>/serve.lock      held (flock) by the one `hub serve` of this home while it runs
+
+The home is 0700 and every file in it 0600.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aipipe.errors import ConfigError, NodeExistsError, NodeNotFoundError
 from aipipe.fhir.base_url import ServerBase
 from aipipe.secure.identity import Identity
+from aipipe.secure.keyfiles import write_private
 from aipipe.store.hub_store import HubStore, secret_hash
 
 HUB_CONFIG = "hub.yaml"
 SERVE_INFO = "serve.json"
+SERVE_LOCK = "serve.lock"
 
 
 class HubConfig(BaseModel):
@@ -69,6 +74,7 @@ class HubPaths:
         self.blobs = home / "blobs"
         self.audit_log = home / "audit.sqlite"
         self.serve_info = home / SERVE_INFO
+        self.serve_lock = home / SERVE_LOCK
 
     def open_store(self) -> HubStore:
         return HubStore.open(self.store, self.blobs)
@@ -78,9 +84,11 @@ def init_hub(home: Path, name: str, *, force: bool = False) -> tuple[HubPaths, s
     """Create a hub home; return it and the admin token (shown once, stored only hashed)."""
     if (home / HUB_CONFIG).exists() and not force:
         raise NodeExistsError(f"a hub already exists at {home}; use --force to start over")
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.chmod(0o700)
     config = HubConfig(name=name, created=datetime.now(UTC).isoformat(timespec="seconds"))
-    (home / HUB_CONFIG).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    text = yaml.safe_dump(config.model_dump(), sort_keys=False)
+    write_private(home / HUB_CONFIG, text.encode(), what="hub config")
     paths = HubPaths(home, config)
     Identity.generate().save(paths.identity_key)
     token = "aipipe-admin." + secrets.token_urlsafe(32)

@@ -33,6 +33,7 @@ from aipipe.errors import (
     UpdateRejectedError,
 )
 from aipipe.hub.access import Access
+from aipipe.hub.enrolment import refusal
 from aipipe.hub.home import HubPaths
 from aipipe.hub.models import ModelRegistry, version_id
 from aipipe.hub.secure import SecureRounds
@@ -96,21 +97,27 @@ class HubService:
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         credential = secrets.token_urlsafe(32)
         sealing = self.secure.checked_sealing_key(request)  # before the one-time token is spent
-        if not self.store.enrol(request.node, request.secret, request.public_key, credential):
+        done = self.store.enrol(request.node, request.secret, request.public_key, credential)
+        if done.status not in ("enrolled", "re-enrolled"):
+            reason, error = refusal(request.node, done)
             self.audit.append(
                 "enrolment",
                 actor=request.node,
+                resource=f"node/{request.node}",
                 outcome="refused",
-                details={"reason": "invalid or used token"},
+                details={"reason": reason},
             )
-            raise AuthError(f"enrolment token for '{request.node}' is invalid or already used")
+            raise error
         if sealing is not None:
             self.secure.store.set_sealing_key(request.node, *sealing)
+        details = {"public_key": request.public_key}
+        if done.previous_key is not None:  # an admin issued this token with --replace
+            details["previous_public_key"] = done.previous_key
         self.audit.append(
-            "enrolment",
+            "node.re_enrolled" if done.status == "re-enrolled" else "enrolment",
             actor=request.node,
             resource=f"node/{request.node}",
-            details={"public_key": request.public_key},
+            details=details,
         )
         return EnrolResponse(
             node=request.node, credential=credential, hub_public_key=self.identity.public_hex
@@ -219,9 +226,12 @@ class HubService:
             metrics=self.store.metrics(row.result_version) if row.result_version else {},
         )
 
-    def work_for(self, node: str) -> WorkItem:
+    def work_for(self, node: str, skip: frozenset[str] = frozenset()) -> WorkItem:
+        """The node's next work item; studies in `skip` (which it has not approved) offer none."""
         for study_row in self.store.studies():
             study = str(study_row["name"])
+            if study in skip:
+                continue
             active = self.store.active_round(study)
             item = None if active is None else self._round_work(study_row, active, node)
             if item is not None:
@@ -244,6 +254,8 @@ class HubService:
         return WorkItem(kind="idle")
 
     def _round_work(self, study_row: Any, active: RoundRow, node: str) -> WorkItem | None:
+        if self.store.node_status(active.study, active.round, node) == "declined":
+            return None  # not re-offered: a secure round's stages would ask again and again
         spec = self.spec(active.study)
         if spec.secure != "none":
             return self.secure.work(spec, active, node, study_row["digest"])

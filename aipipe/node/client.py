@@ -7,7 +7,7 @@ Connection failures and 5xx answers are retried with exponential backoff and the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -131,8 +131,12 @@ class HubClient:
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         return self._json(EnrolResponse, "POST", "/v1/enrol", json=request.model_dump())
 
-    def work(self, wait_s: float) -> WorkItem:
-        return self._json(WorkItem, "GET", "/v1/work", params={"wait": wait_s}, timeout=wait_s + 30)
+    def work(self, wait_s: float, skip: Sequence[str] = ()) -> WorkItem:
+        """The next work item; `skip` names studies whose work this node declines for now."""
+        params: dict[str, Any] = {"wait": wait_s}
+        if skip:
+            params["skip"] = list(skip)
+        return self._json(WorkItem, "GET", "/v1/work", params=params, timeout=wait_s + 30)
 
     def study(self, name: str) -> StudyInfo:
         return self._json(StudyInfo, "GET", f"/v1/studies/{name}")

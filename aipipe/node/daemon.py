@@ -52,10 +52,12 @@ class Daemon:
 
     def _loop(self, once: bool) -> None:
         backoff = 1.0
+        declines = 0  # work declined in a row: a hub that re-offers it is not polled in a spin
         while not self.stopping:
             try:
                 self._idle = True
-                item = self.worker.client.work(wait_s=0 if once else self.poll_wait_s)
+                skip = self.worker.declined_studies()
+                item = self.worker.client.work(wait_s=0 if once else self.poll_wait_s, skip=skip)
                 self._idle = False
             except HubUnavailableError as exc:
                 self._idle = False
@@ -70,6 +72,13 @@ class Daemon:
                 if once:
                     break
                 continue
+            if item.study in skip:  # offered again although declined: an older hub
+                if once:
+                    break
+                declines += 1
+                self._sleep(min(2.0 ** (declines - 1), MAX_BACKOFF_S))
+                continue
+            declines = 0
             self.done += 1
             try:
                 self.log(self.worker.handle(item))

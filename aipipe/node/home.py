@@ -6,12 +6,15 @@
 <home>/pseudonym.key    32 random bytes keying patient pseudonyms, mode 0600
 <home>/audit.sqlite     hash-chained audit log
 <home>/sealing.key      X25519 key that study secrets are sealed to, mode 0600 (SecureVault)
+
+The home is 0700 and every file in it 0600: the store holds raw FHIR.
 """
 
 from __future__ import annotations
 
 import secrets
 import shutil
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,23 +30,30 @@ from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
 from aipipe.settings import NODE_CONFIG, NodeConfig, NodePaths, load_node_config, save_node_config
 from aipipe.store.node_store import NodeStore
+from aipipe.store.sqlite import immediate
 from aipipe.wire import EnrolRequest, EnrolToken
 from aipipe.wire.secure import sealing_key_payload
 
 CREDENTIAL = "hub.credential"
+# aipipe.privacy.ledger's tables (BUDGET, LEDGER), named here so `node init` needs no torch.
+_LEDGER_TABLES = ("privacy_budget", "privacy_ledger")
 
 
 def init_node(
     home: Path, name: str, *, force: bool = False, allow_non_private: bool = False
 ) -> NodePaths:
-    """Create a node home. With `force`, an existing node is moved aside, never deleted."""
+    """Create a node home. With `force`, an existing node is moved aside, never deleted, and
+    its privacy ledger (ε spent per study) is carried into the new store: the patients are the
+    same, so the ε they have spent stays spent."""
+    backup = None
     if (home / NODE_CONFIG).exists():
         if not force:
             raise NodeExistsError(
                 f"a node already exists at {home}; use --force to move it aside and start over"
             )
-        _move_aside(home)
-    home.mkdir(parents=True, exist_ok=True)
+        backup = _move_aside(home)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.chmod(0o700)
     config = NodeConfig(
         name=name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -53,10 +63,21 @@ def init_node(
     Identity.generate().save(paths.identity_key)
     SecureVault.create_sealing_key(paths.sealing_key)
     write_private(paths.pseudonym_key, secrets.token_bytes(32), what="pseudonym key")
-    NodeStore.open(paths.store, b"").close()
+    store = NodeStore.open(paths.store, b"")
+    try:
+        carried = carry_ledger(backup / paths.store.name, store.conn) if backup else {}
+    finally:
+        store.close()
     save_node_config(home, config)
     with open_audit(paths) as audit:
         audit.append("node.init", actor=name, resource=f"node/{name}")
+        if backup is not None:
+            audit.append(
+                "node.ledger_carried",
+                actor=name,
+                resource=f"node/{name}",
+                details={"from": backup.name, "studies": carried},
+            )
     return paths
 
 
@@ -67,11 +88,48 @@ def _move_aside(home: Path) -> Path:
     while backup.exists():
         suffix += 1
         backup = home / f".replaced-{stamp}-{suffix}"
-    backup.mkdir()
+    backup.mkdir(mode=0o700)
     for entry in home.iterdir():
         if entry != backup and not entry.name.startswith(".replaced-"):
             shutil.move(str(entry), backup / entry.name)
     return backup
+
+
+def carry_ledger(old_store: Path, conn: sqlite3.Connection) -> dict[str, int]:
+    """Copy the privacy budgets and ledger rows of a replaced store into `conn`'s store.
+
+    Returns the number of ledger rows carried per study. Copied table by table with the old
+    store's own schema, so this needs neither torch nor the accountant."""
+    if not old_store.is_file():
+        return {}
+    conn.execute("ATTACH DATABASE ? AS old", (str(old_store),))
+    try:
+        with immediate(conn):
+            for table in _LEDGER_TABLES:
+                row = conn.execute(
+                    "SELECT sql FROM old.sqlite_master WHERE type = 'table' AND name = ?",
+                    (table,),
+                ).fetchone()
+                if row is None:
+                    continue
+                if not _has_table(conn, table):
+                    conn.execute(row[0])
+                conn.execute(f"INSERT OR REPLACE INTO main.[{table}] SELECT * FROM old.[{table}]")
+            if not _has_table(conn, "privacy_ledger"):
+                return {}
+            counts = conn.execute(
+                "SELECT study, COUNT(*) FROM main.privacy_ledger GROUP BY study ORDER BY study"
+            ).fetchall()
+    finally:
+        conn.execute("DETACH DATABASE old")
+    return {str(study): int(n) for study, n in counts}
+
+
+def _has_table(conn: sqlite3.Connection, table: str) -> bool:
+    found = conn.execute(
+        "SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).fetchone()
+    return found is not None
 
 
 def enrol(paths: NodePaths, token_text: str) -> str:

@@ -51,7 +51,7 @@ class SecureVault:
         return self.directory / f"ckks-{study}.context"
 
     def save_context(self, study: str, context: CkksContext) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_private(self._context_path(study), context.secret_bytes(), what="CKKS context")
 
     def load_context(self, study: str) -> CkksContext | None:
@@ -64,7 +64,7 @@ class SecureVault:
 
     def record_sent(self, study: str, number: int, contribution: FloatArray) -> Path:
         folder = self.directory / "sent" / study
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = folder / f"round-{number}.safetensors"
         data = encode_arrays({"x": np.asarray(contribution, dtype=np.float64)})
         write_private(path, data, what="sent contribution")

@@ -47,6 +47,8 @@ class NodeWorker:
     allow_non_private: bool = False
     vault: SecureVault | None = None
     log: Callable[[str], None] = _quiet
+    # study → digest of work declined because the study is not approved (at that digest)
+    unapproved: dict[str, str | None] = field(default_factory=dict)
     _features: dict[str, FeatureMatrix] = field(default_factory=dict)
     _weights: dict[str, Arrays] = field(default_factory=dict)
 
@@ -56,6 +58,7 @@ class NodeWorker:
         try:
             spec = self.approved_spec(item.study, item.study_digest)
         except StudyNotApprovedError as exc:
+            self.unapproved[item.study] = item.study_digest
             if item.kind == "train" and item.round is not None:
                 self.client.decline(item.study, item.round, str(exc), exclude=False)
             return f"declined {item.study}: {exc}"
@@ -81,6 +84,15 @@ class NodeWorker:
             with contextlib.suppress(ConflictError):
                 self.client.decline(spec.name, item.round, str(exc), exclude=False)
             return f"round {item.round}: declined: {exc}"
+
+    def declined_studies(self) -> list[str]:
+        """Studies whose work this node declined for want of approval and that are still not
+        approved: the daemon asks the hub to skip them until `node approve` changes that."""
+        for study, digest in list(self.unapproved.items()):
+            approval = self.store.approval(study)
+            if approval is not None and (digest is None or approval[0] == digest):
+                del self.unapproved[study]
+        return sorted(self.unapproved)
 
     def _audit_refusal(self, action: str, spec: StudySpec, number: int, exc: Exception) -> None:
         self.audit.append(

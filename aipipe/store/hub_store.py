@@ -16,17 +16,19 @@ import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from aipipe.errors import BlobIntegrityError, StoreError
 from aipipe.store.node_store import later, utc_now
-from aipipe.store.sqlite import immediate
+from aipipe.store.sqlite import immediate, private_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS enrol_tokens (
-    node TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, created_at TEXT NOT NULL, used_at TEXT);
+    node TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, created_at TEXT NOT NULL, used_at TEXT,
+    expires_at TEXT, replaces INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, public_key TEXT NOT NULL, credential_hash TEXT NOT NULL UNIQUE,
     state TEXT NOT NULL, enrolled_at TEXT NOT NULL, last_seen TEXT);
@@ -59,10 +61,23 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 ACTIVE = ("open", "collecting")
+# A token recorded before tokens carried an expiry lives this long after it was issued.
+DEFAULT_TOKEN_TTL_S = 24 * 3600.0
+_TOKEN_COLUMNS = {"expires_at": "TEXT", "replaces": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """What redeeming a token did: `status` is enrolled, re-enrolled, invalid, expired or
+    taken (a plain token for a name already enrolled); `previous_key` the key it replaced."""
+
+    status: str
+    expires_at: str | None = None
+    previous_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,19 @@ class RoundRow:
     total_examples: int
 
 
+def _add_token_columns(conn: sqlite3.Connection) -> None:
+    """Hub stores made before tokens expired lack these columns."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(enrol_tokens)")}
+    for column, kind in _TOKEN_COLUMNS.items():
+        if column not in have:
+            conn.execute(f"ALTER TABLE enrol_tokens ADD COLUMN {column} {kind}")
+
+
+def _plus(instant: str, seconds: float) -> str:
+    moment = datetime.fromisoformat(instant.replace("Z", "+00:00"))
+    return (moment + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 class HubStore:
     def __init__(self, conn: sqlite3.Connection, blob_dir: Path) -> None:
         self.conn = conn
@@ -86,14 +114,16 @@ class HubStore:
     @classmethod
     def open(cls, path: Path, blob_dir: Path) -> HubStore:
         try:
+            private_db(path)
             conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.executescript(_SCHEMA)
+            _add_token_columns(conn)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open hub store {path}: {exc}") from exc
-        blob_dir.mkdir(parents=True, exist_ok=True)
+        blob_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return cls(conn, blob_dir)
 
     def close(self) -> None:
@@ -111,31 +141,48 @@ class HubStore:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def add_enrol_token(self, node: str, secret: str) -> None:
+    def add_enrol_token(
+        self, node: str, secret: str, *, expires_at: str | None = None, replaces: bool = False
+    ) -> None:
+        """Record a token (hashed); `replaces` lets it re-enrol a node that is enrolled."""
         self.conn.execute(
-            "INSERT OR REPLACE INTO enrol_tokens VALUES (?, ?, ?, NULL)",
-            (node, secret_hash(secret), utc_now()),
+            "INSERT OR REPLACE INTO enrol_tokens "
+            "(node, secret_hash, created_at, used_at, expires_at, replaces) "
+            "VALUES (?, ?, ?, NULL, ?, ?)",
+            (node, secret_hash(secret), utc_now(), expires_at, int(replaces)),
         )
 
-    def enrol(self, node: str, secret: str, public_key: str, credential: str) -> bool:
-        """Consume a one-time token and register the node; False if the token is not valid."""
+    def enrol(self, node: str, secret: str, public_key: str, credential: str) -> Enrolment:
+        """Consume a one-time token and register the node, unless the token is unknown, used,
+        expired, or a plain token for a name that is already enrolled (nothing changes then)."""
         with self.transaction() as conn:
-            row = conn.execute(
-                "SELECT secret_hash, used_at FROM enrol_tokens WHERE node = ?", (node,)
-            ).fetchone()
+            row = conn.execute("SELECT * FROM enrol_tokens WHERE node = ?", (node,)).fetchone()
             if (
                 row is None
                 or row["used_at"] is not None
                 or row["secret_hash"] != secret_hash(secret)
             ):
-                return False
+                return Enrolment("invalid")
+            expires = row["expires_at"] or _plus(row["created_at"], DEFAULT_TOKEN_TTL_S)
             now = utc_now()
+            if not later(expires, now):
+                return Enrolment("expired", expires)
+            known = conn.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
+            if known is not None and not row["replaces"]:
+                return Enrolment("taken", expires)
             conn.execute("UPDATE enrol_tokens SET used_at = ? WHERE node = ?", (now, node))
             conn.execute(
                 "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, 'active', ?, NULL)",
                 (node, public_key, secret_hash(credential), now),
             )
-        return True
+        if known is None:
+            return Enrolment("enrolled", expires)
+        return Enrolment("re-enrolled", expires, str(known["public_key"]))
+
+    def is_enrolled(self, node: str) -> bool:
+        return (
+            self.conn.execute("SELECT 1 FROM nodes WHERE name = ?", (node,)).fetchone() is not None
+        )
 
     def node_for_credential(self, credential: str) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.conn.execute(
@@ -362,9 +409,10 @@ class HubStore:
         digest = hashlib.sha256(data).hexdigest()
         path = self.blob_dir / digest[:2] / digest
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                f.write(data)
             os.replace(tmp, path)
         return digest
 

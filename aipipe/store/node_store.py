@@ -25,7 +25,7 @@ import sqlite_utils
 from aipipe.errors import StoreError
 from aipipe.fhir.mapping import MappedResource
 from aipipe.store.schema import migrate
-from aipipe.store.sqlite import immediate
+from aipipe.store.sqlite import immediate, private_db
 
 
 class WriteOutcome(StrEnum):
@@ -77,6 +77,7 @@ class NodeStore:
     @classmethod
     def open(cls, path: Path, pseudonym_key: bytes) -> NodeStore:
         try:
+            private_db(path)
             conn = sqlite3.connect(path, isolation_level=None, timeout=30)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")

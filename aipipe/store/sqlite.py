@@ -1,10 +1,31 @@
-"""What both SQLite stores share: an explicit write transaction."""
+"""What both SQLite stores share: an explicit write transaction, and files only their owner
+can read."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+PRIVATE_FILE = 0o600
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def private_db(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it, and tighten one made looser.
+
+    SQLite gives its -wal, -shm and -journal files the main file's mode, so they follow; any
+    that exist already are tightened too. A path that cannot be changed is left to `connect`
+    to report."""
+    with contextlib.suppress(FileExistsError, OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+    for file in (path, *(path.with_name(path.name + side) for side in _SIDE_FILES)):
+        with contextlib.suppress(OSError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(PRIVATE_FILE)
 
 
 @contextmanager
