@@ -64,20 +64,33 @@ def _small(at: Round) -> Arrays:
 # -- item 2: bounds on a plaintext update -----------------------------------------------------
 
 
-def test_an_update_claiming_1e12_examples_is_refused_audited_and_moves_no_model(
-    hub: Hub, pair: tuple[Node, Node], bounded_round: Round
+def _claiming(node: Node, at: Round, delta: Arrays, n: int) -> bytes:
+    """A signed update whose header claims `n` examples, past what the wire model would build."""
+    header, payload = signed_update(
+        node.identity, node=node.name, study=at.study, study_digest=at.digest,
+        round=at.number, base_version=at.base_version, delta=delta,
+    )  # fmt: skip
+    return frame(sign(node.identity, header.model_copy(update={"num_examples": n})), payload)
+
+
+@pytest.mark.parametrize(
+    ("n", "reason"), [(10**6, "max_examples=500"), (10**12, "num_examples")], ids=["1e6", "1e12"]
+)
+def test_an_update_claiming_too_many_examples_is_refused_audited_and_moves_no_model(
+    hub: Hub, pair: tuple[Node, Node], bounded_round: Round, n: int, reason: str
 ) -> None:
     alpha, beta = pair
     head = _study_head(hub, bounded_round.study)
     target = {k: v + 1.0 for k, v in bounded_round.base.items()}  # ‖Δ‖ = √3 < update_norm
     steer = {k: target[k] - bounded_round.base[k] for k in target}
 
-    refused = hub.upload(alpha, bounded_round, update(alpha, bounded_round, steer, n=10**12))
+    refused = hub.upload(alpha, bounded_round, _claiming(alpha, bounded_round, steer, n))
     accepted = hub.upload(beta, bounded_round, update(beta, bounded_round, _small(bounded_round)))
 
     assert refused.status_code == 409
-    assert "max_examples=500" in refused.json()["detail"]
-    assert any("max_examples" in r for r in _refusals(hub, "update.refused", "alpha"))
+    assert reason in refused.json()["detail"]
+    assert len(hub.events("update.refused")) == 1
+    assert [e.actor for e in hub.events("update.refused")] == ["alpha"]
     assert accepted.status_code == 200
     assert hub.round(bounded_round)["reported"] == ["beta"]
     assert _study_head(hub, bounded_round.study) == head
