@@ -61,11 +61,14 @@ def run_secagg(
     """Run (or resume) the round to its end for this node; delete its state once it ends."""
     states = RoundStates(_vault(worker))
     try:
-        return _Round(worker, spec, state, states, train).run()
-    finally:
-        # Any outcome but the process dying ends the round for this node (a BaseException such
-        # as KeyboardInterrupt keeps the state, as a crash would, for the next start).
+        summary = _Round(worker, spec, state, states, train).run()
+    except Exception:
+        # Any outcome but the process dying ends the round for this node; a BaseException
+        # (KeyboardInterrupt, SystemExit) keeps the state, as a crash does, for the next start.
         states.delete(state.study, state.number)
+        raise
+    states.delete(state.study, state.number)
+    return summary
 
 
 class _Round:
