@@ -52,7 +52,7 @@ UPDATE_CLIP = 10.0
 class Story:
     fed: Federation
     info: dict[str, Any]
-    killed_in: list[str]
+    killed_in: list[str | None]
     outages: list[float]
 
 

@@ -60,7 +60,8 @@ from tests.test_secure_rounds import (
 
 def flaky_client(failures: int, then: int = 200) -> tuple[HubClient, list[float], list[int]]:
     """A HubClient whose hub refuses connections `failures` times, then answers `then`."""
-    calls, sleeps = [0], []
+    calls: list[int] = [0]
+    sleeps: list[float] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls[0] += 1
@@ -291,7 +292,7 @@ def restarted_node(home: Path, identity: Identity, hub: Any, spec: StudySpec) ->
         trained.append(1)
         return _train()
 
-    worker._retrain = retrain  # type: ignore[method-assign]
+    worker._retrain = retrain  # type: ignore[method-assign,assignment]
     try:
         yield worker, trained
     finally:
