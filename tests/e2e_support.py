@@ -176,6 +176,13 @@ class Started:
     def send(self, signum: signal.Signals) -> None:
         self.popen.send_signal(signum)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process holds still (a node too slow to answer) until `resume`."""
+        self.send(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.send(signal.SIGCONT)
+
     def kill(self) -> int:
         """SIGKILL, as a crash or an OOM killer would, and reap it."""
         self.send(signal.SIGKILL)
@@ -392,6 +399,37 @@ def node_audit_events(home: Path) -> list[dict[str, Any]]:
     finally:
         conn.close()
     return [{**dict(row), "details": json.loads(row["details"])} for row in rows]
+
+
+# -- a hub's SecAgg+ round, read from its store ---------------------------------------------
+
+
+def _hub_rows(home: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(f"file:{home / 'hub.sqlite'}?mode=ro", uri=True, timeout=5)
+    try:
+        return list(conn.execute(sql, args))
+    finally:
+        conn.close()
+
+
+def secagg_stage(home: Path, study: str, number: int) -> str | None:
+    """The SecAgg+ stage the hub has recorded for a round (advertising … unmasking, done)."""
+    rows = _hub_rows(
+        home, "SELECT stage FROM secure_rounds WHERE study = ? AND round = ?", study, number
+    )
+    return str(rows[0][0]) if rows else None
+
+
+def secagg_senders(home: Path, study: str, number: int, kind: str) -> set[str]:
+    """Nodes whose `kind` message (advert, shares, masked, unmask) the hub logged for a round."""
+    rows = _hub_rows(
+        home,
+        "SELECT node FROM secagg_log WHERE study = ? AND round = ? AND kind = ?",
+        study,
+        number,
+        kind,
+    )
+    return {str(r[0]) for r in rows}
 
 
 # -- a whole federation -----------------------------------------------------------------------

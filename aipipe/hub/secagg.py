@@ -9,7 +9,9 @@ their masks. Only the unmasked *sum* of at least `min_nodes` inputs is ever deco
 Every message the server accepted, and every stage it closed, is appended to the round's log in
 `SecureStore` in the transaction that accepts it. The server is a deterministic function of
 that log, so a hub restarted mid-round rebuilds it by replaying the log and the round goes on
-(nodes retry while the hub is away). The log holds what the hub already sees: signed public
+(nodes retry while the hub is away, for a stage's timeout). A node that re-sends a message the
+log already holds from it, having lost the answer to the restart, gets OK; a different message
+for a step it answered is refused. The log holds what the hub already sees: signed public
 keys, shares encrypted node to node, masked inputs, and the shares revealed for unmasking.
 """
 
@@ -186,6 +188,9 @@ class SecAggRounds:
         if step not in _POSTS:
             raise NotFoundError(f"no SecAgg+ step '{step}'; nodes post {', '.join(_POSTS)}")
         stage, model = _POSTS[step]
+        kind = "advert" if stage == "advertising" else step
+        if self._resent(spec, number, node, kind, body):
+            return
         state = self._get(spec, number)
         self._check_member(spec, number, state, node, stage, step)
         try:
@@ -195,7 +200,6 @@ class SecAggRounds:
         inner = getattr(message, "advert", None) or getattr(message, "reply", None)
         if getattr(inner, "client_id", None) != node:
             self._secure.refuse(node, spec.name, number, f"{step} names another sender")
-        kind = "advert" if stage == "advertising" else step
         try:
             with self._secure.service.store.transaction():
                 self._secure.store.log_secagg(spec.name, number, kind, node, body)
@@ -203,6 +207,22 @@ class SecAggRounds:
         except SecureAggregationError as exc:
             self._secure.refuse(node, spec.name, number, f"{step}: {exc}")
         self.advance(spec, number)
+
+    def _resent(self, spec: StudySpec, number: int, node: str, kind: str, body: bytes) -> bool:
+        """True for a node re-sending what the round's log already holds from it (a node that
+        lost the hub's answer to a restart sends its message again): accepted, changing
+        nothing. A different message for a step the node already answered is refused."""
+        logged = self._secure.store.logged_message(spec.name, number, kind, node)
+        if logged is None:
+            return False
+        if logged != body:
+            self._secure.refuse(
+                node,
+                spec.name,
+                number,
+                f"{kind} is refused: node '{node}' already sent a different {kind} this round",
+            )
+        return True
 
     def _check_member(
         self, spec: StudySpec, number: int, state: SecAggRound, node: str, stage: str, step: str
@@ -221,6 +241,8 @@ class SecAggRounds:
     def masked_input(self, spec: StudySpec, header: UpdateHeader, payload: bytes) -> None:
         """Fold a signed masked input, logging and recording it in one store transaction."""
         number, node = header.round, header.node
+        if self._resent(spec, number, node, "masked", payload):
+            return
         state = self._get(spec, number)
         self._check_member(spec, number, state, node, "masking", "masked input")
 

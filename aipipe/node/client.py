@@ -1,13 +1,16 @@
 """`HubClient`: the node's only way to talk to the hub (httpx, retries with backoff).
 
-Connection failures and 5xx answers are retried with exponential backoff and then raised as
-`HubUnavailableError`; 4xx answers become the matching `AipipeError` with the hub's reason.
+Connection failures and 502–504 answers are retried with exponential backoff and then raised
+as `HubUnavailableError`: `max_retries` times, or, inside `retrying_until(t)`, until the
+monotonic time t (a SecAgg+ round retries for its stage deadline, so it outlives a hub restart).
+4xx answers become the matching `AipipeError` with the hub's reason, at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -43,6 +46,7 @@ from aipipe.wire.secure import CkksKeyInfo, CkksKeys, Keyring, SecAggRoundConfig
 M = TypeVar("M", bound=BaseModel)
 
 _RETRY_STATUS = {502, 503, 504}
+MAX_RETRY_DELAY_S = 2.0  # backoff cap while retrying until a deadline: reconnect soon after
 _STATUS_ERRORS: dict[int, type[AipipeError]] = {
     401: AuthError,
     403: AuthError,
@@ -86,6 +90,7 @@ class HubClient:
         self._retries = max_retries
         self._backoff = backoff_s
         self._sleep = sleep
+        self._until: float | None = None
 
     def close(self) -> None:
         self._http.close()
@@ -96,13 +101,28 @@ class HubClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def retrying_until(self, until: float) -> Iterator[None]:
+        """Inside the block, retry an unreachable hub until the monotonic time `until`."""
+        previous, self._until = self._until, until
+        try:
+            yield
+        finally:
+            self._until = previous
+
+    def _may_retry(self, attempt: int, delay: float) -> bool:
+        if self._until is None:
+            return attempt < self._retries
+        return time.monotonic() + delay < self._until
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         delay = self._backoff
-        for attempt in range(self._retries + 1):
+        attempt = 0
+        while True:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                if attempt == self._retries:
+                if not self._may_retry(attempt, delay):
                     raise HubUnavailableError(
                         f"cannot reach the hub at {self.base_url}: {type(exc).__name__}; "
                         "is `aipipe hub serve` running?"
@@ -110,14 +130,14 @@ class HubClient:
             else:
                 if response.status_code not in _RETRY_STATUS:
                     return _checked(response)
-                if attempt == self._retries:
+                if not self._may_retry(attempt, delay):
                     raise HubUnavailableError(
                         f"the hub at {self.base_url} answered {response.status_code} "
-                        f"{self._retries + 1} times"
+                        f"{attempt + 1} times"
                     )
             self._sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")
+            attempt += 1
+            delay = delay * 2 if self._until is None else min(delay * 2, MAX_RETRY_DELAY_S)
 
     def _json(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
         return model.model_validate(self._request(method, path, **kwargs).json())

@@ -51,6 +51,8 @@ class Daemon:
         return self.done
 
     def _loop(self, once: bool) -> None:
+        for line in self.worker.resume_secure_rounds():  # SecAgg+ rounds a restart interrupted
+            self.log(line)
         backoff = 1.0
         declines = 0  # work declined in a row: a hub that re-offers it is not polled in a spin
         while not self.stopping:

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from aipipe.errors import SignatureError
-from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution, fixed_point_codec
+from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution
 from aipipe.secure.errors import SecAggProtocolError, SecureAggregationError
 from aipipe.secure.identity import verify_signature
-from aipipe.secure.secagg import SecAggClient, SecAggConfig, default_threshold
+from aipipe.secure.secagg import SecAggConfig, default_threshold
 from aipipe.wire import UpdateHeader, WorkItem, pack_frame, unpack_frame
 from aipipe.wire.secure import (
     CkksKeys,
@@ -28,13 +28,7 @@ from aipipe.wire.secure import (
     DecryptedSum,
     Keyring,
     SealedContextWire,
-    SecAggAdvert,
-    SecAggForwarded,
-    SecAggNeighbourKeys,
     SecAggRoundConfig,
-    SecAggShares,
-    SecAggUnmask,
-    SecAggUnmaskRequest,
     ckks_keys_payload,
     sealing_key_payload,
 )
@@ -148,40 +142,16 @@ def secagg_round(
     item: WorkItem,
     train: Callable[[], TrainResult],
     epsilon: float | None,
+    *,
+    sigma: float | None = None,
 ) -> str:
-    assert item.round is not None
-    client, study, number = worker.client, spec.name, item.round
-    until = _deadline(item)
-    layout = _layout(worker, item)
-    message = client.secagg_config(study, number)
-    config = checked_config(spec, message, worker.name, number, layout.size)
-    roster = {e.node: e.identity_key for e in client.keyring().nodes}
-    protocol = SecAggClient(
-        config=config, client_id=worker.name, identity=worker.identity, roster=roster
-    )
-    client.secagg_post(study, number, "advert", SecAggAdvert(advert=protocol.advertise()))
-    keys = client.secagg_wait(study, number, "neighbour-keys", SecAggNeighbourKeys, until=until)
-    client.secagg_post(study, number, "shares", SecAggShares(reply=protocol.share_keys(keys.keys)))
-    worker.log(f"round {number}: shared keys with {len(keys.keys.adverts)} neighbours")
-    forwarded = client.secagg_wait(study, number, "forwarded-shares", SecAggForwarded, until=until)
-    result = train()
-    x = _record(worker, spec, item, result, layout, epsilon)
-    codec = fixed_point_codec(spec.bounds.update_norm, len(config.clients), config.bits)
-    masked = protocol.mask(forwarded.shares, codec.encode(x))
-    header = worker.signed_header(spec, item, masked.data, epsilon)
-    client.upload(study, number, pack_frame(header.model_dump_json().encode(), masked.data))
-    worker.log(f"round {number}: sent masked update")
-    request = client.secagg_wait(study, number, "unmask-request", SecAggUnmaskRequest, until=until)
-    survivors = len(request.request.survivors)
-    if survivors < min(spec.min_nodes, config.neighbours + 1):
-        raise SecAggProtocolError(
-            f"the hub asks to unmask a sum of {survivors} inputs; study '{study}' needs "
-            f"min_nodes={spec.min_nodes}, so this node reveals nothing"
-        )
-    client.secagg_post(
-        study, number, "unmask", SecAggUnmask(reply=protocol.unmask(request.request))
-    )
-    return f"round {number}: secagg update sent and unmasked with {survivors} survivors"
+    """Take part in a SecAgg+ round, keeping its state sealed on disk until it ends for this
+    node (`aipipe.node.secagg_node`); `sigma` is kept to train again after a restart."""
+    from aipipe.node.round_state import SecAggRoundState
+    from aipipe.node.secagg_node import run_secagg
+
+    state = SecAggRoundState(item=item, epsilon=epsilon, sigma=sigma)
+    return run_secagg(worker, spec, state, train)
 
 
 # -- CKKS ----------------------------------------------------------------------------------------

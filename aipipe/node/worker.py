@@ -8,6 +8,7 @@ that would exceed the budget is declined and the node asks to be excluded from t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import secrets
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aipipe.audit.log import AuditLog
-from aipipe.errors import ConflictError, StudyError, StudyNotApprovedError
+from aipipe.errors import AipipeError, ConflictError, StudyError, StudyNotApprovedError
 from aipipe.models import ModelError, arrays_to_model, build_model
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
@@ -94,6 +95,33 @@ class NodeWorker:
                 del self.unapproved[study]
         return sorted(self.unapproved)
 
+    def resume_secure_rounds(self) -> list[str]:
+        """Go on with the SecAgg+ rounds a previous process of this node left half done (their
+        state sealed on disk); ε was charged then and is not charged again. One line each."""
+        from aipipe.node.round_state import RoundStates
+        from aipipe.node.secagg_node import run_secagg
+
+        if self.vault is None:
+            return []
+        states, out = RoundStates(self.vault), []
+        for path in states.pending():
+            try:
+                state = states.load(path)
+                spec = self.approved_spec(state.study, state.item.study_digest)
+            except AipipeError as exc:  # sealed by another key, tampered, or study withdrawn
+                path.unlink(missing_ok=True)
+                out.append(f"dropped a saved SecAgg+ round: {exc}")
+                continue
+            train = functools.partial(self._retrain, spec, state.item, state.sigma)
+            try:
+                out.append(f"resumed {run_secagg(self, spec, state, train)}")
+            except AipipeError as exc:
+                out.append(f"round {state.number} of '{state.study}' ended on resume: {exc}")
+        return out
+
+    def _retrain(self, spec: StudySpec, item: WorkItem, sigma: float | None) -> TrainResult:
+        return self._local_update(spec, item, self.features(spec), sigma)
+
     def _audit_refusal(self, action: str, spec: StudySpec, number: int, exc: Exception) -> None:
         self.audit.append(
             action,
@@ -162,7 +190,7 @@ class NodeWorker:
             return self._local_update(spec, item, matrix, sigma)
 
         if spec.secure == "secagg":
-            return secure_rounds.secagg_round(self, spec, item, local_update, epsilon)
+            return secure_rounds.secagg_round(self, spec, item, local_update, epsilon, sigma=sigma)
         if spec.secure == "ckks":
             return secure_rounds.ckks_round(self, spec, item, local_update, epsilon)
         result = local_update()

@@ -161,6 +161,14 @@ class SecureStore:
         )
         return [(str(k), str(n), bytes(b)) for k, n, b in rows]
 
+    def logged_message(self, study: str, number: int, kind: str, node: str) -> bytes | None:
+        """What `node` sent as `kind` in this round, if the round's log holds it."""
+        row = self.conn.execute(
+            "SELECT body FROM secagg_log WHERE study = ? AND round = ? AND kind = ? AND node = ?",
+            (study, number, kind, node),
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
     # -- signed headers of secure updates ----------------------------------------------------
 
     def add_update_header(self, study: str, number: int, node: str, header_json: str) -> None:

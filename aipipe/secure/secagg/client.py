@@ -7,8 +7,9 @@
     shares = client.unmask(unmask_request)            # ← server, → server
 
 Each method may run once, in this order; any other order is refused. Keys are fresh per round
-and never leave the object except as Shamir shares under AES-GCM; a restarted node has lost them
-and simply counts as dropped, which the protocol tolerates.
+and leave the object only as Shamir shares under AES-GCM, or as `state()` for the node to keep
+sealed on its own disk (`aipipe.node.round_state`) so that a restarted node resumes the round
+with `SecAggClient.restore` instead of counting as dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import enum
 import os
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -37,6 +39,22 @@ from aipipe.secure.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
+
+
+@dataclass(frozen=True)
+class ClientState:
+    """Everything a client holds between stages, secrets included: to be kept sealed."""
+
+    stage: str
+    c_key: bytes
+    s_key: bytes
+    adverts: tuple[KeyAdvertisement, ...] = ()
+    seed: bytes = b""
+    own_b_share: tuple[int, bytes] = (0, b"")
+    b_shares: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    s_shares: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    peers: tuple[str, ...] = ()
+    share_keys: dict[str, bytes] = field(default_factory=dict)
 
 
 class _Stage(enum.Enum):
@@ -76,6 +94,45 @@ class SecAggClient:
         self._s_shares: dict[str, tuple[int, bytes]] = {}
         self._peers: frozenset[str] = frozenset()
         self._share_keys: dict[str, bytes] = {}
+
+    def state(self) -> ClientState:
+        """The client's whole state (its private keys too), for `restore` after a restart."""
+        return ClientState(
+            stage=self._stage.value,
+            c_key=crypto.private_bytes(self._c_key),
+            s_key=crypto.private_bytes(self._s_key),
+            adverts=tuple(self._adverts.values()),
+            seed=self._seed,
+            own_b_share=self._own_b_share,
+            b_shares=dict(self._b_shares),
+            s_shares=dict(self._s_shares),
+            peers=tuple(sorted(self._peers)),
+            share_keys=dict(self._share_keys),
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        state: ClientState,
+        *,
+        config: SecAggConfig,
+        client_id: str,
+        identity: Identity,
+        roster: Mapping[str, bytes],
+    ) -> SecAggClient:
+        """The client that `state()` saved, at the stage it had reached."""
+        client = cls(config=config, client_id=client_id, identity=identity, roster=roster)
+        client._c_key = X25519PrivateKey.from_private_bytes(state.c_key)
+        client._s_key = X25519PrivateKey.from_private_bytes(state.s_key)
+        client._stage = _Stage(state.stage)
+        client._adverts = {a.client_id: a for a in state.adverts}
+        client._seed = state.seed
+        client._own_b_share = state.own_b_share
+        client._b_shares = dict(state.b_shares)
+        client._s_shares = dict(state.s_shares)
+        client._peers = frozenset(state.peers)
+        client._share_keys = dict(state.share_keys)
+        return client
 
     def _expect(self, stage: _Stage, round_id: str, recipient: str, step: str) -> None:
         if self._stage is not stage:
