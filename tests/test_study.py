@@ -273,7 +273,7 @@ def test_a_patient_missing_a_drop_feature_is_left_out(make_store: Any) -> None:
 def test_train_and_test_partition_the_cohort(make_store: Any) -> None:
     store = make_store(glucose_cohort())
 
-    matrix = extract(store, study())
+    matrix = extract(store, study(split={"method": "seeded", "seed": 43}))
 
     assert set(matrix.train_ids).isdisjoint(matrix.test_ids)
     assert sorted(matrix.train_ids + matrix.test_ids) == [f"p{i}" for i in range(6)]

@@ -27,6 +27,9 @@ from aipipe.fhir.mapping import MappedResource
 from aipipe.store.schema import migrate
 from aipipe.store.sqlite import immediate, private_db
 
+# Derives the key of the keyed train/test split from the pseudonym key (domain separation).
+_SPLIT_KEY_LABEL = b"aipipe/study-split/v1"
+
 
 class WriteOutcome(StrEnum):
     STORED = "stored"
@@ -97,6 +100,23 @@ class NodeStore:
     def pseudonym(self, patient_id: str) -> str:
         digest = hmac.new(self._pseudonym_key, patient_id.encode(), hashlib.sha256)
         return digest.hexdigest()[:20]
+
+    def split_draws(self, study: str, patient_ids: Sequence[str]) -> list[float]:
+        """Per patient, a number in [0, 1) fixed by this node's secret, the study name and the
+        patient alone: HMAC-SHA256, under a split key derived from the pseudonym key with its
+        own label, of the study name and the patient's pseudonym, its first 53 bits over 2⁵³.
+
+        A study's keyed split puts a patient in test when its draw is below the test fraction,
+        so one patient's side never depends on who else is in the store.
+        """
+        key = hmac.new(self._pseudonym_key, _SPLIT_KEY_LABEL, hashlib.sha256).digest()
+        prefix = study.encode() + b"\x00"
+        draws = []
+        for patient_id in patient_ids:
+            message = prefix + self.pseudonym(patient_id).encode()
+            digest = hmac.new(key, message, hashlib.sha256).digest()
+            draws.append((int.from_bytes(digest[:8], "big") >> 11) / 2**53)
+        return draws
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         return immediate(self.conn)

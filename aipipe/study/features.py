@@ -1,10 +1,13 @@
 """Feature extraction: a study applied to a `NodeStore` gives train/test matrices.
 
 The pipeline follows FLamby's Fed-Heart-Disease preprocessing where the study asks for it:
-1. cohort = every patient in the store, ordered by id (deterministic);
+1. cohort = every patient in the store, ordered by id (deterministic): one row per patient, so
+   the unit of the study's DP guarantee is a patient;
 2. one raw value per (patient, feature) by the feature's aggregation, in the feature's unit;
 3. rows missing a `drop` feature are removed (listwise deletion);
-4. a seeded split, stratified on the label when each class has more than 2 patients;
+4. the split: by default each patient by a keyed hash of its pseudonym and the study name
+   (`NodeStore.split_draws`; stable when patients come and go); `method: seeded` is FLamby's
+   seeded split, stratified on the label when each class has more than 2 patients;
 5. `impute`/`indicator` features filled with the train mean (or the study's value);
 6. `standardize: site` z-scores every column with the train mean and unbiased std (+1e-9).
 """
@@ -118,16 +121,22 @@ def raw_matrix(store: NodeStore, study: StudySpec) -> RawMatrix:
 def extract(store: NodeStore, study: StudySpec) -> FeatureMatrix:
     raw = raw_matrix(store, study)
     keep = np.flatnonzero(~raw.drop_mask)
-    return _finish(
-        study,
-        raw.x[keep],
-        raw.y[keep],
-        [raw.ids[i] for i in keep],
-        len(raw.ids),
-        raw.missing,
-        raw.unconverted,
-        raw.impute_cols,
-    )
+    kept_ids = [raw.ids[i] for i in keep]
+    if len(kept_ids) < 2:
+        raise StudyError(
+            f"study '{study.name}' keeps {len(kept_ids)} of {len(raw.ids)} patients after "
+            "dropping rows with missing features; use `missing: impute` for sparse features"
+        )
+    y = raw.y[keep]
+    split = study.split
+    if split.method == "keyed":
+        draws = np.asarray(store.split_draws(study.name, kept_ids), dtype=np.float64)
+        indices = keyed_split_indices(draws, split.test_fraction)
+    else:
+        assert split.seed is not None  # the spec refuses `seeded` without one
+        stratify = True if split.stratify is None else split.stratify
+        indices = split_indices(y, split.test_fraction, split.seed, stratify)
+    return _finish(study, raw, raw.x[keep], y, kept_ids, indices)
 
 
 @dataclass(frozen=True)
@@ -185,23 +194,14 @@ class Preprocessor:
 
 def _finish(
     study: StudySpec,
+    raw: RawMatrix,
     x: NDArray[np.float64],
     y: NDArray[np.float64],
     kept_ids: list[str],
-    patients: int,
-    missing: dict[str, float],
-    unconverted: dict[str, int],
-    impute_cols: list[tuple[int, float | None]],
+    indices: tuple[NDArray[np.intp], NDArray[np.intp]],
 ) -> FeatureMatrix:
-    if len(kept_ids) < 2:
-        raise StudyError(
-            f"study '{study.name}' keeps {len(kept_ids)} of {patients} patients after dropping "
-            "rows with missing features; use `missing: impute` for sparse features"
-        )
-    train_idx, test_idx = split_indices(
-        y, study.split.test_fraction, study.split.seed, study.split.stratify
-    )
-    preprocessor = Preprocessor.fit(study, x[train_idx], impute_cols)
+    train_idx, test_idx = indices
+    preprocessor = Preprocessor.fit(study, x[train_idx], raw.impute_cols)
     return FeatureMatrix(
         columns=study.columns(),
         x_train=preprocessor.apply(x[train_idx]),
@@ -210,16 +210,33 @@ def _finish(
         y_test=y[test_idx].astype(np.float32),
         train_ids=[kept_ids[i] for i in train_idx],
         test_ids=[kept_ids[i] for i in test_idx],
-        patients=patients,
+        patients=len(raw.ids),
         preprocessor=preprocessor,
-        missing=missing,
-        unconverted=unconverted,
+        missing=raw.missing,
+        unconverted=raw.unconverted,
     )
 
 
 def _nanmean(column: NDArray[np.float64]) -> float:
     present = column[~np.isnan(column)]
     return float(present.mean()) if present.size else 0.0
+
+
+def keyed_split_indices(
+    draws: NDArray[np.float64], test_fraction: float
+) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """The keyed split: a patient is in test when its draw (`NodeStore.split_draws`) is below
+    `test_fraction`. Each side is non-empty, or the cohort is too small for the study."""
+    in_test = draws < test_fraction
+    n_test = int(in_test.sum())
+    if n_test == 0 or n_test == len(draws):
+        side = "test" if n_test == 0 else "train"
+        raise StudyError(
+            f"the keyed split of {len(draws)} patients put none in {side} "
+            f"(test_fraction={test_fraction}); each patient's side is drawn on its own, so a "
+            "cohort this small needs more patients or a test_fraction nearer 0.5"
+        )
+    return np.flatnonzero(~in_test), np.flatnonzero(in_test)
 
 
 def split_indices(

@@ -113,9 +113,46 @@ Demographic = Literal["age", "sex"]
 
 
 class Split(_Model):
+    """How each site divides its cohort into train and test.
+
+    `keyed` (the default): a patient is in test when HMAC-SHA256, under a key the node derives
+    from its secret pseudonym key, of the study name and the patient's pseudonym, read as a
+    number in [0, 1), is below `test_fraction`. Each patient's side depends on that patient
+    alone, so adding or deleting a patient moves no other one, and no one without the node's
+    key can tell which side a patient is on. The test size is binomial, not exact; the split is
+    not stratified.
+
+    `seeded`: FLamby's benchmark split, sklearn's `train_test_split` over the cohort in id order
+    with the public `seed`, stratified on the label when `stratify` (default true). It
+    reproduces published per-site splits on public data, but deleting one patient re-draws many
+    others: use it to reproduce a benchmark, not on patient data.
+    """
+
+    method: Literal["keyed", "seeded"] = "keyed"
     test_fraction: float = Field(default=0.34, gt=0, lt=1)
-    seed: int = 43
-    stratify: bool = True
+    seed: int | None = None
+    stratify: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_files(cls, raw: Any) -> Any:
+        """Study files (and stored studies) written before `method` existed set a `seed`: they
+        asked for the seeded split, so they keep it."""
+        if isinstance(raw, dict) and "method" not in raw and raw.get("seed") is not None:
+            return {**raw, "method": "seeded"}
+        return raw
+
+    @model_validator(mode="after")
+    def _check(self) -> Split:
+        if self.method == "keyed" and (self.seed is not None or self.stratify is not None):
+            raise ValueError(
+                "seed and stratify apply only to `method: seeded` (FLamby's benchmark split); "
+                "the default `method: keyed` assigns each patient by a keyed hash: remove them "
+                "or set `method: seeded`"
+            )
+        if self.method == "seeded" and self.seed is None:
+            raise ValueError("`method: seeded` needs a `seed` (FLamby's is 43)")
+        return self
 
 
 class Preprocessing(_Model):
