@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aipipe.errors import StudyError
 from aipipe.hub.models import version_id
 from aipipe.node.client import HubClient
 from aipipe.node.lineage import ModelLineage
@@ -301,3 +302,62 @@ def test_a_release_costs_the_epsilon_of_one_unsampled_gaussian_step() -> None:
 def test_an_unnoised_release_is_refused() -> None:
     with pytest.raises(ValueError, match="noise multiplier > 0"):
         noised_accuracy_counts(10, 5, 0.0, np.random.default_rng(0))
+
+
+class DeclineRecorder:
+    """Stands in for `HubClient` where a node declines a round: keeps the reasons it sends."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def decline(self, study: str, number: int, reason: str, *, exclude: bool) -> None:
+        self.reasons.append(reason)
+
+
+@pytest.mark.parametrize("mode", ["secagg", "ckks"])
+def test_a_secure_nodes_decline_names_no_count_of_its_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    spec = StudySpec.model_validate(secure_spec("declines", mode))
+    counted = StudyError(
+        "study 'declines' keeps 3 of 187 patients after dropping rows with missing features"
+    )
+
+    def extract(store: object, study: object) -> FeatureMatrix:
+        raise counted  # what `aipipe.study.features.extract` says of a sparse site
+
+    monkeypatch.setattr("aipipe.node.worker.extract", extract)
+    hub = DeclineRecorder()
+    item = WorkItem(
+        kind="train", study=spec.name, study_digest=spec.digest(), round=1, version="b" * 64
+    )
+    with node_worker(tmp_path / "a", "node-a", Identity.generate(), hub) as worker:
+        worker.store.approve(spec.name, spec.digest(), spec.model_dump_json())
+        worker.handle(item)
+        (refusal,) = _audit(worker, "train")
+
+    (reason,) = hub.reasons
+    assert "187" not in reason and "3 of" not in reason
+    assert reason.startswith("StudyError")
+    assert refusal.details["reason"] == str(counted)  # the full reason stays on the node
+
+
+def test_a_plaintext_nodes_decline_keeps_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control: in a plaintext study (where n travels with the update) the reason is sent."""
+    spec = StudySpec.model_validate({**secure_spec("declines", "secagg"), "secure": "none"})
+
+    def extract(store: object, study: object) -> FeatureMatrix:
+        raise StudyError("keeps 3 of 187 patients")
+
+    monkeypatch.setattr("aipipe.node.worker.extract", extract)
+    hub = DeclineRecorder()
+    item = WorkItem(
+        kind="train", study=spec.name, study_digest=spec.digest(), round=1, version="b" * 64
+    )
+    with node_worker(tmp_path / "a", "node-a", Identity.generate(), hub) as worker:
+        worker.store.approve(spec.name, spec.digest(), spec.model_dump_json())
+        worker.handle(item)
+
+    assert hub.reasons == ["keeps 3 of 187 patients"]

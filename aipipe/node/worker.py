@@ -84,7 +84,7 @@ class NodeWorker:
             # waiting for its deadline. Past its masked input a node has nothing to decline.
             self._audit_refusal("train", spec, item.round, exc)
             with contextlib.suppress(ConflictError):
-                self.client.decline(spec.name, item.round, str(exc), exclude=False)
+                self.client.decline(spec.name, item.round, _hub_reason(spec, exc), exclude=False)
             return f"round {item.round}: declined: {exc}"
 
     def declined_studies(self) -> list[str]:
@@ -308,6 +308,14 @@ class NodeWorker:
         )
         self.client.report(EvalReport(version=version))
         return f"evaluated {version[:12]} (kept on this node): accuracy={result.accuracy:.3f}"
+
+
+def _hub_reason(spec: StudySpec, exc: Exception) -> str:
+    """What a decline tells the hub. A reason may hold the site's counts (patients kept, ε left,
+    q = batch/n); under secure aggregation those stay here, in the node's audit log."""
+    if spec.secure == "none":
+        return str(exc)
+    return f"{type(exc).__name__} at this node; its audit log holds the reason"
 
 
 def _counts(matrix: FeatureMatrix) -> dict[str, int]:
