@@ -175,6 +175,7 @@ def run(
 def report(work: Path, study: str) -> None:
     from aipipe.node.baseline import train_alone  # torch imports only once they are needed
     from aipipe.node.home import open_node, open_store
+    from aipipe.node.lineage import ModelLineage
     from aipipe.study.features import extract
     from aipipe.study.spec import load_study
 
@@ -185,16 +186,20 @@ def report(work: Path, study: str) -> None:
     console.print()
     console.rule("5. results")
     table = Table(
-        title=f"test split per site: federated model {final['version'][:12]} beside the site "
-        "training alone (solo) under the same ε",
+        title=f"test split per site (read from each node's home; the hub gets no metrics): "
+        f"federated model {final['version'][:12]} beside the site training alone (solo) under "
+        "the same ε",
         title_justify="left",
     )
     for column in ("site", "n", "fed acc", "fed AUC", "solo acc", "solo AUC", "ε spent", "budget"):
         table.add_column(column, justify="left" if column == "site" else "right")
     for site in SITES:
-        metrics = final["metrics"].get(site, {})
+        # Each node keeps its evaluation at home (no metric reaches the hub: it would leak
+        # labels); the demo runs every node on this machine, so it reads them from the homes.
         store = open_store(open_node(work / site))
         try:
+            mine = ModelLineage(store.db).evaluation(study, final["version"])
+            metrics = {} if mine is None else mine.__dict__
             alone = train_alone(extract(store, spec), spec)
         finally:
             store.close()

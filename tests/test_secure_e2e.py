@@ -16,8 +16,10 @@ audit log, process log) for any of them.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from aipipe.secure.ckks import CkksContext
 from aipipe.secure.encoding import UpdateLayout, fixed_point_codec, mean_from_sum
 from aipipe.secure.errors import CkksContextError
 from aipipe.wire.tensors import decode_arrays
-from tests.e2e_support import Federation, audit_events
+from tests.e2e_support import Federation, aipipe_in_process, audit_events, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -239,3 +241,49 @@ def test_the_plaintext_check_would_see_a_leak(story: Story, tmp_path: Path) -> N
         assert any(probe in data for probe in spellings(x, len(SITES)) for _, data in files)
     finally:
         (story.fed.hub.home / "blobs" / "leak.bin").unlink()
+
+
+# -- no ε spent, n_test or evaluation number at the hub (DESIGN §12) ------------------------------
+
+
+def epsilon_spent(fed: Federation, site: str, study: str) -> float:
+    """ε the node's ledger holds for `study`: what the old signed header carried."""
+    result = aipipe_in_process("privacy", "status", "--home", fed.nodes[site], "--json")
+    (status,) = [s for s in json.loads(result.stdout) if s["study"] == study]
+    return float(status["spent"])
+
+
+def number_spellings(value: float) -> list[bytes]:
+    """Decimal text (repr and 6 places) and little-endian float64/float32 of `value`."""
+    return [repr(value).encode(), f"{value:.6f}".encode()] + [
+        struct.pack(f, value) for f in ("<d", "<f")
+    ]
+
+
+def test_no_hub_file_holds_a_nodes_epsilon_spent(story: Story) -> None:
+    files = hub_files(story.fed)
+    for site in story.secagg["reported"]:
+        probes = number_spellings(epsilon_spent(story.fed, site, SECAGG))
+        leaks = [str(path) for path, data in files for probe in probes if probe in data]
+        assert not leaks, f"{site}'s ε spent found in {leaks}"
+
+
+def test_the_epsilon_search_would_see_a_leak(story: Story) -> None:
+    """Control: an ε written as the old header wrote it (JSON) is found."""
+    site = story.secagg["reported"][0]
+    value = epsilon_spent(story.fed, site, SECAGG)
+    planted = json.dumps({"epsilon_spent": value}).encode()
+    assert any(probe in planted for probe in number_spellings(value))
+
+
+def test_the_hub_holds_no_evaluation_number_for_a_secure_model(story: Story) -> None:
+    """Every node that evaluated the SecAgg+ model told the hub so, and nothing else."""
+    version = story.secagg["result_version"]
+    with story.fed.admin() as client:
+
+        def evaluated() -> dict[str, Any] | None:
+            shown: dict[str, Any] = client.get(f"/v1/models/{version}").json()["metrics"]
+            return shown if set(story.secagg["reported"]) <= set(shown) else None
+
+        metrics = wait_until(evaluated, what="the nodes to evaluate the SecAgg+ model")
+    assert [v for m in metrics.values() for v in m.values() if v is not None] == []

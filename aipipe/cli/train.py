@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import time
-from statistics import mean
 
 import typer
 from rich.console import Console
@@ -60,8 +59,8 @@ def run(
     token: str = TOKEN,
     as_json: bool = JSON,
 ) -> None:
-    """Run N rounds one after another, printing a row per round (accuracy and AUC are the
-    means over the nodes' own test splits, evaluated on the new global model)."""
+    """Run N rounds one after another, printing a row per round ('evaluated': the nodes that
+    evaluated the new global model on their own test splits; the metrics stay on the nodes)."""
     results: list[RoundInfo] = []
     table = _summary_table()
     quiet = Console(file=io.StringIO()) if as_json else console  # --json: stdout is JSON only
@@ -128,14 +127,9 @@ def _progress_table(info: RoundInfo) -> Table:
 
 def _summary_table() -> Table:
     table = Table(title="rounds", title_justify="left")
-    for column in ("round", "state", "nodes", "accuracy", "auc", "loss", "model"):
+    for column in ("round", "state", "nodes", "evaluated", "model"):
         table.add_column(column, justify="right" if column not in ("state", "model") else "left")
     return table
-
-
-def _mean_of(info: RoundInfo, key: str) -> str:
-    values = [m[key] for m in info.metrics.values() if m.get(key) is not None]
-    return f"{mean(float(v) for v in values if v is not None):.3f}" if values else "–"
 
 
 def _summary_row(info: RoundInfo) -> list[str]:
@@ -143,8 +137,6 @@ def _summary_row(info: RoundInfo) -> list[str]:
         str(info.round),
         info.state,
         f"{len(info.reported)}/{len(info.selected)}",
-        _mean_of(info, "accuracy"),
-        _mean_of(info, "auc"),
-        _mean_of(info, "loss"),
+        f"{len(info.metrics)}/{len(info.reported)}",
         (info.result_version or "")[:12],
     ]

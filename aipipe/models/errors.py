@@ -3,7 +3,8 @@
 AipipeError
 └── ModelError                 weights that cannot be used
     ├── ModelFormatError       bytes that are not a valid safetensors file, or non-finite values
-    └── ModelMismatchError     names or shapes that do not match the model they are loaded into
+    ├── ModelMismatchError     names or shapes that do not match the model they are loaded into
+    └── UnverifiedModelError   a version that is not the result of a round this node took part in
 """
 
 from __future__ import annotations
@@ -23,3 +24,7 @@ class ModelFormatError(ModelError):
 
 class ModelMismatchError(ModelError):
     """Weights name a tensor the model lacks, lack one it has, or have the wrong shape."""
+
+
+class UnverifiedModelError(ModelError):
+    """A model version whose lineage this node cannot verify: it evaluates none such."""

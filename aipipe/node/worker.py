@@ -16,10 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aipipe.audit.log import AuditLog
-from aipipe.errors import AipipeError, ConflictError, StudyError, StudyNotApprovedError
+from aipipe.errors import (
+    AipipeError,
+    ConflictError,
+    NotFoundError,
+    StudyError,
+    StudyNotApprovedError,
+)
 from aipipe.models import ModelError, arrays_to_model, build_model
+from aipipe.models.errors import UnverifiedModelError
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
+from aipipe.node.lineage import LocalEvaluation, ModelLineage
 from aipipe.node.training import TrainResult, clip_update, evaluate, train_local
 from aipipe.node.vault import SecureVault
 from aipipe.privacy.accountant import calibrate_noise, sample_rate
@@ -64,7 +72,7 @@ class NodeWorker:
                 self.client.decline(item.study, item.round, str(exc), exclude=False)
             return f"declined {item.study}: {exc}"
         if item.kind == "evaluate":
-            return self._evaluate(spec, item.version)
+            return self._evaluate(spec, item)
         assert item.round is not None
         if item.kind in ("keygen", "decrypt"):
             step = (
@@ -83,7 +91,7 @@ class NodeWorker:
             # waiting for its deadline. Past its masked input a node has nothing to decline.
             self._audit_refusal("train", spec, item.round, exc)
             with contextlib.suppress(ConflictError):
-                self.client.decline(spec.name, item.round, str(exc), exclude=False)
+                self.client.decline(spec.name, item.round, _hub_reason(spec, exc), exclude=False)
             return f"round {item.round}: declined: {exc}"
 
     def declined_studies(self) -> list[str]:
@@ -185,6 +193,7 @@ class NodeWorker:
         if isinstance(charged, str):
             return charged
         sigma, epsilon = charged
+        ModelLineage(self.store.db).record_round(spec.name, item.round, item.version)
 
         def local_update() -> TrainResult:
             return self._local_update(spec, item, matrix, sigma)
@@ -294,8 +303,10 @@ class NodeWorker:
             secure=spec.secure,
             num_examples=n,
             payload_sha256=hashlib.sha256(payload).hexdigest(),
-            epsilon_spent=epsilon,
-            delta=spec.privacy.delta if epsilon is not None else None,
+            # ε spent is a function of the site's n (through q = batch/n): under secure
+            # aggregation it stays on the node with n itself (DESIGN §12).
+            epsilon_spent=epsilon if spec.secure == "none" else None,
+            delta=spec.privacy.delta if epsilon is not None and spec.secure == "none" else None,
             train_loss=None,
             update_norm=norm,
             nonce=secrets.token_hex(16),
@@ -303,21 +314,42 @@ class NodeWorker:
         signature = self.identity.sign(header.signing_bytes()).hex()
         return header.model_copy(update={"signature": signature})
 
-    def _evaluate(self, spec: StudySpec, version: str) -> str:
+    def _evaluate(self, spec: StudySpec, item: WorkItem) -> str:
+        """Evaluate a round's result on the test split, if its lineage verifies; keep the
+        numbers here. The hub gets an acknowledgement without numbers either way (so it stops
+        offering the version): an exact n_test, accuracy, AUC or loss leaks labels, and no DP
+        release of them is charged to the ledger yet (`aipipe.privacy.release`)."""
+        assert item.version is not None and item.round is not None
+        version, lineage = item.version, ModelLineage(self.store.db)
+        try:
+            lineage.require_round(spec.name, item.round, version)
+            announced = self.client.round(spec.name, item.round).result_version
+            raw = self.client.model_weights(version)
+            lineage.verify(spec.name, item.round, version, announced, raw)
+        except (UnverifiedModelError, NotFoundError) as exc:
+            self._audit_refusal("evaluate", spec, item.round, exc)
+            self.client.report(EvalReport(version=version))
+            return f"refused to evaluate {version[:12]}: {exc}"
         matrix = self.features(spec)
-        weights = self.base_weights(version)
-        model = arrays_to_model(weights, build_model(spec.model, len(matrix.columns)))
+        model = arrays_to_model(decode_arrays(raw), build_model(spec.model, len(matrix.columns)))
         result = evaluate(model, matrix.x_test, matrix.y_test)
-        self.client.report(
-            EvalReport(
-                version=version,
-                n=result.n,
-                accuracy=result.accuracy,
-                auc=result.auc,
-                loss=result.loss,
-            )
+        lineage.save(LocalEvaluation(spec.name, version, item.round, **result.__dict__))
+        self.audit.append(
+            "evaluate",
+            actor=self.name,
+            resource=f"model/{version}",
+            details={"study": spec.name, "round": item.round, "released": "nothing"},
         )
-        return f"evaluated {version[:12]}: n={result.n} accuracy={result.accuracy:.3f}"
+        self.client.report(EvalReport(version=version))
+        return f"evaluated {version[:12]} (kept on this node): accuracy={result.accuracy:.3f}"
+
+
+def _hub_reason(spec: StudySpec, exc: Exception) -> str:
+    """What a decline tells the hub. A reason may hold the site's counts (patients kept, ε left,
+    q = batch/n); under secure aggregation those stay here, in the node's audit log."""
+    if spec.secure == "none":
+        return str(exc)
+    return f"{type(exc).__name__} at this node; its audit log holds the reason"
 
 
 def _counts(matrix: FeatureMatrix) -> dict[str, int]:

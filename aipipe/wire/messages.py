@@ -181,12 +181,18 @@ class Decline(Wire):
 
 
 class EvalReport(Wire):
+    """A node's word that it has dealt with a version (so the hub stops offering it).
+
+    Nodes send it without numbers: exact n_test, accuracy, AUC or loss leak labels (a crafted
+    model reveals the count of positives), and no DP release of them is charged yet
+    (`aipipe.privacy.release`). The fields stay for that release and for older nodes."""
+
     protocol: int = PROTOCOL_VERSION
     version: str = Field(pattern=_HEX64)
-    n: int = Field(ge=0, le=MAX_COUNT)
-    accuracy: float | None
-    auc: float | None
-    loss: float | None
+    n: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+    accuracy: float | None = None
+    auc: float | None = None
+    loss: float | None = None
     local_accuracy: float | None = None
     local_auc: float | None = None
 
