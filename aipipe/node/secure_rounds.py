@@ -169,7 +169,9 @@ def secagg_round(
     codec = fixed_point_codec(spec.bounds.update_norm, len(config.clients), config.bits)
     masked = protocol.mask(forwarded.shares, codec.encode(x))
     header = worker.signed_header(spec, item, masked.data, epsilon)
-    client.upload(study, number, pack_frame(header.model_dump_json().encode(), masked.data))
+    frame = pack_frame(header.model_dump_json().encode(), masked.data)
+    worker.charge_release(spec, item, frame)  # cost and sha256 in the ledger before it leaves
+    client.upload(study, number, frame)
     worker.log(f"round {number}: sent masked update")
     request = client.secagg_wait(study, number, "unmask-request", SecAggUnmaskRequest, until=until)
     survivors = len(request.request.survivors)
@@ -310,9 +312,9 @@ def ckks_round(
     x = _record(worker, spec, item, train(), layout, epsilon)
     payload = context.encrypt(x).to_bytes()
     header = worker.signed_header(spec, item, payload, epsilon)
-    receipt = worker.client.upload(
-        spec.name, item.round, pack_frame(header.model_dump_json().encode(), payload)
-    )
+    frame = pack_frame(header.model_dump_json().encode(), payload)
+    worker.charge_release(spec, item, frame)  # cost, sha256 and bytes kept before it leaves
+    receipt = worker.client.upload(spec.name, item.round, frame)
     return (
         f"round {item.round}: ckks update sent ({len(payload)} bytes), round {receipt.round_state}"
     )
