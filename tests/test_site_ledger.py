@@ -285,6 +285,50 @@ def test_a_round_whose_bytes_were_not_kept_is_refused_when_offered_again(tmp_pat
     assert len(entries) == 1
 
 
+@pytest.mark.parametrize("site_total", [1.0, 0.5])
+def test_the_worker_plans_a_study_within_what_other_studies_left_of_the_site(
+    tmp_path: Path, site_total: float
+) -> None:
+    with running_hub(tmp_path / "hub") as hub:
+        alpha = hub.enrol("alpha")
+        hub.enrol("beta"), hub.enrol("gamma")
+        study = hub.publish(_heart_spec())
+        at = hub.open_round(study)
+        worker, sent = _node(tmp_path, hub, alpha, study)
+        ledger = BudgetLedger(worker.store.db)
+        ledger.set_budget("other", epsilon=1.0, delta=DELTA)
+        ledger.charge("other", 1, noise_multiplier=6.0, sample_rate=Q, steps=STEPS)  # ε ≈ 0.63
+        ledger.set_site_budget(epsilon=site_total, delta=DELTA)  # 0.5: the steward lowered it
+        item = WorkItem(
+            kind="train",
+            study=at.study,
+            study_digest=at.digest,
+            round=at.number,
+            version=at.base_version,
+        )
+        try:
+            summary = worker.handle(item)
+            entries = ledger.entries(at.study)
+        finally:
+            worker.store.close()
+            worker.audit.close()
+
+    spec = StudySpec.model_validate(study["spec"])
+    planned = spec.training.rounds * spec.training.local_steps
+    other = (6.0, Q, STEPS)
+    if site_total == 0.5:  # the other study spent more than the whole site total
+        assert "budget exhausted, declined" in summary, summary
+        assert sent == [] and entries == []
+        return
+    (entry,) = entries
+    whole = compose_epsilon(
+        [other, (entry.noise_multiplier, entry.sample_rate, planned)], DELTA, "prv"
+    )
+    assert 0.98 < whole <= 1.0  # the whole planned study fits what the other study left
+    assert entry.site_epsilon is not None and entry.site_epsilon < whole
+    assert len(sent) == 1
+
+
 def _node(
     tmp_path: Path, hub: Any, enrolled: Any, study: dict[str, Any]
 ) -> tuple[NodeWorker, list[bytes]]:
@@ -305,7 +349,7 @@ def _node(
         sent.append(frame)
         return upload(name, number, frame)
 
-    client.upload = recording  # type: ignore[method-assign]
+    client.upload = recording  # type: ignore[method-assign, assignment]
     return NodeWorker(enrolled.name, store, client, enrolled.identity, audit), sent
 
 
