@@ -299,9 +299,11 @@ class TestThreeRoundsOfTraining:
 
         result = aipipe_in_process("privacy", "status", "--home", home, "--json")
 
-        (status,) = [s for s in json.loads(result.stdout) if s["study"] == story.fed.study]
+        report = json.loads(result.stdout)
+        (status,) = [s for s in report["studies"] if s["study"] == story.fed.study]
         assert status["rounds"] == 3
         assert 0 < status["spent"] <= status["epsilon_budget"]
+        assert 0 < report["site"]["spent"] <= report["site"]["epsilon_budget"]
 
     def test_train_run_json_prints_nothing_but_json(self, story: Story) -> None:
         rounds = json.loads(story.run.stdout)

@@ -308,13 +308,15 @@ def approve(
         None,
         "--epsilon",
         min=0.0,
-        help="This site's ε budget for the study (default: the study's privacy.epsilon).",
+        help="The study's share of this site's ε (default: the study's privacy.epsilon); "
+        "the site's total over all studies is set by `aipipe privacy budget`.",
     ),
     as_json: bool = JSON,
 ) -> None:
     """Approve a published study: pins its digest; a changed study needs a new approval.
 
-    Also sets the site's (ε, δ) budget for it. The node trains for no study it has not approved.
+    Also sets the study's (ε, δ) share of the site's budget: every release must fit both the
+    share and the site's total over all studies. The node trains for no study it has not approved.
     """
 
     from aipipe.privacy.ledger import BudgetLedger  # imports torch: only when needed

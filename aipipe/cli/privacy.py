@@ -1,39 +1,117 @@
-"""`aipipe privacy`: the node's privacy budget per study."""
+"""`aipipe privacy`: the node's site ledger: the site total, each study's share, what is spent.
+
+The patients are the same whichever study asks, so every release of every study is charged to
+one site total that the data steward sets (`privacy budget --site-epsilon`); `node approve` sets
+each study's share of it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
 from aipipe.cli.options import JSON
-from aipipe.cli.render import console, emit_json
-from aipipe.node.home import open_node, open_store
+from aipipe.cli.render import console, emit_json, kv_table
+from aipipe.node.home import open_audit, open_node, open_store
 
-app = typer.Typer(help="Watch the node's privacy budget.", no_args_is_help=True)
+app = typer.Typer(help="Watch and set the node's privacy budget.", no_args_is_help=True)
+
+HOME = typer.Option(..., "--home", help="The node home.")
 
 
 @app.command()
-def status(
-    home: Path = typer.Option(..., "--home", help="The node home."), as_json: bool = JSON
-) -> None:
-    """ε spent and left per study (composed over all rounds with the study's accountant)."""
-    from aipipe.privacy.ledger import BudgetLedger  # imports torch: only when needed
-
+def status(home: Path = HOME, as_json: bool = JSON) -> None:
+    """The site's total ε and what all studies spent of it (composed together), then per study
+    its share and spent, each beside the best accuracy a membership-inference attacker can
+    reach at that (ε, δ) (50/50 prior; 0.5 is a coin flip)."""
     store = open_store(open_node(home))
     try:
-        rows = [dataclasses.asdict(entry) for entry in BudgetLedger(store.db).status()]
+        report = _status(store)
     finally:
         store.close()
     if as_json:
-        emit_json(rows)
+        emit_json(report)
         return
-    table = Table(title="privacy budget", title_justify="left")
-    if rows:
-        for column in rows[0]:
+    if report["site"] is not None:
+        console.print(kv_table("site budget (all studies together)", report["site"]))
+    table = Table(title="study shares", title_justify="left")
+    if report["studies"]:
+        for column in report["studies"][0]:
             table.add_column(column, justify="right")
-        for row in rows:
+        for row in report["studies"]:
             table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     console.print(table)
+
+
+@app.command()
+def budget(
+    home: Path = HOME,
+    site_epsilon: float = typer.Option(
+        ...,
+        "--site-epsilon",
+        min=0.0,
+        help="The site's total ε over all studies and queries on its patients.",
+    ),
+    delta: float = typer.Option(
+        1e-5, "--delta", min=0.0, max=1.0, help="The site's δ (ε is composed at this δ)."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Set the site's total (ε, δ). Each study also keeps its own share (`node approve
+    --epsilon`); a release must fit both. Until this is set, the total is the largest share."""
+    from aipipe.privacy.ledger import BudgetLedger  # imports torch: only when needed
+
+    paths = open_node(home)
+    store = open_store(paths)
+    try:
+        ledger = BudgetLedger(store.db)
+        ledger.set_site_budget(epsilon=site_epsilon, delta=delta)
+        spent = ledger.site_spent()
+        with open_audit(paths) as audit:
+            audit.append(
+                "privacy.site_budget",
+                actor=paths.config.name,
+                resource=f"node/{paths.config.name}",
+                details={"epsilon_budget": site_epsilon, "delta": delta, "spent": spent},
+            )
+    finally:
+        store.close()
+    result = {"epsilon_budget": site_epsilon, "delta": delta, "spent": spent}
+    if as_json:
+        emit_json(result)
+        return
+    console.print(kv_table("site budget", result))
+
+
+def _status(store: Any) -> dict[str, Any]:
+    from aipipe.privacy.ledger import BudgetLedger  # imports torch: only when needed
+    from aipipe.privacy.protection import membership_accuracy_bound
+
+    ledger = BudgetLedger(store.db)
+    studies = [
+        {
+            **dataclasses.asdict(s),
+            "attacker_accuracy_max": membership_accuracy_bound(s.spent, s.delta),
+        }
+        for s in ledger.status()
+    ]
+    site = ledger.site_budget()
+    if site is None:
+        return {"site": None, "studies": studies}
+    spent = ledger.site_spent()
+    return {
+        "site": {
+            "epsilon_budget": site.epsilon,
+            "delta": site.delta,
+            "set": "by the steward" if site.explicit else "default: the largest study share",
+            "spent": spent,
+            "remaining": max(site.epsilon - spent, 0.0),
+            "releases": len(ledger.entries()),
+            "attacker_accuracy_max": membership_accuracy_bound(spent, site.delta),
+        },
+        "studies": studies,
+    }

@@ -35,8 +35,9 @@ from aipipe.wire import EnrolRequest, EnrolToken
 from aipipe.wire.secure import sealing_key_payload
 
 CREDENTIAL = "hub.credential"
-# aipipe.privacy.ledger's tables (BUDGET, LEDGER), named here so `node init` needs no torch.
-_LEDGER_TABLES = ("privacy_budget", "privacy_ledger")
+# aipipe.privacy.ledger's tables (BUDGET, SITE, LEDGER), named here so `node init` needs no
+# torch. The kept frames (FRAMES) are not carried: they are signed by the replaced identity.
+_LEDGER_TABLES = ("privacy_budget", "privacy_site", "privacy_ledger")
 
 
 def init_node(

@@ -182,6 +182,8 @@ class _Round:
         masked = protocol.mask(forwarded.shares, codec.encode(x))
         header = worker.signed_header(spec, state.item, masked.data, state.epsilon)
         body = pack_frame(header.model_dump_json().encode(), masked.data)
+        # Charged before it is saved: a saved masked input is only ever one already charged.
+        worker.charge_release(spec, state.item, body)
         self._save(client=protocol.state(), sent={**state.sent, "masked": body})
 
     def _unmask(self, protocol: SecAggClient) -> None:

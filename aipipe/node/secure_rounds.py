@@ -280,9 +280,9 @@ def ckks_round(
     x = _record(worker, spec, item, train(), layout, epsilon)
     payload = context.encrypt(x).to_bytes()
     header = worker.signed_header(spec, item, payload, epsilon)
-    receipt = worker.client.upload(
-        spec.name, item.round, pack_frame(header.model_dump_json().encode(), payload)
-    )
+    frame = pack_frame(header.model_dump_json().encode(), payload)
+    worker.charge_release(spec, item, frame)  # cost, sha256 and bytes kept before it leaves
+    receipt = worker.client.upload(spec.name, item.round, frame)
     return (
         f"round {item.round}: ckks update sent ({len(payload)} bytes), round {receipt.round_state}"
     )

@@ -1,8 +1,10 @@
 """What a node does with one work item: train for a round, or evaluate a new model.
 
 Training order is what keeps the privacy promise: the study must be approved at this digest;
-the round's (ε, δ) is charged to the budget ledger BEFORE the update is built and sent; a round
-that would exceed the budget is declined and the node asks to be excluded from the study.
+the round's noise is planned so the study fits min(its share, what is left of the site) and a
+round that would not fit is declined (the node asks to be excluded from the study); the round's
+cost and the sha256 of the exact bytes are charged to the site ledger in one transaction BEFORE
+they are sent; a round offered again gets those same bytes, or a refusal, never a new draw.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from aipipe.node.client import HubClient
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
 from aipipe.node.training import TrainResult, clip_update, evaluate, train_local
 from aipipe.node.vault import SecureVault
-from aipipe.privacy.accountant import calibrate_noise, sample_rate
-from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError
-from aipipe.privacy.ledger import BudgetLedger
+from aipipe.privacy.accountant import AccountantName, sample_rate
+from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError, RoundAlreadyReleasedError
+from aipipe.privacy.ledger import TRAIN, BudgetLedger, LedgerEntry
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
@@ -60,6 +62,10 @@ class NodeWorker:
     unapproved: dict[str, str | None] = field(default_factory=dict)
     _features: dict[str, FeatureMatrix] = field(default_factory=dict)
     _weights: dict[str, Arrays] = field(default_factory=dict)
+    # (study, round) → the mechanism planned for it, charged with its bytes just before they leave
+    _planned: dict[tuple[str, int], tuple[float, float, int, AccountantName]] = field(
+        default_factory=dict
+    )
 
     def handle(self, item: WorkItem) -> str:
         """Do one work item; return a one-line summary for logs (counts only, no PHI)."""
@@ -120,12 +126,22 @@ class NodeWorker:
                 path.unlink(missing_ok=True)
                 out.append(f"dropped a saved SecAgg+ round: {exc}")
                 continue
+            self._plan_again(spec, state.number, state.sigma)
             train = functools.partial(self._retrain, spec, state.item, state.sigma)
             try:
                 out.append(f"resumed {run_secagg(self, spec, state, train)}")
             except AipipeError as exc:
                 out.append(f"round {state.number} of '{state.study}' ended on resume: {exc}")
         return out
+
+    def _plan_again(self, spec: StudySpec, number: int, sigma: float | None) -> None:
+        """The plan a resumed round's masked input is charged with, if it has yet to be made
+        (a node that died before masking trains again, and that release must be charged)."""
+        if spec.privacy.mode != "dp" or sigma is None:
+            return
+        q = sample_rate(spec.training.batch_size, len(self.features(spec).y_train))
+        plan = (sigma, q, spec.training.local_steps, spec.privacy.accountant)
+        self._planned[(spec.name, number)] = plan
 
     def _retrain(self, spec: StudySpec, item: WorkItem, sigma: float | None) -> TrainResult:
         return self._local_update(spec, item, self.features(spec), sigma)
@@ -188,6 +204,10 @@ class NodeWorker:
 
     def _train(self, spec: StudySpec, item: WorkItem) -> str:
         assert item.round is not None and item.version is not None and item.study_digest
+        if spec.privacy.mode == "dp":
+            released = BudgetLedger(self.store.db).released(spec.name, TRAIN, item.round)
+            if released is not None:
+                return self._send_again(spec, item.round, *released)
         matrix = self.features(spec)
         charged = self._charge_budget(spec, item.round, len(matrix.y_train))
         if isinstance(charged, str):
@@ -218,9 +238,9 @@ class NodeWorker:
                 "update_norm": round(result.update_norm, 6),
             },
         )
-        receipt = self.client.upload(
-            spec.name, item.round, pack_frame(header.model_dump_json().encode(), payload)
-        )
+        frame = pack_frame(header.model_dump_json().encode(), payload)
+        self.charge_release(spec, item, frame)
+        receipt = self.client.upload(spec.name, item.round, frame)
         return (
             f"round {item.round}: sent update (n={result.num_examples}, "
             f"ε={epsilon if epsilon is None else round(epsilon, 3)}), round {receipt.round_state}"
@@ -229,7 +249,9 @@ class NodeWorker:
     def _charge_budget(
         self, spec: StudySpec, number: int, train_rows: int
     ) -> tuple[float | None, float | None] | str:
-        """(σ, ε spent so far) once this round is charged; a summary string if declined."""
+        """(σ, the study's ε once this round is released) if the round fits the study's share
+        and the site's total; a summary string if declined. The charge itself is written with
+        the round's bytes by `charge_release`, just before they leave."""
         if spec.privacy.mode != "dp":
             if self.allow_non_private:
                 return None, None
@@ -238,18 +260,18 @@ class NodeWorker:
             return f"round {number}: {reason}"
         ledger = BudgetLedger(self.store.db)
         q = sample_rate(spec.training.batch_size, train_rows)
-        budget, _ = ledger.budget(spec.name)
-        total_steps = spec.training.rounds * spec.training.local_steps
-        sigma = calibrate_noise(budget, spec.privacy.delta, q, total_steps, spec.privacy.accountant)
+        steps, accountant = spec.training.local_steps, spec.privacy.accountant
         try:
-            entry = ledger.charge(
+            # A study keeps the σ its first round was planned with; a new one is planned over
+            # all its rounds, within min(its share, what the site's other releases left).
+            sigma = _planned_sigma(ledger.entries(spec.name), q) or ledger.calibrate(
                 spec.name,
                 number,
-                noise_multiplier=sigma,
                 sample_rate=q,
-                steps=spec.training.local_steps,
-                accountant=spec.privacy.accountant,
+                steps=spec.training.rounds * steps,
+                accountant=accountant,
             )
+            epsilon = ledger.check(spec.name, number, (sigma, q, steps), accountant)
         except BudgetExhaustedError as exc:
             self.audit.append(
                 "train",
@@ -258,9 +280,51 @@ class NodeWorker:
                 outcome="refused",
                 details={"round": number, "reason": str(exc)},
             )
-            self.client.decline(spec.name, number, str(exc), exclude=True)
+            self.client.decline(spec.name, number, _hub_reason(spec, exc), exclude=True)
             return f"round {number}: budget exhausted, declined"
-        return sigma, entry.epsilon
+        self._planned[(spec.name, number)] = (sigma, q, steps, accountant)
+        return sigma, epsilon
+
+    def charge_release(self, spec: StudySpec, item: WorkItem, frame: bytes) -> None:
+        """Charge the round's planned mechanism with the sha256 of `frame`, the exact bytes
+        about to leave, in one transaction; keep the bytes to send again when the hub offers
+        the round again (not under SecAgg+, whose masks are bound to one run's keys). Raises
+        `BudgetExhaustedError` if the budget went meanwhile: then nothing leaves."""
+        assert item.round is not None
+        planned = self._planned.pop((spec.name, item.round), None)
+        if planned is None:
+            return  # no DP, so nothing is charged (the node allows `privacy: none`)
+        sigma, q, steps, accountant = planned
+        BudgetLedger(self.store.db).charge(
+            spec.name,
+            item.round,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=steps,
+            accountant=accountant,
+            payload=frame,
+            keep=spec.secure != "secagg",
+        )
+
+    def _send_again(
+        self, spec: StudySpec, number: int, entry: LedgerEntry, frame: bytes | None
+    ) -> str:
+        """A round offered again after its update left: the same bytes, or a refusal."""
+        digest = (entry.digest or "not recorded")[:12]
+        if frame is None:
+            raise RoundAlreadyReleasedError(
+                f"round {number} of study '{spec.name}' was released already (sha256 {digest}) "
+                "and its bytes cannot be sent again (a secure round's keys, or a ledger from "
+                "before bytes were kept); this node sends nothing new for it"
+            )
+        self.audit.append(
+            "train.resent",
+            actor=self.name,
+            resource=f"study/{spec.name}",
+            details={"round": number, "sha256": entry.digest},
+        )
+        receipt = self.client.upload(spec.name, number, frame)
+        return f"round {number}: sent the same update again ({digest}), round {receipt.round_state}"
 
     def _local_update(
         self, spec: StudySpec, item: WorkItem, matrix: FeatureMatrix, sigma: float | None
@@ -350,6 +414,12 @@ def _hub_reason(spec: StudySpec, exc: Exception) -> str:
     if spec.secure == "none":
         return str(exc)
     return f"{type(exc).__name__} at this node; its audit log holds the reason"
+
+
+def _planned_sigma(entries: list[LedgerEntry], q: float) -> float | None:
+    """σ of the study's latest training release at this sample rate, if any."""
+    runs = [e for e in entries if e.kind == TRAIN and e.sample_rate == q]
+    return runs[-1].noise_multiplier if runs else None
 
 
 def _counts(matrix: FeatureMatrix) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Differential privacy: DP-SGD, privacy accounting and the per-study budget ledger."""
+"""Differential privacy: DP-SGD, privacy accounting and the site ledger (all studies, one total)."""
 
 from aipipe.privacy.accountant import (
     AccountantName,
@@ -15,9 +15,11 @@ from aipipe.privacy.errors import (
     NoiseCalibrationError,
     PrivacyError,
     RoundAlreadyChargedError,
+    RoundAlreadyReleasedError,
     UnsupportedModuleError,
 )
-from aipipe.privacy.ledger import BudgetLedger, BudgetStatus, LedgerEntry
+from aipipe.privacy.ledger import BudgetLedger, BudgetStatus, LedgerEntry, SiteBudget
+from aipipe.privacy.protection import membership_accuracy_bound
 
 __all__ = [
     "DPSGD",
@@ -31,9 +33,12 @@ __all__ = [
     "PerSampleClipper",
     "PrivacyError",
     "RoundAlreadyChargedError",
+    "RoundAlreadyReleasedError",
+    "SiteBudget",
     "UnsupportedModuleError",
     "calibrate_noise",
     "compose_epsilon",
     "epsilon_for",
+    "membership_accuracy_bound",
     "sample_rate",
 ]

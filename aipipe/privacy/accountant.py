@@ -71,24 +71,39 @@ def calibrate_noise(
     sample_rate: float,
     steps: int,
     accountant: AccountantName = "prv",
+    *,
+    prior: Iterable[Step] = (),
 ) -> float:
     """The smallest σ (to 0.1%) whose `steps` steps at rate q stay within `target_epsilon`.
 
     Pass the whole planned study (rounds × local steps) so that the last round still fits the
-    budget. The σ returned always satisfies ε(σ) ≤ target: the bisection keeps its upper end.
+    budget. `prior` is what was already spent on the same people (a site's other releases):
+    the σ returned keeps the composition of `prior` and the new steps within the target. It
+    always satisfies ε(σ) ≤ target: the bisection keeps its upper end.
     """
     if target_epsilon <= 0:
         raise ValueError(f"target ε must be positive, got {target_epsilon}")
     _check_step(1.0, sample_rate, steps)
-    return _calibrate_cached(target_epsilon, delta, sample_rate, steps, accountant)
+    runs = _merge(prior)
+    if runs and compose_epsilon(runs, delta, accountant) >= target_epsilon:
+        raise NoiseCalibrationError(
+            f"ε={target_epsilon:g} at δ={delta:g} is already spent by earlier releases; "
+            "no noise makes room for more steps"
+        )
+    return _calibrate_cached(target_epsilon, delta, sample_rate, steps, accountant, runs)
 
 
 @lru_cache(maxsize=512)
 def _calibrate_cached(
-    target: float, delta: float, q: float, steps: int, accountant: AccountantName
+    target: float,
+    delta: float,
+    q: float,
+    steps: int,
+    accountant: AccountantName,
+    prior: tuple[Step, ...] = (),
 ) -> float:
     def eps(sigma: float) -> float:
-        return epsilon_for(sigma, q, steps, delta, accountant)
+        return compose_epsilon([*prior, (sigma, q, steps)], delta, accountant)
 
     high = 1.0
     while eps(high) > target:

@@ -3,8 +3,9 @@
 AipipeError
 └── PrivacyError                  a training round cannot be run within its privacy terms
     ├── BudgetNotSetError         the study has no site budget in the ledger
-    ├── BudgetExhaustedError      the round would take the study past its ε budget
+    ├── BudgetExhaustedError      the release would take the study or the site past its ε
     ├── RoundAlreadyChargedError  a resumed round asks to run with a different mechanism
+    │   └── RoundAlreadyReleasedError  a round already left; other bytes for it are refused
     ├── NoiseCalibrationError     no noise multiplier reaches the target ε
     └── UnsupportedModuleError    a model layer the exact per-sample clipper cannot handle
 """
@@ -31,16 +32,30 @@ class BudgetNotSetError(PrivacyError):
 
 
 class BudgetExhaustedError(PrivacyError):
-    """A round would take the study's cumulative ε past the site budget; nothing was charged."""
+    """A release would take the study's share or the site's total ε past its budget; nothing
+    was charged. `scope` says which: "study" (its share) or "site" (all studies together)."""
 
     def __init__(
-        self, *, study: str, round: int, needed: float, spent: float, budget: float
+        self,
+        *,
+        study: str,
+        round: int,
+        needed: float,
+        spent: float,
+        budget: float,
+        scope: str = "study",
     ) -> None:
         left = max(budget - spent, 0.0)
+        whose = (
+            f"study '{study}'"
+            if scope == "study"
+            else f"the site (all studies; this is study '{study}')"
+        )
         super().__init__(
             f"round {round} needs ε={needed:.2f} but {left:.2f} of {budget:.2f} is left for "
-            f"study '{study}'; lower rounds or raise the site budget"
+            f"{whose}; lower rounds or raise the site budget"
         )
+        self.scope = scope
         self.study = study
         self.round = round
         self.needed = needed
@@ -54,6 +69,11 @@ class BudgetExhaustedError(PrivacyError):
 
 class RoundAlreadyChargedError(PrivacyError):
     """A round was charged before with other (σ, q, steps); a resumed round must reuse them."""
+
+
+class RoundAlreadyReleasedError(RoundAlreadyChargedError):
+    """A round's update already left the node: a re-offer gets the same bytes or nothing, never
+    a second draw with fresh noise (which would spend ε that no ledger records)."""
 
 
 class NoiseCalibrationError(PrivacyError):

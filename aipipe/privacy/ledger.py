@@ -1,15 +1,25 @@
-"""The per-study privacy budget ledger: the node's persisted, stateful accountant.
+"""The site ledger: every release of every study on one node's patients, and the budgets it obeys.
 
-Every round's mechanism (σ, q, steps) is written BEFORE its update leaves the node, inside one
-`BEGIN IMMEDIATE` transaction, so two processes cannot both spend the last of a budget. The ε a
-study has spent is the composition of ALL its recorded steps under the accountant (RDP or PRV),
-never the sum of per-round ε: composing T·R steps at once is far tighter than R separate bounds.
-Each row keeps the cumulative ε after its round, for display and audit; `spent` recomputes it from
-the recorded steps, which are the source of truth.
+A release is (study, round, kind, mechanism (σ, q, steps), δ, digest of the bytes that left):
+training updates today (kind "train"), a solo baseline ("baseline"), later evaluation reports,
+statistics and analytics. The patients are the same whichever study asks, so the SITE's ε is the
+composition of ALL its releases under the accountant (PRV convolves a heterogeneous history;
+RDP adds it order by order), and each study's ε is the composition of its own. The data steward
+sets the site total (ε, δ) and each study's share; a release that would pass either is refused
+with the numbers. Until a site total is set, it is the largest study share (at the smallest δ):
+a node with one study behaves as before and a second study cannot add to what the first spent.
+
+A release's cost, the sha256 of its exact bytes and (where they can be sent again) the bytes
+themselves are written in ONE `BEGIN IMMEDIATE` transaction before they leave, keyed by
+(study, kind, round): a re-offered round gets the same bytes again or a refusal, never a second
+draw with fresh noise. Cumulative ε per row is kept for display and audit; `spent` recomputes it
+from the recorded steps, which are the source of truth. A study that declares a disjoint cohort
+is not (yet) accounted apart: every study is charged to the one site total.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,24 +30,40 @@ from typing import Any, cast
 from sqlite_utils import Database
 from sqlite_utils.db import Table
 
-from aipipe.privacy.accountant import AccountantName, Step, compose_epsilon
-from aipipe.privacy.errors import BudgetExhaustedError, BudgetNotSetError, RoundAlreadyChargedError
+from aipipe.privacy.accountant import AccountantName, Step, calibrate_noise, compose_epsilon
+from aipipe.privacy.errors import (
+    BudgetExhaustedError,
+    BudgetNotSetError,
+    RoundAlreadyChargedError,
+    RoundAlreadyReleasedError,
+)
+from aipipe.privacy.ledger_schema import BUDGET, FRAMES, LEDGER, SITE, ensure_schema
 
-LEDGER = "privacy_ledger"
-BUDGET = "privacy_budget"
+TRAIN = "train"
+BASELINE = "baseline"
 
 
 @dataclass(frozen=True)
 class LedgerEntry:
     study: str
     round: int
-    epsilon: float  # cumulative ε of the study after this round
+    epsilon: float  # cumulative ε of the study after this release
     delta: float
     noise_multiplier: float
     sample_rate: float
     steps: int
     accountant: AccountantName
     time: str
+    kind: str = TRAIN
+    digest: str | None = None  # sha256 of the bytes that left (None: charged before issue 10)
+    site_epsilon: float | None = None  # cumulative ε of the site after this release
+
+
+@dataclass(frozen=True)
+class SiteBudget:
+    epsilon: float
+    delta: float
+    explicit: bool  # False: the default, the largest study share
 
 
 @dataclass(frozen=True)
@@ -51,64 +77,122 @@ class BudgetStatus:
 
 
 class BudgetLedger:
-    """Site budgets per study and the rounds charged against them, in a SQLite database."""
+    """The site total, each study's share, and every release charged against them (SQLite)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._budgets.create(
-            {"study": str, "epsilon_budget": float, "delta": float},
-            pk="study",
-            not_null={"epsilon_budget", "delta"},
-            if_not_exists=True,
-        )
-        self._ledger.create(
-            {
-                "study": str,
-                "round": int,
-                "epsilon": float,
-                "delta": float,
-                "noise_multiplier": float,
-                "sample_rate": float,
-                "steps": int,
-                "accountant": str,
-                "time": str,
-            },
-            pk=("study", "round"),
-            if_not_exists=True,
-        )
+        ensure_schema(db)
+
+    # -- budgets ---------------------------------------------------------------------------
 
     def set_budget(self, study: str, *, epsilon: float, delta: float) -> None:
-        """Set or replace the (ε, δ) a site grants a study; spent ε is recomputed at the new δ."""
-        if epsilon <= 0 or not (0 < delta < 1):
-            raise ValueError(f"a budget needs ε > 0 and 0 < δ < 1, got ε={epsilon}, δ={delta}")
+        """Set or replace the study's share (ε, δ) of the site; spent ε is recomputed at δ."""
+        _check_budget(epsilon, delta)
         with self._write():
             self._budgets.upsert(
                 {"study": study, "epsilon_budget": epsilon, "delta": delta}, pk="study"
             )
 
+    def set_site_budget(self, *, epsilon: float, delta: float) -> None:
+        """Set the site's total (ε, δ): all studies and queries over its patients together."""
+        _check_budget(epsilon, delta)
+        with self._write():
+            self._site.upsert({"id": 1, "epsilon_budget": epsilon, "delta": delta}, pk="id")
+
     def budget(self, study: str) -> tuple[float, float]:
-        """The study's (ε budget, δ); raises `BudgetNotSetError` when there is none."""
+        """The study's (ε share, δ); raises `BudgetNotSetError` when there is none."""
         rows = list(self._budgets.rows_where("study = ?", [study]))
         if not rows:
             raise BudgetNotSetError(study)
         return float(rows[0]["epsilon_budget"]), float(rows[0]["delta"])
 
-    def entries(self, study: str) -> list[LedgerEntry]:
-        rows = self._ledger.rows_where("study = ?", [study], order_by="round")
+    def site_budget(self) -> SiteBudget | None:
+        """The site total, or its default (the largest share at the smallest δ); None when the
+        node has neither a total nor any study share."""
+        for row in self._site.rows_where("id = 1"):
+            return SiteBudget(float(row["epsilon_budget"]), float(row["delta"]), True)
+        shares = list(self._budgets.rows)
+        if not shares:
+            return None
+        epsilon = max(float(r["epsilon_budget"]) for r in shares)
+        return SiteBudget(epsilon, min(float(r["delta"]) for r in shares), False)
+
+    # -- what was released -----------------------------------------------------------------
+
+    def entries(self, study: str | None = None) -> list[LedgerEntry]:
+        """The study's releases (every study's when None), in the order they were charged."""
+        where, args = ("study = ?", [study]) if study is not None else (None, [])
+        rows = self._ledger.rows_where(where, args, order_by="time, study, kind, round")
         return [_entry(row) for row in rows]
 
+    def released(
+        self, study: str, kind: str, round: int
+    ) -> tuple[LedgerEntry, bytes | None] | None:
+        """The release of (study, kind, round) and the bytes kept to send again, if any."""
+        key = [study, kind, round]
+        rows = list(self._ledger.rows_where("study = ? AND kind = ? AND round = ?", key))
+        if not rows:
+            return None
+        frames = list(self._frames.rows_where("study = ? AND kind = ? AND round = ?", key))
+        return _entry(rows[0]), (bytes(frames[0]["frame"]) if frames else None)
+
     def spent(self, study: str) -> float:
-        """ε of every step charged to the study, composed under its latest round's accountant."""
+        """ε of every step released for the study, composed under its latest accountant."""
         entries = self.entries(study)
         if not entries:
             return 0.0
         _, delta = self.budget(study)
-        latest = max(entries, key=lambda e: e.round)
-        return compose_epsilon(_history(entries), delta, latest.accountant)
+        return compose_epsilon(_history(entries), delta, entries[-1].accountant)
+
+    def site_spent(self) -> float:
+        """ε of every step released for any study on this site, composed at the site's δ."""
+        entries = self.entries()
+        site = self.site_budget()
+        if not entries or site is None:
+            return 0.0
+        return compose_epsilon(_history(entries), site.delta, entries[-1].accountant)
 
     def remaining(self, study: str) -> float:
         epsilon_budget, _ = self.budget(study)
         return max(epsilon_budget - self.spent(study), 0.0)
+
+    # -- planning and charging -------------------------------------------------------------
+
+    def calibrate(
+        self, study: str, round: int, *, sample_rate: float, steps: int, accountant: AccountantName
+    ) -> float:
+        """The σ for `steps` more steps at rate q that keeps the study within min(its share,
+        what is left of the site): the largest of the σ each budget needs given what it spent.
+        Raises `BudgetExhaustedError` when a budget has nothing left to plan with."""
+        share, delta = self.budget(study)
+        site = self.site_budget()
+        assert site is not None  # the study has a share, so the site has at least the default
+        own, everything = _history(self.entries(study)), _history(self.entries())
+        sigmas = []
+        for scope, target, at, prior in (
+            ("study", share, delta, own),
+            ("site", site.epsilon, site.delta, everything),
+        ):
+            spent = compose_epsilon(prior, at, accountant)
+            if spent >= target:
+                fresh = calibrate_noise(share, delta, sample_rate, steps, accountant)
+                needed = compose_epsilon([*prior, (fresh, sample_rate, steps)], at, accountant)
+                raise BudgetExhaustedError(
+                    study=study,
+                    round=round,
+                    needed=needed - spent,
+                    spent=spent,
+                    budget=target,
+                    scope=scope,
+                )
+            sigmas.append(calibrate_noise(target, at, sample_rate, steps, accountant, prior=prior))
+        return max(sigmas)
+
+    def check(self, study: str, round: int, step: Step, accountant: AccountantName) -> float:
+        """The study's ε after releasing `step`, or `BudgetExhaustedError` if the study's share
+        or the site's total would not hold it. Writes nothing."""
+        study_after, _ = self._fits(study, round, step, accountant)
+        return study_after
 
     def charge(
         self,
@@ -119,48 +203,50 @@ class BudgetLedger:
         sample_rate: float,
         steps: int,
         accountant: AccountantName = "prv",
+        kind: str = TRAIN,
+        payload: bytes | None = None,
+        keep: bool = True,
     ) -> LedgerEntry:
-        """Record a round's mechanism and return its entry, or refuse the round.
+        """Record a release and return its entry, or refuse it.
 
-        Raises `BudgetExhaustedError` (nothing written) when the study's cumulative ε after this
-        round would exceed its budget. Charging a round again with the same mechanism returns the
-        first entry: a resumed round does not pay twice.
+        `payload` is the exact bytes about to leave: its sha256 is written with the cost in one
+        transaction, and with `keep` the bytes too, so that a re-offer can send them again.
+        Raises `BudgetExhaustedError` (nothing written) when the study's share or the site's
+        total would be passed. A release of (study, kind, round) that exists already is
+        returned when it is the same (same bytes, or no bytes and the same mechanism), and
+        refused otherwise: one release per round.
         """
+        step = (noise_multiplier, sample_rate, steps)
+        digest = None if payload is None else hashlib.sha256(payload).hexdigest()
         with self._write():
-            epsilon_budget, delta = self.budget(study)
-            entries = self.entries(study)
-            previous = next((e for e in entries if e.round == round), None)
+            previous = self.released(study, kind, round)
             if previous is not None:
-                return _same_round(previous, noise_multiplier, sample_rate, steps, accountant)
-            history = _history(entries)
-            before = compose_epsilon(history, delta, accountant)
-            after = compose_epsilon(
-                [*history, (noise_multiplier, sample_rate, steps)], delta, accountant
-            )
-            if after > epsilon_budget:
-                raise BudgetExhaustedError(
-                    study=study,
-                    round=round,
-                    needed=after - before,
-                    spent=before,
-                    budget=epsilon_budget,
-                )
+                return _same_release(previous[0], step, accountant, digest)
+            study_after, site_after = self._fits(study, round, step, accountant)
+            _, delta = self.budget(study)
             entry = LedgerEntry(
                 study=study,
                 round=round,
-                epsilon=after,
+                epsilon=study_after,
                 delta=delta,
                 noise_multiplier=noise_multiplier,
                 sample_rate=sample_rate,
                 steps=steps,
                 accountant=accountant,
                 time=datetime.now(UTC).isoformat(timespec="microseconds"),
+                kind=kind,
+                digest=digest,
+                site_epsilon=site_after,
             )
             self._ledger.insert(entry.__dict__)
+            if payload is not None and keep:
+                self._frames.insert(
+                    {"study": study, "kind": kind, "round": round, "frame": payload}
+                )
             return entry
 
     def status(self) -> list[BudgetStatus]:
-        """Budget, spent and remaining ε of every study with a budget, by study name."""
+        """Share, spent and remaining ε of every study with a share, by study name."""
         result = []
         for row in self._budgets.rows_where(order_by="study"):
             study = str(row["study"])
@@ -178,13 +264,47 @@ class BudgetLedger:
             )
         return result
 
+    def _fits(
+        self, study: str, round: int, step: Step, accountant: AccountantName
+    ) -> tuple[float, float]:
+        share, delta = self.budget(study)
+        site = self.site_budget()
+        assert site is not None
+        own, everything = _history(self.entries(study)), _history(self.entries())
+        after = []
+        for scope, target, at, prior in (
+            ("study", share, delta, own),
+            ("site", site.epsilon, site.delta, everything),
+        ):
+            before = compose_epsilon(prior, at, accountant)
+            then = compose_epsilon([*prior, step], at, accountant)
+            if then > target:
+                raise BudgetExhaustedError(
+                    study=study,
+                    round=round,
+                    needed=then - before,
+                    spent=before,
+                    budget=target,
+                    scope=scope,
+                )
+            after.append(then)
+        return after[0], after[1]
+
     @property
     def _budgets(self) -> Table:
         return cast(Table, self.db[BUDGET])
 
     @property
+    def _site(self) -> Table:
+        return cast(Table, self.db[SITE])
+
+    @property
     def _ledger(self) -> Table:
         return cast(Table, self.db[LEDGER])
+
+    @property
+    def _frames(self) -> Table:
+        return cast(Table, self.db[FRAMES])
 
     @contextmanager
     def _write(self) -> Iterator[None]:
@@ -203,9 +323,23 @@ class BudgetLedger:
         self.db.commit()
 
 
-def _same_round(
-    previous: LedgerEntry, sigma: float, q: float, steps: int, accountant: AccountantName
+def _check_budget(epsilon: float, delta: float) -> None:
+    if epsilon <= 0 or not (0 < delta < 1):
+        raise ValueError(f"a budget needs ε > 0 and 0 < δ < 1, got ε={epsilon}, δ={delta}")
+
+
+def _same_release(
+    previous: LedgerEntry, step: Step, accountant: AccountantName, digest: str | None
 ) -> LedgerEntry:
+    what = f"{previous.kind} round {previous.round} of study '{previous.study}'"
+    if previous.digest is not None or digest is not None:
+        if previous.digest != digest:
+            raise RoundAlreadyReleasedError(
+                f"{what} was released already (sha256 {(previous.digest or 'unknown')[:12]}); "
+                "the node sends those bytes again or nothing, never a new draw"
+            )
+        return previous
+    sigma, q, steps = step
     same = (
         math.isclose(previous.noise_multiplier, sigma, rel_tol=1e-12)
         and math.isclose(previous.sample_rate, q, rel_tol=1e-12)
@@ -236,4 +370,7 @@ def _entry(row: dict[str, Any]) -> LedgerEntry:
         steps=int(row["steps"]),
         accountant=cast(AccountantName, row["accountant"]),
         time=str(row["time"]),
+        kind=str(row["kind"]),
+        digest=row["digest"],
+        site_epsilon=None if row["site_epsilon"] is None else float(row["site_epsilon"]),
     )
