@@ -14,11 +14,13 @@ Real processes are `test_secagg_hub_restart_e2e.py`'s.
 
 from __future__ import annotations
 
+import hashlib
 import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -35,6 +37,7 @@ from aipipe.node.round_state import RoundStateError, RoundStates
 from aipipe.node.secure_rounds import secagg_round
 from aipipe.node.vault import SecureVault
 from aipipe.node.worker import NodeWorker
+from aipipe.privacy.ledger import BudgetLedger
 from aipipe.secure.encoding import fixed_point_codec
 from aipipe.secure.identity import Identity
 from aipipe.secure.secagg import SecAggClient, SecAggConfig
@@ -215,6 +218,7 @@ class RestartingHub(ScriptedSecAggHub):
         super().__init__(*args)
         self.crash_at = crash_at
         self.received: dict[str, bytes] = {}
+        self.frames: dict[str, bytes] = {}  # whole frames as uploaded
         self.waited: dict[str, Any] = {}
 
     def _arrived(self, step: str, body: bytes) -> bool:
@@ -240,6 +244,7 @@ class RestartingHub(ScriptedSecAggHub):
         return self.waited[step]
 
     def upload(self, study: str, number: int, body: bytes) -> UpdateReceipt:
+        self.frames["masked"] = body
         if self._arrived("masked", unpack_frame(body)[1]):
             super().upload(study, number, body)
         self._maybe_crash("masked")
@@ -349,3 +354,25 @@ def test_a_round_state_sealed_for_another_round_or_tampered_is_refused(tmp_path:
         for path in (moved, saved):
             with pytest.raises(RoundStateError, match="cannot be opened"):
                 states.load(path)
+
+
+def test_a_node_that_died_before_masking_charges_its_retrained_input_once(
+    tmp_path: Path,
+) -> None:
+    """The first training's input never left, so it was never charged; the retrained one that
+    does leave is charged with its exact bytes, once (the ledger records what left)."""
+    hub, spec, item, identity = restarting_round("shares")
+    home = tmp_path / "node-a"
+    with node_worker(home, "node-a", identity, hub) as worker:
+        BudgetLedger(worker.store.db).set_budget(spec.name, epsilon=1.0, delta=1e-5)
+        with pytest.raises(Crash):
+            secagg_round(worker, spec, item, _train, 0.5, sigma=8.0)
+        assert BudgetLedger(worker.store.db).entries(spec.name) == []
+    with restarted_node(home, identity, hub, spec) as (worker, trained):
+        worker.features = lambda _: SimpleNamespace(y_train=[0] * 10_000)  # type: ignore[method-assign]
+        worker.resume_secure_rounds()
+        (entry,) = BudgetLedger(worker.store.db).entries(spec.name)
+
+    assert trained == [1]
+    assert (entry.round, entry.noise_multiplier) == (1, 8.0)
+    assert entry.digest == hashlib.sha256(hub.frames["masked"]).hexdigest()
