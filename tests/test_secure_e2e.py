@@ -249,7 +249,7 @@ def test_the_plaintext_check_would_see_a_leak(story: Story, tmp_path: Path) -> N
 def epsilon_spent(fed: Federation, site: str, study: str) -> float:
     """ε the node's ledger holds for `study`: what the old signed header carried."""
     result = aipipe_in_process("privacy", "status", "--home", fed.nodes[site], "--json")
-    (status,) = [s for s in json.loads(result.stdout) if s["study"] == study]
+    (status,) = [s for s in json.loads(result.stdout)["studies"] if s["study"] == study]
     return float(status["spent"])
 
 
