@@ -125,7 +125,9 @@ def test_the_statistics_a_node_sends_are_noised_and_do_not_give_the_exact_counts
     (body,) = site.sent
     stats = FeatureStats.model_validate_json(body)
     sex = spec.columns().index("sex")
-    raw = exact.x_train * (exact.preprocessor.std + 1e-9) + exact.preprocessor.mean
+    mean, std = exact.preprocessor.mean, exact.preprocessor.std
+    assert mean is not None and std is not None
+    raw = exact.x_train * (std + 1e-9) + mean
     males = float(np.round(raw[:, sex]).sum())
     assert stats.n != len(exact.train_ids)
     assert abs(stats.sums[sex] - males) > 1e-6  # not the exact count of male patients
