@@ -90,7 +90,7 @@ def _site(tmp_path: Path, spec: dict[str, Any]) -> Iterator[Site]:
             sent.append(body)
             report(name, body)
 
-        client.report_stats = recording  # type: ignore[method-assign]
+        client.report_stats = recording  # type: ignore[method-assign, assignment]
         try:
             yield Site(
                 hub,
