@@ -10,8 +10,9 @@ offered it work there) and has not been excluded since (`HubStore.takes_part`). 
 - what a node reads about a round or a model carries no other site's n, ε, update norm,
   decline reason or evaluation report (the admin sees them): only its own;
 - a node reports evaluation metrics only for a trained version (round ≥ 1) of a study it takes
-  part in, and feature statistics only for such a study, with n within the study's
-  `bounds.max_examples` and finite values. Refused reports are audited.
+  part in, and feature statistics only for such a study, only when the study releases them
+  (noised under DP, `StudySpec.statistics_ranges`), with the noised n within the study's
+  `bounds.max_examples` up to the noise and finite values. Refused reports are audited.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import math
 from typing import TYPE_CHECKING, NoReturn
 
 from aipipe.errors import ConflictError, ForbiddenError, NotFoundError
+from aipipe.privacy.statistics import noise_multiplier, sensitivity
+from aipipe.study.spec import StudySpec
 from aipipe.wire import FeatureStats, ModelVersionInfo, RoundInfo, StudyInfo
 
 if TYPE_CHECKING:
@@ -99,7 +102,7 @@ class Access:
                 f"node '{node}' takes no part in study '{study}' (never selected for a round, "
                 "or excluded): its statistics are not pooled",
             )
-        problem = _stats_problem(stats, len(spec.columns()), spec.bounds.max_examples)
+        problem = _stats_problem(stats, spec)
         if problem is not None:
             self._refuse("stats.refused", node, f"study/{study}", problem, conflict=True)
 
@@ -130,25 +133,28 @@ class Access:
         raise ConflictError(reason) if conflict else ForbiddenError(reason)
 
 
-def _stats_problem(stats: FeatureStats, columns: int, max_examples: int) -> str | None:
-    """Why a site's statistics cannot be pooled, or None. A site weighs by its n in the pool:
-    n is bounded like an update's, and a NaN or infinity would poison every patient's score."""
-    if stats.n > max_examples:
+def _stats_problem(stats: FeatureStats, spec: StudySpec) -> str | None:
+    """Why a site's noised statistics cannot be pooled, or None. A site weighs by its n in the
+    pool: n is bounded like an update's (up to the noise: six of its σ above max_examples),
+    and a NaN or infinity would poison every patient's score."""
+    ranges = spec.statistics_ranges()
+    if ranges is None:
         return (
-            f"statistics claim n={stats.n} but the study allows at most "
-            f"max_examples={max_examples} per site"
+            f"study '{spec.name}' releases no preprocessing statistics (secure aggregation, no "
+            "DP, statistics_epsilon 0 or a numeric feature without a `range`): CDS for it is "
+            "served at the nodes (`aipipe node serve-cds`)"
         )
-    for name, values in (("mean", stats.mean), ("std", stats.std)):
-        if values is None:
-            continue
-        if len(values) != columns:
-            return f"statistics hold {len(values)} {name} values for {columns} columns"
+    privacy = spec.privacy
+    z = noise_multiplier(privacy.stats_epsilon(), privacy.delta, privacy.accountant)
+    limit = spec.bounds.max_examples + 6 * z * sensitivity(len(ranges))
+    if not math.isfinite(stats.n) or stats.n > limit:
+        return (
+            f"statistics claim n={stats.n:g} but the study allows at most "
+            f"max_examples={spec.bounds.max_examples} per site (noised: up to {limit:.0f})"
+        )
+    for name, values in (("sums", stats.sums), ("squares", stats.squares)):
+        if len(values) != len(ranges):
+            return f"statistics hold {len(values)} {name} for {len(ranges)} columns"
         if not all(math.isfinite(v) for v in values):
-            return f"statistics hold a NaN or infinite {name}"
-    if stats.std is not None and any(v < 0 for v in stats.std):
-        return "statistics hold a negative std"
-    if not all(math.isfinite(v) for v in stats.fills.values()):
-        return "statistics hold a NaN or infinite fill value"
-    if any(not 0 <= c < columns for c in stats.fills):
-        return f"statistics fill a column outside 0..{columns - 1}"
+            return f"statistics hold a NaN or infinite value in {name}"
     return None

@@ -1,5 +1,6 @@
 """The hub's CDS Hooks provider: the current model version of every study that has closed a
-round, scored with the sites' pooled train preprocessing (`pooled_preprocessor`).
+round, scored with the sites' pooled train preprocessing (`pooled_preprocessor`), derived from
+their DP-noised sums; a study that releases no statistics is served at the nodes only.
 
 Scorers are built once per (study, version) and rebuilt when a new round closes.
 """
@@ -8,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from aipipe.cds import FhirAccess, PatientScorer, ServiceEntry, service_entries
 from aipipe.errors import ConfigError, StudyError
 from aipipe.hub.home import HubPaths
 from aipipe.hub.service import HubService
+from aipipe.privacy.statistics import NoisedSums, moments, pool
 from aipipe.study.features import Preprocessor
 from aipipe.wire.tensors import decode_arrays
 
@@ -36,19 +36,27 @@ def hub_fhir_access(paths: HubPaths) -> FhirAccess:
 
 
 def pooled_preprocessor(service: HubService, study: str) -> Preprocessor:
-    """The sites' train preprocessing pooled, to score patients at the hub."""
-    parts = [
-        (
-            int(s["n"]),
-            Preprocessor(
-                {int(c): float(v) for c, v in s["fills"].items()},
-                None if s["mean"] is None else np.asarray(s["mean"], np.float64),
-                None if s["std"] is None else np.asarray(s["std"], np.float64),
-            ),
+    """The sites' train preprocessing pooled from their noised sums, to score patients at the
+    hub: means and stds for `standardize: site`, and the train mean as the fill of a column
+    imputed without a declared value (filling with the mean keeps the column's mean).
+    Raises `StudyError` when the study releases no statistics or no site has sent them."""
+    spec = service.spec(study)
+    ranges = spec.statistics_ranges()
+    if ranges is None:
+        raise StudyError(
+            f"study '{study}' releases no preprocessing statistics to the hub: its CDS is "
+            "served at the nodes (`aipipe node serve-cds`)"
         )
-        for s in service.store.feature_stats(study, service.study_info(study).digest)
-    ]
-    return Preprocessor.pooled(parts)
+    rows = service.store.feature_stats(study, service.study_info(study).digest)
+    # Rows stored before statistics were noised (exact mean/std) are not used.
+    parts = [NoisedSums(float(r["n"]), r["sums"], r["squares"]) for r in rows if "sums" in r]
+    if not parts:
+        raise StudyError(f"no site has reported its statistics for study '{study}' yet")
+    mean, std = moments(pool(parts), ranges)
+    fills = {c: float(mean[c]) if v is None else v for c, v in spec.imputed_columns()}
+    if spec.preprocessing.standardize != "site":
+        return Preprocessor(fills, None, None)
+    return Preprocessor(fills, mean, std)
 
 
 class HubCdsProvider:

@@ -34,7 +34,6 @@ from aipipe.wire import (
     EnrolRequest,
     EnrolResponse,
     EvalReport,
-    FeatureStats,
     RoundInfo,
     StudyInfo,
     UpdateReceipt,
@@ -221,8 +220,14 @@ class HubClient:
         body = Decline(reason=reason, exclude=exclude).model_dump()
         self._request("POST", f"/v1/studies/{study}/rounds/{number}/decline", json=body)
 
-    def report_stats(self, study: str, stats: FeatureStats) -> None:
-        self._request("POST", f"/v1/studies/{study}/stats", json=stats.model_dump(mode="json"))
+    def report_stats(self, study: str, body: bytes) -> None:
+        """Send a `FeatureStats` as the exact JSON bytes the ledger charged (and keeps)."""
+        self._request(
+            "POST",
+            f"/v1/studies/{study}/stats",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
 
     def report(self, report: EvalReport) -> None:
         self._request(

@@ -17,6 +17,9 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+from numpy.typing import NDArray
+
 from aipipe.audit.log import AuditLog
 from aipipe.errors import (
     AipipeError,
@@ -35,6 +38,7 @@ from aipipe.node.vault import SecureVault
 from aipipe.privacy.accountant import AccountantName, sample_rate
 from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError, RoundAlreadyReleasedError
 from aipipe.privacy.ledger import TRAIN, BudgetLedger, LedgerEntry
+from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, noise_multiplier, release
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
@@ -176,10 +180,9 @@ class NodeWorker:
     def features(self, spec: StudySpec) -> FeatureMatrix:
         if spec.name not in self._features:
             self._features[spec.name] = matrix = extract(self.store, spec)
-            if spec.secure == "none":
-                # Under secure aggregation the hub must not learn a site's n or statistics: no
-                # pooled preprocessing for hub-side CDS then; score with `node serve-cds`.
-                self._report_stats(spec, matrix)
+            # Under secure aggregation the hub must not learn a site's n or statistics: no
+            # pooled preprocessing for hub-side CDS then; score with `node serve-cds`.
+            self._report_stats(spec, matrix)
             self.audit.append(
                 "features.extract",
                 actor=self.name,
@@ -189,18 +192,42 @@ class NodeWorker:
         return self._features[spec.name]
 
     def _report_stats(self, spec: StudySpec, matrix: FeatureMatrix) -> None:
-        """Send the site's train preprocessing (n, per-column mean/std, fills) for hub CDS."""
-        prep = matrix.preprocessor
-        self.client.report_stats(
-            spec.name,
-            FeatureStats(
-                study_digest=spec.digest(),
-                n=min(len(matrix.train_ids), spec.bounds.max_examples),
-                mean=None if prep.mean is None else [float(v) for v in prep.mean],
-                std=None if prep.std is None else [float(v) for v in prep.std],
-                fills={c: float(v) for c, v in prep.fills.items()},
-            ),
-        )
+        """Send the site's train statistics for hub CDS, under DP and charged, once per study.
+
+        Only a plaintext DP study whose columns all have a range releases them
+        (`StudySpec.statistics_ranges`). They are charged to the site ledger with their exact
+        bytes before they leave, and before the study's first round is planned, so that the
+        training plan composes them; a study that trained already without them releases none.
+        Sent again, they are the same bytes. Refused by the budget, nothing is sent."""
+        ranges = spec.statistics_ranges()
+        if ranges is None:
+            return
+        ledger = BudgetLedger(self.store.db)
+        released = ledger.released(spec.name, STATISTICS, STATISTICS_ROUND)
+        if released is not None:
+            if released[1] is not None:
+                self.client.report_stats(spec.name, released[1])
+            return
+        if any(e.kind == TRAIN for e in ledger.entries(spec.name)):
+            return  # trained already: the plan did not count them, so they stay here
+        accountant = spec.privacy.accountant
+        try:
+            z = noise_multiplier(spec.privacy.stats_epsilon(), spec.privacy.delta, accountant)
+            body = _stats_body(spec, matrix, ranges, z)
+            ledger.charge(
+                spec.name,
+                STATISTICS_ROUND,
+                noise_multiplier=z,
+                sample_rate=1.0,
+                steps=1,
+                accountant=accountant,
+                kind=STATISTICS,
+                payload=body,
+            )
+        except PrivacyError as exc:
+            self._audit_refusal(STATISTICS, spec, STATISTICS_ROUND, exc)
+            return
+        self.client.report_stats(spec.name, body)
 
     def _train(self, spec: StudySpec, item: WorkItem) -> str:
         assert item.round is not None and item.version is not None and item.study_digest
@@ -420,6 +447,23 @@ def _planned_sigma(entries: list[LedgerEntry], q: float) -> float | None:
     """σ of the study's latest training release at this sample rate, if any."""
     runs = [e for e in entries if e.kind == TRAIN and e.sample_rate == q]
     return runs[-1].noise_multiplier if runs else None
+
+
+def _stats_body(
+    spec: StudySpec, matrix: FeatureMatrix, ranges: list[tuple[float, float]], z: float
+) -> bytes:
+    """The JSON bytes of the site's noised statistics (drawn once: the ledger keeps them)."""
+    sums = release(_unstandardized(matrix), ranges, multiplier=z, max_rows=spec.bounds.max_examples)
+    stats = FeatureStats(study_digest=spec.digest(), n=sums.n, sums=sums.sums, squares=sums.squares)
+    return stats.model_dump_json().encode()
+
+
+def _unstandardized(matrix: FeatureMatrix) -> NDArray[np.float64]:
+    """The filled train rows in the columns' own units (the matrix holds them z-scored)."""
+    prep, x = matrix.preprocessor, matrix.x_train.astype(np.float64)
+    if prep.mean is None or prep.std is None:
+        return x
+    return x * (prep.std + 1e-9) + prep.mean
 
 
 def _counts(matrix: FeatureMatrix) -> dict[str, int]:

@@ -11,6 +11,7 @@ brings the equivalent codes and the canonical unit.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from datetime import date
 from pathlib import Path
@@ -64,6 +65,9 @@ class Feature(_Model):
     kind: Literal["numeric", "categorical"] = "numeric"
     levels: list[float] | None = None
     drop_first: bool = False
+    # [lo, hi] in the feature's unit: values are clipped to it for the DP statistics the hub
+    # pools for CDS (aipipe.privacy.statistics). A numeric feature without one releases none.
+    range: tuple[float, float] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Feature:
@@ -76,12 +80,34 @@ class Feature(_Model):
             raise ValueError(f"categorical feature '{self.name}' needs its `levels`")
         if self.kind == "categorical" and self.aggregation not in ("latest", "min", "max"):
             raise ValueError(f"categorical feature '{self.name}' needs latest, min or max")
+        if self.range is not None and self.kind == "categorical":
+            raise ValueError(
+                f"categorical feature '{self.name}' takes no `range` (its columns are 0/1)"
+            )
+        if self.range is not None and not (
+            math.isfinite(self.range[0]) and math.isfinite(self.range[1])
+            and self.range[0] < self.range[1]
+        ):  # fmt: skip
+            raise ValueError(
+                f"feature '{self.name}': `range` needs finite lo < hi, got {list(self.range)}"
+            )
         return self
 
     @field_validator("codes")
     @classmethod
     def _expand(cls, value: list[str]) -> list[str]:
         return [expand_token(token) for token in value]
+
+    def column_ranges(self) -> list[tuple[float, float]] | None:
+        """The range of each of the feature's columns, or None if a value column has none."""
+        if self.kind == "numeric" and self.range is None:
+            return None
+        value = self.range if self.kind == "numeric" else (0.0, 1.0)
+        assert value is not None
+        n = len(self.columns())
+        return [
+            (0.0, 1.0) if self.missing == "indicator" and i == n - 1 else value for i in range(n)
+        ]
 
     def all_codes(self) -> list[str]:
         concept = CONCEPTS[self.concept].codes if self.concept else ()
@@ -110,6 +136,8 @@ def _level_name(level: float) -> str:
 
 
 Demographic = Literal["age", "sex"]
+# Demographic columns' ranges for the DP statistics: age in years, sex 0 (female) / 1 (male).
+_DEMOGRAPHIC_RANGES: dict[str, tuple[float, float]] = {"age": (0.0, 120.0), "sex": (0.0, 1.0)}
 
 
 class Split(_Model):
@@ -181,6 +209,14 @@ class Privacy(_Model):
     delta: float = Field(default=1e-5, gt=0, lt=1)
     clip: float = Field(default=1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "prv"
+    # ε of the one release of noised preprocessing statistics (hub-side CDS), charged to the
+    # study's share before training is planned; None: a tenth of `epsilon`; 0: none released.
+    statistics_epsilon: float | None = Field(default=None, ge=0)
+
+    def stats_epsilon(self) -> float:
+        if self.mode != "dp":
+            return 0.0
+        return self.epsilon / 10 if self.statistics_epsilon is None else self.statistics_epsilon
 
 
 class Aggregation(_Model):
@@ -283,6 +319,32 @@ class StudySpec(_Model):
     def columns(self) -> list[str]:
         cols = [col for feature in self.features for col in feature.columns()]
         return cols + list(self.demographics)
+
+    def statistics_ranges(self) -> list[tuple[float, float]] | None:
+        """Each column's range for the DP statistics, or None when this study releases none
+        (secure aggregation, no DP, ε for statistics 0, or a numeric feature without a range)."""
+        if self.secure != "none" or self.privacy.stats_epsilon() <= 0:
+            return None
+        ranges: list[tuple[float, float]] = []
+        for feature in self.features:
+            own = feature.column_ranges()
+            if own is None:
+                return None
+            ranges.extend(own)
+        return ranges + [_DEMOGRAPHIC_RANGES[name] for name in self.demographics]
+
+    def imputed_columns(self) -> list[tuple[int, float | None]]:
+        """(column, the study's fill value or None for the train mean) of every value column
+        that an `impute` or `indicator` feature fills (as the node's extraction does)."""
+        out: list[tuple[int, float | None]] = []
+        col = 0
+        for feature in self.features:
+            n = len(feature.columns())
+            values = n - 1 if feature.missing == "indicator" else n
+            if feature.missing != "drop":
+                out.extend((c, feature.impute) for c in range(col, col + values))
+            col += n
+        return out
 
     def digest(self) -> str:
         """sha256 over the canonical JSON form: what a node approves and pins."""

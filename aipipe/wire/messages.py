@@ -198,19 +198,20 @@ class EvalReport(Wire):
 
 
 class FeatureStats(Wire):
-    """A site's train-split preprocessing: what the hub pools to score patients for CDS.
+    """A site's train-split statistics under DP: what the hub pools to score patients for CDS.
 
-    Per-column means and standard deviations over at least the site's train cohort; no row
-    leaves the node. (The pooled statistics let a hub-side CDS service standardise a patient
-    the way the sites standardised their training data.)
+    The Gaussian mechanism's output (aipipe.privacy.statistics): a noised row count and, per
+    matrix column clipped to the study's range, noised Σx and Σx², in the column's unit. The
+    count is a float and may be small, negative or a little above max_examples; the hub
+    derives pooled means and stds from the sums (post-processing). No row and no exact
+    count leaves the node; the release is charged to the site's privacy ledger.
     """
 
     protocol: int = PROTOCOL_VERSION
     study_digest: str = Field(pattern=_HEX64)
-    n: int = Field(gt=1, le=MAX_COUNT)
-    mean: list[float] | None
-    std: list[float] | None
-    fills: dict[int, float]
+    n: float
+    sums: list[float]
+    squares: list[float]
 
 
 class ModelVersionInfo(Wire):
