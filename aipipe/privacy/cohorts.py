@@ -148,6 +148,15 @@ def group_of(groups: dict[str, StudyGroup], study: str) -> str:
     return f"{DISJOINT}:{study}" if group is not None and group.group == DISJOINT else SHARED
 
 
+def refusal_note(group: StudyGroup) -> str:
+    """What the refusal says about the study's cohort claim (nothing when it makes none)."""
+    if group.group == DISJOINT:
+        return ", its verified disjoint cohort accounted apart"
+    if group.claim == DISJOINT:
+        return f"; its {group.reason}, so it is accounted with the shared site total"
+    return ""
+
+
 def _own(
     study: str,
     current: StudyGroup | None,

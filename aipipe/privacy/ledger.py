@@ -33,12 +33,12 @@ from sqlite_utils.db import Table
 
 from aipipe.privacy.accountant import AccountantName, Step, calibrate_noise, compose_epsilon
 from aipipe.privacy.cohorts import (
-    DISJOINT,
     Cohort,
     CohortBook,
     StudyGroup,
     accounting_groups,
     group_of,
+    refusal_note,
 )
 from aipipe.privacy.errors import (
     BudgetExhaustedError,
@@ -209,7 +209,7 @@ class BudgetLedger:
                     spent=spent,
                     budget=target,
                     scope=scope,
-                    note=_note(plan[study]) if scope == "site" else "",
+                    note=refusal_note(plan[study]) if scope == "site" else "",
                 )
             sigmas.append(calibrate_noise(target, at, sample_rate, steps, accountant, prior=prior))
         return max(sigmas)
@@ -335,7 +335,7 @@ class BudgetLedger:
                     spent=before,
                     budget=target,
                     scope=scope,
-                    note=_note(plan[study]) if scope == "site" else "",
+                    note=refusal_note(plan[study]) if scope == "site" else "",
                 )
             after.append(then)
         others = self._site_epsilon(plan, site.delta, accountant, skip=group_of(plan, study))
@@ -426,15 +426,6 @@ def _same_release(
             f"({previous.accountant}); a resumed round must run with the same settings"
         )
     return previous
-
-
-def _note(group: StudyGroup) -> str:
-    """What the refusal says about the study's cohort claim (nothing when it makes none)."""
-    if group.group == DISJOINT:
-        return ", its verified disjoint cohort accounted apart"
-    if group.claim == DISJOINT:
-        return f"; its {group.reason}, so it is accounted with the shared site total"
-    return ""
 
 
 def _history(entries: list[LedgerEntry]) -> list[Step]:
