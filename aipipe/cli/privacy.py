@@ -38,13 +38,23 @@ def status(home: Path = HOME, as_json: bool = JSON) -> None:
         return
     if report["site"] is not None:
         console.print(kv_table("site budget (all studies together)", report["site"]))
-    table = Table(title="study shares", title_justify="left")
-    if report["studies"]:
-        for column in report["studies"][0]:
+    shares = [{k: v for k, v in s.items() if not k.startswith("group")} for s in report["studies"]]
+    console.print(_table("study shares", shares))
+    groups = [
+        {"study": s["study"], **{k: v for k, v in s.items() if k.startswith("group")}}
+        for s in report["studies"]
+    ]
+    console.print(_table("accounting groups (disjoint cohorts are accounted apart)", groups))
+
+
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    if rows:
+        for column in rows[0]:
             table.add_column(column, justify="right")
-        for row in report["studies"]:
+        for row in rows:
             table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
-    console.print(table)
+    return table
 
 
 @app.command()
@@ -94,8 +104,9 @@ def _status(store: Any) -> dict[str, Any]:
     ledger = BudgetLedger(store.db)
     studies = [
         {
-            **dataclasses.asdict(s),
+            **{k: v for k, v in dataclasses.asdict(s).items() if k != "group"},
             "attacker_accuracy_max": membership_accuracy_bound(s.spent, s.delta),
+            **_cohort(s.group),
         }
         for s in ledger.status()
     ]
@@ -111,7 +122,21 @@ def _status(store: Any) -> dict[str, Any]:
             "spent": spent,
             "remaining": max(site.epsilon - spent, 0.0),
             "releases": len(ledger.entries()),
+            "composed": "largest group: shared studies together, each disjoint cohort apart",
             "attacker_accuracy_max": membership_accuracy_bound(spent, site.delta),
         },
         "studies": studies,
     }
+
+
+def _cohort(group: Any) -> dict[str, Any]:
+    """The study's accounting group: shared with the site, or apart as a verified disjoint
+    cohort (parallel composition), with when and why."""
+    if group is None:
+        return {
+            "group": "none yet (checked at its first release)",
+            "group_since": None,
+            "group_reason": "",
+        }
+    label = "disjoint (verified)" if group.group == "disjoint" else "shared"
+    return {"group": label, "group_since": group.since or None, "group_reason": group.reason}

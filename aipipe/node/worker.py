@@ -36,6 +36,7 @@ from aipipe.node.lineage import LocalEvaluation, ModelLineage
 from aipipe.node.training import TrainResult, clip_update, evaluate, train_local
 from aipipe.node.vault import SecureVault
 from aipipe.privacy.accountant import AccountantName, sample_rate
+from aipipe.privacy.cohorts import DISJOINT, Cohort, StudyGroup
 from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError, RoundAlreadyReleasedError
 from aipipe.privacy.ledger import TRAIN, BudgetLedger, LedgerEntry
 from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, noise_multiplier, release
@@ -297,8 +298,10 @@ class NodeWorker:
                 sample_rate=q,
                 steps=spec.training.rounds * steps,
                 accountant=accountant,
+                cohort=self.cohort(spec),
             )
-            epsilon = ledger.check(spec.name, number, (sigma, q, steps), accountant)
+            step = (sigma, q, steps)
+            epsilon = ledger.check(spec.name, number, step, accountant, self.cohort(spec))
         except BudgetExhaustedError as exc:
             self.audit.append(
                 "train",
@@ -322,7 +325,9 @@ class NodeWorker:
         if planned is None:
             return  # no DP, so nothing is charged (the node allows `privacy: none`)
         sigma, q, steps, accountant = planned
-        BudgetLedger(self.store.db).charge(
+        ledger = BudgetLedger(self.store.db)
+        before = ledger.groups()
+        ledger.charge(
             spec.name,
             item.round,
             noise_multiplier=sigma,
@@ -331,7 +336,27 @@ class NodeWorker:
             accountant=accountant,
             payload=frame,
             keep=spec.secure != "secagg",
+            cohort=self.cohort(spec),
         )
+        self._audit_cohorts(before, ledger.groups())
+
+    def cohort(self, spec: StudySpec) -> Cohort:
+        """The study's cohort as the ledger records it (keyed hashes, never ids) and its claim."""
+        matrix = self.features(spec)
+        patients = self.store.cohort_hashes([*matrix.train_ids, *matrix.test_ids])
+        return Cohort(patients, disjoint=spec.privacy.cohort == DISJOINT)
+
+    def _audit_cohorts(self, before: dict[str, StudyGroup], after: dict[str, StudyGroup]) -> None:
+        """Audit each disjoint-cohort claim the release verified or refused (no counts of ids)."""
+        for study, group in after.items():
+            if group.claim == DISJOINT and before.get(study) != group:
+                self.audit.append(
+                    "privacy.cohort",
+                    actor=self.name,
+                    resource=f"study/{study}",
+                    outcome="success" if group.group == DISJOINT else "refused",
+                    details={"group": group.group, "reason": group.reason},
+                )
 
     def _send_again(
         self, spec: StudySpec, number: int, entry: LedgerEntry, frame: bytes | None

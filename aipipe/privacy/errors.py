@@ -44,6 +44,7 @@ class BudgetExhaustedError(PrivacyError):
         spent: float,
         budget: float,
         scope: str = "study",
+        note: str = "",
     ) -> None:
         left = max(budget - spent, 0.0)
         whose = (
@@ -53,7 +54,7 @@ class BudgetExhaustedError(PrivacyError):
         )
         super().__init__(
             f"round {round} needs ε={needed:.2f} but {left:.2f} of {budget:.2f} is left for "
-            f"{whose}; lower rounds or raise the site budget"
+            f"{whose}{note}; lower rounds or raise the site budget"
         )
         self.scope = scope
         self.study = study

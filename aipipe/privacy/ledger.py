@@ -13,8 +13,9 @@ A release's cost, the sha256 of its exact bytes and (where they can be sent agai
 themselves are written in ONE `BEGIN IMMEDIATE` transaction before they leave, keyed by
 (study, kind, round): a re-offered round gets the same bytes again or a refusal, never a second
 draw with fresh noise. Cumulative ε per row is kept for display and audit; `spent` recomputes it
-from the recorded steps, which are the source of truth. A study that declares a disjoint cohort
-is not (yet) accounted apart: every study is charged to the one site total.
+from the recorded steps, which are the source of truth. A study whose cohort the node verified
+disjoint from every other study's is accounted apart (parallel composition, `cohorts.py`): the
+site's ε is the largest of its groups' composed ε, the shared group being all other studies.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ from sqlite_utils import Database
 from sqlite_utils.db import Table
 
 from aipipe.privacy.accountant import AccountantName, Step, calibrate_noise, compose_epsilon
+from aipipe.privacy.cohorts import (
+    Cohort,
+    CohortBook,
+    StudyGroup,
+    accounting_groups,
+    group_of,
+    refusal_note,
+)
 from aipipe.privacy.errors import (
     BudgetExhaustedError,
     BudgetNotSetError,
@@ -74,6 +83,7 @@ class BudgetStatus:
     spent: float
     remaining: float
     rounds: int
+    group: StudyGroup | None = None  # None: no release yet (its claim is checked at the first)
 
 
 class BudgetLedger:
@@ -145,12 +155,18 @@ class BudgetLedger:
         return compose_epsilon(_history(entries), delta, entries[-1].accountant)
 
     def site_spent(self) -> float:
-        """ε of every step released for any study on this site, composed at the site's δ."""
+        """The site's ε at its δ: the largest, over groups of studies with disjoint cohorts, of
+        the composition of the group's releases (one group of all studies not verified
+        disjoint; see `cohorts.py`)."""
         entries = self.entries()
         site = self.site_budget()
         if not entries or site is None:
             return 0.0
-        return compose_epsilon(_history(entries), site.delta, entries[-1].accountant)
+        return self._site_epsilon(self.groups(), site.delta, entries[-1].accountant)
+
+    def groups(self) -> dict[str, StudyGroup]:
+        """Each study with releases: its cohort claim and how it is accounted."""
+        return CohortBook(self.db).groups()
 
     def remaining(self, study: str) -> float:
         epsilon_budget, _ = self.budget(study)
@@ -159,15 +175,24 @@ class BudgetLedger:
     # -- planning and charging -------------------------------------------------------------
 
     def calibrate(
-        self, study: str, round: int, *, sample_rate: float, steps: int, accountant: AccountantName
+        self,
+        study: str,
+        round: int,
+        *,
+        sample_rate: float,
+        steps: int,
+        accountant: AccountantName,
+        cohort: Cohort | None = None,
     ) -> float:
         """The σ for `steps` more steps at rate q that keeps the study within min(its share,
-        what is left of the site): the largest of the σ each budget needs given what it spent.
-        Raises `BudgetExhaustedError` when a budget has nothing left to plan with."""
+        what is left of its group of the site, released over `cohort`): the largest of the σ
+        each budget needs given what it spent. Raises `BudgetExhaustedError` when a budget has
+        nothing left to plan with."""
         share, delta = self.budget(study)
         site = self.site_budget()
         assert site is not None  # the study has a share, so the site has at least the default
-        own, everything = _history(self.entries(study)), _history(self.entries())
+        plan = CohortBook(self.db).plan(study, cohort)
+        own, everything = _history(self.entries(study)), self._group_history(plan, study)
         sigmas = []
         for scope, target, at, prior in (
             ("study", share, delta, own),
@@ -184,14 +209,23 @@ class BudgetLedger:
                     spent=spent,
                     budget=target,
                     scope=scope,
+                    note=refusal_note(plan[study]) if scope == "site" else "",
                 )
             sigmas.append(calibrate_noise(target, at, sample_rate, steps, accountant, prior=prior))
         return max(sigmas)
 
-    def check(self, study: str, round: int, step: Step, accountant: AccountantName) -> float:
-        """The study's ε after releasing `step`, or `BudgetExhaustedError` if the study's share
-        or the site's total would not hold it. Writes nothing."""
-        study_after, _ = self._fits(study, round, step, accountant)
+    def check(
+        self,
+        study: str,
+        round: int,
+        step: Step,
+        accountant: AccountantName,
+        cohort: Cohort | None = None,
+    ) -> float:
+        """The study's ε after releasing `step` over `cohort`, or `BudgetExhaustedError` if the
+        study's share or the site's total would not hold it. Writes nothing."""
+        plan = CohortBook(self.db).plan(study, cohort)
+        study_after, _ = self._fits(study, round, step, accountant, plan)
         return study_after
 
     def charge(
@@ -206,6 +240,7 @@ class BudgetLedger:
         kind: str = TRAIN,
         payload: bytes | None = None,
         keep: bool = True,
+        cohort: Cohort | None = None,
     ) -> LedgerEntry:
         """Record a release and return its entry, or refuse it.
 
@@ -214,7 +249,9 @@ class BudgetLedger:
         Raises `BudgetExhaustedError` (nothing written) when the study's share or the site's
         total would be passed. A release of (study, kind, round) that exists already is
         returned when it is the same (same bytes, or no bytes and the same mechanism), and
-        refused otherwise: one release per round.
+        refused otherwise: one release per round. `cohort` is the release's patients (keyed
+        hashes) and the study's claim; it is recorded, and the groups re-checked, in the same
+        transaction (None: not known, so the study, and any disjoint study, is shared).
         """
         step = (noise_multiplier, sample_rate, steps)
         digest = None if payload is None else hashlib.sha256(payload).hexdigest()
@@ -222,7 +259,9 @@ class BudgetLedger:
             previous = self.released(study, kind, round)
             if previous is not None:
                 return _same_release(previous[0], step, accountant, digest)
-            study_after, site_after = self._fits(study, round, step, accountant)
+            book = CohortBook(self.db)
+            plan = book.plan(study, cohort)
+            study_after, site_after = self._fits(study, round, step, accountant, plan)
             _, delta = self.budget(study)
             entry = LedgerEntry(
                 study=study,
@@ -243,11 +282,12 @@ class BudgetLedger:
                 self._frames.insert(
                     {"study": study, "kind": kind, "round": round, "frame": payload}
                 )
+            book.record(study, cohort, plan)
             return entry
 
     def status(self) -> list[BudgetStatus]:
         """Share, spent and remaining ε of every study with a share, by study name."""
-        result = []
+        result, groups = [], self.groups()
         for row in self._budgets.rows_where(order_by="study"):
             study = str(row["study"])
             spent = self.spent(study)
@@ -260,17 +300,26 @@ class BudgetLedger:
                     spent=spent,
                     remaining=max(budget - spent, 0.0),
                     rounds=self._ledger.count_where("study = ?", [study]),
+                    group=groups.get(study),
                 )
             )
         return result
 
     def _fits(
-        self, study: str, round: int, step: Step, accountant: AccountantName
+        self,
+        study: str,
+        round: int,
+        step: Step,
+        accountant: AccountantName,
+        plan: dict[str, StudyGroup],
     ) -> tuple[float, float]:
+        """(study ε, site ε) after `step`, grouped as `plan` says, or `BudgetExhaustedError`.
+        Only the study's group gains a step; a group it absorbs (a disjoint claim it breaks)
+        is in its history, so checking that group checks every group that changes."""
         share, delta = self.budget(study)
         site = self.site_budget()
         assert site is not None
-        own, everything = _history(self.entries(study)), _history(self.entries())
+        own, everything = _history(self.entries(study)), self._group_history(plan, study)
         after = []
         for scope, target, at, prior in (
             ("study", share, delta, own),
@@ -286,9 +335,33 @@ class BudgetLedger:
                     spent=before,
                     budget=target,
                     scope=scope,
+                    note=refusal_note(plan[study]) if scope == "site" else "",
                 )
             after.append(then)
-        return after[0], after[1]
+        others = self._site_epsilon(plan, site.delta, accountant, skip=group_of(plan, study))
+        return after[0], max(after[1], others)
+
+    def _group_history(self, plan: dict[str, StudyGroup], study: str) -> list[Step]:
+        """Every step released by the studies of `study`'s group under `plan`."""
+        members = accounting_groups(plan, [*plan, study])[group_of(plan, study)]
+        return _history([e for e in self.entries() if e.study in members])
+
+    def _site_epsilon(
+        self,
+        plan: dict[str, StudyGroup],
+        delta: float,
+        accountant: AccountantName,
+        skip: str | None = None,
+    ) -> float:
+        """Parallel composition (McSherry 2009): groups of studies over disjoint patients do
+        not compose, so the site's ε is the largest group's. Holds with the patient as the
+        unit (one patient, one row: the feature extraction and keyed split guarantee it)."""
+        entries, best = self.entries(), 0.0
+        for key, members in accounting_groups(plan, plan).items():
+            steps = _history([e for e in entries if e.study in members])
+            if key != skip and steps:
+                best = max(best, compose_epsilon(steps, delta, accountant))
+        return best
 
     @property
     def _budgets(self) -> Table:

@@ -15,6 +15,8 @@ LEDGER = "privacy_ledger"
 BUDGET = "privacy_budget"
 SITE = "privacy_site"
 FRAMES = "privacy_frames"
+COHORTS = "privacy_cohorts"  # (study, keyed hash of a pseudonymous patient id): never raw ids
+GROUPS = "privacy_groups"  # each study's cohort claim and how it is accounted (cohorts.py)
 
 _LEDGER_COLUMNS = (
     "study TEXT NOT NULL, kind TEXT NOT NULL DEFAULT 'train', round INTEGER NOT NULL, "
@@ -47,7 +49,7 @@ def ensure_schema(db: Database) -> None:
 
 def _ready(conn: sqlite3.Connection) -> bool:
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if not {LEDGER, BUDGET, SITE, FRAMES} <= tables:
+    if not {LEDGER, BUDGET, SITE, FRAMES, COHORTS, GROUPS} <= tables:
         return False
     return "kind" in _columns(conn, LEDGER)
 
@@ -64,6 +66,14 @@ def _create(conn: sqlite3.Connection) -> None:
     conn.execute(
         f"CREATE TABLE IF NOT EXISTS [{FRAMES}] (study TEXT NOT NULL, kind TEXT NOT NULL, "
         "round INTEGER NOT NULL, frame BLOB NOT NULL, PRIMARY KEY (study, kind, round))"
+    )
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS [{COHORTS}] (study TEXT NOT NULL, "
+        "patient_hash TEXT NOT NULL, PRIMARY KEY (study, patient_hash))"
+    )
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS [{GROUPS}] (study TEXT PRIMARY KEY, claim TEXT NOT NULL, "
+        "grp TEXT NOT NULL, since TEXT NOT NULL, reason TEXT NOT NULL, known INTEGER NOT NULL)"
     )
     columns = _columns(conn, LEDGER)
     if not columns:

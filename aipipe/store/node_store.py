@@ -29,6 +29,8 @@ from aipipe.store.sqlite import immediate, private_db
 
 # Derives the key of the keyed train/test split from the pseudonym key (domain separation).
 _SPLIT_KEY_LABEL = b"aipipe/study-split/v1"
+# Derives the key of the cohort hashes the site ledger compares studies with.
+_COHORT_KEY_LABEL = b"aipipe/study-cohort/v1"
 
 
 class WriteOutcome(StrEnum):
@@ -117,6 +119,16 @@ class NodeStore:
             digest = hmac.new(key, message, hashlib.sha256).digest()
             draws.append((int.from_bytes(digest[:8], "big") >> 11) / 2**53)
         return draws
+
+    def cohort_hashes(self, patient_ids: Iterable[str]) -> frozenset[str]:
+        """A study's cohort as the site ledger records it: per patient, HMAC-SHA256 of its
+        pseudonym under a key derived from the pseudonym key with its own label. The same for
+        every study (so cohorts compare), and neither the raw id nor the logged pseudonym."""
+        key = hmac.new(self._pseudonym_key, _COHORT_KEY_LABEL, hashlib.sha256).digest()
+        return frozenset(
+            hmac.new(key, self.pseudonym(p).encode(), hashlib.sha256).hexdigest()
+            for p in patient_ids
+        )
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         return immediate(self.conn)

@@ -209,6 +209,9 @@ class Privacy(_Model):
     delta: float = Field(default=1e-5, gt=0, lt=1)
     clip: float = Field(default=1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "prv"
+    # "disjoint": this study's patients share no one with the site's other studies, so the site
+    # ledger may account it apart (parallel composition); the node checks it at every release.
+    cohort: Literal["shared", "disjoint"] = "shared"
     # ε of the one release of noised preprocessing statistics (hub-side CDS), charged to the
     # study's share before training is planned; None: a tenth of `epsilon`; 0: none released.
     statistics_epsilon: float | None = Field(default=None, ge=0)
