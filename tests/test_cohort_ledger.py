@@ -149,12 +149,14 @@ def test_the_cohort_table_holds_no_patient_id_nor_pseudonym(store: NodeStore) ->
     assert store.cohort_hashes(list(ids)) == {h for _, h in rows}  # the same patient, same hash
 
 
+@pytest.mark.parametrize("statistics", [0, 0.1], ids=["no-stats", "stats"])
 @pytest.mark.parametrize("overlap", [False, True])
 def test_the_worker_checks_a_disjoint_claim_against_the_other_studies_cohorts(
-    tmp_path: Path, overlap: bool
+    tmp_path: Path, overlap: bool, statistics: float
 ) -> None:
+    """With `statistics`, the study's DP statistics are released first, with its cohort."""
     raw = _heart_spec()
-    raw["privacy"] = {**raw.get("privacy", {}), "cohort": "disjoint"}
+    raw["privacy"] = {**raw["privacy"], "cohort": "disjoint", "statistics_epsilon": statistics}
     with running_hub(tmp_path / "hub") as hub:
         alpha = hub.enrol("alpha")
         hub.enrol("beta"), hub.enrol("gamma")
@@ -185,6 +187,7 @@ def test_the_worker_checks_a_disjoint_claim_against_the_other_studies_cohorts(
         )
         try:
             summary = worker.handle(item)
+            kinds = {(e.study, e.kind) for e in ledger.entries()}
             groups, site = ledger.groups(), ledger.site_spent()
             events = list(worker.audit.events())
         finally:
@@ -202,6 +205,7 @@ def test_the_worker_checks_a_disjoint_claim_against_the_other_studies_cohorts(
         assert audited["study/other"].outcome == "refused"  # its claim goes with it
         return
     assert set(audited) == {f"study/{at.study}"}
+    assert ((at.study, "statistics") in kinds) == (statistics > 0)  # released within its group
     assert (groups[at.study].group, cohort.outcome) == ("disjoint", "success")
     assert site == pytest.approx(other)  # the larger group's ε, not the two composed
 

@@ -215,6 +215,7 @@ class NodeWorker:
         try:
             z = noise_multiplier(spec.privacy.stats_epsilon(), spec.privacy.delta, accountant)
             body = _stats_body(spec, matrix, ranges, z)
+            before = ledger.groups()
             ledger.charge(
                 spec.name,
                 STATISTICS_ROUND,
@@ -224,10 +225,12 @@ class NodeWorker:
                 accountant=accountant,
                 kind=STATISTICS,
                 payload=body,
+                cohort=self.cohort(spec),
             )
         except PrivacyError as exc:
             self._audit_refusal(STATISTICS, spec, STATISTICS_ROUND, exc)
             return
+        self._audit_cohorts(before, ledger.groups())
         self.client.report_stats(spec.name, body)
 
     def _train(self, spec: StudySpec, item: WorkItem) -> str:
