@@ -181,15 +181,15 @@ class NodeWorker:
     def features(self, spec: StudySpec) -> FeatureMatrix:
         if spec.name not in self._features:
             self._features[spec.name] = matrix = extract(self.store, spec)
-            # Under secure aggregation the hub must not learn a site's n or statistics: no
-            # pooled preprocessing for hub-side CDS then; score with `node serve-cds`.
-            self._report_stats(spec, matrix)
             self.audit.append(
                 "features.extract",
                 actor=self.name,
                 resource=f"study/{spec.name}",
-                details=_counts(self._features[spec.name]),
+                details=_counts(matrix),
             )
+            # Under secure aggregation the hub must not learn a site's n or statistics: no
+            # pooled preprocessing for hub-side CDS then; score with `node serve-cds`.
+            self._report_stats(spec, matrix)
         return self._features[spec.name]
 
     def _report_stats(self, spec: StudySpec, matrix: FeatureMatrix) -> None:

@@ -82,7 +82,7 @@ class BudgetStatus:
     delta: float
     spent: float
     remaining: float
-    rounds: int
+    rounds: int  # training rounds released (statistics and baselines are releases too)
     group: StudyGroup | None = None  # None: no release yet (its claim is checked at the first)
 
 
@@ -299,7 +299,7 @@ class BudgetLedger:
                     delta=float(row["delta"]),
                     spent=spent,
                     remaining=max(budget - spent, 0.0),
-                    rounds=self._ledger.count_where("study = ?", [study]),
+                    rounds=self._ledger.count_where("study = ? AND kind = ?", [study, TRAIN]),
                     group=groups.get(study),
                 )
             )
