@@ -162,27 +162,6 @@ class Preprocessor:
         std = filled.std(axis=0, ddof=1) if len(filled) > 1 else np.zeros(filled.shape[1])
         return cls(fills, filled.mean(axis=0), std)
 
-    @classmethod
-    def pooled(cls, parts: list[tuple[int, Preprocessor]]) -> Preprocessor:
-        """Combine sites' preprocessors as if fitted on the union of their train splits.
-
-        Means weight by n; the pooled variance adds the within-site and between-site sums of
-        squares, (Σ(nᵢ−1)σᵢ² + Σnᵢ(μᵢ−μ)²) / (N−1), so nothing but the per-site (n, μ, σ)
-        is needed.
-        """
-        if not parts:
-            raise StudyError("no site has reported its preprocessing statistics yet")
-        total = sum(n for n, _ in parts)
-        columns = {c for _, p in parts for c in p.fills}
-        fills = {c: sum(n * p.fills.get(c, 0.0) for n, p in parts) / total for c in columns}
-        if any(p.mean is None or p.std is None for _, p in parts):
-            return cls(fills, None, None)
-        mean = sum(n * p.mean for n, p in parts if p.mean is not None) / total
-        within = sum((n - 1) * p.std**2 for n, p in parts if p.std is not None)
-        between = sum(n * (p.mean - mean) ** 2 for n, p in parts if p.mean is not None)
-        std = np.sqrt((within + between) / max(total - 1, 1))
-        return cls(fills, np.asarray(mean, np.float64), np.asarray(std, np.float64))
-
     def apply(self, x: NDArray[np.float64]) -> FloatArray:
         out = x.copy()
         for column, fill in self.fills.items():
