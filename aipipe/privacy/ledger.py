@@ -202,15 +202,7 @@ class BudgetLedger:
             if spent >= target:
                 fresh = calibrate_noise(share, delta, sample_rate, steps, accountant)
                 needed = compose_epsilon([*prior, (fresh, sample_rate, steps)], at, accountant)
-                raise BudgetExhaustedError(
-                    study=study,
-                    round=round,
-                    needed=needed - spent,
-                    spent=spent,
-                    budget=target,
-                    scope=scope,
-                    note=refusal_note(plan[study]) if scope == "site" else "",
-                )
+                raise _refusal(study, round, scope, needed - spent, spent, target, plan)
             sigmas.append(calibrate_noise(target, at, sample_rate, steps, accountant, prior=prior))
         return max(sigmas)
 
@@ -328,15 +320,7 @@ class BudgetLedger:
             before = compose_epsilon(prior, at, accountant)
             then = compose_epsilon([*prior, step], at, accountant)
             if then > target:
-                raise BudgetExhaustedError(
-                    study=study,
-                    round=round,
-                    needed=then - before,
-                    spent=before,
-                    budget=target,
-                    scope=scope,
-                    note=refusal_note(plan[study]) if scope == "site" else "",
-                )
+                raise _refusal(study, round, scope, then - before, before, target, plan)
             after.append(then)
         others = self._site_epsilon(plan, site.delta, accountant, skip=group_of(plan, study))
         return after[0], max(after[1], others)
@@ -394,6 +378,22 @@ class BudgetLedger:
             self.db.rollback()
             raise
         self.db.commit()
+
+
+def _refusal(
+    study: str,
+    round: int,
+    scope: str,
+    needed: float,
+    spent: float,
+    budget: float,
+    plan: dict[str, StudyGroup],
+) -> BudgetExhaustedError:
+    """The refusal of a release that the study's share or the site's total cannot hold."""
+    note = refusal_note(plan[study]) if scope == "site" else ""
+    return BudgetExhaustedError(
+        study=study, round=round, needed=needed, spent=spent, budget=budget, scope=scope, note=note
+    )
 
 
 def _check_budget(epsilon: float, delta: float) -> None:
