@@ -27,7 +27,7 @@ from aipipe.secure.encoding import UpdateLayout
 from aipipe.secure.identity import Identity
 from aipipe.secure.sealedbox import x25519_public_bytes
 from aipipe.study.spec import StudySpec
-from aipipe.wire import EnrolRequest, EnrolToken
+from aipipe.wire import EnrolRequest, EnrolToken, WorkItem
 from aipipe.wire.frames import MEDIA_TYPE
 from aipipe.wire.secure import sealing_key_payload
 from aipipe.wire.tensors import decode_arrays
@@ -73,6 +73,16 @@ class Round:
     @property
     def path(self) -> str:
         return f"/v1/studies/{self.study}/rounds/{self.number}"
+
+    def train_item(self) -> WorkItem:
+        """The work item a node gets to train for this round."""
+        return WorkItem(
+            kind="train",
+            study=self.study,
+            study_digest=self.digest,
+            round=self.number,
+            version=self.base_version,
+        )
 
 
 def enrol_request(

@@ -23,7 +23,6 @@ from aipipe.node.home import init_node, open_store
 from aipipe.privacy import BudgetExhaustedError, BudgetLedger, calibrate_noise, compose_epsilon
 from aipipe.privacy.cohorts import Cohort
 from aipipe.store.node_store import NodeStore
-from aipipe.wire import WorkItem
 from tests.hub_support import running_hub
 from tests.test_site_ledger import _heart_spec, _node
 
@@ -178,13 +177,7 @@ def test_the_worker_checks_a_disjoint_claim_against_the_other_studies_cohorts(
             steps=STEPS,
             cohort=_cohort(store, theirs),
         )
-        item = WorkItem(
-            kind="train",
-            study=at.study,
-            study_digest=at.digest,
-            round=at.number,
-            version=at.base_version,
-        )
+        item = at.train_item()
         try:
             summary = worker.handle(item)
             kinds = {(e.study, e.kind) for e in ledger.entries()}

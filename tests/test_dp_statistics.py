@@ -68,13 +68,7 @@ def _site(tmp_path: Path, spec: dict[str, Any]) -> Iterator[Site]:
         hub.enrol("beta"), hub.enrol("gamma")
         study = hub.publish(spec)
         at = hub.open_round(study)
-        item = WorkItem(
-            kind="train",
-            study=at.study,
-            study_digest=at.digest,
-            round=at.number,
-            version=at.base_version,
-        )
+        item = at.train_item()
         paths = init_node(tmp_path / "alpha", "alpha")
         store, audit = open_store(paths), open_audit(paths)
         ingest_files(store, [HEART / "fhir" / "switzerland"])

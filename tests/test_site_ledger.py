@@ -39,7 +39,6 @@ from aipipe.privacy import (
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import extract
 from aipipe.study.spec import StudySpec
-from aipipe.wire import WorkItem
 from tests.e2e_support import HEART
 from tests.hub_support import running_hub
 
@@ -233,13 +232,7 @@ def test_a_round_offered_again_gets_the_same_bytes_and_is_charged_once(tmp_path:
         study = hub.publish(_heart_spec())
         at = hub.open_round(study)
         worker, sent = _node(tmp_path, hub, alpha, study)
-        item = WorkItem(
-            kind="train",
-            study=at.study,
-            study_digest=at.digest,
-            round=at.number,
-            version=at.base_version,
-        )
+        item = at.train_item()
         try:
             first = worker.handle(item)
             with contextlib.suppress(UpdateRejectedError):  # this hub refuses a duplicate
@@ -267,13 +260,7 @@ def test_a_round_whose_bytes_were_not_kept_is_refused_when_offered_again(tmp_pat
         ledger = BudgetLedger(worker.store.db)
         # released by a ledger that kept no bytes (before issue 10, or a SecAgg+ round)
         ledger.charge(at.study, at.number, noise_multiplier=8.0, sample_rate=0.2, steps=10)
-        item = WorkItem(
-            kind="train",
-            study=at.study,
-            study_digest=at.digest,
-            round=at.number,
-            version=at.base_version,
-        )
+        item = at.train_item()
         try:
             summary = worker.handle(item)
             entries = ledger.entries(at.study)
@@ -300,13 +287,7 @@ def test_the_worker_plans_a_study_within_what_other_studies_left_of_the_site(
         ledger.set_budget("other", epsilon=1.0, delta=DELTA)
         ledger.charge("other", 1, noise_multiplier=6.0, sample_rate=Q, steps=STEPS)  # ε ≈ 0.63
         ledger.set_site_budget(epsilon=site_total, delta=DELTA)  # 0.5: the steward lowered it
-        item = WorkItem(
-            kind="train",
-            study=at.study,
-            study_digest=at.digest,
-            round=at.number,
-            version=at.base_version,
-        )
+        item = at.train_item()
         try:
             summary = worker.handle(item)
             entries = ledger.entries(at.study)
