@@ -59,7 +59,7 @@ from tests.e2e_support import (
 
 pytestmark = pytest.mark.e2e
 
-KILLED_NODE_DEADLINE_S = 8.0
+KILLED_NODE_DEADLINE_S = 15.0
 SIGTERM_EXIT_S = 10.0
 QUORUM_STUDY = "e2e-heart-quorum"
 RESTART_STUDY = "e2e-heart-restart"

@@ -193,7 +193,7 @@ class BudgetLedger:
         assert site is not None  # the study has a share, so the site has at least the default
         plan = CohortBook(self.db).plan(study, cohort)
         own, everything = _history(self.entries(study)), self._group_history(plan, study)
-        sigmas = []
+        sigma = 0.0
         for scope, target, at, prior in (
             ("study", share, delta, own),
             ("site", site.epsilon, site.delta, everything),
@@ -203,8 +203,15 @@ class BudgetLedger:
                 fresh = calibrate_noise(share, delta, sample_rate, steps, accountant)
                 needed = compose_epsilon([*prior, (fresh, sample_rate, steps)], at, accountant)
                 raise _refusal(study, round, scope, needed - spent, spent, target, plan)
-            sigmas.append(calibrate_noise(target, at, sample_rate, steps, accountant, prior=prior))
-        return max(sigmas)
+            # ε falls as σ grows, so a σ that already keeps this budget is the larger of the two
+            # answers: one composition instead of a calibration's search (about 1 s with PRV).
+            if (
+                sigma
+                and compose_epsilon([*prior, (sigma, sample_rate, steps)], at, accountant) <= target
+            ):
+                continue
+            sigma = calibrate_noise(target, at, sample_rate, steps, accountant, prior=prior)
+        return sigma
 
     def check(
         self,
