@@ -211,6 +211,11 @@ def test_node_predict_scores_its_cohort_with_the_federated_model(trained_hub: Tr
     assert all(0.0 <= p["probability"] <= 1.0 for p in report["predictions"])
     assert all(len(p["patient"]) == 20 for p in report["predictions"])  # pseudonyms, not ids
 
+    # An explicit as-of day (here the study's training reference date) also scores everyone.
+    dated = aipipe_in_process("node", "predict", "--home", root / "east", "--study", study,
+                              "--as-of", "2021-04-01", "--json")  # fmt: skip
+    assert json.loads(dated.stdout)["scored"] == 20
+
 
 def test_node_serves_cds_hooks_inside_the_hospital(trained_hub: Trained, tmp_path: Path) -> None:
     study, bundle, root = trained_hub.study, trained_hub.bundle, trained_hub.root

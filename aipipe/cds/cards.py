@@ -9,10 +9,11 @@ missing. `build_risk_assessment` is a pure function so that the node's write-bac
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -25,7 +26,7 @@ from aipipe.study.spec import StudySpec
 MODEL_SYSTEM = "https://aipipe.dev/fhir/CodeSystem/model-version"
 """RiskAssessment.method: the code is the model version id (content-addressed)."""
 IDENTIFIER_SYSTEM = "https://aipipe.dev/fhir/NamingSystem/risk-assessment"
-"""RiskAssessment.identifier: same model, patient and inputs → same value (idempotent re-runs)."""
+"""RiskAssessment.identifier: one value per (study, patient), see `assessment_identifier`."""
 OUTCOME_SYSTEM = "https://aipipe.dev/fhir/CodeSystem/study-outcome"
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 TOPIC = Coding(
@@ -113,6 +114,24 @@ class ModelSource:
         return [Link(label="Model lineage and validation", url=self.url, type="absolute")]
 
 
+def assessment_identifier(study: str, patient_id: str) -> str:
+    """The one identity rule for a RiskAssessment, shared by card suggestions and write-back.
+
+    One study's current assessment of one patient (the FHIR Patient id) is one resource: a card
+    the EHR accepted, a later write-back and a re-run with a newer model version all update it
+    (the server's history keeps the earlier versions; `method` names the model version).
+    """
+    return hashlib.sha256(f"{study}:{patient_id}".encode()).hexdigest()[:32]
+
+
+def occurrence_text(occurrence: date | datetime) -> str:
+    """FHIR dateTime for the as-of time: an instant in UTC, or a day (data through that day)."""
+    if not isinstance(occurrence, datetime):
+        return occurrence.isoformat()
+    when = occurrence.astimezone(UTC) if occurrence.tzinfo else occurrence.replace(tzinfo=UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def build_risk_assessment(
     *,
     patient_id: str,
@@ -121,7 +140,7 @@ def build_risk_assessment(
     study: str,
     outcome: Coding,
     basis: Sequence[str],
-    occurrence: datetime,
+    occurrence: date | datetime,
     identifier: str,
     qualitative: str | None = None,
     basis_patient: bool = False,
@@ -129,12 +148,12 @@ def build_risk_assessment(
     """A FHIR R4 RiskAssessment (status final) of one outcome for one patient.
 
     `basis` holds Observation ids; `basis_patient` adds the Patient (demographic inputs).
-    `identifier` should be stable for the same model and inputs, so a client can create it
+    `occurrence` is the as-of time the features were read at (a date: data through that day).
+    `identifier` is `assessment_identifier(study, patient)`, so a client can create it
     conditionally (`If-None-Exist: identifier=<system>|<value>`) and re-runs stay idempotent.
     """
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability must be within [0, 1], not {probability}")
-    when = occurrence.astimezone(UTC) if occurrence.tzinfo else occurrence.replace(tzinfo=UTC)
     prediction: dict[str, Any] = {
         "outcome": {"coding": [outcome.dump()], "text": outcome.display or study},
         "probabilityDecimal": round(probability, 4),
@@ -160,7 +179,7 @@ def build_risk_assessment(
             ]
         },
         "subject": {"reference": f"Patient/{patient_id}"},
-        "occurrenceDateTime": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "occurrenceDateTime": occurrence_text(occurrence),
         "prediction": [prediction],
     }
     if references:  # FHIR forbids empty arrays
@@ -232,7 +251,7 @@ def _risk_card(
         outcome=source.outcome,
         basis=result.basis,
         occurrence=now,
-        identifier=result.fingerprint,
+        identifier=assessment_identifier(result.study, patient_id),
         qualitative=level.qualitative,
         basis_patient=result.uses_demographics,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -400,19 +400,25 @@ def predict(
     fhir_url: str = typer.Option(
         None, "--fhir-url", help="With --write-back: the EHR's FHIR R4 base URL."
     ),
+    as_of: str = typer.Option(
+        None, "--as-of", help="Score as of this day (YYYY-MM-DD: data through it); default now."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Score this site's patients with the study's current federated model.
 
-    With --write-back each score becomes a RiskAssessment (status final, method = the model
-    version, basis = the Observations used), written by conditional update so a re-run
-    updates the same resource. Output names patients only by pseudonym.
+    Patients are scored as of now (or --as-of): every Observation dated up to that day counts,
+    age is taken then. With --write-back each score becomes a RiskAssessment (status final,
+    method = the model version, occurrence = the as-of time, basis = the Observations used),
+    written by conditional update on the identifier a CDS card's suggestion also carries, so a
+    re-run or an accepted card updates the same resource. Output names patients only by pseudonym.
     """
     from aipipe.node.predict import predict_cohort  # imports torch
     from aipipe.node.predict import write_back as send
 
     if write_back and not fhir_url:
         raise ConfigError("--write-back needs --fhir-url, the EHR's FHIR base URL")
+    as_of_day = _as_of_day(as_of)
     paths = open_node(home)
     store = open_store(paths)
     try:
@@ -425,7 +431,9 @@ def predict(
             if version is None:
                 raise ConfigError(f"study '{study}' has no model yet")
             weights = decode_arrays(client.model_weights(version))
-        predictions = predict_cohort(store, spec, weights, version, now=datetime.now(UTC))
+        predictions = predict_cohort(
+            store, spec, weights, version, now=datetime.now(UTC), as_of=as_of_day
+        )
     finally:
         store.close()
     written = 0
@@ -441,8 +449,18 @@ def predict(
     with open_audit(paths) as audit:
         audit.append("writeback" if write_back else "predict", actor=paths.config.name,
                      resource=f"study/{study}", details={"model": version, "scored": len(scored),
-                                                          "written": written})  # fmt: skip
+                                                          "written": written,
+                                                          "as_of": as_of or "now"})  # fmt: skip
     _render_predictions(study, version, predictions, written, as_json)
+
+
+def _as_of_day(text: str | None) -> date | None:
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--as-of {text!r} is not a day; give it as YYYY-MM-DD") from None
 
 
 def _render_predictions(

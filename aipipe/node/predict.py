@@ -2,27 +2,32 @@
 to the EHR as FHIR R4 RiskAssessments.
 
 Scoring reuses the CDS scorer (one code path from resources to probability) with the site's own
-train preprocessing. Each RiskAssessment carries an identifier derived from (study, patient), so
-a re-run is a conditional update of the same resource, never a duplicate.
+train preprocessing. Patients are scored as of now (or an explicit `as_of` day), not as of the
+study's training `reference_date`: every Observation dated on or before the as-of day counts and
+age is taken in the as-of year. The RiskAssessment's `occurrenceDateTime` is that as-of time and
+its `basis` the Observations the features read. Each RiskAssessment carries the identifier of
+`assessment_identifier` (study, patient), the same one a CDS card's suggestion carries, so a
+re-run, or a write-back after the EHR accepted a card, updates the same resource.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import numpy as np
 
 from aipipe.cds import CdsSettings, ModelSource, PatientScorer, build_risk_assessment, risk_level
-from aipipe.cds.cards import IDENTIFIER_SYSTEM
+from aipipe.cds.cards import IDENTIFIER_SYSTEM, assessment_identifier
 from aipipe.fhir.server import FhirServerSource
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import extract
 from aipipe.study.spec import StudySpec
+
+__all__ = ["Prediction", "assessment_identifier", "predict_cohort", "write_back"]
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,6 @@ class Prediction:
     assessment: dict[str, Any] | None
 
 
-def assessment_identifier(study: str, patient_id: str) -> str:
-    return hashlib.sha256(f"{study}:{patient_id}".encode()).hexdigest()[:32]
-
-
 def predict_cohort(
     store: NodeStore,
     spec: StudySpec,
@@ -46,17 +47,21 @@ def predict_cohort(
     version: str,
     *,
     now: datetime,
+    as_of: date | None = None,
     settings: CdsSettings | None = None,
 ) -> list[Prediction]:
-    """Score every patient of the store; a patient missing a required feature is not scored."""
+    """Score every patient of the store as of `as_of` (a day; None: `now`); a patient missing a
+    required feature is not scored. The site's train preprocessing stays the study's own."""
     chosen = settings or CdsSettings()
+    occurrence: date | datetime = now if as_of is None else as_of
+    cutoff = (now.astimezone(UTC) if now.tzinfo else now).date() if as_of is None else as_of
     scorer = PatientScorer(spec, weights, extract(store, spec).preprocessor, version)
     source = ModelSource.for_study(spec, version, chosen)
     out = []
     for (pid,) in list(store.conn.execute("SELECT id FROM patients ORDER BY id")):
         resources = [json.loads(text) for (text,) in store.conn.execute(
             "SELECT json FROM resources WHERE patient_id = ?", (pid,))]  # fmt: skip
-        result = scorer.score(resources, patient_id=pid)
+        result = scorer.score(resources, patient_id=pid, as_of=cutoff)
         if result.probability is None:
             missing = tuple(m.name for m in result.blocking)
             out.append(Prediction(pid, store.pseudonym(pid), None, None, missing, None))
@@ -64,7 +69,7 @@ def predict_cohort(
         level = risk_level(result.probability, chosen)
         assessment = build_risk_assessment(
             patient_id=pid, probability=result.probability, model_version=version,
-            study=spec.name, outcome=source.outcome, basis=result.basis, occurrence=now,
+            study=spec.name, outcome=source.outcome, basis=result.basis, occurrence=occurrence,
             identifier=assessment_identifier(spec.name, pid), qualitative=level.qualitative,
             basis_patient=result.uses_demographics,
         )  # fmt: skip
