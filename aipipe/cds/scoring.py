@@ -315,15 +315,15 @@ class PatientScorer:
 def _too_few_inputs(
     study: StudySpec, missing: list[MissingFeature], problems: list[str]
 ) -> list[MissingFeature]:
-    """More than half of the study's features without a value of the patient's own: every
-    missing one blocks, whatever its policy, since the score would rest mostly on fills."""
-    names = {feature.name for feature in study.features}
-    absent = [m for m in missing if m.name in names]
-    if 2 * len(absent) <= len(names):
+    """More than half of the model's inputs (features and demographics) without a value of the
+    patient's own: every missing one blocks, whatever its policy, since the score would rest
+    mostly on fills."""
+    total = len(study.features) + len(study.demographics)
+    if 2 * len(missing) <= total:
         return missing
     problems.append(
-        f"{len(names) - len(absent)} of the model's {len(names)} inputs have a value; it scores "
-        "no patient with more than half of them missing"
+        f"{total - len(missing)} of the model's {total} inputs have a value; it scores no "
+        "patient with more than half of them missing"
     )
     return [replace(m, blocking=True) for m in missing]
 
