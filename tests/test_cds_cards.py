@@ -460,8 +460,9 @@ def test_templates_ask_for_the_patient_and_the_study_codes() -> None:
     assert observations.startswith("Observation?patient={{context.patientId}}&code=")
     assert "http://loinc.org|2093-3" in observations
     assert "http://loinc.org|8480-6" in observations
+    assert observations.endswith("&_sort=-date&_count=200")
     assert templates["conditions"] == (
-        "Condition?patient={{context.patientId}}&code=http://snomed.info/sct|53741008"
+        "Condition?patient={{context.patientId}}&code=http://snomed.info/sct|53741008&_count=200"
     )
 
 
@@ -470,7 +471,7 @@ def test_a_prefix_code_makes_the_search_ask_for_every_resource_of_the_patient() 
 
     templates = prefetch_templates(study)
 
-    assert templates["conditions"] == "Condition?patient={{context.patientId}}"
+    assert templates["conditions"] == "Condition?patient={{context.patientId}}&_count=200"
     assert "code=" in templates["observations"]
 
 

@@ -195,6 +195,7 @@ def make_client(
     fhir: Fhir,
     policy: JwtPolicy | None = None,
     settings: CdsSettings | None = None,
+    access: FhirAccess | None = None,
 ) -> TestClient:
     provider = StaticCdsProvider(
         [scorer],
@@ -210,7 +211,8 @@ def make_client(
             audit=audit,
             jwt=policy,
             pseudonym_key=KEY,
-            fhir=FhirAccess(
+            fhir=access
+            or FhirAccess(
                 transport=httpx.MockTransport(fhir), timeout_s=2.0, allowed_servers=(FHIR,)
             ),
             allow_unauthenticated=policy is None,  # a TestClient: loopback only
@@ -387,6 +389,48 @@ def test_search_pages_are_followed(client: TestClient, fhir: Fhir) -> None:
     assert card["suggestions"]
     assert len([r for r in fhir.requests if r.url.path == "/fhir/Observation"]) == 3
     assert len(card["suggestions"][0]["actions"][0]["resource"]["basis"]) == 1 + 9
+
+
+def older_copies(records: dict[str, list[dict[str, Any]]], pid: str = PID) -> list[str]:
+    """Put a year-older copy of each of the patient's Observations after the originals (a
+    newest-first searchset, as `_sort=-date` asks); return the originals' ids."""
+    observations = [r for r in records[pid] if r["resourceType"] == "Observation"]
+    for resource in observations:
+        old = json.loads(json.dumps(resource))
+        old["id"] += "-old"
+        old["effectiveDateTime"] = str(int(resource["effectiveDateTime"][:4]) - 1) + "-01-01"
+        records[pid].append(old)
+    return [f"Observation/{r['id']}" for r in observations]
+
+
+def test_paging_stops_once_every_latest_input_has_its_newest_value(
+    client: TestClient, fhir: Fhir, records: dict[str, list[dict[str, Any]]]
+) -> None:
+    fhir.records = {pid: list(mine) for pid, mine in records.items()}  # the fixture's stay as is
+    newest = older_copies(fhir.records)
+    fhir.page_size = 4  # 18 matching Observations: 5 pages; the 9 newest are on the first 3
+
+    card = the_card(post(client, hook_request(fhirServer=FHIR)))
+
+    searches = [r for r in fhir.requests if r.url.path == "/fhir/Observation"]
+    assert len(searches) == 3
+    assert dict(searches[0].url.params)["_sort"] == "-date"
+    basis = {b["reference"] for b in card["suggestions"][0]["actions"][0]["resource"]["basis"]}
+    assert len(basis) == 1 + 9 and basis <= {f"Patient/{PID}", *newest}  # no older copy
+
+
+def test_a_search_cut_short_by_the_budget_is_412_when_inputs_may_be_unread(
+    scorer: PatientScorer, fhir: Fhir
+) -> None:
+    fhir.page_size = 4
+    access = FhirAccess(transport=httpx.MockTransport(fhir), allowed_servers=(FHIR,), budget_s=0.0)
+
+    response = post(make_client(scorer, None, fhir, access=access), hook_request(fhirServer=FHIR))
+
+    assert response.status_code == 412
+    diagnostics = response.json()["issue"][0]["diagnostics"]
+    assert "'observations' search was cut short" in diagnostics and "reading budget" in diagnostics
+    assert len([r for r in fhir.requests if r.url.path == "/fhir/Observation"]) == 1
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,11 @@ where a deployment allows it), and only servers on the operator's allow-list (`a
 empty, the default, allows none): the same scheme, host and port as an entry, and a path equal to
 or under the entry's path, with no user info, query, fragment or dot segments. TLS certificates
 are always verified (`ca_bundle` adds a hospital's own CA), timeouts are short, redirects are not
-followed, and paging links must stay under the server that was asked. A request that names a
+followed, and paging links must stay under the server that was asked. A search is paged to its
+end within one budget for the whole request (`budget_s`, 20 s by default, at most `max_pages`
+pages a search); a search cut short by the budget or the page cap, or stopped early because the
+caller's `enough` test says the rest cannot change the answer, comes back in `partial` with what
+was read and why it stopped. A request that names a
 fhirServer without `fhirAuthorization` is read without a token (the spec allows fhirServer alone;
 open test servers answer that way). A read that finds nothing (404/410) is "no data"; a search
 must answer.
@@ -17,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +36,19 @@ from aipipe.fhir.base_url import ServerBase
 
 @dataclass(frozen=True)
 class FetchResult:
-    """Key → resource (None when the server has none: 404/410), and key → why it failed."""
+    """Key → resource (None when the server has none: 404/410), key → why it failed, and key →
+    why a search's value holds only part of the result (its later pages were not read)."""
 
     values: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    partial: dict[str, str] = field(default_factory=dict)
+
+
+EARLY_STOP = "the newest values the model reads were found; older pages not read"
+"""`FetchResult.partial`'s reason when the caller's `enough` test stopped the paging."""
+
+Enough = Callable[[list[Any]], bool]
+"""Told the entries read so far (in the server's order), whether the later pages can be skipped."""
 
 
 NOT_ALLOWED = (
@@ -50,11 +64,14 @@ class FhirAccess:
     `allowed_servers` lists the FHIR base URLs the operator allows (none by default: every
     fhirServer is refused and the service answers from prefetch alone). `transport` replaces
     the network (tests); `ca_bundle` names a PEM file of extra trusted certificate authorities
-    (a hospital's own CA). Certificate checks cannot be turned off.
+    (a hospital's own CA). Certificate checks cannot be turned off. `budget_s` bounds the time
+    one request spends reading (all its queries and pages together); `max_pages` bounds the
+    pages of one search.
     """
 
     timeout_s: float = 5.0
-    max_pages: int = 20
+    max_pages: int = 100
+    budget_s: float = 20.0
     allowed_servers: tuple[str, ...] = ()
     allow_http: bool = False
     ca_bundle: str | None = None
@@ -91,9 +108,15 @@ class FhirAccess:
         return context
 
     async def fetch(
-        self, server: str, access_token: str | None, queries: Mapping[str, str]
+        self,
+        server: str,
+        access_token: str | None,
+        queries: Mapping[str, str],
+        *,
+        enough: Mapping[str, Enough] | None = None,
     ) -> FetchResult:
-        """GET each relative query (`Patient/1`, `Observation?patient=1&code=…`) concurrently."""
+        """GET each relative query (`Patient/1`, `Observation?patient=1&code=…`) concurrently,
+        paging each search until its end, `enough[key]` says stop, or the budget is spent."""
         reason = self.refusal(server)
         if reason is not None:
             return FetchResult(errors=dict.fromkeys(queries, reason))
@@ -109,8 +132,13 @@ class FhirAccess:
             follow_redirects=False,
         ) as client:
             keys = list(queries)
+            deadline = time.monotonic() + self.budget_s
+            stops = enough or {}
             answers = await asyncio.gather(
-                *(self._read(client, base, key, queries[key]) for key in keys),
+                *(
+                    self._read(client, base, key, queries[key], deadline, stops.get(key))
+                    for key in keys
+                ),
                 return_exceptions=True,
             )
         result = FetchResult()
@@ -120,31 +148,46 @@ class FhirAccess:
             elif isinstance(answer, BaseException):
                 raise answer
             else:
-                result.values[key] = answer
+                result.values[key], stopped = answer
+                if stopped is not None:
+                    result.partial[key] = stopped
         return result
 
-    async def _read(self, client: httpx.AsyncClient, base: str, key: str, query: str) -> Any:
+    async def _read(
+        self,
+        client: httpx.AsyncClient,
+        base: str,
+        key: str,
+        query: str,
+        deadline: float,
+        enough: Enough | None,
+    ) -> tuple[Any, str | None]:
+        """The resource or merged searchset, and why later pages were not read (None: all were)."""
         read = "?" not in query  # a read may find nothing (404); a search answers a Bundle
         first = await _get_json(client, f"{base}/{query.lstrip('/')}", key, absent_ok=read)
         if first is None or first.get("resourceType") != "Bundle":
-            return first
+            return first, None
         entries = _entries(first)
-        page = first
+        page, pages, stopped = first, 1, None
         server = ServerBase.parse(base)
-        for _ in range(self.max_pages - 1):
-            following = _next_link(page)
-            if following is None:
+        while (following := _next_link(page)) is not None:
+            if enough is not None and enough(entries):
+                stopped = EARLY_STOP
+                break
+            if pages >= self.max_pages:
+                stopped = f"read {pages} pages, this service's limit for one search"
+                break
+            if time.monotonic() >= deadline:
+                stopped = f"read {pages} pages within the {self.budget_s:g} s reading budget"
                 break
             if not _under(server, following):
                 raise FhirServerError(f"the '{key}' search pages to another server; not followed")
             page = await _get_json(client, following, key, absent_ok=False) or {}
             entries.extend(_entries(page))
-        else:
-            if _next_link(page) is not None:
-                raise FhirServerError(f"the '{key}' search has more than {self.max_pages} pages")
+            pages += 1
         merged = {k: v for k, v in first.items() if k != "link"}
         merged["entry"] = entries
-        return merged
+        return merged, stopped
 
 
 async def _get_json(

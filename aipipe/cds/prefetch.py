@@ -5,21 +5,31 @@ an Observation search for every code the study's features read (plus the blood-p
 that carry systolic and diastolic values as components), and a Condition search for the study's
 outcome codes (only to say that the outcome is already on record). A search whose codes
 include an ICD-10 prefix (`E11*`) cannot be written as a token search, so it asks for all of the
-patient's Observations (or Conditions) instead.
+patient's Observations (or Conditions) instead. Searches ask for `_count` entries a page, and the
+Observation search for the newest first (`_sort=-date`): when every feature reads its latest
+value, the reader may stop paging once each has one (`newest_values_found`). When the service
+itself reads the search, a study's look-back window (`population.lookback_days`, where the
+study declares one) narrows it to `date=ge…` (`lookback_filter`).
 
 What comes back is judged per key: `null` means "the client has no data" (the spec's rule), a
 value of the wrong shape or for another patient blocks scoring, and stray entries inside an
-otherwise good searchset Bundle are skipped and counted.
+otherwise good searchset Bundle are skipped and counted. A subject is the patient's when it names
+`Patient/{id}` (relative or absolute), or, as a server resolves references inside a Bundle, when
+it is a `urn:uuid:` that is the fullUrl of that Patient's entry in the prefetch (or the patient's
+own id as a uuid, unless an entry gives that fullUrl to someone else); such resources are kept
+with the subject rewritten to `Patient/{id}`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Any
 from urllib.parse import quote
 
+from aipipe.cds.evidence import CodeSet
 from aipipe.fhir.codes import BP_PANELS, LOINC, token_matches
 from aipipe.fhir.mapping import reference_id
 from aipipe.study.spec import StudySpec
@@ -29,6 +39,8 @@ OBSERVATIONS = "observations"
 CONDITIONS = "conditions"
 REQUIRED = (PATIENT, OBSERVATIONS)
 """Keys without which the service cannot score: absent and not fetchable → HTTP 412."""
+SEARCH_COUNT = 200
+"""Entries a search asks for per page (`_count`): a long record in a few pages."""
 
 _BP_COMPONENTS = frozenset({f"{LOINC}|8480-6", f"{LOINC}|8462-4"})
 _TOKEN = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
@@ -40,11 +52,13 @@ _USER_TOKENS = {
 }
 
 
-def _search(resource_type: str, codes: list[str]) -> str:
+def _search(resource_type: str, codes: list[str], *, newest_first: bool) -> str:
     query = f"{resource_type}?patient={{{{context.patientId}}}}"
     if codes and not any(code.endswith("*") for code in codes):
         query += "&code=" + ",".join(codes)
-    return query
+    if newest_first:
+        query += "&_sort=-date"
+    return query + f"&_count={SEARCH_COUNT}"
 
 
 def prefetch_templates(study: StudySpec) -> dict[str, str]:
@@ -56,9 +70,77 @@ def prefetch_templates(study: StudySpec) -> dict[str, str]:
         codes |= BP_PANELS
     return {
         PATIENT: "Patient/{{context.patientId}}",
-        OBSERVATIONS: _search("Observation", sorted(codes)),
-        CONDITIONS: _search("Condition", sorted(study.cohort.label.conditions)),
+        OBSERVATIONS: _search("Observation", sorted(codes), newest_first=True),
+        CONDITIONS: _search("Condition", sorted(study.cohort.label.conditions), newest_first=False),
     }
+
+
+def lookback_filter(study: StudySpec, as_of: date) -> str:
+    """`&date=geYYYY-MM-DD` for the study's look-back window (a whole-study
+    `population.lookback_days`), or "" when the study declares none."""
+    population = getattr(study, "population", None)
+    days = getattr(population, "lookback_days", None)
+    if not isinstance(days, int) or isinstance(days, bool) or days <= 0:
+        return ""
+    return f"&date=ge{(as_of - timedelta(days=days)).isoformat()}"
+
+
+def newest_values_found(study: StudySpec, as_of: date) -> Callable[[list[Any]], bool] | None:
+    """For a study whose features all read their latest value: a test that the entries read so
+    far (from a `_sort=-date` search) hold a value for every feature, dated on or before `as_of`,
+    and came newest first (a server that ignored `_sort` is read to the end). None when some
+    feature aggregates over all values (mean, min, max, count): every page is needed."""
+    if not study.features or any(f.aggregation != "latest" for f in study.features):
+        return None
+    codesets = [CodeSet(f.all_codes()) for f in study.features]
+    today = as_of.isoformat()
+
+    def enough(entries: list[Any]) -> bool:
+        found = [False] * len(codesets)
+        previous = "9999"
+        for entry in entries:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if _resource_type(resource) != "Observation":
+                continue
+            assert isinstance(resource, dict)
+            when = _effective_day(resource)
+            if when is None or when > previous:
+                return False  # undated, or not newest first: the order cannot be trusted
+            previous = when
+            if when > today:
+                continue
+            for token in _valued_codes(resource):
+                for index, codes in enumerate(codesets):
+                    found[index] = found[index] or codes.matches(token)
+        return all(found)
+
+    return enough
+
+
+def _effective_day(resource: dict[str, Any]) -> str | None:
+    period = resource.get("effectivePeriod")
+    for value in (
+        resource.get("effectiveDateTime"),
+        resource.get("effectiveInstant"),
+        period.get("start") if isinstance(period, dict) else None,
+    ):
+        if isinstance(value, str) and len(value) >= 4:
+            return value[:10]
+    return None
+
+
+def _valued_codes(resource: dict[str, Any]) -> list[str]:
+    """The codes an Observation carries a value for: its own, and its components'."""
+    tokens = _codings(resource.get("code")) if _has_value(resource) else []
+    components = resource.get("component")
+    for component in components if isinstance(components, list) else []:
+        if isinstance(component, dict) and _has_value(component):
+            tokens += _codings(component.get("code"))
+    return tokens
+
+
+def _has_value(element: dict[str, Any]) -> bool:
+    return any(key.startswith("value") for key in element)
 
 
 def render_template(template: str, context: Mapping[str, Any]) -> str:
@@ -129,12 +211,15 @@ class PatientData:
     notes: list[str] = field(default_factory=list)
     observations: int = 0
     outcome_recorded: bool = False
+    aliases: frozenset[str] = frozenset()
+    """`urn:uuid:` references that name the patient within this prefetch."""
 
 
 def collect(values: Mapping[str, Any], patient_id: str, study: StudySpec) -> PatientData:
     """Check prefetched (or fetched) values against the templates and keep the usable resources."""
     data = PatientData(patient_id)
     _take_patient(values.get(PATIENT), data)
+    data.aliases = _aliases(values, patient_id)
     observations = _take_search(values, OBSERVATIONS, "Observation", data)
     data.resources.extend(observations)
     data.observations = len(observations)
@@ -148,6 +233,38 @@ def collect(values: Mapping[str, Any], patient_id: str, study: StudySpec) -> Pat
         for label in labels
     )
     return data
+
+
+def _aliases(values: Mapping[str, Any], patient_id: str) -> frozenset[str]:
+    """The `urn:uuid:` fullUrls the prefetch gives the patient in context, unambiguously."""
+    owners: dict[str, set[str | None]] = {}
+    for value in values.values():
+        if _resource_type(value) != "Bundle" or not isinstance(value.get("entry"), list):
+            continue
+        for entry in value["entry"]:
+            if not isinstance(entry, dict) or not isinstance(entry.get("fullUrl"), str):
+                continue
+            resource = entry.get("resource")
+            if _resource_type(resource) == "Patient":
+                assert isinstance(resource, dict)
+                owners.setdefault(entry["fullUrl"], set()).add(resource.get("id"))
+            else:  # a fullUrl of some other resource is never the patient
+                owners.setdefault(entry["fullUrl"], set()).add(None)
+    own = f"urn:uuid:{patient_id}"
+    owners.setdefault(own, {patient_id})
+    return frozenset(
+        url for url, ids in owners.items() if url.startswith("urn:uuid:") and ids == {patient_id}
+    )
+
+
+def _subject_is_patient(resource: dict[str, Any], data: PatientData) -> bool | None:
+    """True: names the patient as `Patient/{id}`; None: by an alias (to rewrite); False: not."""
+    subject = resource.get("subject")
+    if reference_id(subject, "Patient") == data.patient_id:
+        return True
+    if isinstance(subject, dict) and subject.get("reference") in data.aliases:
+        return None
+    return False
 
 
 def _take_patient(value: Any, data: PatientData) -> None:
@@ -198,10 +315,14 @@ def _take_search(
             reported += 1
         elif kind is None:
             skipped["not a resource"] += 1
+        elif kind == "Patient" and resource.get("id") == data.patient_id:
+            continue  # the patient itself, included in the searchset
         elif kind != resource_type:
             skipped["another resource type"] += 1
-        elif reference_id(resource.get("subject"), "Patient") != data.patient_id:
+        elif (mine := _subject_is_patient(resource, data)) is False:
             skipped["another patient"] += 1
+        elif mine is None:
+            kept.append(resource | {"subject": {"reference": f"Patient/{data.patient_id}"}})
         else:
             kept.append(resource)
     for why, count in skipped.items():

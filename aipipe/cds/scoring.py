@@ -20,7 +20,7 @@ import queue
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
@@ -174,6 +174,7 @@ class PatientScorer:
             ]
         x_raw = raw.x[raw.ids.index(pid)]
         values, missing = self._describe(study, x_raw, rows)
+        missing = _too_few_inputs(study, missing, problems)
         basis = tuple(sorted({rid for v in values for rid in v.basis}))
         if any(m.blocking for m in missing):
             return self._unscored(pid, values, missing, problems, basis)
@@ -309,6 +310,22 @@ class PatientScorer:
             [self.study.name, self.model_version, pid, list(basis), inputs], separators=(",", ":")
         )
         return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+def _too_few_inputs(
+    study: StudySpec, missing: list[MissingFeature], problems: list[str]
+) -> list[MissingFeature]:
+    """More than half of the model's inputs (features and demographics) without a value of the
+    patient's own: every missing one blocks, whatever its policy, since the score would rest
+    mostly on fills."""
+    total = len(study.features) + len(study.demographics)
+    if 2 * len(missing) <= total:
+        return missing
+    problems.append(
+        f"{total - len(missing)} of the model's {total} inputs have a value; it scores no "
+        "patient with more than half of them missing"
+    )
+    return [replace(m, blocking=True) for m in missing]
 
 
 def _sigmoid(logit: float) -> float:

@@ -16,6 +16,11 @@ Prefetched data that is present but unusable (null, of the wrong type, for anoth
 missing values the model needs) is not a protocol error: it gets an `info` card saying what is
 missing.
 
+What the service reads itself is paged to the end within `FhirAccess.budget_s` for the whole
+request (or until, newest first, every "latest" feature has its value). A search cut short
+still scores when the model's inputs are all there (the card notes the unread pages); when some
+input is missing it may be in the unread pages, so the answer is 412.
+
 Every route needs a CDS Client JWT (discovery too: it names the studies and model versions). A
 router without a `JwtPolicy` answers 401 to everyone unless built with `allow_unauthenticated=True`,
 which its hosts allow only on a loopback address (`aipipe.cds.limits.require_loopback`).
@@ -46,10 +51,19 @@ from pydantic import BaseModel, ValidationError
 
 from aipipe.cds.auth import CdsClient, JwtPolicy
 from aipipe.cds.cards import build_cards, unscored_card
-from aipipe.cds.fhir_access import FhirAccess
+from aipipe.cds.fhir_access import EARLY_STOP, FhirAccess
 from aipipe.cds.limits import bounded, clip, service_label
 from aipipe.cds.models import Card, CdsRequest, CdsResponse, Discovery, FeedbackRequest
-from aipipe.cds.prefetch import REQUIRED, PatientData, collect, render_template, unsatisfied
+from aipipe.cds.prefetch import (
+    OBSERVATIONS,
+    REQUIRED,
+    PatientData,
+    collect,
+    lookback_filter,
+    newest_values_found,
+    render_template,
+    unsatisfied,
+)
 from aipipe.cds.provider import AuditSink, CdsProvider, ServiceEntry
 from aipipe.cds.scoring import PatientScorer
 from aipipe.errors import AipipeError, AuthError
@@ -167,8 +181,9 @@ class _CdsHandler:
         scorer = self._provider.scorer(entry.id)
         if scorer is None:
             raise _Reject(503, f"no model is loaded for CDS service '{entry.id}'; try again later")
-        values, notes = await self._gather(entry, body, record)
-        cards = self._cards(entry, scorer, collect(values, patient_id, entry.study), notes, record)
+        values, notes, partial = await self._gather(entry, body, record)
+        data = collect(values, patient_id, entry.study)
+        cards = self._cards(entry, scorer, data, notes, record, partial)
         record.details["cards"] = [{"uuid": c.uuid, "indicator": c.indicator} for c in cards]
         return JSONResponse(CdsResponse(cards=cards).dump())
 
@@ -179,6 +194,7 @@ class _CdsHandler:
         data: PatientData,
         notes: list[str],
         record: _Record,
+        partial: Mapping[str, str],
     ) -> list[Card]:
         source = entry.source()
         record.details.update(model_version=scorer.model_version, observations=data.observations)
@@ -189,6 +205,17 @@ class _CdsHandler:
         # Scored as of today: age on the day of care and every observation up to it.
         result = scorer.score(data.resources, patient_id=data.patient_id, as_of=now.date())
         record.details.update(scored=result.scored, missing=[m.name for m in result.missing])
+        if partial and result.missing:  # what is missing may be on the pages not read
+            names = ", ".join(m.name for m in result.missing)
+            unread = "; ".join(
+                f"the '{key}' search was cut short: {why}" for key, why in partial.items()
+            )
+            raise _Reject(412, f"{unread}; and the model lacks {names}")
+        notes += [
+            f"'{key}' was not read to its end: {why}"
+            for key, why in partial.items()
+            if why != EARLY_STOP
+        ]
         if data.outcome_recorded:
             notes.append(f"the record already lists {source.label}")
         return build_cards(
@@ -197,33 +224,49 @@ class _CdsHandler:
 
     async def _gather(
         self, entry: ServiceEntry, body: CdsRequest, record: _Record
-    ) -> tuple[dict[str, Any], list[str]]:
-        """Prefetched values, topped up from the fhirServer; 412 if required data is unreachable."""
+    ) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+        """Prefetched values, topped up from the fhirServer; 412 if required data is unreachable.
+        Also the required searches read only in part (key → why)."""
         values = dict(body.prefetch or {})
         todo = unsatisfied(entry.prefetch, values)
         record.details["data"] = "prefetch"
         if not todo:
-            return values, []
+            return values, [], {}
         required = [key for key in todo if key in REQUIRED]
         refused = self._refused_server(body.fhirServer, record)
         if body.fhirServer is None or refused is not None:
             why = refused or "no fhirServer was given to read them from"
             if required:
                 raise _Reject(412, f"prefetch lacks {', '.join(required)} and {why}")
-            return values, [] if refused is None else [
-                f"'{k}' could not be read: {why}" for k in todo
-            ]
+            return (
+                values,
+                [] if refused is None else [f"'{k}' could not be read: {why}" for k in todo],
+                {},
+            )
+        as_of = self._clock().date()
         queries = {key: _render(entry.prefetch[key], body.context) for key in todo}
+        if OBSERVATIONS in queries:
+            queries[OBSERVATIONS] += lookback_filter(entry.study, as_of)
+        newest = newest_values_found(entry.study, as_of)
         token = body.fhirAuthorization.access_token if body.fhirAuthorization else None
         partial = len(todo) < len(entry.prefetch)
         record.details["data"] = "prefetch+fhirServer" if partial else "fhirServer"
-        fetched = await self._fhir.fetch(body.fhirServer, token, queries)
+        enough = {OBSERVATIONS: newest} if newest is not None else None
+        fetched = await self._fhir.fetch(body.fhirServer, token, queries, enough=enough)
         failed = [key for key in required if key in fetched.errors]
         if failed:
             raise _Reject(412, "; ".join(fetched.errors[key] for key in failed))
         values.update(fetched.values)
         notes = [f"'{key}' could not be read: {why}" for key, why in fetched.errors.items()]
-        return values, notes
+        if fetched.partial:
+            record.details["partial"] = sorted(fetched.partial)
+        notes += [
+            f"'{key}' was not read to its end: {why}"
+            for key, why in fetched.partial.items()
+            if key not in REQUIRED
+        ]
+        cut = {k: why for k, why in fetched.partial.items() if k in REQUIRED}
+        return values, notes, cut
 
     async def _feedback(
         self, service_id: str, request: Request, record: _Record
