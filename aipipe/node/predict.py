@@ -19,9 +19,10 @@ import numpy as np
 
 from aipipe.cds import CdsSettings, ModelSource, PatientScorer, build_risk_assessment, risk_level
 from aipipe.cds.cards import IDENTIFIER_SYSTEM
+from aipipe.errors import StudyError
 from aipipe.fhir.server import FhirServerSource
 from aipipe.store.node_store import NodeStore
-from aipipe.study.features import extract
+from aipipe.study.features import site_preprocessor
 from aipipe.study.spec import StudySpec
 
 
@@ -33,6 +34,7 @@ class Prediction:
     level: str | None
     missing: tuple[str, ...]
     assessment: dict[str, Any] | None
+    reasons: tuple[str, ...] = ()  # why not scored: outside the population, unscalable inputs
 
 
 def assessment_identifier(study: str, patient_id: str) -> str:
@@ -48,9 +50,14 @@ def predict_cohort(
     now: datetime,
     settings: CdsSettings | None = None,
 ) -> list[Prediction]:
-    """Score every patient of the store; a patient missing a required feature is not scored."""
+    """Score every patient of the store; a patient missing a required feature, or outside the
+    study's population, is not scored (`reasons` says why). Raises `StudyError` when this site
+    cannot scale the model's inputs at all (too few train patients)."""
     chosen = settings or CdsSettings()
-    scorer = PatientScorer(spec, weights, extract(store, spec).preprocessor, version)
+    preprocessor = site_preprocessor(store, spec)
+    if preprocessor.problems():
+        raise StudyError(f"study '{spec.name}': {'; '.join(preprocessor.problems())}")
+    scorer = PatientScorer(spec, weights, preprocessor, version)
     source = ModelSource.for_study(spec, version, chosen)
     out = []
     for (pid,) in list(store.conn.execute("SELECT id FROM patients ORDER BY id")):
@@ -59,7 +66,9 @@ def predict_cohort(
         result = scorer.score(resources, patient_id=pid)
         if result.probability is None:
             missing = tuple(m.name for m in result.blocking)
-            out.append(Prediction(pid, store.pseudonym(pid), None, None, missing, None))
+            blocking = tuple(f"{m.name}: {m.reason}" for m in result.blocking)
+            reasons = tuple(result.problems) + blocking
+            out.append(Prediction(pid, store.pseudonym(pid), None, None, missing, None, reasons))
             continue
         level = risk_level(result.probability, chosen)
         assessment = build_risk_assessment(
