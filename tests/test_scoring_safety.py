@@ -206,10 +206,7 @@ OUTSIDERS = [
 def test_patients_outside_the_population_get_no_score_and_a_reason(tmp_path: Path) -> None:
     study = StudySpec.model_validate(POPULATION_STUDY)
     store = site(tmp_path, population_site() + OUTSIDERS)
-    predictions = {
-        p.patient_id: p
-        for p in _predict(store, study)
-    }
+    predictions = {p.patient_id: p for p in _predict(store, study)}
     scorer = PatientScorer(study, POPULATION_WEIGHTS, site_preprocessor(store, study), VERSION)
     store.close()
     for pid in ("dead", "child", "old-lab"):
