@@ -20,7 +20,13 @@ from aipipe.errors import StudyError
 from aipipe.fhir.mapping import map_resource
 from aipipe.node.predict import Prediction, predict_cohort
 from aipipe.store.node_store import NodeStore
-from aipipe.study.features import Z_CLIP, Preprocessor, raw_matrix, site_preprocessor
+from aipipe.study.features import (
+    Z_CLIP,
+    Preprocessor,
+    raw_matrix,
+    site_preprocessor,
+    z_bounds,
+)
 from aipipe.study.spec import StudySpec, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,8 +169,10 @@ def test_scaling_floors_the_std_and_clips_z_scores() -> None:
     prep = Preprocessor.fit(study, x, [])
     assert prep.std is not None and prep.std[1] == pytest.approx(0.02 * 20)  # 2 % of [0, 20]
     assert prep.flat == (1,)
-    z = prep.apply(np.array([[600.0, 20.0, 120.0, 1.0]]))
-    assert np.all(np.abs(z) <= Z_CLIP)
+    far = np.array([[600.0, 20.0, 120.0, 1.0]])
+    z = prep.apply(far, z_bounds(study))
+    assert np.all(np.abs(z[0, :3]) <= Z_CLIP) and z[0, 0] == Z_CLIP
+    assert prep.apply(far)[0, 0] > Z_CLIP  # train rows are not clipped (FLamby parity)
 
 
 # -- item 5: the population the model applies to ---------------------------------------------

@@ -35,7 +35,7 @@ from aipipe.fhir.mapping import MappedResource, ResourceRejected, map_resource
 from aipipe.models import arrays_to_model, build_model
 from aipipe.store.node_store import NodeStore
 from aipipe.store.schema import migrate
-from aipipe.study.features import Preprocessor, raw_matrix
+from aipipe.study.features import Preprocessor, raw_matrix, z_bounds
 from aipipe.study.population import window_start
 from aipipe.study.spec import StudySpec
 
@@ -120,6 +120,7 @@ class PatientScorer:
         self.model_version = model_version
         self._model = model
         self._preprocessor = preprocessor
+        self._bounds = z_bounds(study)
         self._columns = columns
         self._owners = [f.name for f in study.features for _ in f.columns()] + list(
             study.demographics
@@ -179,7 +180,7 @@ class PatientScorer:
         refusals = self._refusals(pid, raw.excluded, x_raw)
         if refusals or any(m.blocking for m in missing):
             return self._unscored(pid, values, missing, [*refusals, *problems], basis)
-        x = self._preprocessor.apply(x_raw[None, :])
+        x = self._preprocessor.apply(x_raw[None, :], self._bounds)
         probability, contributions = self._forward(x)
         return ScoreResult(
             study=study.name,

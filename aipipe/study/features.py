@@ -10,8 +10,9 @@ The pipeline follows FLamby's Fed-Heart-Disease preprocessing where the study as
    seeded split, stratified on the label when each class has more than 2 patients;
 5. `impute`/`indicator` features filled with the train mean (or the study's value);
 6. `standardize: site` z-scores every column with the train mean and unbiased std, the std
-   floored (`std_floors`) and the z-score clipped to ±`Z_CLIP`, so that a column with little or no
-   spread at a small site cannot put a patient a billion standard deviations away.
+   floored (`std_floors`), so that a column with little or no spread at a small site cannot put
+   a patient a billion standard deviations away; a patient scored later has each numeric value
+   clipped to ±`Z_CLIP` (`z_bounds`).
 
 Patients outside the study's `population` (aipipe.study.population) are dropped like rows
 missing a `drop` feature, and only observations inside a feature's look-back window are read.
@@ -38,9 +39,11 @@ FloatArray = NDArray[np.float32]
 
 # Scaling limits (`standardize: site`). A column's std is at least STD_FLOOR_FRACTION of its
 # declared range's width (a feature's `range`; 0/1 for categorical and indicator columns and sex,
-# 0-120 for age), or STD_FLOOR_ABSOLUTE in the feature's unit when it declares none; z-scores are
-# clipped to ±Z_CLIP. A site with fewer than MIN_TRAIN_ROWS train patients cannot estimate its
-# scaling and scores no one (aipipe.cds.scoring refuses).
+# 0-120 for age), or STD_FLOOR_ABSOLUTE in the feature's unit when it declares none. A patient
+# scored later has each numeric column's z-score clipped to ±Z_CLIP: the model is not
+# extrapolated beyond that (train rows are not clipped: FLamby parity; 0/1 columns never are,
+# a rare category lies many SDs out). A site with fewer than MIN_TRAIN_ROWS train patients
+# cannot estimate its scaling and scores no one (aipipe.cds.scoring refuses).
 STD_FLOOR_FRACTION = 0.02
 STD_FLOOR_ABSOLUTE = 1e-3
 Z_CLIP = 5.0
@@ -185,6 +188,19 @@ def site_preprocessor(store: NodeStore, study: StudySpec) -> Preprocessor:
     return Preprocessor.fit(study, x[train_idx], raw.impute_cols)
 
 
+def z_bounds(study: StudySpec) -> NDArray[np.float64]:
+    """Each column's z-score bound for a patient scored: Z_CLIP for numeric values and age,
+    none (inf) for 0/1 columns (categorical levels, missing indicators, sex)."""
+    bounds: list[float] = []
+    for feature in study.features:
+        n = len(feature.columns())
+        values = n - 1 if feature.missing == "indicator" else n
+        numeric = feature.kind == "numeric"
+        bounds += [Z_CLIP if numeric else math.inf] * values + [math.inf] * (n - values)
+    bounds += [Z_CLIP if name == "age" else math.inf for name in study.demographics]
+    return np.asarray(bounds, dtype=np.float64)
+
+
 def std_floors(study: StudySpec) -> NDArray[np.float64]:
     """Each column's std floor: STD_FLOOR_FRACTION of its range's width, else the absolute."""
     floors: list[float] = []
@@ -230,12 +246,17 @@ class Preprocessor:
         flat = tuple(int(c) for c in np.flatnonzero(std < floors))
         return cls(fills, mean, np.maximum(std, floors), rows, flat)
 
-    def apply(self, x: NDArray[np.float64]) -> FloatArray:
+    def apply(
+        self, x: NDArray[np.float64], bounds: NDArray[np.float64] | None = None
+    ) -> FloatArray:
+        """Fill and scale rows; `bounds` (`z_bounds`) clips each z-score to ±its bound."""
         out = x.copy()
         for column, fill in self.fills.items():
             out[np.isnan(out[:, column]), column] = fill
         if self.mean is not None and self.std is not None:
-            out = np.clip((out - self.mean) / (self.std + 1e-9), -Z_CLIP, Z_CLIP)
+            out = (out - self.mean) / (self.std + 1e-9)
+            if bounds is not None:
+                out = np.clip(out, -bounds, bounds)
         return out.astype(np.float32)
 
     def problems(self) -> list[str]:
