@@ -15,7 +15,7 @@ from aipipe.fhir.codes import ICD10CM, LOINC, SNOMED
 from aipipe.fhir.mapping import map_resource
 from aipipe.node.ingest import ingest_files
 from aipipe.store.node_store import NodeStore
-from aipipe.study.features import FeatureMatrix, extract
+from aipipe.study.features import FeatureMatrix, extract, raw_matrix
 from aipipe.study.spec import StudySpec, load_study, parse_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -523,13 +523,32 @@ def synthea_matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudySpec,
         pytest.skip(f"example study missing: {SYNTHEA_STUDY}")
     if not BUNDLES.is_dir():
         pytest.skip(f"Synthea data missing: {BUNDLES}")
-    spec = load_study(SYNTHEA_STUDY)
+    # Without its `population` (living adults, two-year look-back): these tests count the data
+    # as its README does; test_the_synthea_population_leaves_out_children_and_the_dead below.
+    spec = load_study(SYNTHEA_STUDY).model_copy(update={"population": None})
     store = NodeStore.open(tmp_path_factory.mktemp("synthea") / "store.sqlite", KEY)
     try:
         ingest_files(store, [BUNDLES])
         return spec, extract(store, spec)
     finally:
         store.close()
+
+
+def test_the_synthea_population_leaves_out_children_and_the_dead(
+    tmp_path: Path, synthea_matrix: tuple[StudySpec, FeatureMatrix]
+) -> None:
+    spec = load_study(SYNTHEA_STUDY)
+    store = NodeStore.open(tmp_path / "store.sqlite", KEY)
+    try:
+        ingest_files(store, [BUNDLES])
+        raw = raw_matrix(store, spec)
+        deceased = {pid for (pid,) in store.conn.execute("SELECT id FROM patients WHERE deceased")}
+    finally:
+        store.close()
+    age = raw.x[:, spec.columns().index("age")]
+    outside = {pid for pid, a in zip(raw.ids, age, strict=True) if not 18 <= a <= 100}
+    assert raw.excluded and set(raw.excluded) == outside | deceased
+    assert all(raw.drop_mask[raw.ids.index(pid)] for pid in raw.excluded)
 
 
 def test_the_synthea_study_keeps_every_patient_with_twelve_diabetics(

@@ -50,11 +50,13 @@ def _risk_assessments(base_url: str) -> list[dict[str, Any]]:
 def test_scores_are_written_back_once_and_updated_on_a_rerun(tmp_path: Path) -> None:
     if not SYNTHEA.is_dir():
         pytest.skip(f"Synthea data not found at {SYNTHEA}")
-    bundles = sorted((SYNTHEA / "bundles").glob("*.json"), key=lambda p: p.stat().st_size)[:3]
-    # Three patients: the default keyed split would leave test empty a third of the time (a
-    # StudyError, see test_patient_split.py); write-back is the subject here, so a fixed split.
+    bundles = sorted((SYNTHEA / "bundles").glob("*.json"), key=lambda p: p.stat().st_size)[:8]
+    # Eight patients, six of them train: a site needs MIN_TRAIN_ROWS train patients to scale
+    # the inputs (tests/test_scoring_safety.py). Write-back is the subject here, so a fixed
+    # split and no population (some of these patients are children or deceased).
     spec = load_study(STUDY)
-    spec = spec.model_copy(update={"split": Split(method="seeded", seed=43, test_fraction=0.34)})
+    split = Split(method="seeded", seed=43, test_fraction=0.25)
+    spec = spec.model_copy(update={"split": split, "population": None})
     weights = {"head.weight": np.full((1, len(spec.columns())), 0.3, np.float32),
                "head.bias": np.array([-0.5], np.float32)}  # fmt: skip
     store = open_store(init_node(tmp_path / "node", "n1"))
@@ -77,7 +79,11 @@ def test_scores_are_written_back_once_and_updated_on_a_rerun(tmp_path: Path) -> 
 
     assert auth.granted_scopes is not None and "system/RiskAssessment.cu" in auth.granted_scopes
     scored = [p for p in first if p.probability is not None]
-    assert written == len(scored) == len(after_first) == len(after_rerun) == 3
+    # A patient this small site cannot scale (a value where its train patients had no spread)
+    # is not scored, and says why; every scored one is written once.
+    assert all(p.reasons for p in first if p.probability is None)
+    assert len(scored) >= 3
+    assert written == len(scored) == len(after_first) == len(after_rerun)
     for resource in after_rerun:
         RiskAssessment(resource, strict=True)  # valid R4 structure
         assert resource["status"] == "final"

@@ -214,13 +214,16 @@ def unscored_card(
     if missing:
         names = ", ".join(m.name for m in missing)
         summary = _fit(f"{source.label} risk not scored: missing {names}")
+    elif problems:
+        summary = _fit(f"{source.label} risk not scored: {problems[0]}")
     else:
         summary = _fit(f"{source.label} risk not scored: the patient's data is unusable")
     lines = [f"The {_md(source.study)} model could not score this patient."]
     if missing:
         lines += ["", "**Missing:**", ""] + [f"- {_md(m.name)}: {_md(m.reason)}" for m in missing]
     if problems:
-        lines += ["", "**Data problems:**", ""] + [f"- {_md(p)}" for p in problems]
+        lines += ["", "**Why not scored / data problems:**", ""]
+        lines += [f"- {_md(p)}" for p in problems]
     if notes:
         lines += ["", "**Notes:**", ""] + [f"- {_md(n)}" for n in notes]
     return Card(

@@ -41,6 +41,10 @@ def _on_or_before(row: ObsRow, reference: date | None) -> bool:
     return reference is None or row.effective is None or row.effective[:10] <= reference.isoformat()
 
 
+def _recent(row: ObsRow, since: date | None) -> bool:
+    return since is None or (row.effective is not None and row.effective[:10] >= since.isoformat())
+
+
 def _converted(feature: Feature, row: ObsRow) -> float | None:
     target = feature.target_unit()
     if row.value is None or target is None:
@@ -48,8 +52,14 @@ def _converted(feature: Feature, row: ObsRow) -> float | None:
     return convert_unit(row.value, row.unit, target, row.code)
 
 
-def usable(feature: Feature, rows: list[ObsRow], reference: date | None) -> list[ObsRow]:
-    return [r for r in rows if _on_or_before(r, reference) and _converted(feature, r) is not None]
+def usable(
+    feature: Feature, rows: list[ObsRow], reference: date | None, since: date | None = None
+) -> list[ObsRow]:
+    return [
+        r
+        for r in rows
+        if _on_or_before(r, reference) and _recent(r, since) and _converted(feature, r) is not None
+    ]
 
 
 def basis(feature: Feature, usable: list[ObsRow]) -> tuple[str, ...]:
@@ -89,7 +99,9 @@ def _code_names(feature: Feature) -> str:
     return ", ".join(names) + (f" (+{more})" if more > 0 else "")
 
 
-def missing_reason(feature: Feature, rows: list[ObsRow], reference: date | None) -> str:
+def missing_reason(
+    feature: Feature, rows: list[ObsRow], reference: date | None, since: date | None = None
+) -> str:
     if not rows:
         return f"no Observation coded {_code_names(feature)}"
     valued = [r for r in rows if r.value is not None]
@@ -98,6 +110,12 @@ def missing_reason(feature: Feature, rows: list[ObsRow], reference: date | None)
     dated = [r for r in valued if _on_or_before(r, reference)]
     if not dated:
         return f"only Observations after {reference.isoformat() if reference else 'the cut-off'}"
+    recent = [r for r in dated if _recent(r, since)]
+    if not recent:
+        assert since is not None
+        latest = max((r.effective or "")[:10] for r in dated) or "undated"
+        return f"the latest is from {latest}, before the look-back window (from {since})"
+    dated = recent
     units = sorted({str(r.unit) if r.unit is not None else "no unit" for r in dated})
     return (
         f"unit {', '.join(repr(u) for u in units)} cannot be converted to {feature.target_unit()}"

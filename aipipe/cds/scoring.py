@@ -35,7 +35,8 @@ from aipipe.fhir.mapping import MappedResource, ResourceRejected, map_resource
 from aipipe.models import arrays_to_model, build_model
 from aipipe.store.node_store import NodeStore
 from aipipe.store.schema import migrate
-from aipipe.study.features import Preprocessor, raw_matrix
+from aipipe.study.features import Preprocessor, raw_matrix, z_bounds
+from aipipe.study.population import window_start
 from aipipe.study.spec import StudySpec
 
 _DERIVED_TABLES = ("resources", "patients", "observations", "conditions", "medications")
@@ -119,6 +120,7 @@ class PatientScorer:
         self.model_version = model_version
         self._model = model
         self._preprocessor = preprocessor
+        self._bounds = z_bounds(study)
         self._columns = columns
         self._owners = [f.name for f in study.features for _ in f.columns()] + list(
             study.demographics
@@ -176,9 +178,10 @@ class PatientScorer:
         values, missing = self._describe(study, x_raw, rows)
         missing = _too_few_inputs(study, missing, problems)
         basis = tuple(sorted({rid for v in values for rid in v.basis}))
-        if any(m.blocking for m in missing):
-            return self._unscored(pid, values, missing, problems, basis)
-        x = self._preprocessor.apply(x_raw[None, :])
+        refusals = self._refusals(pid, raw.excluded, x_raw)
+        if refusals or any(m.blocking for m in missing):
+            return self._unscored(pid, values, missing, [*refusals, *problems], basis)
+        x = self._preprocessor.apply(x_raw[None, :], self._bounds)
         probability, contributions = self._forward(x)
         return ScoreResult(
             study=study.name,
@@ -195,6 +198,26 @@ class PatientScorer:
         )
 
     # -- pieces -----------------------------------------------------------------------------
+
+    def _refusals(
+        self, pid: str, excluded: Mapping[str, str], x_raw: NDArray[np.float64]
+    ) -> list[str]:
+        """Why the model must not score this patient here: outside the study's population, or
+        inputs this site cannot scale (too few train patients; a value where the site had none
+        of the spread a z-score needs)."""
+        if pid in excluded:
+            return [f"outside the study's population: {excluded[pid]}"]
+        site = self._preprocessor.problems()
+        if site:
+            return site
+        flat = self._preprocessor.off_scale(x_raw)
+        if flat:
+            names = ", ".join(self._columns[c] for c in flat)
+            return [
+                f"this site's train patients show no spread in {names}, and this patient's "
+                "value differs: the site cannot scale it, so the model is not applied"
+            ]
+        return []
 
     def _unscored(
         self,
@@ -248,14 +271,15 @@ class PatientScorer:
             unit = feature.target_unit()
             codes = self._codes[feature.name]
             matching = [r for r in rows if codes.matches(r.code)]
+            since = window_start(study, feature, study.reference_date)
             if not np.isnan(block).any():
-                read = evidence.usable(feature, matching, study.reference_date)
+                read = evidence.usable(feature, matching, study.reference_date, since)
                 value = evidence.decode(feature, block)
                 values.append(
                     FeatureValue(feature.name, value, unit, False, evidence.basis(feature, read))
                 )
             else:
-                reason = evidence.missing_reason(feature, matching, study.reference_date)
+                reason = evidence.missing_reason(feature, matching, study.reference_date, since)
                 missing.append(MissingFeature(feature.name, reason, feature.missing == "drop"))
                 fill = self._preprocessor.fills.get(col)
                 imputed = feature.missing != "drop"

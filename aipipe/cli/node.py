@@ -472,7 +472,8 @@ def _render_predictions(
             "study": study, "model_version": version, "scored": len(scored),
             "unscored": len(predictions) - len(scored), "written": written,
             "predictions": [{"patient": p.pseudonym, "probability": p.probability,
-                             "level": p.level, "missing": list(p.missing)} for p in predictions],
+                             "level": p.level, "missing": list(p.missing),
+                             "not_scored_because": list(p.reasons)} for p in predictions],
         })  # fmt: skip
         return
     levels: dict[str, int] = {}
@@ -480,10 +481,14 @@ def _render_predictions(
         levels[p.level] = levels.get(p.level, 0) + 1
     mean = sum(p.probability for p in scored) / len(scored) if scored else 0.0
     console.print(kv_table(f"{study} with model {version[:12]}", {
-        "scored": len(scored), "not scored (missing data)": len(predictions) - len(scored),
+        "scored": len(scored), "not scored": len(predictions) - len(scored),
         "mean risk": f"{mean:.3f}", **{f"risk {k}": v for k, v in sorted(levels.items())},
         "RiskAssessments written": written,
     }))  # fmt: skip
+    for p in predictions:
+        if p.probability is None:
+            why = "; ".join(p.reasons) or "missing " + ", ".join(p.missing)
+            console.print(f"not scored {p.pseudonym}: {why}", markup=False)
 
 
 @app.command("serve-cds")

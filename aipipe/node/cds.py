@@ -14,7 +14,7 @@ from aipipe.cds import FhirAccess, JwtPolicy, PatientScorer, StaticCdsProvider, 
 from aipipe.errors import ConfigError
 from aipipe.node.client import HubClient
 from aipipe.store.node_store import NodeStore
-from aipipe.study.features import extract
+from aipipe.study.features import site_preprocessor
 from aipipe.study.spec import StudySpec
 from aipipe.wire.tensors import decode_arrays
 
@@ -40,7 +40,8 @@ def node_cds_app(
         if version is None:
             raise ConfigError(f"study '{name}' has no model yet")
         weights = decode_arrays(client.model_weights(version))
-        scorers.append(PatientScorer(spec, weights, extract(store, spec).preprocessor, version))
+        # A site that cannot scale the inputs still serves: each card then says why no score.
+        scorers.append(PatientScorer(spec, weights, site_preprocessor(store, spec), version))
     app = FastAPI(title="aipipe node CDS Hooks", version=__version__)
     app.include_router(cds_router(StaticCdsProvider(scorers), audit=audit, jwt=jwt,
                                   pseudonym_key=pseudonym_key, fhir=fhir,

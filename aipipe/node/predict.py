@@ -22,9 +22,10 @@ import numpy as np
 
 from aipipe.cds import CdsSettings, ModelSource, PatientScorer, build_risk_assessment, risk_level
 from aipipe.cds.cards import IDENTIFIER_SYSTEM, assessment_identifier
+from aipipe.errors import StudyError
 from aipipe.fhir.server import FhirServerSource
 from aipipe.store.node_store import NodeStore
-from aipipe.study.features import extract
+from aipipe.study.features import site_preprocessor
 from aipipe.study.spec import StudySpec
 
 __all__ = ["Prediction", "assessment_identifier", "predict_cohort", "write_back"]
@@ -38,6 +39,7 @@ class Prediction:
     level: str | None
     missing: tuple[str, ...]
     assessment: dict[str, Any] | None
+    reasons: tuple[str, ...] = ()  # why not scored: outside the population, unscalable inputs
 
 
 def predict_cohort(
@@ -51,11 +53,16 @@ def predict_cohort(
     settings: CdsSettings | None = None,
 ) -> list[Prediction]:
     """Score every patient of the store as of `as_of` (a day; None: `now`); a patient missing a
-    required feature is not scored. The site's train preprocessing stays the study's own."""
+    required feature, or outside the study's population, is not scored (`reasons` says why).
+    Raises `StudyError` when this site cannot scale the model's inputs at all (too few train
+    patients). The site's train preprocessing stays the study's own."""
     chosen = settings or CdsSettings()
     occurrence: date | datetime = now if as_of is None else as_of
     cutoff = (now.astimezone(UTC) if now.tzinfo else now).date() if as_of is None else as_of
-    scorer = PatientScorer(spec, weights, extract(store, spec).preprocessor, version)
+    preprocessor = site_preprocessor(store, spec)
+    if preprocessor.problems():
+        raise StudyError(f"study '{spec.name}': {'; '.join(preprocessor.problems())}")
+    scorer = PatientScorer(spec, weights, preprocessor, version)
     source = ModelSource.for_study(spec, version, chosen)
     out = []
     for (pid,) in list(store.conn.execute("SELECT id FROM patients ORDER BY id")):
@@ -64,7 +71,9 @@ def predict_cohort(
         result = scorer.score(resources, patient_id=pid, as_of=cutoff)
         if result.probability is None:
             missing = tuple(m.name for m in result.blocking)
-            out.append(Prediction(pid, store.pseudonym(pid), None, None, missing, None))
+            blocking = tuple(f"{m.name}: {m.reason}" for m in result.blocking)
+            reasons = tuple(result.problems) + blocking
+            out.append(Prediction(pid, store.pseudonym(pid), None, None, missing, None, reasons))
             continue
         level = risk_level(result.probability, chosen)
         assessment = build_risk_assessment(

@@ -9,7 +9,13 @@ The pipeline follows FLamby's Fed-Heart-Disease preprocessing where the study as
    (`NodeStore.split_draws`; stable when patients come and go); `method: seeded` is FLamby's
    seeded split, stratified on the label when each class has more than 2 patients;
 5. `impute`/`indicator` features filled with the train mean (or the study's value);
-6. `standardize: site` z-scores every column with the train mean and unbiased std (+1e-9).
+6. `standardize: site` z-scores every column with the train mean and unbiased std, the std
+   floored (`std_floors`), so that a column with little or no spread at a small site cannot put
+   a patient a billion standard deviations away; a patient scored later has each numeric value
+   clipped to ±`Z_CLIP` (`z_bounds`).
+
+Patients outside the study's `population` (aipipe.study.population) are dropped like rows
+missing a `drop` feature, and only observations inside a feature's look-back window are read.
 """
 
 from __future__ import annotations
@@ -26,9 +32,22 @@ from sklearn.model_selection import train_test_split
 from aipipe.errors import StudyError
 from aipipe.fhir.codes import convert_unit
 from aipipe.store.node_store import NodeStore
+from aipipe.study.population import ages, exclusions, window_start
 from aipipe.study.spec import Feature, StudySpec
 
 FloatArray = NDArray[np.float32]
+
+# Scaling limits (`standardize: site`). A column's std is at least STD_FLOOR_FRACTION of its
+# declared range's width (a feature's `range`; 0/1 for categorical and indicator columns and sex,
+# 0-120 for age), or STD_FLOOR_ABSOLUTE in the feature's unit when it declares none. A patient
+# scored later has each numeric column's z-score clipped to ±Z_CLIP: the model is not
+# extrapolated beyond that (train rows are not clipped: FLamby parity; 0/1 columns never are,
+# a rare category lies many SDs out). A site with fewer than MIN_TRAIN_ROWS train patients
+# cannot estimate its scaling and scores no one (aipipe.cds.scoring refuses).
+STD_FLOOR_FRACTION = 0.02
+STD_FLOOR_ABSOLUTE = 1e-3
+Z_CLIP = 5.0
+MIN_TRAIN_ROWS = 5
 
 
 @dataclass
@@ -80,6 +99,7 @@ class RawMatrix:
     impute_cols: list[tuple[int, float | None]]
     missing: dict[str, float]
     unconverted: dict[str, int]
+    excluded: dict[str, str] = field(default_factory=dict)
 
 
 def raw_matrix(store: NodeStore, study: StudySpec) -> RawMatrix:
@@ -96,7 +116,8 @@ def raw_matrix(store: NodeStore, study: StudySpec) -> RawMatrix:
     impute_cols: list[tuple[int, float | None]] = []
     col = 0
     for feature in study.features:
-        values, skipped = _feature_values(conn, feature, index, study.reference_date)
+        since = window_start(study, feature, study.reference_date)
+        values, skipped = _feature_values(conn, feature, index, study.reference_date, since)
         missing[feature.name] = round(float(np.isnan(values).mean()), 4)
         if skipped:
             unconverted[feature.name] = skipped
@@ -108,13 +129,15 @@ def raw_matrix(store: NodeStore, study: StudySpec) -> RawMatrix:
         blocks.append(block)
         col += block.shape[1]
     for name in study.demographics:
-        values = _demographic(conn, name, index, study.reference_date)
+        values = ages(conn, index, study.reference_date) if name == "age" else _sex(conn, index)
         missing[name] = round(float(np.isnan(values).mean()), 4)
         drop_mask |= np.isnan(values)
         blocks.append(values[:, None])
+    excluded = exclusions(conn, study, study.reference_date)
+    drop_mask |= np.array([pid in excluded for pid in ids], dtype=bool)
     x = np.concatenate(blocks, axis=1).astype(np.float64)
     return RawMatrix(
-        ids, x, _labels(conn, study, index), drop_mask, impute_cols, missing, unconverted
+        ids, x, _labels(conn, study, index), drop_mask, impute_cols, missing, unconverted, excluded
     )
 
 
@@ -125,7 +148,8 @@ def extract(store: NodeStore, study: StudySpec) -> FeatureMatrix:
     if len(kept_ids) < 2:
         raise StudyError(
             f"study '{study.name}' keeps {len(kept_ids)} of {len(raw.ids)} patients after "
-            "dropping rows with missing features; use `missing: impute` for sparse features"
+            "dropping rows with missing features or outside the study's population; use "
+            "`missing: impute` for sparse features"
         )
     y = raw.y[keep]
     split = study.split
@@ -139,6 +163,58 @@ def extract(store: NodeStore, study: StudySpec) -> FeatureMatrix:
     return _finish(study, raw, raw.x[keep], y, kept_ids, indices)
 
 
+def site_preprocessor(store: NodeStore, study: StudySpec) -> Preprocessor:
+    """The site's train preprocessing, to score patients with: fitted on the train side of the
+    split as `extract` fits it, but without needing a test side (a tiny site's keyed split may
+    leave it empty). A site with too few train patients gets a preprocessor that says so
+    (`Preprocessor.problems`), never an error here."""
+    raw = raw_matrix(store, study)
+    keep = np.flatnonzero(~raw.drop_mask)
+    kept_ids = [raw.ids[i] for i in keep]
+    x = raw.x[keep]
+    split = study.split
+    if split.method == "keyed" and kept_ids:
+        draws = np.asarray(store.split_draws(study.name, kept_ids), dtype=np.float64)
+        train_idx = np.flatnonzero(draws >= split.test_fraction)
+    elif len(kept_ids) >= 2:
+        assert split.seed is not None
+        stratify = True if split.stratify is None else split.stratify
+        try:
+            train_idx = split_indices(raw.y[keep], split.test_fraction, split.seed, stratify)[0]
+        except StudyError:
+            train_idx = np.arange(0)
+    else:
+        train_idx = np.arange(0)
+    return Preprocessor.fit(study, x[train_idx], raw.impute_cols)
+
+
+def z_bounds(study: StudySpec) -> NDArray[np.float64]:
+    """Each column's z-score bound for a patient scored: Z_CLIP for numeric values and age,
+    none (inf) for 0/1 columns (categorical levels, missing indicators, sex)."""
+    bounds: list[float] = []
+    for feature in study.features:
+        n = len(feature.columns())
+        values = n - 1 if feature.missing == "indicator" else n
+        numeric = feature.kind == "numeric"
+        bounds += [Z_CLIP if numeric else math.inf] * values + [math.inf] * (n - values)
+    bounds += [Z_CLIP if name == "age" else math.inf for name in study.demographics]
+    return np.asarray(bounds, dtype=np.float64)
+
+
+def std_floors(study: StudySpec) -> NDArray[np.float64]:
+    """Each column's std floor: STD_FLOOR_FRACTION of its range's width, else the absolute."""
+    floors: list[float] = []
+    for feature in study.features:
+        ranges = feature.column_ranges()
+        if ranges is None:  # a numeric feature without a `range`
+            floors.append(STD_FLOOR_ABSOLUTE)
+            ranges = [(0.0, 1.0)] if feature.missing == "indicator" else []
+        floors.extend(STD_FLOOR_FRACTION * (hi - lo) for lo, hi in ranges)
+    demographic = {"age": 120.0, "sex": 1.0}
+    floors.extend(STD_FLOOR_FRACTION * demographic[name] for name in study.demographics)
+    return np.asarray(floors, dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """What a site learned from its train split to prepare rows: fills for imputed columns and
@@ -146,7 +222,11 @@ class Preprocessor:
 
     fills: dict[int, float]
     mean: NDArray[np.float64] | None
-    std: NDArray[np.float64] | None
+    std: NDArray[np.float64] | None  # already floored: the divisor itself
+    # Fitted at a site: how many train rows, and the columns whose own std was below the floor
+    # (no spread there). None/empty for a preprocessor pooled at the hub.
+    train_rows: int | None = None
+    flat: tuple[int, ...] = ()
 
     @classmethod
     def fit(
@@ -156,19 +236,48 @@ class Preprocessor:
         impute_cols: list[tuple[int, float | None]],
     ) -> Preprocessor:
         fills = {c: v if v is not None else _nanmean(x_train[:, c]) for c, v in impute_cols}
+        rows = len(x_train)
         if study.preprocessing.standardize != "site":
-            return cls(fills, None, None)
+            return cls(fills, None, None, rows)
         filled = cls(fills, None, None).apply(x_train).astype(np.float64)
-        std = filled.std(axis=0, ddof=1) if len(filled) > 1 else np.zeros(filled.shape[1])
-        return cls(fills, filled.mean(axis=0), std)
+        std = filled.std(axis=0, ddof=1) if rows > 1 else np.zeros(filled.shape[1])
+        mean = filled.mean(axis=0) if rows else np.zeros(filled.shape[1])
+        floors = std_floors(study)
+        flat = tuple(int(c) for c in np.flatnonzero(std < floors))
+        return cls(fills, mean, np.maximum(std, floors), rows, flat)
 
-    def apply(self, x: NDArray[np.float64]) -> FloatArray:
+    def apply(
+        self, x: NDArray[np.float64], bounds: NDArray[np.float64] | None = None
+    ) -> FloatArray:
+        """Fill and scale rows; `bounds` (`z_bounds`) clips each z-score to ±its bound."""
         out = x.copy()
         for column, fill in self.fills.items():
             out[np.isnan(out[:, column]), column] = fill
         if self.mean is not None and self.std is not None:
             out = (out - self.mean) / (self.std + 1e-9)
+            if bounds is not None:
+                out = np.clip(out, -bounds, bounds)
         return out.astype(np.float32)
+
+    def problems(self) -> list[str]:
+        """Why this site cannot scale any patient (empty: it can)."""
+        if self.train_rows is not None and self.train_rows < MIN_TRAIN_ROWS:
+            return [
+                f"this site has {self.train_rows} train patient(s) for the study; at least "
+                f"{MIN_TRAIN_ROWS} are needed to scale the model's inputs, so it scores no one"
+            ]
+        return []
+
+    def off_scale(self, x_raw: NDArray[np.float64]) -> list[int]:
+        """The columns in which one patient's row differs from a value that had no spread among
+        the site's train patients: the site has no scale to put that difference on."""
+        if self.mean is None or self.std is None:
+            return []
+        filled = x_raw.copy()
+        for column, fill in self.fills.items():
+            if np.isnan(filled[column]):
+                filled[column] = fill
+        return [c for c in self.flat if abs(filled[c] - self.mean[c]) > self.std[c]]
 
 
 def _finish(
@@ -259,7 +368,11 @@ def _code_filter(feature_codes: list[str]) -> tuple[str, list[str]]:
 
 
 def _feature_values(
-    conn: sqlite3.Connection, feature: Feature, index: dict[str, int], reference: date | None
+    conn: sqlite3.Connection,
+    feature: Feature,
+    index: dict[str, int],
+    reference: date | None,
+    since: date | None = None,
 ) -> tuple[NDArray[np.float64], int]:
     """One value per patient (NaN where none), and how many values had an unconvertible unit."""
     where, params = _code_filter(feature.all_codes())
@@ -270,6 +383,9 @@ def _feature_values(
     if reference is not None:
         sql += " AND (effective IS NULL OR substr(effective, 1, 10) <= ?)"
         params.append(reference.isoformat())
+    if since is not None:  # the look-back window: undated values are not known to be recent
+        sql += " AND substr(effective, 1, 10) >= ?"
+        params.append(since.isoformat())
     sql += " ORDER BY patient_id, effective, resource_id, component"
     per_patient: dict[str, list[float]] = {}
     target = feature.target_unit()
@@ -316,16 +432,10 @@ def _encode(feature: Feature, values: NDArray[np.float64]) -> tuple[NDArray[np.f
     return block, n_value_cols
 
 
-def _demographic(
-    conn: sqlite3.Connection, name: str, index: dict[str, int], reference: date | None
-) -> NDArray[np.float64]:
+def _sex(conn: sqlite3.Connection, index: dict[str, int]) -> NDArray[np.float64]:
     out = np.full(len(index), np.nan)
-    for pid, birth_year, sex in conn.execute("SELECT id, birth_year, sex FROM patients"):
-        i = index[pid]
-        if name == "sex":
-            out[i] = {"male": 1.0, "female": 0.0}.get(sex or "", np.nan)
-        elif birth_year is not None and reference is not None:
-            out[i] = float(reference.year - birth_year)
+    for pid, sex in conn.execute("SELECT id, sex FROM patients"):
+        out[index[pid]] = {"male": 1.0, "female": 0.0}.get(sex or "", np.nan)
     return out
 
 

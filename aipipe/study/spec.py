@@ -68,6 +68,9 @@ class Feature(_Model):
     # [lo, hi] in the feature's unit: values are clipped to it for the DP statistics the hub
     # pools for CDS (aipipe.privacy.statistics). A numeric feature without one releases none.
     range: tuple[float, float] | None = None
+    # Only observations this many days before the scoring day count (overrides the study's
+    # `population.lookback_days`).
+    lookback_days: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> Feature:
@@ -183,6 +186,26 @@ class Split(_Model):
         return self
 
 
+class Population(_Model):
+    """Whom the model applies to: a patient outside gets no score, with the reason.
+
+    `age` is [min, max] in years on the scoring day (at death for a deceased patient); `alive:
+    true` scores no deceased patient; `lookback_days` keeps only observations dated within that
+    many days before the scoring day (or `reference_date` in training), so a "latest" value from
+    decades ago is not read as today's. A feature's own `lookback_days` overrides it.
+    """
+
+    age: tuple[float, float] | None = None
+    alive: bool = False
+    lookback_days: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Population:
+        if self.age is not None and not (0 <= self.age[0] <= self.age[1]):
+            raise ValueError(f"population `age` needs 0 <= min <= max, got {list(self.age)}")
+        return self
+
+
 class Preprocessing(_Model):
     """`standardize: site` z-scores each column with the site's own train mean and std."""
 
@@ -271,6 +294,7 @@ class StudySpec(_Model):
     features: list[Feature] = Field(min_length=1, max_length=MAX_FEATURES)
     demographics: list[Demographic] = Field(default_factory=list)
     reference_date: date | None = None
+    population: Population | None = None
     split: Split = Split()
     preprocessing: Preprocessing = Preprocessing()
     model: ModelSpec = ModelSpec()
@@ -317,7 +341,15 @@ class StudySpec(_Model):
             raise ValueError(f"two features produce the same column: {_few(clashes)}")
         if "age" in self.demographics and self.reference_date is None:
             raise ValueError("demographics 'age' needs a reference_date (age on that day)")
+        if self.population is not None and self.population.age and self.reference_date is None:
+            raise ValueError("population `age` needs a reference_date (age on that day)")
         return self
+
+    def lookback_days(self, feature: Feature) -> int | None:
+        """The feature's look-back window in days (its own, else the population's), or None."""
+        if feature.lookback_days is not None:
+            return feature.lookback_days
+        return self.population.lookback_days if self.population is not None else None
 
     def columns(self) -> list[str]:
         cols = [col for feature in self.features for col in feature.columns()]
@@ -351,7 +383,14 @@ class StudySpec(_Model):
 
     def digest(self) -> str:
         """sha256 over the canonical JSON form: what a node approves and pins."""
-        canonical = self.model_dump_json(exclude_none=False).encode()
+        # Fields added later are left out while unset, so older studies keep their digest.
+        exclude: dict[str, Any] = {}
+        if self.population is None:
+            exclude["population"] = True
+        unset = [i for i, f in enumerate(self.features) if f.lookback_days is None]
+        if unset:
+            exclude["features"] = {i: {"lookback_days"} for i in unset}
+        canonical = self.model_dump_json(exclude_none=False, exclude=exclude).encode()
         return hashlib.sha256(canonical).hexdigest()
 
 
