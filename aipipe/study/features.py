@@ -260,8 +260,9 @@ class Preprocessor:
         return out.astype(np.float32)
 
     def problems(self) -> list[str]:
-        """Why this site cannot scale any patient (empty: it can)."""
-        if self.train_rows is not None and self.train_rows < MIN_TRAIN_ROWS:
+        """Why this site cannot scale any patient (empty: it can, or the study does not scale)."""
+        scales = self.mean is not None and self.std is not None
+        if scales and self.train_rows is not None and self.train_rows < MIN_TRAIN_ROWS:
             return [
                 f"this site has {self.train_rows} train patient(s) for the study; at least "
                 f"{MIN_TRAIN_ROWS} are needed to scale the model's inputs, so it scores no one"
