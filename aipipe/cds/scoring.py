@@ -12,8 +12,6 @@ attribution (Simonyan et al. 2014; Shrikumar et al. 2016), not an exact decompos
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import queue
@@ -84,7 +82,6 @@ class ScoreResult:
     missing: tuple[MissingFeature, ...] = ()
     problems: tuple[str, ...] = ()
     uses_demographics: bool = False
-    fingerprint: str = ""
 
     @property
     def scored(self) -> bool:
@@ -194,7 +191,6 @@ class PatientScorer:
             missing=tuple(missing),
             problems=tuple(problems),
             uses_demographics=bool(study.demographics),
-            fingerprint=self._fingerprint(pid, basis, x_raw),
         )
 
     # -- pieces -----------------------------------------------------------------------------
@@ -326,14 +322,6 @@ class PatientScorer:
             )
             for i in order
         )
-
-    def _fingerprint(self, pid: str, basis: tuple[str, ...], x_raw: NDArray[np.float64]) -> str:
-        """Same model, patient and inputs → same id, so a re-run can be recognised."""
-        inputs = [None if np.isnan(v) else round(float(v), 6) for v in x_raw]
-        body = json.dumps(
-            [self.study.name, self.model_version, pid, list(basis), inputs], separators=(",", ":")
-        )
-        return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
 def _too_few_inputs(
