@@ -99,6 +99,7 @@ class HeadRecorder:
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        self._last = ""  # the header value last handled: most responses repeat it
 
     def current(self) -> Anchor | None:
         try:
@@ -107,6 +108,9 @@ class HeadRecorder:
             return None
 
     def observe(self, value: str) -> None:
+        if value == self._last:
+            return  # handled already: no second read of the file, no second signature check
+        self._last = value
         try:
             seen = Anchor.parse(value)
         except ConfigError:

@@ -66,6 +66,7 @@ class NodeWorker:
     # study → digest of work declined because the study is not approved (at that digest)
     unapproved: dict[str, str | None] = field(default_factory=dict)
     _features: dict[str, FeatureMatrix] = field(default_factory=dict)
+    _cohorts: dict[str, Cohort] = field(default_factory=dict)  # of the cached features
     _weights: dict[str, Arrays] = field(default_factory=dict)
     # (study, round) → the mechanism planned for it, charged with its bytes just before they leave
     _planned: dict[tuple[str, int], tuple[float, float, int, AccountantName]] = field(
@@ -344,10 +345,13 @@ class NodeWorker:
         self._audit_cohorts(before, ledger.groups())
 
     def cohort(self, spec: StudySpec) -> Cohort:
-        """The study's cohort as the ledger records it (keyed hashes, never ids) and its claim."""
-        matrix = self.features(spec)
-        patients = self.store.cohort_hashes([*matrix.train_ids, *matrix.test_ids])
-        return Cohort(patients, disjoint=spec.privacy.cohort == DISJOINT)
+        """The study's cohort as the ledger records it (keyed hashes, never ids) and its claim;
+        hashed once per extraction, not at every release."""
+        if spec.name not in self._cohorts:
+            matrix = self.features(spec)
+            patients = self.store.cohort_hashes([*matrix.train_ids, *matrix.test_ids])
+            self._cohorts[spec.name] = Cohort(patients, disjoint=spec.privacy.cohort == DISJOINT)
+        return self._cohorts[spec.name]
 
     def _audit_cohorts(self, before: dict[str, StudyGroup], after: dict[str, StudyGroup]) -> None:
         """Audit each disjoint-cohort claim the release verified or refused (no counts of ids)."""
