@@ -565,7 +565,8 @@ def serve_cds(
             app_ = node_cds_app(store, client, study, audit, jwt=policy, fhir=fhir,
                                 allow_unauthenticated=allow_unauthenticated,
                                 pseudonym_key=paths.pseudonym_key.read_bytes())  # fmt: skip
-        url = f"{scheme(tls)}://{host}:{port}/cds-services"
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+        url = f"{scheme(tls)}://{shown}:{port}/cds-services"
         err_console.log(f"[{paths.config.name}] CDS Hooks at {url}")
         uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False,
                     **({} if tls is None else tls.uvicorn_options()))  # fmt: skip
