@@ -29,6 +29,7 @@ class NodeConfig(BaseModel):
     pseudonym_key: str = "pseudonym.key"
     audit_log: str = "audit.sqlite"
     hub_url: str | None = None
+    hub_ca: str | None = None  # PEM of the CA that signs the hub's certificate (node init --hub-ca)
     allow_non_private: bool = False
     smart_client_id: str | None = None
     smart_key: str = "smart.key"

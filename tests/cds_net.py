@@ -75,7 +75,7 @@ class LocalCa:
 
 
 def make_ca(directory: Path) -> LocalCa:
-    """A CA, and a certificate it signs for 127.0.0.1; PEM files under `directory`."""
+    """A CA, and a certificate it signs for 127.0.0.1 and localhost; PEM files under `directory`."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aipipe test CA")])
@@ -104,7 +104,9 @@ def make_ca(directory: Path) -> LocalCa:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

@@ -4,12 +4,12 @@ the caller made up, and the rule that CDS without client JWTs is served on loopb
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from aipipe.errors import ConfigError
+from aipipe.tls import is_loopback
 
 MAX_TEXT = 200  # characters of any one audited string
 MAX_ITEMS = 20  # entries of any one audited list or object
@@ -49,15 +49,6 @@ def service_label(service_id: str) -> str:
         return service_id
     digest = hashlib.sha256(service_id.encode("utf-8", "surrogatepass")).hexdigest()
     return f"invalid-id-sha256:{digest[:16]}"
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def require_loopback(host: str, setting: str) -> None:

@@ -40,13 +40,21 @@ def serve(
     home: Path = HOME,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8700, "--port", min=0, max=65535, help="Port; 0 picks a free one."),
+    insecure_http: bool = typer.Option(
+        False,
+        "--insecure-http",
+        help="Serve plain HTTP on a non-loopback --host (only behind a TLS-terminating proxy).",
+    ),
 ) -> None:
-    """Serve the hub's HTTP API until interrupted. Writes <home>/serve.json with its URL."""
+    """Serve the hub's HTTP API until interrupted. Writes <home>/serve.json with its URL.
+
+    HTTPS with hub.yaml's tls_cert and tls_key (PEM files, relative to the home); without them
+    only on a loopback --host, unless --insecure-http."""
     from aipipe.hub.serve import serve as run_server
 
     paths = load_hub(home)
     err_console.log(f"hub {paths.config.name} serving from {home}")
-    run_server(paths, host, port)
+    run_server(paths, host, port, insecure_http=insecure_http)
 
 
 @app.command("enrol-token")

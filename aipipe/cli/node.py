@@ -32,6 +32,7 @@ from aipipe.node.home import (
     open_audit,
     open_node,
     open_store,
+    set_hub_ca,
     setup_smart,
 )
 from aipipe.node.ingest import IngestReport, ingest_files, ingest_server, total_bytes
@@ -39,6 +40,7 @@ from aipipe.secure.identity import Identity
 from aipipe.settings import NodePaths
 from aipipe.store.node_store import NodeStore
 from aipipe.study.spec import StudySpec
+from aipipe.tls import client_context, require_tls_off_loopback, scheme, server_tls
 from aipipe.wire.tensors import decode_arrays
 
 app = typer.Typer(
@@ -65,6 +67,12 @@ def init(
         envvar="AIPIPE_ENROL_TOKEN",
         help="Enrolment token from `aipipe hub enrol-token`: registers this node with the hub.",
     ),
+    hub_ca_file: Path = typer.Option(
+        None,
+        "--hub-ca",
+        help="PEM file of the CA that signs the hub's certificate, when it is the consortium's "
+        "own: copied into the home and trusted (with the public CAs) on every call to the hub.",
+    ),
     smart_client_id: str = typer.Option(
         None,
         "--smart-client-id",
@@ -83,7 +91,11 @@ def init(
 
     With --token the node also enrols with the hub: it sends its public key, never its data.
     """
+    if hub_ca_file is not None:
+        client_context(hub_ca_file)  # checked before the home is made: a bad file changes nothing
     paths = init_node(home, name, force=force, allow_non_private=allow_non_private)
+    if hub_ca_file is not None:
+        set_hub_ca(paths, hub_ca_file)
     jwks = setup_smart(paths, smart_client_id, smart_alg) if smart_client_id else None
     hub_url = enrol(paths, token) if token else None
     info = {
@@ -518,12 +530,26 @@ def serve_cds(
     fhir_ca_bundle: Path = typer.Option(
         None, "--fhir-ca-bundle", help="PEM file of extra CAs for the --fhir-allow servers."
     ),
+    tls_cert: Path = typer.Option(
+        None, "--tls-cert", help="PEM certificate chain to serve HTTPS with (TLS 1.2 or newer)."
+    ),
+    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
+    insecure_http: bool = typer.Option(
+        False,
+        "--insecure-http",
+        help="Serve plain HTTP on a non-loopback --host (only behind a TLS-terminating proxy).",
+    ),
 ) -> None:
-    """Serve CDS Hooks for approved studies from inside the hospital (PHI stays on site)."""
+    """Serve CDS Hooks for approved studies from inside the hospital (PHI stays on site).
+
+    Off a loopback --host it serves HTTPS only: give --tls-cert and --tls-key."""
     from aipipe.cds.limits import require_loopback
 
     if allow_unauthenticated:
         require_loopback(host, "--allow-unauthenticated")
+    tls = server_tls(tls_cert, tls_key, "--tls-cert/--tls-key")
+    require_tls_off_loopback(host, tls, insecure_http=insecure_http,
+                             how="give --tls-cert and --tls-key")  # fmt: skip
     import uvicorn
 
     from aipipe.cds import JwtPolicy
@@ -539,8 +565,11 @@ def serve_cds(
             app_ = node_cds_app(store, client, study, audit, jwt=policy, fhir=fhir,
                                 allow_unauthenticated=allow_unauthenticated,
                                 pseudonym_key=paths.pseudonym_key.read_bytes())  # fmt: skip
-        err_console.log(f"[{paths.config.name}] CDS Hooks at http://{host}:{port}/cds-services")
-        uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+        url = f"{scheme(tls)}://{shown}:{port}/cds-services"
+        err_console.log(f"[{paths.config.name}] CDS Hooks at {url}")
+        uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False,
+                    **({} if tls is None else tls.uvicorn_options()))  # fmt: skip
     finally:
         audit.close()
         store.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import typer
 
 from aipipe.node.client import HubClient
@@ -14,4 +17,7 @@ JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead o
 
 
 def client(hub: str, token: str) -> HubClient:
-    return HubClient(hub, token=token)
+    """A client for `hub`; AIPIPE_HUB_CA names a PEM file of the CA that signs its certificate
+    when that is the consortium's own (trusted on top of the public CAs)."""
+    ca_bundle = os.environ.get("AIPIPE_HUB_CA")
+    return HubClient(hub, token=token, ca_bundle=Path(ca_bundle) if ca_bundle else None)

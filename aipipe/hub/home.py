@@ -5,7 +5,7 @@
 <home>/hub.sqlite      HubStore
 <home>/blobs/          content-addressed model weights
 <home>/audit.sqlite    hash-chained audit log
-<home>/serve.json      written by `hub serve` once it listens: {"url", "pid"}
+<home>/serve.json      written by `hub serve` once it listens: {"url", "pid"} (https with TLS)
 <home>/serve.lock      held (flock) by the one `hub serve` of this home while it runs
 
 The home is 0700 and every file in it 0600.
@@ -27,6 +27,7 @@ from aipipe.fhir.base_url import ServerBase
 from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
 from aipipe.store.hub_store import HubStore, secret_hash
+from aipipe.tls import ServerTls, server_tls
 
 HUB_CONFIG = "hub.yaml"
 SERVE_INFO = "serve.json"
@@ -48,6 +49,10 @@ class HubConfig(BaseModel):
     cds_fhir_servers: list[str] = Field(default_factory=list)
     # PEM file of extra CAs for those servers (relative to the home); verification stays on.
     cds_fhir_ca_bundle: str | None = None
+    # PEM certificate chain and key (relative to the home) `hub serve` serves HTTPS with;
+    # without them it serves plain HTTP on a loopback address only (or with --insecure-http).
+    tls_cert: str | None = None
+    tls_key: str | None = None
     # Serve /docs (Swagger UI, assets from the hub) and /openapi.json to anyone; else
     # /openapi.json needs the admin token and there is no /docs.
     api_docs: bool = False
@@ -78,6 +83,15 @@ class HubPaths:
 
     def open_store(self) -> HubStore:
         return HubStore.open(self.store, self.blobs)
+
+    def tls(self) -> ServerTls | None:
+        """hub.yaml's tls_cert and tls_key (relative to the home), loaded; None without them."""
+        cert, key = self.config.tls_cert, self.config.tls_key
+        return server_tls(
+            None if cert is None else self.home / cert,
+            None if key is None else self.home / key,
+            "hub.yaml tls_cert/tls_key",
+        )
 
 
 def init_hub(home: Path, name: str, *, force: bool = False) -> tuple[HubPaths, str]:

@@ -21,19 +21,33 @@ from aipipe.errors import ConfigError, ConflictError
 from aipipe.hub.app import create_app
 from aipipe.hub.home import HubPaths
 from aipipe.secure.keyfiles import write_private
+from aipipe.tls import require_tls_off_loopback, scheme
 
 
-def serve(paths: HubPaths, host: str, port: int, log_level: str = "warning") -> None:
+def serve(
+    paths: HubPaths,
+    host: str,
+    port: int,
+    log_level: str = "warning",
+    *,
+    insecure_http: bool = False,
+) -> None:
+    """Serve until interrupted: HTTPS with hub.yaml's tls_cert/tls_key, else plain HTTP, which
+    is refused off a loopback address unless `insecure_http` (a TLS-terminating proxy)."""
     if paths.config.cds_allow_unauthenticated:
         require_loopback(host, "hub.yaml cds_allow_unauthenticated")
+    tls = paths.tls()
+    require_tls_off_loopback(host, tls, insecure_http=insecure_http,
+                             how="set tls_cert and tls_key in hub.yaml (PEM files)")  # fmt: skip
     lock = lock_home(paths)
     try:
         sock = _listen(host, port)
         family = sock.family
         bound_port = sock.getsockname()[1]
         url_host = f"[{host}]" if family == socket.AF_INET6 else host
-        url = f"http://{url_host}:{bound_port}"
-        config = uvicorn.Config(create_app(paths), log_level=log_level, access_log=False)
+        url = f"{scheme(tls)}://{url_host}:{bound_port}"
+        options = {} if tls is None else tls.uvicorn_options()
+        config = uvicorn.Config(create_app(paths), log_level=log_level, access_log=False, **options)
         server = uvicorn.Server(config)
         tmp = paths.serve_info.with_suffix(".tmp")
         write_private(tmp, json.dumps({"url": url, "pid": os.getpid()}).encode(), what="serve info")

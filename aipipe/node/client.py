@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -29,6 +30,7 @@ from aipipe.errors import (
     UpdateRejectedError,
 )
 from aipipe.secure.errors import SecAggRoundFailedError
+from aipipe.tls import HubTransport
 from aipipe.wire import (
     Decline,
     EnrolRequest,
@@ -67,9 +69,11 @@ class HubClient:
         sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
         on_audit_head: Callable[[str], None] | None = None,
+        ca_bundle: Path | None = None,
     ) -> None:
         """`on_audit_head` is given the hub's signed audit head from each response that has
-        one (`aipipe.audit.HeadRecorder.observe` keeps the highest in the node home)."""
+        one (`aipipe.audit.HeadRecorder.observe` keeps the highest in the node home).
+        `ca_bundle` adds the consortium's CA to the public ones (`aipipe.tls.HubTransport`)."""
         if max_retries < 0 or backoff_s < 0:
             raise ValueError("max_retries and backoff_s must be ≥ 0")
         if urlsplit(base_url).scheme not in ("http", "https") or "://" not in base_url:
@@ -83,7 +87,7 @@ class HubClient:
             base_url=self.base_url,
             headers=headers,
             timeout=timeout_s,
-            transport=transport,
+            transport=transport if transport is not None else HubTransport(ca_bundle),
             event_hooks=hooks,
         )
         self._retries = max_retries

@@ -6,6 +6,7 @@
 <home>/pseudonym.key    32 random bytes keying patient pseudonyms, mode 0600
 <home>/audit.sqlite     hash-chained audit log
 <home>/sealing.key      X25519 key that study secrets are sealed to, mode 0600 (SecureVault)
+<home>/hub-ca.pem       the CA that signs the hub's certificate, if not a public one (--hub-ca)
 
 The home is 0700 and every file in it 0600: the store holds raw FHIR.
 """
@@ -31,10 +32,12 @@ from aipipe.secure.keyfiles import write_private
 from aipipe.settings import NODE_CONFIG, NodeConfig, NodePaths, load_node_config, save_node_config
 from aipipe.store.node_store import NodeStore
 from aipipe.store.sqlite import immediate
+from aipipe.tls import client_context
 from aipipe.wire import EnrolRequest, EnrolToken
 from aipipe.wire.secure import sealing_key_payload
 
 CREDENTIAL = "hub.credential"
+HUB_CA = "hub-ca.pem"
 # aipipe.privacy.ledger's tables (BUDGET, SITE, LEDGER), named here so `node init` needs no
 # torch. The kept frames (FRAMES) are not carried: they are signed by the replaced identity.
 _LEDGER_TABLES = ("privacy_budget", "privacy_site", "privacy_ledger")
@@ -155,12 +158,27 @@ def enrol(paths: NodePaths, token_text: str) -> str:
         sealing_key=sealing.hex(),
         sealing_signature=identity.sign(sealing_key_payload(token.node, sealing)).hex(),
     )
-    with HubClient(token.hub_url, on_audit_head=_hub_head(paths)) as client:
+    with HubClient(
+        token.hub_url, ca_bundle=hub_ca(paths), on_audit_head=_hub_head(paths)
+    ) as client:
         response = client.enrol(request)
     write_private(paths.home / CREDENTIAL, response.credential.encode(), what="hub credential")
     paths.config.hub_url = token.hub_url
     save_node_config(paths.home, paths.config)
     return token.hub_url
+
+
+def set_hub_ca(paths: NodePaths, source: Path) -> None:
+    """Keep a copy of the CA that signs the hub's certificate (the consortium's own CA) in the
+    home: every call to the hub then trusts it on top of the public CAs."""
+    client_context(source)  # a ConfigError now for a file that is not a PEM CA bundle
+    write_private(paths.home / HUB_CA, source.read_bytes(), what="hub CA")
+    paths.config.hub_ca = HUB_CA
+    save_node_config(paths.home, paths.config)
+
+
+def hub_ca(paths: NodePaths) -> Path | None:
+    return None if paths.config.hub_ca is None else paths.home / paths.config.hub_ca
 
 
 def setup_smart(paths: NodePaths, client_id: str, alg: str) -> dict[str, Any]:
@@ -182,7 +200,12 @@ def hub_client(paths: NodePaths) -> HubClient:
             "run: aipipe node init --home ... --name ... --token <token from the hub>"
         )
     credential = (paths.home / CREDENTIAL).read_text().strip()
-    return HubClient(paths.config.hub_url, token=credential, on_audit_head=_hub_head(paths))
+    return HubClient(
+        paths.config.hub_url,
+        token=credential,
+        ca_bundle=hub_ca(paths),
+        on_audit_head=_hub_head(paths),
+    )
 
 
 def _hub_head(paths: NodePaths) -> Callable[[str], None]:
