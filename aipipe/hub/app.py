@@ -133,7 +133,8 @@ def _cds(paths: HubPaths, service: HubService, audit: AuditLog) -> APIRouter:
     key = service.identity.sign(b"aipipe-cds-pseudonym-key")[:32]
     return cds_router(HubCdsProvider(service), audit=audit, jwt=policy, pseudonym_key=key,
                       fhir=hub_fhir_access(paths),
-                      allow_unauthenticated=paths.config.cds_allow_unauthenticated)  # fmt: skip
+                      allow_unauthenticated=paths.config.cds_allow_unauthenticated,
+                      base_url=paths.config.cds_base_url)  # fmt: skip
 
 
 class Changes:
