@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from aipipe.cds import FhirAccess, PatientScorer, ServiceEntry, service_entries
-from aipipe.cds.provider import LineageStep
+from aipipe.cds import FhirAccess, LineageStep, PatientScorer, ServiceEntry, service_entries
 from aipipe.errors import ConfigError, StudyError
 from aipipe.hub.home import HubPaths
 from aipipe.hub.service import HubService

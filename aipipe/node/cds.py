@@ -10,8 +10,14 @@ from fastapi import FastAPI
 
 from aipipe import __version__
 from aipipe.audit.log import AuditLog
-from aipipe.cds import FhirAccess, JwtPolicy, PatientScorer, StaticCdsProvider, cds_router
-from aipipe.cds.provider import LineageStep
+from aipipe.cds import (
+    FhirAccess,
+    JwtPolicy,
+    LineageStep,
+    PatientScorer,
+    StaticCdsProvider,
+    cds_router,
+)
 from aipipe.errors import AipipeError, ConfigError
 from aipipe.node.client import HubClient
 from aipipe.store.node_store import NodeStore
