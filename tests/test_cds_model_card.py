@@ -8,12 +8,14 @@ in-process over ASGI."""
 from __future__ import annotations
 
 import json
+import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import numpy as np
 import pytest
@@ -22,8 +24,16 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from aipipe.audit import AuditLog
-from aipipe.cds import PatientScorer, StaticCdsProvider, cds_router, service_entries
-from aipipe.errors import StudyError
+from aipipe.cds import (
+    JwtPolicy,
+    LineageStep,
+    PatientScorer,
+    StaticCdsProvider,
+    cds_router,
+    service_entries,
+)
+from aipipe.cds.links import CardLinkSigner, load_link_key
+from aipipe.errors import IdentityError, StudyError
 from aipipe.hub.app import create_app
 from aipipe.hub.home import init_hub, load_hub
 from aipipe.models import build_model, weights_to_arrays
@@ -37,6 +47,8 @@ from aipipe.study.features import extract
 from aipipe.study.spec import StudySpec, parse_study
 from aipipe.wire import FeatureStats
 from tests.hub_support import STUDY, Hub, Node, Round
+from tests.test_cds_auth import BASE as AUTH_BASE
+from tests.test_cds_auth import ISSUER, Signer
 from tests.test_cds_service import CLEVELAND, KEY, PID, ROOT, hook_request, prefetch_for
 from tests.test_cds_service import records as records  # a fixture
 from tests.test_hub_app import update
@@ -272,8 +284,8 @@ def test_a_hub_card_links_to_the_model_card_of_its_version_with_its_lineage(
     newest, first, initial = trained_hub.versions
     card = card_of(client, records)
 
-    url = f"{BASE}/cds-services/{SERVICE}/model-card?version={newest}"
-    assert card["source"]["url"] == url
+    url = card["source"]["url"]
+    assert url.startswith(f"{BASE}/cds-services/{SERVICE}/model-card?version={newest}&")
     assert [link["url"] for link in card["links"]] == [url]
     response = client.get(url.removeprefix(BASE))  # a proxy serves the hub under BASE
     assert response.status_code == 200, response.text
@@ -307,7 +319,8 @@ def test_the_node_serves_the_same_model_card_path_with_the_lineage_it_knows(
                            transport=hub.client._transport)  # fmt: skip
     try:
         app = node_cds_app(store, hub_client, [study["name"]], audit, pseudonym_key=KEY,
-                           jwt=None, allow_unauthenticated=True)  # fmt: skip
+                           jwt=None, allow_unauthenticated=True,
+                           link_key=load_link_key(paths.cds_link_key))  # fmt: skip
         client = TestClient(app)
         card = card_of(client, records)
         url = card["source"]["url"]
@@ -317,7 +330,9 @@ def test_the_node_serves_the_same_model_card_path_with_the_lineage_it_knows(
         store.close()
 
     newest = trained_hub.versions[0]
-    assert url == f"http://testserver/cds-services/{SERVICE}/model-card?version={newest}"
+    assert url.startswith(f"http://testserver/cds-services/{SERVICE}/model-card?version={newest}&")
+    assert stat.S_IMODE(paths.cds_link_key.stat().st_mode) == 0o600
+    assert paths.cds_link_key.read_bytes() != paths.pseudonym_key.read_bytes()
     assert model["served_by"] == "node" and model["model_version"] == newest
     assert [s["version"] for s in model["lineage"]] == trained_hub.versions
     assert _audited(tmp_path / "alpha" / "audit.sqlite", "cds.model_card")
@@ -326,3 +341,196 @@ def test_the_node_serves_the_same_model_card_path_with_the_lineage_it_knows(
 def _audited(path: Path, action: str) -> bool:
     with AuditLog.open(path, None) as log:
         return any(e.action == action for e in log.events())
+
+
+def test_an_unscored_card_names_the_outcome_not_the_study_slug(
+    site: Site, records: dict[str, Any]
+) -> None:
+    client = router_client(site.scorer())
+    body = hook_request(prefetch=prefetch_for(records) | {"observations": None})
+    response = client.post(f"/cds-services/{SERVICE}", json=body)
+
+    (card,) = response.json()["cards"]
+    assert card["indicator"] == "info"
+    assert card["detail"].startswith("The Coronary artery disease risk model could not score")
+    assert "fed-heart-disease" not in card["detail"]
+
+
+# -- a card's link is a capability: it opens in a browser without a CDS client JWT ------------
+
+LINK_KEY = b"model-card-link-key-for-tests-32"
+LINEAGE = [LineageStep(VERSION, round=2, parent="a" * 64), LineageStep("a" * 64, round=1)]
+
+
+@dataclass
+class Clock:
+    now: datetime
+
+
+@dataclass
+class Secured:
+    client: TestClient
+    clock: Clock
+    audit: AuditLog
+    signer: Signer
+
+    def card(self, records: dict[str, Any], pid: str = PID) -> dict[str, Any]:
+        endpoint = f"/cds-services/{SERVICE}"
+        body = hook_request(pid=pid, prefetch=prefetch_for(records, pid))
+        headers = {"Authorization": f"Bearer {self.signer.token(endpoint)}"}
+        response = self.client.post(endpoint, json=body, headers=headers)
+        assert response.status_code == 200, response.text
+        (card,) = response.json()["cards"]
+        assert isinstance(card, dict)
+        return card
+
+    def refusals(self) -> list[dict[str, Any]]:
+        return [
+            {"outcome": e.outcome, **e.details}
+            for e in self.audit.events()
+            if e.action == "auth.failure"
+        ]
+
+
+@pytest.fixture
+def secured(site: Site, tmp_path: Path) -> Iterator[Secured]:
+    """The router as an EHR meets it: every call needs a CDS client JWT; links are signed."""
+    signer = Signer("ES384")
+    policy = JwtPolicy({ISSUER: {"keys": [signer.jwk]}}, base_url=AUTH_BASE)
+    clock = Clock(datetime(2026, 3, 1, 9, 0, tzinfo=UTC))
+    provider = StaticCdsProvider([site.scorer()], lineages={site.spec.name: LINEAGE})
+    with AuditLog.open(tmp_path / "audit.sqlite", None, owner="hub/test") as audit:
+        app = FastAPI()
+        app.include_router(cds_router(provider, audit=audit, jwt=policy, pseudonym_key=KEY,
+                                      clock=lambda: clock.now, base_url=AUTH_BASE,
+                                      link_key=LINK_KEY, link_lifetime_s=3600))  # fmt: skip
+        yield Secured(TestClient(app), clock, audit, signer)
+
+
+def with_query(url: str, **changes: str | None) -> str:
+    parts = urlsplit(url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()} | changes
+    kept = {k: v for k, v in query.items() if v is not None}
+    return f"{parts.path}?{urlencode(kept)}"
+
+
+def test_a_cards_link_opens_in_a_browser_without_a_token(
+    secured: Secured, records: dict[str, Any]
+) -> None:
+    card = secured.card(records)
+    url = card["source"]["url"]
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+
+    assert url.startswith(f"{AUTH_BASE}/cds-services/{SERVICE}/model-card?version={VERSION}&")
+    assert query["expires"] == [str(int(secured.clock.now.timestamp()) + 3600)]
+    assert len(query["sig"][0]) == 64
+    page = secured.client.get(path_of(url), headers={"Accept": "text/html"})  # no JWT
+    assert page.status_code == 200, page.text
+    assert "Coronary artery disease" in page.text and "not validated" in page.text
+    model = secured.client.get(path_of(url)).json()
+    assert model["model_version"] == VERSION
+    served = [e for e in secured.audit.events() if e.action == "cds.model_card"]
+    assert len(served) == 2 and served[0].actor == "cds-link:model-card"
+    # The link opens this one page: discovery and the card without a signature still need a JWT.
+    assert secured.client.get("/cds-services").status_code == 401
+    unsigned = secured.client.get(f"/cds-services/{SERVICE}/model-card?version={VERSION}")
+    assert unsigned.status_code == 401
+    token = secured.signer.token(f"/cds-services/{SERVICE}/model-card")
+    with_jwt = secured.client.get(
+        f"/cds-services/{SERVICE}/model-card", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert with_jwt.status_code == 200 and with_jwt.json()["model_version"] == VERSION
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        ("another version of the lineage", "does not match"),
+        ("a flipped signature", "does not match"),
+        ("a later expiry", "does not match"),
+        ("no signature", "lacks"),
+        ("a signature that is not hex", "malformed"),
+        ("expired", "expired"),
+    ],
+)
+def test_a_tampered_or_expired_link_is_refused_and_audited(
+    secured: Secured, records: dict[str, Any], tamper: str, reason: str
+) -> None:
+    url = secured.card(records)["source"]["url"]
+    query = parse_qs(urlsplit(url).query)
+    sig, expires = query["sig"][0], int(query["expires"][0])
+    flipped = ("0" if sig[0] != "0" else "1") + sig[1:]
+    changed = {
+        "another version of the lineage": with_query(url, version="a" * 64),
+        "a flipped signature": with_query(url, sig=flipped),
+        "a later expiry": with_query(url, expires=str(expires + 86_400)),
+        "no signature": with_query(url, sig=None),
+        "a signature that is not hex": with_query(url, sig="z" * 64),
+        "expired": path_of(url),
+    }[tamper]
+    if tamper == "expired":
+        secured.clock.now = datetime.fromtimestamp(expires, UTC)
+
+    response = secured.client.get(changed, headers={"Accept": "text/html"})
+
+    assert response.status_code == 401, response.text
+    assert reason in response.json()["issue"][0]["diagnostics"]
+    (refusal,) = secured.refusals()
+    assert refusal["outcome"] == "refused" and refusal["status"] == 401
+    assert reason in refusal["reason"] and sig not in json.dumps(refusal)
+    # The untouched link still opens (until it expires).
+    if tamper != "expired":
+        assert secured.client.get(path_of(url)).status_code == 200
+
+
+def test_a_link_carries_no_patient_data(secured: Secured, records: dict[str, Any]) -> None:
+    first, second = sorted(p for p in records if p != PID)[:2]
+    cards = [secured.card(records, pid) for pid in (PID, first, second)]
+    urls = {link["url"] for card in cards for link in card["links"]}
+    urls |= {card["source"]["url"] for card in cards}
+
+    (url,) = urls  # the same link for every patient scored by the version at that time
+    assert set(parse_qs(urlsplit(url).query)) == {"version", "expires", "sig"}
+    for pid in (PID, first, second):
+        assert pid not in url
+    for event in secured.audit.events():
+        if event.resource.startswith("patient:"):  # the audit pseudonym is not in it either
+            assert event.resource.removeprefix("patient:") not in url
+
+
+def test_the_hub_signs_links_with_its_own_private_key_file(
+    trained_hub: TrainedHub, records: dict[str, Any]
+) -> None:
+    hub = trained_hub.hub
+    key = hub.paths.home / "cds-link.key"
+    url = card_of(hub.client, records)["source"]["url"]
+
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
+    query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+    assert set(query) == {"version", "expires", "sig"}
+    assert abs(int(query["expires"]) - (time.time() + 86_400)) < 120  # the default: 24 h
+    assert hub.client.get(url.removeprefix(BASE)).status_code == 200
+    forged = with_query(url.removeprefix(BASE), version=trained_hub.versions[1])
+    assert hub.client.get(forged).status_code == 401  # refused even on a loopback opt-out
+    # Signed with the key in the file (what a restarted hub reads again).
+    signer = CardLinkSigner(key.read_bytes())
+    opened = signer.verify(SERVICE, query["version"], query["expires"], query["sig"],
+                           datetime.now(UTC))  # fmt: skip
+    assert opened == int(query["expires"])
+
+
+def test_the_link_key_is_its_own_private_file_and_not_the_pseudonym_key(
+    site: Site, tmp_path: Path
+) -> None:
+    path = tmp_path / "cds-link.key"
+    key = load_link_key(path)
+
+    assert load_link_key(path) == key and len(key) == 32
+    assert [p.name for p in tmp_path.iterdir()] == ["cds-link.key"]  # no spare file left
+    path.chmod(0o644)
+    with pytest.raises(IdentityError, match="readable by others"):
+        load_link_key(path)
+    with pytest.raises(ValueError, match="not be the pseudonym key"):
+        cds_router(StaticCdsProvider([site.scorer()]), audit=None, jwt=None, pseudonym_key=KEY,
+                   link_key=KEY)  # fmt: skip

@@ -204,7 +204,7 @@ def unscored_card(
         summary = _fit(f"{source.label} risk not scored: {problems[0]}")
     else:
         summary = _fit(f"{source.label} risk not scored: the patient's data is unusable")
-    lines = [f"The {_md(source.study)} model could not score this patient."]
+    lines = [f"The {_md(source.label)} risk model could not score this patient."]
     if missing:
         lines += ["", "**Missing:**", ""] + [f"- {_md(m.name)}: {_md(m.reason)}" for m in missing]
     if problems:

@@ -8,7 +8,8 @@ as the server knows them: the hub's model registry at the hub, what the node was
 node), the secure mode and the study's planned DP setting (ε, δ per site), the population and
 inputs, the card thresholds, and `validation` (null until validation metrics are released: it
 renders "not validated"). Every card's `source.url` and its `links` point here, pinned to the
-version that scored it; an earlier version of the current lineage still answers.
+version that scored it and signed to open without a JWT for a while (`aipipe.cds.links`); an
+earlier version of the current lineage still answers.
 
 It holds nothing per site or per patient beyond what the study file and the hub's registry
 already state (no site's sizes, metrics or budget use).

@@ -24,7 +24,10 @@ input is missing it may be in the unread pages, so the answer is 412.
 
 Every route needs a CDS Client JWT (discovery too: it names the studies and model versions). A
 router without a `JwtPolicy` answers 401 to everyone unless built with `allow_unauthenticated=True`,
-which its hosts allow only on a loopback address (`aipipe.cds.limits.require_loopback`).
+which its hosts allow only on a loopback address (`aipipe.cds.limits.require_loopback`). The one
+exception is a model card link the router signed (`aipipe.cds.links`, with `link_key`): it opens
+its version's card without a JWT until it expires; a link with a bad or expired signature is
+refused (401) whatever the JWT rule.
 
 Every call is audited (`cds.request`, `cds.discovery`, `cds.feedback`, `auth.failure`) with the
 patient as an HMAC pseudonym under the router's key, never the raw id. One call writes a bounded
@@ -44,6 +47,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import anyio.to_thread
 from fastapi import APIRouter, Request
@@ -54,6 +58,7 @@ from aipipe.cds.auth import CdsClient, JwtPolicy
 from aipipe.cds.cards import build_cards, unscored_card
 from aipipe.cds.fhir_access import EARLY_STOP, FhirAccess
 from aipipe.cds.limits import bounded, clip, service_label
+from aipipe.cds.links import DEFAULT_LIFETIME_S, CardLinkSigner
 from aipipe.cds.model_card import card_url, model_card, render_html
 from aipipe.cds.models import Card, CdsRequest, CdsResponse, Discovery, FeedbackRequest
 from aipipe.cds.prefetch import (
@@ -123,8 +128,10 @@ class _CdsHandler:
         clock: Callable[[], datetime],
         allow_unauthenticated: bool,
         base_url: str | None = None,
+        links: CardLinkSigner | None = None,
     ) -> None:
         self._base_url = base_url
+        self._links = links
         self._provider = provider
         self._audit = audit
         self._jwt = jwt
@@ -149,11 +156,11 @@ class _CdsHandler:
 
     async def model_card(self, service_id: str, request: Request) -> Response:
         """The model card of a version (`?version=`, default the current one): the same
-        access as discovery."""
+        access as discovery, or a link this router signed."""
         service_id = service_label(service_id)
         record = _Record("cds.model_card", f"cds-service:{service_id}")
         try:
-            self._authenticate(request, f"/cds-services/{service_id}/model-card", record)
+            self._authorize_card(request, service_id, record)
             entry = self._entries(service_id)[0]
             version = request.query_params.get("version")
             card = model_card(entry, version)
@@ -170,9 +177,38 @@ class _CdsHandler:
             return await self._finish(record, response=HTMLResponse(render_html(card)))
         return await self._finish(record, response=JSONResponse(card.model_dump()))
 
+    def _authorize_card(self, request: Request, service_id: str, record: _Record) -> None:
+        """A JWT as for discovery; without one, a link carrying `sig` or `expires` must bear
+        this router's valid, unexpired signature."""
+        params = request.query_params
+        signed = "sig" in params or "expires" in params
+        if not signed or "authorization" in request.headers:
+            self._authenticate(request, f"/cds-services/{service_id}/model-card", record)
+            return
+        try:
+            if self._links is None:
+                raise AuthError(
+                    "this CDS service signs no model card links; present a CDS client JWT"
+                )
+            expires = self._links.verify(
+                service_id, params.get("version"), params.get("expires"), params.get("sig"),
+                self._clock(),
+            )  # fmt: skip
+        except AuthError as exc:
+            record.action = "auth.failure"
+            raise _Reject(401, str(exc)) from None
+        record.actor = "cds-link:model-card"
+        record.details["link_expires"] = expires
+
     def _card_url(self, request: Request, entry: ServiceEntry, version: str) -> str:
-        base = self._base_url or str(request.base_url)
-        return entry.model_url or card_url(base, entry.id, version)
+        """The link a card carries: the entry's own page, else this router's model card,
+        signed when the router has a link key."""
+        if entry.model_url:
+            return entry.model_url
+        url = card_url(self._base_url or str(request.base_url), entry.id, version)
+        if self._links is None:
+            return url
+        return f"{url}&{urlencode(self._links.query(entry.id, version, self._clock()))}"
 
     async def call(self, service_id: str, request: Request) -> Response:
         service_id = service_label(service_id)
@@ -442,6 +478,8 @@ def cds_router(
     clock: Callable[[], datetime] | None = None,
     allow_unauthenticated: bool = False,
     base_url: str | None = None,
+    link_key: bytes | None = None,
+    link_lifetime_s: float = DEFAULT_LIFETIME_S,
 ) -> APIRouter:
     """The CDS Hooks routes, to mount at the service's `{baseUrl}` (`app.include_router(...)`).
 
@@ -449,13 +487,18 @@ def cds_router(
     `jwt=None` answers every call 401, unless `allow_unauthenticated` (for a service bound to
     loopback only: tests, a demo, behind an authenticating proxy). `fhir` says which fhirServers
     may be read (`FhirAccess()`: none). `base_url` is the service's public `{baseUrl}` for the
-    model card links (default: the URL each request was made to).
+    model card links (default: the URL each request was made to). With `link_key` (≥ 16 secret
+    bytes, `aipipe.cds.links.load_link_key`, not the pseudonym key) those links are signed and
+    open without a JWT for `link_lifetime_s` seconds (default 24 h); without it they need a JWT.
     """
     if len(pseudonym_key) < 16:
         raise ValueError("pseudonym_key must be at least 16 secret bytes")
+    if link_key is not None and hmac.compare_digest(link_key, pseudonym_key):
+        raise ValueError("link_key must not be the pseudonym key: give each its own secret")
+    links = None if link_key is None else CardLinkSigner(link_key, link_lifetime_s)
     handler = _CdsHandler(
         provider, audit, jwt, pseudonym_key, fhir or FhirAccess(), clock or _utc_now,
-        allow_unauthenticated, base_url,
+        allow_unauthenticated, base_url, links,
     )  # fmt: skip
     router = APIRouter(tags=["cds-hooks"])
     router.add_api_route("/cds-services", handler.discovery, methods=["GET"])

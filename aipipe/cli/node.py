@@ -518,6 +518,13 @@ def serve_cds(
     fhir_ca_bundle: Path = typer.Option(
         None, "--fhir-ca-bundle", help="PEM file of extra CAs for the --fhir-allow servers."
     ),
+    link_hours: float = typer.Option(
+        24.0,
+        "--model-card-link-hours",
+        min=0.01,
+        max=90 * 24,
+        help="How long the signed model card link on a card opens without a JWT.",
+    ),
 ) -> None:
     """Serve CDS Hooks for approved studies from inside the hospital (PHI stays on site)."""
     from aipipe.cds.limits import require_loopback
@@ -527,6 +534,7 @@ def serve_cds(
     import uvicorn
 
     from aipipe.cds import JwtPolicy
+    from aipipe.cds.links import load_link_key
     from aipipe.node.cds import node_cds_app  # imports torch: only when needed
 
     paths = open_node(home)
@@ -538,7 +546,9 @@ def serve_cds(
         with hub_client(paths) as client:
             app_ = node_cds_app(store, client, study, audit, jwt=policy, fhir=fhir,
                                 allow_unauthenticated=allow_unauthenticated,
-                                pseudonym_key=paths.pseudonym_key.read_bytes())  # fmt: skip
+                                pseudonym_key=paths.pseudonym_key.read_bytes(),
+                                link_key=load_link_key(paths.cds_link_key),
+                                link_lifetime_s=link_hours * 3600)  # fmt: skip
         err_console.log(f"[{paths.config.name}] CDS Hooks at http://{host}:{port}/cds-services")
         uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
     finally:

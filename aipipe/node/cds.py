@@ -18,6 +18,7 @@ from aipipe.cds import (
     StaticCdsProvider,
     cds_router,
 )
+from aipipe.cds.links import DEFAULT_LIFETIME_S
 from aipipe.errors import AipipeError, ConfigError
 from aipipe.node.client import HubClient
 from aipipe.store.node_store import NodeStore
@@ -36,7 +37,10 @@ def node_cds_app(
     jwt: JwtPolicy | None,
     fhir: FhirAccess | None = None,
     allow_unauthenticated: bool = False,
+    link_key: bytes | None = None,
+    link_lifetime_s: float = DEFAULT_LIFETIME_S,
 ) -> FastAPI:
+    """The node's CDS app; `link_key` (the home's cds-link.key) signs the model card links."""
     scorers, lineages = [], {}
     for name in studies:
         approval = store.approval(name)
@@ -54,7 +58,8 @@ def node_cds_app(
     provider = StaticCdsProvider(scorers, lineages=lineages, served_by="node")
     app.include_router(cds_router(provider, audit=audit, jwt=jwt,
                                   pseudonym_key=pseudonym_key, fhir=fhir,
-                                  allow_unauthenticated=allow_unauthenticated))  # fmt: skip
+                                  allow_unauthenticated=allow_unauthenticated,
+                                  link_key=link_key, link_lifetime_s=link_lifetime_s))  # fmt: skip
     return app
 
 
