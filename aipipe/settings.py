@@ -46,6 +46,7 @@ class NodePaths:
         self.store = home / config.store
         self.identity_key = home / config.identity_key
         self.pseudonym_key = home / config.pseudonym_key
+        self.cds_link_key = home / "cds-link.key"  # signs model card links (aipipe.cds.links)
         self.audit_log = home / config.audit_log
         self.smart_key = home / config.smart_key
         self.sealing_key = home / config.sealing_key

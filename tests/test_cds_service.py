@@ -1018,7 +1018,7 @@ def test_a_synthea_patient_view_prefetch_gets_a_well_formed_card(tmp_path: Path)
     )
 
     card = the_card(response)
-    assert len(card["summary"]) < 140 and card["summary"].startswith("synthea-diabetes risk ")
+    assert len(card["summary"]) < 140 and card["summary"].startswith("Type 2 diabetes risk ")
     assert any(
         e["resource"]["code"]["coding"][0]["code"] == "55284-4"
         for e in prefetch["observations"]["entry"]

@@ -1,10 +1,12 @@
 """CDS Hooks cards for a risk score, and the FHIR R4 RiskAssessment a card suggests recording.
 
 A scored patient gets one card: the summary names the outcome, the probability and a risk level
-(`CdsSettings` thresholds pick the level and the indicator), the detail lists the inputs that
-drove the score and those that were imputed, and one suggestion creates a RiskAssessment that
-cites the Observations used. A patient who cannot be scored gets an `info` card that says what is
-missing. `build_risk_assessment` is a pure function so that the node's write-back can reuse it.
+(the study's `cds:` block, `CdsSettings`, names the outcome and sets the thresholds of the level
+and the indicator), the detail lists the inputs that drove the score and those that were
+imputed, and one suggestion creates a RiskAssessment that cites the Observations used. A patient
+who cannot be scored gets an `info` card that says what is missing. Every card's `source.url`
+and `links` point to the model card of the version that scored it (`aipipe.cds.model_card`).
+`build_risk_assessment` is a pure function so that the node's write-back can reuse it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from aipipe.cds.models import SUMMARY_MAX, Action, Card, Coding, Link, Source, Suggestion
 from aipipe.cds.scoring import FeatureValue, MissingFeature, ScoreResult
 from aipipe.fhir.codes import SNOMED
+from aipipe.study.cds import CdsSettings
 from aipipe.study.spec import StudySpec
 
 MODEL_SYSTEM = "https://aipipe.dev/fhir/CodeSystem/model-version"
@@ -36,27 +37,6 @@ TOPIC = Coding(
 )
 
 Indicator = Literal["info", "warning", "critical"]
-
-
-class CdsSettings(BaseModel):
-    """How a study's service words and grades its cards (a study's `cds:` block, later)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    outcome_label: str | None = Field(default=None, min_length=1, max_length=80)
-    moderate_at: float = Field(default=0.3, ge=0, le=1)
-    warning_at: float = Field(default=0.7, ge=0, le=1)
-    critical_at: float = Field(default=0.9, ge=0, le=1)
-    min_probability: float = Field(default=0.0, ge=0, le=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> CdsSettings:
-        if not self.moderate_at <= self.warning_at <= self.critical_at:
-            raise ValueError(
-                f"thresholds must rise: moderate_at {self.moderate_at} <= warning_at "
-                f"{self.warning_at} <= critical_at {self.critical_at}"
-            )
-        return self
 
 
 @dataclass(frozen=True)
@@ -89,7 +69,7 @@ class ModelSource:
     def for_study(
         cls, study: StudySpec, model_version: str, settings: CdsSettings, url: str | None = None
     ) -> ModelSource:
-        label = settings.outcome_label or study.name
+        label = settings.outcome_label or study.outcome_display()
         exact = [c for c in study.cohort.label.conditions if not c.endswith("*")]
         exact.sort(key=lambda token: not token.startswith(SNOMED + "|"))  # SNOMED first
         if exact:
@@ -111,7 +91,13 @@ class ModelSource:
     def links(self) -> list[Link] | None:
         if self.url is None:
             return None
-        return [Link(label="Model lineage and validation", url=self.url, type="absolute")]
+        return [
+            Link(
+                label=f"Model card: version {self.model_version[:12]}, lineage, validation",
+                url=self.url,
+                type="absolute",
+            )
+        ]
 
 
 def assessment_identifier(study: str, patient_id: str) -> str:
@@ -218,7 +204,7 @@ def unscored_card(
         summary = _fit(f"{source.label} risk not scored: {problems[0]}")
     else:
         summary = _fit(f"{source.label} risk not scored: the patient's data is unusable")
-    lines = [f"The {_md(source.study)} model could not score this patient."]
+    lines = [f"The {_md(source.label)} risk model could not score this patient."]
     if missing:
         lines += ["", "**Missing:**", ""] + [f"- {_md(m.name)}: {_md(m.reason)}" for m in missing]
     if problems:

@@ -11,10 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aipipe.cds.cards import CdsSettings, ModelSource
+from aipipe.cds.cards import ModelSource
 from aipipe.cds.models import HOOKS, Hook, ServiceDescriptor
 from aipipe.cds.prefetch import prefetch_templates
 from aipipe.cds.scoring import PatientScorer
+from aipipe.study.cds import CdsSettings
 from aipipe.study.spec import StudySpec
 
 _HOOK_WORDS = {
@@ -27,8 +28,22 @@ _HOOK_WORDS = {
 
 
 @dataclass(frozen=True)
+class LineageStep:
+    """One model version of a lineage, as the server knows it (newest first in a list)."""
+
+    version: str
+    round: int | None = None
+    parent: str | None = None
+    aggregator: str | None = None
+    created_at: str | None = None
+    sites: int | None = None  # how many sites contributed to the round, where known
+
+
+@dataclass(frozen=True)
 class ServiceEntry:
-    """One CDS service: a study's model answering one hook."""
+    """One CDS service: a study's model answering one hook. `lineage` is the model version's
+    and its ancestors' (newest first, starting with `model_version`), for the model card;
+    `served_by` says where the service runs ("hub" or "node")."""
 
     id: str
     hook: Hook
@@ -39,6 +54,8 @@ class ServiceEntry:
     prefetch: Mapping[str, str]
     settings: CdsSettings = field(default_factory=CdsSettings)
     model_url: str | None = None
+    lineage: tuple[LineageStep, ...] = ()
+    served_by: str = "node"
 
     def descriptor(self) -> ServiceDescriptor:
         return ServiceDescriptor(
@@ -60,10 +77,14 @@ def service_entries(
     settings: CdsSettings | None = None,
     model_url: str | None = None,
     hooks: Sequence[Hook] = HOOKS,
+    lineage: Sequence[LineageStep] = (),
+    served_by: str = "node",
 ) -> list[ServiceEntry]:
-    """The services of one study's model version, one per hook."""
-    chosen = settings or CdsSettings()
-    label = chosen.outcome_label or study.name
+    """The services of one study's model version, one per hook; `settings` default to the
+    study's `cds:` block."""
+    chosen = settings or study.cds_settings()
+    label = chosen.outcome_label or study.outcome_display()
+    steps = tuple(lineage) or (LineageStep(model_version),)
     templates = prefetch_templates(study)
     return [
         ServiceEntry(
@@ -71,7 +92,7 @@ def service_entries(
             hook=hook,
             study=study,
             model_version=model_version,
-            title=f"{label} risk ({study.name})",
+            title=chosen.title or f"{label} risk",
             description=(
                 f"Risk of {label} from the federated model of study '{study.name}' "
                 f"(version {model_version[:12]}), {_HOOK_WORDS[hook]}."
@@ -79,6 +100,8 @@ def service_entries(
             prefetch=templates,
             settings=chosen,
             model_url=model_url,
+            lineage=steps,
+            served_by=served_by,
         )
         for hook in hooks
     ]
@@ -116,6 +139,8 @@ class StaticCdsProvider:
         *,
         settings: Mapping[str, CdsSettings] | None = None,
         model_urls: Mapping[str, str] | None = None,
+        lineages: Mapping[str, Sequence[LineageStep]] | None = None,
+        served_by: str = "node",
     ) -> None:
         self._entries: list[ServiceEntry] = []
         self._scorers: dict[str, PatientScorer] = {}
@@ -126,6 +151,8 @@ class StaticCdsProvider:
                 scorer.model_version,
                 settings=(settings or {}).get(name),
                 model_url=(model_urls or {}).get(name),
+                lineage=(lineages or {}).get(name, ()),
+                served_by=served_by,
             )
             self._entries.extend(entries)
             self._scorers.update({entry.id: scorer for entry in entries})

@@ -3,6 +3,7 @@
     GET  /cds-services                 discovery: one service per study × hook
     POST /cds-services/{id}            a hook call → {"cards": [...]}
     POST /cds-services/{id}/feedback   what the user did with a card → 200
+    GET  /cds-services/{id}/model-card the model card every card links to (aipipe.cds.model_card)
 
 Errors answer with a status and an OperationOutcome whose `diagnostics` says what was wrong:
 400 for a body that is not a valid request (bad JSON, no `context.patientId`, a hook the service
@@ -23,7 +24,10 @@ input is missing it may be in the unread pages, so the answer is 412.
 
 Every route needs a CDS Client JWT (discovery too: it names the studies and model versions). A
 router without a `JwtPolicy` answers 401 to everyone unless built with `allow_unauthenticated=True`,
-which its hosts allow only on a loopback address (`aipipe.cds.limits.require_loopback`).
+which its hosts allow only on a loopback address (`aipipe.cds.limits.require_loopback`). The one
+exception is a model card link the router signed (`aipipe.cds.links`, with `link_key`): it opens
+its version's card without a JWT until it expires; a link with a bad or expired signature is
+refused (401) whatever the JWT rule.
 
 Every call is audited (`cds.request`, `cds.discovery`, `cds.feedback`, `auth.failure`) with the
 patient as an HMAC pseudonym under the router's key, never the raw id. One call writes a bounded
@@ -40,19 +44,22 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import anyio.to_thread
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from aipipe.cds.auth import CdsClient, JwtPolicy
 from aipipe.cds.cards import build_cards, unscored_card
 from aipipe.cds.fhir_access import EARLY_STOP, FhirAccess
 from aipipe.cds.limits import bounded, clip, service_label
+from aipipe.cds.links import DEFAULT_LIFETIME_S, CardLinkSigner
+from aipipe.cds.model_card import card_url, model_card, render_html
 from aipipe.cds.models import Card, CdsRequest, CdsResponse, Discovery, FeedbackRequest
 from aipipe.cds.prefetch import (
     OBSERVATIONS,
@@ -120,7 +127,11 @@ class _CdsHandler:
         fhir: FhirAccess,
         clock: Callable[[], datetime],
         allow_unauthenticated: bool,
+        base_url: str | None = None,
+        links: CardLinkSigner | None = None,
     ) -> None:
+        self._base_url = base_url
+        self._links = links
         self._provider = provider
         self._audit = audit
         self._jwt = jwt
@@ -142,6 +153,62 @@ class _CdsHandler:
         return await self._finish(
             record, response=JSONResponse(Discovery(services=services).dump())
         )
+
+    async def model_card(self, service_id: str, request: Request) -> Response:
+        """The model card of a version (`?version=`, default the current one): the same
+        access as discovery, or a link this router signed."""
+        service_id = service_label(service_id)
+        record = _Record("cds.model_card", f"cds-service:{service_id}")
+        try:
+            self._authorize_card(request, service_id, record)
+            entry = self._entries(service_id)[0]
+            version = request.query_params.get("version")
+            card = model_card(entry, version)
+            if card is None:
+                shown = clip(version or "", 80)
+                raise _Reject(
+                    404, f"CDS service '{service_id}' knows no model version '{shown}'; its "
+                    "current card is at this path without ?version",
+                )  # fmt: skip
+        except _Reject as exc:
+            return await self._finish(record, response=self._rejected(record, exc))
+        record.details["model_version"] = card.model_version
+        if "text/html" in request.headers.get("accept", ""):
+            return await self._finish(record, response=HTMLResponse(render_html(card)))
+        return await self._finish(record, response=JSONResponse(card.model_dump()))
+
+    def _authorize_card(self, request: Request, service_id: str, record: _Record) -> None:
+        """A JWT as for discovery; without one, a link carrying `sig` or `expires` must bear
+        this router's valid, unexpired signature."""
+        params = request.query_params
+        signed = "sig" in params or "expires" in params
+        if not signed or "authorization" in request.headers:
+            self._authenticate(request, f"/cds-services/{service_id}/model-card", record)
+            return
+        try:
+            if self._links is None:
+                raise AuthError(
+                    "this CDS service signs no model card links; present a CDS client JWT"
+                )
+            expires = self._links.verify(
+                service_id, params.get("version"), params.get("expires"), params.get("sig"),
+                self._clock(),
+            )  # fmt: skip
+        except AuthError as exc:
+            record.action = "auth.failure"
+            raise _Reject(401, str(exc)) from None
+        record.actor = "cds-link:model-card"
+        record.details["link_expires"] = expires
+
+    def _card_url(self, request: Request, entry: ServiceEntry, version: str) -> str:
+        """The link a card carries: the entry's own page, else this router's model card,
+        signed when the router has a link key."""
+        if entry.model_url:
+            return entry.model_url
+        url = card_url(self._base_url or str(request.base_url), entry.id, version)
+        if self._links is None:
+            return url
+        return f"{url}&{urlencode(self._links.query(entry.id, version, self._clock()))}"
 
     async def call(self, service_id: str, request: Request) -> Response:
         service_id = service_label(service_id)
@@ -183,7 +250,8 @@ class _CdsHandler:
             raise _Reject(503, f"no model is loaded for CDS service '{entry.id}'; try again later")
         values, notes, partial = await self._gather(entry, body, record)
         data = collect(values, patient_id, entry.study)
-        cards = self._cards(entry, scorer, data, notes, record, partial)
+        url = self._card_url(request, entry, scorer.model_version)
+        cards = self._cards(entry, scorer, data, notes, record, partial, url)
         record.details["cards"] = [{"uuid": c.uuid, "indicator": c.indicator} for c in cards]
         return JSONResponse(CdsResponse(cards=cards).dump())
 
@@ -195,8 +263,9 @@ class _CdsHandler:
         notes: list[str],
         record: _Record,
         partial: Mapping[str, str],
+        url: str,
     ) -> list[Card]:
-        source = entry.source()
+        source = replace(entry.source(), model_version=scorer.model_version, url=url)
         record.details.update(model_version=scorer.model_version, observations=data.observations)
         if data.blocking:
             record.details.update(scored=False, unusable=len(data.blocking))
@@ -408,24 +477,36 @@ def cds_router(
     fhir: FhirAccess | None = None,
     clock: Callable[[], datetime] | None = None,
     allow_unauthenticated: bool = False,
+    base_url: str | None = None,
+    link_key: bytes | None = None,
+    link_lifetime_s: float = DEFAULT_LIFETIME_S,
 ) -> APIRouter:
     """The CDS Hooks routes, to mount at the service's `{baseUrl}` (`app.include_router(...)`).
 
     `pseudonym_key` (≥ 16 bytes, secret) keys the HMAC that stands for patients in the audit log.
     `jwt=None` answers every call 401, unless `allow_unauthenticated` (for a service bound to
     loopback only: tests, a demo, behind an authenticating proxy). `fhir` says which fhirServers
-    may be read (`FhirAccess()`: none).
+    may be read (`FhirAccess()`: none). `base_url` is the service's public `{baseUrl}` for the
+    model card links (default: the URL each request was made to). With `link_key` (≥ 16 secret
+    bytes, `aipipe.cds.links.load_link_key`, not the pseudonym key) those links are signed and
+    open without a JWT for `link_lifetime_s` seconds (default 24 h); without it they need a JWT.
     """
     if len(pseudonym_key) < 16:
         raise ValueError("pseudonym_key must be at least 16 secret bytes")
+    if link_key is not None and hmac.compare_digest(link_key, pseudonym_key):
+        raise ValueError("link_key must not be the pseudonym key: give each its own secret")
+    links = None if link_key is None else CardLinkSigner(link_key, link_lifetime_s)
     handler = _CdsHandler(
         provider, audit, jwt, pseudonym_key, fhir or FhirAccess(), clock or _utc_now,
-        allow_unauthenticated,
+        allow_unauthenticated, base_url, links,
     )  # fmt: skip
     router = APIRouter(tags=["cds-hooks"])
     router.add_api_route("/cds-services", handler.discovery, methods=["GET"])
     router.add_api_route("/cds-services/{service_id}", handler.call, methods=["POST"])
     router.add_api_route("/cds-services/{service_id}/feedback", handler.feedback, methods=["POST"])
+    router.add_api_route(
+        "/cds-services/{service_id}/model-card", handler.model_card, methods=["GET"]
+    )
     return router
 
 

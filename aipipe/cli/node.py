@@ -539,6 +539,13 @@ def serve_cds(
         "--insecure-http",
         help="Serve plain HTTP on a non-loopback --host (only behind a TLS-terminating proxy).",
     ),
+    link_hours: float = typer.Option(
+        24.0,
+        "--model-card-link-hours",
+        min=0.01,
+        max=90 * 24,
+        help="How long the signed model card link on a card opens without a JWT.",
+    ),
 ) -> None:
     """Serve CDS Hooks for approved studies from inside the hospital (PHI stays on site).
 
@@ -553,6 +560,7 @@ def serve_cds(
     import uvicorn
 
     from aipipe.cds import JwtPolicy
+    from aipipe.cds.links import load_link_key
     from aipipe.node.cds import node_cds_app  # imports torch: only when needed
 
     paths = open_node(home)
@@ -564,7 +572,9 @@ def serve_cds(
         with hub_client(paths) as client:
             app_ = node_cds_app(store, client, study, audit, jwt=policy, fhir=fhir,
                                 allow_unauthenticated=allow_unauthenticated,
-                                pseudonym_key=paths.pseudonym_key.read_bytes())  # fmt: skip
+                                pseudonym_key=paths.pseudonym_key.read_bytes(),
+                                link_key=load_link_key(paths.cds_link_key),
+                                link_lifetime_s=link_hours * 3600)  # fmt: skip
         shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
         url = f"{scheme(tls)}://{shown}:{port}/cds-services"
         err_console.log(f"[{paths.config.name}] CDS Hooks at {url}")

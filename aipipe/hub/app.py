@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from aipipe import __version__
 from aipipe.audit.log import AuditLog
 from aipipe.cds import JwtPolicy, cds_router
+from aipipe.cds.links import load_link_key
 from aipipe.errors import (
     AipipeError,
     AuthError,
@@ -127,13 +128,17 @@ def _guard_authenticate(scope: Scope, token: str | None) -> Principal:
 
 def _cds(paths: HubPaths, service: HubService, audit: AuditLog) -> APIRouter:
     """CDS Hooks at /cds-services: clients present a JWT (hub.yaml cds_clients) unless
-    cds_allow_unauthenticated; fhirServers are read only from cds_fhir_servers."""
+    cds_allow_unauthenticated; fhirServers are read only from cds_fhir_servers. Model card links
+    are signed with <home>/cds-link.key (made here at first serve)."""
     clients = paths.config.cds_clients
     policy = JwtPolicy(clients, base_url=paths.config.cds_base_url) if clients else None
     key = service.identity.sign(b"aipipe-cds-pseudonym-key")[:32]
     return cds_router(HubCdsProvider(service), audit=audit, jwt=policy, pseudonym_key=key,
                       fhir=hub_fhir_access(paths),
-                      allow_unauthenticated=paths.config.cds_allow_unauthenticated)  # fmt: skip
+                      allow_unauthenticated=paths.config.cds_allow_unauthenticated,
+                      base_url=paths.config.cds_base_url,
+                      link_key=load_link_key(paths.cds_link_key),
+                      link_lifetime_s=paths.config.cds_link_lifetime_s)  # fmt: skip
 
 
 class Changes:

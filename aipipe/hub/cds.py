@@ -7,9 +7,10 @@ Scorers are built once per (study, version) and rebuilt when a new round closes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
-from aipipe.cds import FhirAccess, PatientScorer, ServiceEntry, service_entries
+from aipipe.cds import FhirAccess, LineageStep, PatientScorer, ServiceEntry, service_entries
 from aipipe.errors import ConfigError, StudyError
 from aipipe.hub.home import HubPaths
 from aipipe.hub.service import HubService
@@ -59,6 +60,29 @@ def pooled_preprocessor(service: HubService, study: str) -> Preprocessor:
     return Preprocessor(fills, mean, std)
 
 
+def registry_lineage(service: HubService, version: str) -> list[LineageStep]:
+    """`version` and its ancestors from the hub's model registry, newest first."""
+    steps: list[LineageStep] = []
+    current: str | None = version
+    while current is not None and len(steps) < 10_000:
+        row = service.store.model(current)
+        if row is None:
+            break
+        contributors = json.loads(row["lineage"]).get("contributors", [])
+        steps.append(
+            LineageStep(
+                version=current,
+                round=int(row["round"]),
+                parent=row["parent"],
+                aggregator=row["aggregator"],
+                created_at=row["created_at"],
+                sites=len(contributors) if row["round"] else None,
+            )
+        )
+        current = row["parent"]
+    return steps
+
+
 class HubCdsProvider:
     def __init__(self, service: HubService) -> None:
         self._service = service
@@ -79,7 +103,9 @@ class HubCdsProvider:
                 continue  # no site has reported its preprocessing yet
             weights = decode_arrays(self._service.models.weights(version))
             scorer = PatientScorer(spec, weights, preprocessor, version)
-            self._built[study] = (version, service_entries(spec, version), scorer)
+            lineage = registry_lineage(self._service, version)
+            entries = service_entries(spec, version, lineage=lineage, served_by="hub")
+            self._built[study] = (version, entries, scorer)
 
     def services(self) -> Sequence[ServiceEntry]:
         self._refresh()

@@ -2,6 +2,7 @@
 
 <home>/hub.yaml        HubConfig
 <home>/identity.key    Ed25519 key (0600): signs audit checkpoints
+<home>/cds-link.key    HMAC key (0600), made at first serve: signs model card links
 <home>/hub.sqlite      HubStore
 <home>/blobs/          content-addressed model weights
 <home>/audit.sqlite    hash-chained audit log
@@ -45,6 +46,8 @@ class HubConfig(BaseModel):
     cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
     cds_base_url: str | None = None
     cds_allow_unauthenticated: bool = False
+    # How long the signed model card link on an issued card opens without a JWT (seconds).
+    cds_link_lifetime_s: float = Field(default=24 * 3600.0, gt=0, le=90 * 24 * 3600.0)
     # FHIR base URLs (https) a CDS request's fhirServer may name; empty: none is ever read.
     cds_fhir_servers: list[str] = Field(default_factory=list)
     # PEM file of extra CAs for those servers (relative to the home); verification stays on.
@@ -75,6 +78,7 @@ class HubPaths:
         self.home = home
         self.config = config
         self.identity_key = home / "identity.key"
+        self.cds_link_key = home / "cds-link.key"
         self.store = home / "hub.sqlite"
         self.blobs = home / "blobs"
         self.audit_log = home / "audit.sqlite"

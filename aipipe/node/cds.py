@@ -10,8 +10,16 @@ from fastapi import FastAPI
 
 from aipipe import __version__
 from aipipe.audit.log import AuditLog
-from aipipe.cds import FhirAccess, JwtPolicy, PatientScorer, StaticCdsProvider, cds_router
-from aipipe.errors import ConfigError
+from aipipe.cds import (
+    FhirAccess,
+    JwtPolicy,
+    LineageStep,
+    PatientScorer,
+    StaticCdsProvider,
+    cds_router,
+)
+from aipipe.cds.links import DEFAULT_LIFETIME_S
+from aipipe.errors import AipipeError, ConfigError
 from aipipe.node.client import HubClient
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import site_preprocessor
@@ -29,8 +37,11 @@ def node_cds_app(
     jwt: JwtPolicy | None,
     fhir: FhirAccess | None = None,
     allow_unauthenticated: bool = False,
+    link_key: bytes | None = None,
+    link_lifetime_s: float = DEFAULT_LIFETIME_S,
 ) -> FastAPI:
-    scorers = []
+    """The node's CDS app; `link_key` (the home's cds-link.key) signs the model card links."""
+    scorers, lineages = [], {}
     for name in studies:
         approval = store.approval(name)
         if approval is None:
@@ -42,8 +53,33 @@ def node_cds_app(
         weights = decode_arrays(client.model_weights(version))
         # A site that cannot scale the inputs still serves: each card then says why no score.
         scorers.append(PatientScorer(spec, weights, site_preprocessor(store, spec), version))
+        lineages[name] = hub_lineage(client, name, version)
     app = FastAPI(title="aipipe node CDS Hooks", version=__version__)
-    app.include_router(cds_router(StaticCdsProvider(scorers), audit=audit, jwt=jwt,
+    provider = StaticCdsProvider(scorers, lineages=lineages, served_by="node")
+    app.include_router(cds_router(provider, audit=audit, jwt=jwt,
                                   pseudonym_key=pseudonym_key, fhir=fhir,
-                                  allow_unauthenticated=allow_unauthenticated))  # fmt: skip
+                                  allow_unauthenticated=allow_unauthenticated,
+                                  link_key=link_key, link_lifetime_s=link_lifetime_s))  # fmt: skip
     return app
+
+
+def hub_lineage(client: HubClient, study: str, version: str) -> list[LineageStep]:
+    """`version` and its ancestors as the hub lists them to this node (newest first); only the
+    version itself when the hub cannot be asked."""
+    try:
+        rows = {str(m["version"]): m for m in client.models(study)}
+    except AipipeError:
+        rows = {}
+    steps: list[LineageStep] = []
+    current: str | None = version
+    while current is not None and len(steps) <= len(rows):
+        row = rows.get(current)
+        if row is None:
+            break
+        steps.append(LineageStep(
+            version=current, round=row.get("round"), parent=row.get("parent"),
+            aggregator=row.get("aggregator"), created_at=row.get("created_at"),
+            sites=len(row.get("contributors") or []) or None,
+        ))  # fmt: skip
+        current = row.get("parent")
+    return steps or [LineageStep(version)]

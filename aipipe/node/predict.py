@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from aipipe.cds import CdsSettings, ModelSource, PatientScorer, build_risk_assessment, risk_level
+from aipipe.cds import ModelSource, PatientScorer, build_risk_assessment, risk_level
 from aipipe.cds.cards import IDENTIFIER_SYSTEM, assessment_identifier
 from aipipe.errors import StudyError
 from aipipe.fhir.server import FhirServerSource
 from aipipe.store.node_store import NodeStore
+from aipipe.study.cds import CdsSettings
 from aipipe.study.features import site_preprocessor
 from aipipe.study.spec import StudySpec
 
@@ -52,11 +53,12 @@ def predict_cohort(
     as_of: date | None = None,
     settings: CdsSettings | None = None,
 ) -> list[Prediction]:
-    """Score every patient of the store as of `as_of` (a day; None: `now`); a patient missing a
+    """Score every patient of the store as of `as_of` (a day; None: `now`), worded and graded by
+    the study's `cds:` block unless `settings` are given; a patient missing a
     required feature, or outside the study's population, is not scored (`reasons` says why).
     Raises `StudyError` when this site cannot scale the model's inputs at all (too few train
     patients). The site's train preprocessing stays the study's own."""
-    chosen = settings or CdsSettings()
+    chosen = settings or spec.cds_settings()
     occurrence: date | datetime = now if as_of is None else as_of
     cutoff = (now.astimezone(UTC) if now.tzinfo else now).date() if as_of is None else as_of
     preprocessor = site_preprocessor(store, spec)

@@ -21,7 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aipipe.errors import StudyError
-from aipipe.fhir.codes import CONCEPTS, expand_token
+from aipipe.fhir.codes import CONCEPTS, SNOMED, expand_token
+from aipipe.study.cds import CdsSettings
 
 # A study names at most this many features and its matrix has at most this many columns (a
 # categorical feature gives one per level): far above any clinical model, low enough that a
@@ -306,6 +307,7 @@ class StudySpec(_Model):
     aggregation: Aggregation = Aggregation()
     min_nodes: int = Field(default=2, ge=1)
     round_deadline_s: float = Field(default=600.0, gt=0)
+    cds: CdsSettings | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -344,6 +346,22 @@ class StudySpec(_Model):
         if self.population is not None and self.population.age and self.reference_date is None:
             raise ValueError("population `age` needs a reference_date (age on that day)")
         return self
+
+    def cds_settings(self) -> CdsSettings:
+        """The study's `cds:` block, or the defaults when it has none."""
+        return self.cds or CdsSettings()
+
+    def outcome_display(self) -> str:
+        """The outcome as a clinician reads it: the `cds:` block's `outcome_label`, else the
+        display of the concept its first exact SNOMED code belongs to, else the study's name."""
+        if self.cds is not None and self.cds.outcome_label is not None:
+            return self.cds.outcome_label
+        for token in self.cohort.label.conditions:
+            if token.startswith(SNOMED + "|") and not token.endswith("*"):
+                for concept in CONCEPTS.values():
+                    if token in concept.codes:
+                        return concept.display
+        return self.name
 
     def lookback_days(self, feature: Feature) -> int | None:
         """The feature's look-back window in days (its own, else the population's), or None."""
@@ -387,6 +405,8 @@ class StudySpec(_Model):
         exclude: dict[str, Any] = {}
         if self.population is None:
             exclude["population"] = True
+        if self.cds is None:
+            exclude["cds"] = True
         unset = [i for i, f in enumerate(self.features) if f.lookback_days is None]
         if unset:
             exclude["features"] = {i: {"lookback_days"} for i in unset}
