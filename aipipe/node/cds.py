@@ -13,6 +13,7 @@ from aipipe.audit.log import AuditLog
 from aipipe.cds import FhirAccess, JwtPolicy, PatientScorer, StaticCdsProvider, cds_router
 from aipipe.errors import ConfigError
 from aipipe.node.client import HubClient
+from aipipe.node.validation import require_servable
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import site_preprocessor
 from aipipe.study.spec import StudySpec
@@ -29,6 +30,7 @@ def node_cds_app(
     jwt: JwtPolicy | None,
     fhir: FhirAccess | None = None,
     allow_unauthenticated: bool = False,
+    actor: str = "node",
 ) -> FastAPI:
     scorers = []
     for name in studies:
@@ -39,7 +41,10 @@ def node_cds_app(
         version = client.study(name).current_version
         if version is None:
             raise ConfigError(f"study '{name}' has no model yet")
-        weights = decode_arrays(client.model_weights(version))
+        raw = client.model_weights(version)
+        # Served only if this site's held-out patients meet the study's validation minimum.
+        require_servable(store, client, spec, version, raw, audit=audit, actor=actor, use="cds")
+        weights = decode_arrays(raw)
         # A site that cannot scale the inputs still serves: each card then says why no score.
         scorers.append(PatientScorer(spec, weights, site_preprocessor(store, spec), version))
     app = FastAPI(title="aipipe node CDS Hooks", version=__version__)

@@ -21,9 +21,10 @@ them is charged to the site ledger (`aipipe.privacy.release`).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlite_utils import Database
 from sqlite_utils.db import Table
@@ -49,6 +50,8 @@ class LocalEvaluation:
     accuracy: float
     auc: float | None
     loss: float
+    # The exact validation report (`ValidationReport.as_card()`): calibration bins, ECE, O/E.
+    validation: dict[str, Any] | None = None
 
 
 class ModelLineage:
@@ -123,8 +126,14 @@ class ModelLineage:
         return row
 
     def save(self, evaluation: LocalEvaluation) -> None:
-        row = {**evaluation.__dict__, "time": datetime.now(UTC).isoformat(timespec="seconds")}
-        self._evaluations.upsert(row, pk=("study", "version"))
+        row: dict[str, object] = {
+            **evaluation.__dict__,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        row["validation"] = (
+            None if evaluation.validation is None else json.dumps(evaluation.validation)
+        )
+        self._evaluations.upsert(row, pk=("study", "version"), alter=True)
 
     def evaluation(self, study: str, version: str) -> LocalEvaluation | None:
         """This node's own evaluation of `version`, if it made one."""
@@ -141,6 +150,7 @@ class ModelLineage:
             accuracy=float(row["accuracy"]),
             auc=None if auc is None else float(auc),
             loss=float(row["loss"]),
+            validation=json.loads(row["validation"]) if row.get("validation") else None,
         )
 
     def _round(self, study: str, number: int) -> dict[str, object] | None:

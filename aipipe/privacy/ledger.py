@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -183,16 +183,18 @@ class BudgetLedger:
         steps: int,
         accountant: AccountantName,
         cohort: Cohort | None = None,
+        reserve: Sequence[Step] = (),
     ) -> float:
         """The σ for `steps` more steps at rate q that keeps the study within min(its share,
         what is left of its group of the site, released over `cohort`): the largest of the σ
-        each budget needs given what it spent. Raises `BudgetExhaustedError` when a budget has
-        nothing left to plan with."""
+        each budget needs given what it spent and the later releases `reserve` leaves room
+        for. Raises `BudgetExhaustedError` when a budget has nothing left to plan with."""
         share, delta = self.budget(study)
         site = self.site_budget()
         assert site is not None  # the study has a share, so the site has at least the default
         plan = CohortBook(self.db).plan(study, cohort)
         own, everything = _history(self.entries(study)), self._group_history(plan, study)
+        own, everything = [*own, *reserve], [*everything, *reserve]
         sigma = 0.0
         for scope, target, at, prior in (
             ("study", share, delta, own),
