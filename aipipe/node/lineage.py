@@ -14,8 +14,9 @@ The hub does not sign model versions, so this does not prove the hub aggregated 
 unsigned plaintext aggregate cannot be re-checked by one node); it does refuse any version
 published outside a round this node took part in, and any second result for one.
 
-Evaluations stay on the node (`local_evaluations`): no metric leaves it until a DP release of
-them is charged to the site ledger (`aipipe.privacy.release`).
+Evaluations stay on the node (`local_evaluations`, with the exact validation report: AUC,
+calibration); what may leave is the study's DP validation histogram, charged to the site ledger
+first (`aipipe.node.validation`).
 """
 
 from __future__ import annotations

@@ -442,9 +442,9 @@ class NodeWorker:
 
     def _evaluate(self, spec: StudySpec, item: WorkItem) -> str:
         """Evaluate a round's result on the test split, if its lineage verifies; keep the
-        numbers here. The hub gets an acknowledgement without numbers either way (so it stops
-        offering the version): an exact n_test, accuracy, AUC or loss leaks labels, and no DP
-        release of them is charged to the ledger yet (`aipipe.privacy.release`)."""
+        numbers here. The hub gets an acknowledgement without exact numbers either way (so it
+        stops offering the version): an exact n_test, accuracy, AUC or loss leaks labels. A
+        study with `validation.epsilon` gets the DP histogram too (`aipipe.node.validation`)."""
         assert item.version is not None and item.round is not None
         version, lineage = item.version, ModelLineage(self.store.db)
         try:

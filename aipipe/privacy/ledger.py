@@ -1,10 +1,11 @@
 """The site ledger: every release of every study on one node's patients, and the budgets it obeys.
 
 A release is (study, round, kind, mechanism (σ, q, steps), δ, digest of the bytes that left):
-training updates today (kind "train"), a solo baseline ("baseline"), later evaluation reports,
-statistics and analytics. The patients are the same whichever study asks, so the SITE's ε is the
-composition of ALL its releases under the accountant (PRV convolves a heterogeneous history;
-RDP adds it order by order), and each study's ε is the composition of its own. The data steward
+training updates (kind "train"), a solo baseline ("baseline"), preprocessing statistics
+("statistics"), validation histograms ("validation"), later analytics. The patients are the
+same whichever study asks, so the SITE's ε is the composition of ALL its releases under the
+accountant (PRV convolves a heterogeneous history; RDP adds it order by order), and each study's
+ε is the composition of its own. The data steward
 sets the site total (ε, δ) and each study's share; a release that would pass either is refused
 with the numbers. Until a site total is set, it is the largest study share (at the smallest δ):
 a node with one study behaves as before and a second study cannot add to what the first spent.

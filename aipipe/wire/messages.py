@@ -204,9 +204,9 @@ class CalibrationHistogram(Wire):
 class EvalReport(Wire):
     """A node's word that it has dealt with a version (so the hub stops offering it).
 
-    Nodes send it without numbers: exact n_test, accuracy, AUC or loss leak labels (a crafted
-    model reveals the count of positives), and no DP release of them is charged yet
-    (`aipipe.privacy.release`). The fields stay for that release and for older nodes."""
+    Nodes send it without exact numbers: n_test, accuracy, AUC or loss leak labels (a crafted
+    model reveals the count of positives). The only numbers are `calibration`, the study's DP
+    validation histogram, when it asks for one. The other fields stay for older nodes."""
 
     protocol: int = PROTOCOL_VERSION
     version: str = Field(pattern=_HEX64)
