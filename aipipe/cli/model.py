@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -81,12 +82,13 @@ def show(
     console.print(
         kv_table(
             f"model {version[:12]}",
-            {k: v for k, v in info.items() if k not in ("contributors", "metrics")},
+            {k: v for k, v in info.items() if k not in ("contributors", "metrics", "validation")},
         )
     )
+    _show_validation(info.get("validation"))
     for title, rows in (
         ("contributors", info["contributors"]),
-        ("metrics", [{"node": k, **v} for k, v in info["metrics"].items()]),
+        ("metrics", [{"node": k, **_flat(v)} for k, v in info["metrics"].items()]),
     ):
         if rows:
             table = Table(title=title, title_justify="left")
@@ -95,6 +97,36 @@ def show(
             for row in rows:
                 table.add_row(*(str(v) for v in row.values()))
             console.print(table)
+
+
+def _flat(report: dict[str, object]) -> dict[str, object]:
+    """A node's report without its histogram (the validation table shows the pooled one)."""
+    return {k: ("DP histogram" if k == "calibration" and v else v) for k, v in report.items()}
+
+
+def _show_validation(card: dict[str, Any] | None) -> None:
+    """The pooled validation against the study's minimum, and its calibration table."""
+    if card is None:
+        return
+    verdict = "[green]meets the study's minimum" if card["passed"] else "[red]not served"
+    console.print(f"validation ({card.get('source')}, {card.get('sites', 0)} sites): {verdict}")
+    for failure in card.get("failures", []):
+        console.print(f"  [red]✗[/] {failure}")
+    if "auc" not in card:
+        return
+    console.print(
+        f"  n ≈ {card['n']}, AUC {card['auc']}, calibration error (ECE) "
+        f"{card['calibration_error']}, observed/expected {card['observed_expected']}"
+        + (f", ε {card['epsilon']} per site" if card.get("epsilon") else "")
+    )
+    table = Table(title="calibration", title_justify="left")
+    for column in ("predicted", "n", "observed rate"):
+        table.add_column(column)
+    for b in card["bins"]:
+        lo, hi = b["range"]
+        observed = "—" if b["observed"] is None else f"{b['observed']:.2f}"
+        table.add_row(f"{lo:.1f}–{hi:.1f}", f"{b['n']:.0f}", observed)
+    console.print(table)
 
 
 @app.command()

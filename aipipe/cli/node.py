@@ -427,6 +427,7 @@ def predict(
     """
     from aipipe.node.predict import predict_cohort  # imports torch
     from aipipe.node.predict import write_back as send
+    from aipipe.node.validation import require_servable
 
     if write_back and not fhir_url:
         raise ConfigError("--write-back needs --fhir-url, the EHR's FHIR base URL")
@@ -442,7 +443,12 @@ def predict(
             version = client.study(study).current_version
             if version is None:
                 raise ConfigError(f"study '{study}' has no model yet")
-            weights = decode_arrays(client.model_weights(version))
+            raw = client.model_weights(version)
+            with open_audit(paths) as audit:  # the study's validation minimum, on this site
+                require_servable(store, client, spec, version, raw, audit=audit,
+                                 actor=paths.config.name,
+                                 use="writeback" if write_back else "predict")  # fmt: skip
+            weights = decode_arrays(raw)
         predictions = predict_cohort(
             store, spec, weights, version, now=datetime.now(UTC), as_of=as_of_day
         )
@@ -572,6 +578,7 @@ def serve_cds(
         with hub_client(paths) as client:
             app_ = node_cds_app(store, client, study, audit, jwt=policy, fhir=fhir,
                                 allow_unauthenticated=allow_unauthenticated,
+                                actor=paths.config.name,
                                 pseudonym_key=paths.pseudonym_key.read_bytes(),
                                 link_key=load_link_key(paths.cds_link_key),
                                 link_lifetime_s=link_hours * 3600)  # fmt: skip

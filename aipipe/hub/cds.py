@@ -14,6 +14,7 @@ from aipipe.cds import FhirAccess, LineageStep, PatientScorer, ServiceEntry, ser
 from aipipe.errors import ConfigError, StudyError
 from aipipe.hub.home import HubPaths
 from aipipe.hub.service import HubService
+from aipipe.hub.validation import servable_version
 from aipipe.privacy.statistics import NoisedSums, moments, pool
 from aipipe.study.features import Preprocessor
 from aipipe.wire.tensors import decode_arrays
@@ -87,11 +88,16 @@ class HubCdsProvider:
     def __init__(self, service: HubService) -> None:
         self._service = service
         self._built: dict[str, tuple[str, list[ServiceEntry], PatientScorer]] = {}
+        # study → (head version, why the hub's CDS does not serve it)
+        self.withheld: dict[str, tuple[str, str]] = {}
 
     def _refresh(self) -> None:
         for row in self._service.store.studies():
-            study, version = str(row["name"]), row["current_version"]
-            model = self._service.store.model(version) if version else None
+            study = str(row["name"])
+            version = self._servable(study, row["current_version"])
+            if version is None:
+                continue  # no version meets the study's validation minimum (or none trained)
+            model = self._service.store.model(version)
             if model is None or model["round"] == 0:
                 continue  # nothing trained yet: the initial weights serve no patient
             if study in self._built and self._built[study][0] == version:
@@ -106,6 +112,21 @@ class HubCdsProvider:
             lineage = registry_lineage(self._service, version)
             entries = service_entries(spec, version, lineage=lineage, served_by="hub")
             self._built[study] = (version, entries, scorer)
+
+    def _servable(self, study: str, current: str | None) -> str | None:
+        """The newest version meeting the study's `validation:` minimum (the current one when
+        it sets none); a study with none is withheld, audited once per head version."""
+        version, reason = servable_version(self._service.store, self._service.spec(study), current)
+        if version != current and self.withheld.get(study, ("", ""))[0] != current:
+            self.withheld[study] = (str(current), reason)
+            self._service.audit.append(
+                "cds.withheld",
+                actor="hub",
+                resource=f"study/{study}",
+                outcome="refused" if version is None else "success",
+                details={"head": current, "served": version, "reason": reason[:2000]},
+            )
+        return version
 
     def services(self) -> Sequence[ServiceEntry]:
         self._refresh()

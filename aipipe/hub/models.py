@@ -14,6 +14,7 @@ from typing import Any
 from aipipe.aggregation import AggregationError, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import NotFoundError
+from aipipe.hub.validation import validation_card
 from aipipe.store.hub_store import HubStore, RoundRow
 from aipipe.study.spec import StudySpec
 from aipipe.wire import ModelVersionInfo
@@ -97,6 +98,7 @@ class ModelRegistry:
             aggregator=row["aggregator"],
             contributors=lineage.get("contributors", []),
             metrics=self.store.metrics(version),
+            validation=validation_card(self.store, version),
         )
 
     def weights(self, version: str) -> bytes:

@@ -38,6 +38,7 @@ from aipipe.hub.home import HubPaths
 from aipipe.hub.models import ModelRegistry, version_id
 from aipipe.hub.secure import SecureRounds
 from aipipe.hub.updates import verified_update
+from aipipe.hub.validation import check_report
 from aipipe.models import build_model, weights_to_arrays
 from aipipe.secure.identity import Identity
 from aipipe.store.hub_store import ACTIVE, HubStore, RoundRow, secret_hash
@@ -364,6 +365,9 @@ class HubService:
 
     def report_metrics(self, node: str, report: EvalReport) -> None:
         self.access.check_metrics(node, report.version)
+        model = self.store.model(report.version)  # there: check_metrics says so
+        if model is not None:
+            check_report(self.spec(model["study"]), report)
         self.store.add_metrics(
             report.version, node, report.model_dump(mode="json", exclude={"version", "protocol"})
         )

@@ -21,6 +21,7 @@ from aipipe.cds import (
 from aipipe.cds.links import DEFAULT_LIFETIME_S
 from aipipe.errors import AipipeError, ConfigError
 from aipipe.node.client import HubClient
+from aipipe.node.validation import require_servable
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import site_preprocessor
 from aipipe.study.spec import StudySpec
@@ -39,6 +40,7 @@ def node_cds_app(
     allow_unauthenticated: bool = False,
     link_key: bytes | None = None,
     link_lifetime_s: float = DEFAULT_LIFETIME_S,
+    actor: str = "node",
 ) -> FastAPI:
     """The node's CDS app; `link_key` (the home's cds-link.key) signs the model card links."""
     scorers, lineages = [], {}
@@ -50,7 +52,10 @@ def node_cds_app(
         version = client.study(name).current_version
         if version is None:
             raise ConfigError(f"study '{name}' has no model yet")
-        weights = decode_arrays(client.model_weights(version))
+        raw = client.model_weights(version)
+        # Served only if this site's held-out patients meet the study's validation minimum.
+        require_servable(store, client, spec, version, raw, audit=audit, actor=actor, use="cds")
+        weights = decode_arrays(raw)
         # A site that cannot scale the inputs still serves: each card then says why no score.
         scorers.append(PatientScorer(spec, weights, site_preprocessor(store, spec), version))
         lineages[name] = hub_lineage(client, name, version)

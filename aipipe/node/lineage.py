@@ -14,16 +14,18 @@ The hub does not sign model versions, so this does not prove the hub aggregated 
 unsigned plaintext aggregate cannot be re-checked by one node); it does refuse any version
 published outside a round this node took part in, and any second result for one.
 
-Evaluations stay on the node (`local_evaluations`): no metric leaves it until a DP release of
-them is charged to the site ledger (`aipipe.privacy.release`).
+Evaluations stay on the node (`local_evaluations`, with the exact validation report: AUC,
+calibration); what may leave is the study's DP validation histogram, charged to the site ledger
+first (`aipipe.node.validation`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlite_utils import Database
 from sqlite_utils.db import Table
@@ -49,6 +51,8 @@ class LocalEvaluation:
     accuracy: float
     auc: float | None
     loss: float
+    # The exact validation report (`ValidationReport.as_card()`): calibration bins, ECE, O/E.
+    validation: dict[str, Any] | None = None
 
 
 class ModelLineage:
@@ -123,8 +127,14 @@ class ModelLineage:
         return row
 
     def save(self, evaluation: LocalEvaluation) -> None:
-        row = {**evaluation.__dict__, "time": datetime.now(UTC).isoformat(timespec="seconds")}
-        self._evaluations.upsert(row, pk=("study", "version"))
+        row: dict[str, object] = {
+            **evaluation.__dict__,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        row["validation"] = (
+            None if evaluation.validation is None else json.dumps(evaluation.validation)
+        )
+        self._evaluations.upsert(row, pk=("study", "version"), alter=True)
 
     def evaluation(self, study: str, version: str) -> LocalEvaluation | None:
         """This node's own evaluation of `version`, if it made one."""
@@ -141,6 +151,7 @@ class ModelLineage:
             accuracy=float(row["accuracy"]),
             auc=None if auc is None else float(auc),
             loss=float(row["loss"]),
+            validation=json.loads(row["validation"]) if row.get("validation") else None,
         )
 
     def _round(self, study: str, number: int) -> dict[str, object] | None:

@@ -34,6 +34,7 @@ from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
 from aipipe.node.training import TrainResult, clip_update, evaluate, train_local
+from aipipe.node.validation import VALIDATION, Assessment, assess, release_histogram, reserved_steps
 from aipipe.node.vault import SecureVault
 from aipipe.privacy.accountant import AccountantName, sample_rate
 from aipipe.privacy.cohorts import DISJOINT, Cohort, StudyGroup
@@ -46,6 +47,7 @@ from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import StudySpec
 from aipipe.wire import EvalReport, FeatureStats, UpdateHeader, WorkItem, pack_frame
+from aipipe.wire.messages import CalibrationHistogram
 from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
 
 
@@ -303,6 +305,7 @@ class NodeWorker:
                 steps=spec.training.rounds * steps,
                 accountant=accountant,
                 cohort=self.cohort(spec),
+                reserve=reserved_steps(spec),  # the study's validation releases
             )
             step = (sigma, q, steps)
             epsilon = ledger.check(spec.name, number, step, accountant, self.cohort(spec))
@@ -439,9 +442,9 @@ class NodeWorker:
 
     def _evaluate(self, spec: StudySpec, item: WorkItem) -> str:
         """Evaluate a round's result on the test split, if its lineage verifies; keep the
-        numbers here. The hub gets an acknowledgement without numbers either way (so it stops
-        offering the version): an exact n_test, accuracy, AUC or loss leaks labels, and no DP
-        release of them is charged to the ledger yet (`aipipe.privacy.release`)."""
+        numbers here. The hub gets an acknowledgement without exact numbers either way (so it
+        stops offering the version): an exact n_test, accuracy, AUC or loss leaks labels. A
+        study with `validation.epsilon` gets the DP histogram too (`aipipe.node.validation`)."""
         assert item.version is not None and item.round is not None
         version, lineage = item.version, ModelLineage(self.store.db)
         try:
@@ -456,15 +459,35 @@ class NodeWorker:
         matrix = self.features(spec)
         model = arrays_to_model(decode_arrays(raw), build_model(spec.model, len(matrix.columns)))
         result = evaluate(model, matrix.x_test, matrix.y_test)
-        lineage.save(LocalEvaluation(spec.name, version, item.round, **result.__dict__))
+        assessment = assess(spec, model, matrix)  # calibration too; exact, kept here
+        card = assessment.report.as_card()
+        lineage.save(LocalEvaluation(spec.name, version, item.round, **result.__dict__,
+                                     validation=card))  # fmt: skip
+        calibration = self._release_validation(spec, item.round, assessment)
+        released = "nothing" if calibration is None else f"{VALIDATION} histogram (DP)"
         self.audit.append(
             "evaluate",
             actor=self.name,
             resource=f"model/{version}",
-            details={"study": spec.name, "round": item.round, "released": "nothing"},
+            details={"study": spec.name, "round": item.round, "released": released},
         )
-        self.client.report(EvalReport(version=version))
+        self.client.report(EvalReport(version=version, calibration=calibration))
         return f"evaluated {version[:12]} (kept on this node): accuracy={result.accuracy:.3f}"
+
+    def _release_validation(
+        self, spec: StudySpec, number: int, assessment: Assessment
+    ) -> CalibrationHistogram | None:
+        """The study's DP validation histogram, charged before it leaves (None if it asks for
+        none or the budget refuses it: then the hub does not serve this version)."""
+        ledger = BudgetLedger(self.store.db)
+        before = ledger.groups()
+        try:
+            histogram = release_histogram(ledger, spec, number, assessment, self.cohort(spec))
+        except PrivacyError as exc:
+            self._audit_refusal(VALIDATION, spec, number, exc)
+            return None
+        self._audit_cohorts(before, ledger.groups())
+        return histogram
 
 
 def _hub_reason(spec: StudySpec, exc: Exception) -> str:

@@ -1,10 +1,11 @@
 """The site ledger: every release of every study on one node's patients, and the budgets it obeys.
 
 A release is (study, round, kind, mechanism (σ, q, steps), δ, digest of the bytes that left):
-training updates today (kind "train"), a solo baseline ("baseline"), later evaluation reports,
-statistics and analytics. The patients are the same whichever study asks, so the SITE's ε is the
-composition of ALL its releases under the accountant (PRV convolves a heterogeneous history;
-RDP adds it order by order), and each study's ε is the composition of its own. The data steward
+training updates (kind "train"), a solo baseline ("baseline"), preprocessing statistics
+("statistics"), validation histograms ("validation"), later analytics. The patients are the
+same whichever study asks, so the SITE's ε is the composition of ALL its releases under the
+accountant (PRV convolves a heterogeneous history; RDP adds it order by order), and each study's
+ε is the composition of its own. The data steward
 sets the site total (ε, δ) and each study's share; a release that would pass either is refused
 with the numbers. Until a site total is set, it is the largest study share (at the smallest δ):
 a node with one study behaves as before and a second study cannot add to what the first spent.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -183,16 +184,18 @@ class BudgetLedger:
         steps: int,
         accountant: AccountantName,
         cohort: Cohort | None = None,
+        reserve: Sequence[Step] = (),
     ) -> float:
         """The σ for `steps` more steps at rate q that keeps the study within min(its share,
         what is left of its group of the site, released over `cohort`): the largest of the σ
-        each budget needs given what it spent. Raises `BudgetExhaustedError` when a budget has
-        nothing left to plan with."""
+        each budget needs given what it spent and the later releases `reserve` leaves room
+        for. Raises `BudgetExhaustedError` when a budget has nothing left to plan with."""
         share, delta = self.budget(study)
         site = self.site_budget()
         assert site is not None  # the study has a share, so the site has at least the default
         plan = CohortBook(self.db).plan(study, cohort)
         own, everything = _history(self.entries(study)), self._group_history(plan, study)
+        own, everything = [*own, *reserve], [*everything, *reserve]
         sigma = 0.0
         for scope, target, at, prior in (
             ("study", share, delta, own),

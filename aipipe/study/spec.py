@@ -207,6 +207,33 @@ class Population(_Model):
         return self
 
 
+class Validation(_Model):
+    """What a model version must reach on held-out patients before it is served.
+
+    A node serves (`serve-cds`, `predict`) a version only when its own evaluation on its
+    test split meets these (exact numbers, never sent). With `epsilon > 0` each site also
+    releases, per evaluated version, a DP-noised histogram of (label × predicted-probability
+    bin) counts charged to its ledger at that ε; the hub sums them and its CDS serves the
+    newest version whose pooled metrics meet these. With `epsilon: 0` the hub serves none.
+    Metrics: `aipipe.study.validation`.
+    """
+
+    min_auc: float | None = Field(default=None, ge=0, le=1)
+    max_calibration_error: float | None = Field(default=None, ge=0, le=1)
+    # [lo, hi] for observed / expected events (calibration-in-the-large)
+    observed_expected: tuple[float, float] | None = None
+    min_patients: int = Field(default=50, ge=1)
+    bins: int = Field(default=10, ge=2, le=50)
+    epsilon: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Validation:
+        oe = self.observed_expected
+        if oe is not None and not 0 <= oe[0] <= oe[1]:
+            raise ValueError(f"validation `observed_expected` needs 0 <= lo <= hi, got {list(oe)}")
+        return self
+
+
 class Preprocessing(_Model):
     """`standardize: site` z-scores each column with the site's own train mean and std."""
 
@@ -296,6 +323,7 @@ class StudySpec(_Model):
     demographics: list[Demographic] = Field(default_factory=list)
     reference_date: date | None = None
     population: Population | None = None
+    validation: Validation | None = None
     split: Split = Split()
     preprocessing: Preprocessing = Preprocessing()
     model: ModelSpec = ModelSpec()
@@ -407,6 +435,8 @@ class StudySpec(_Model):
             exclude["population"] = True
         if self.cds is None:
             exclude["cds"] = True
+        if self.validation is None:
+            exclude["validation"] = True
         unset = [i for i, f in enumerate(self.features) if f.lookback_days is None]
         if unset:
             exclude["features"] = {i: {"lookback_days"} for i in unset}

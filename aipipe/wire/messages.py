@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -113,7 +114,7 @@ class RoundInfo(Wire):
     # Secure rounds: "keys", "advertising", "sharing", "masking", "unmasking", "decrypting".
     stage: str | None = None
     result_version: str | None = None
-    metrics: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class WorkItem(Wire):
@@ -180,12 +181,32 @@ class Decline(Wire):
     exclude: bool = False
 
 
+class CalibrationHistogram(Wire):
+    """A site's DP release for the study's validation gate: per predicted-probability bin, the
+    noised count of negatives and of positives on its test split (Gaussian noise, σ = z·1: one
+    patient is in one cell), charged to the site ledger (kind "validation") before it leaves."""
+
+    study_digest: str = Field(pattern=_HEX64)
+    negatives: list[float] = Field(min_length=2, max_length=50)
+    positives: list[float] = Field(min_length=2, max_length=50)
+    epsilon: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _same_bins(self) -> CalibrationHistogram:
+        if len(self.negatives) != len(self.positives):
+            raise ValueError("negatives and positives need one count per bin each")
+        if not all(math.isfinite(v) for v in [*self.negatives, *self.positives]):
+            raise ValueError("histogram counts must be finite")
+        return self
+
+
 class EvalReport(Wire):
     """A node's word that it has dealt with a version (so the hub stops offering it).
 
-    Nodes send it without numbers: exact n_test, accuracy, AUC or loss leak labels (a crafted
-    model reveals the count of positives), and no DP release of them is charged yet
-    (`aipipe.privacy.release`). The fields stay for that release and for older nodes."""
+    Nodes send it without exact numbers: n_test, accuracy, AUC or loss leak labels (a crafted
+    model reveals the count of positives). The only numbers are `calibration`, the study's DP
+    validation histogram, when it asks for one. The other fields stay for older nodes."""
 
     protocol: int = PROTOCOL_VERSION
     version: str = Field(pattern=_HEX64)
@@ -195,6 +216,8 @@ class EvalReport(Wire):
     loss: float | None = None
     local_accuracy: float | None = None
     local_auc: float | None = None
+    # The study's validation release (`validation.epsilon > 0`), noised and charged.
+    calibration: CalibrationHistogram | None = None
 
 
 class FeatureStats(Wire):
@@ -222,4 +245,6 @@ class ModelVersionInfo(Wire):
     created_at: str
     aggregator: str
     contributors: list[dict[str, Any]]
-    metrics: dict[str, dict[str, float | int | None]]
+    metrics: dict[str, dict[str, Any]]
+    # The pooled validation of the sites' DP histograms (`aipipe.hub.validation`), if any.
+    validation: dict[str, Any] | None = None
