@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aipipe.cds.model_card import model_card
 from aipipe.errors import ConflictError, StudyError
 from aipipe.hub.cds import HubCdsProvider
 from aipipe.hub.models import version_id
@@ -286,6 +287,11 @@ def test_the_hub_serves_only_the_newest_version_that_met_the_minimum(tmp_path: P
         assert len(passed["bins"]) == 10
         withheld = hub.events("cds.withheld")
         assert withheld[-1].details["served"] == good
+        # the model card a CDS card links to shows the served version's pooled validation
+        card = model_card(provider.services()[0])
+        assert card is not None and card.model_version == good
+        assert card.validation is not None and card.validation["passed"] is True
+        assert card.validation["source"] == "dp" and len(card.validation["bins"]) == 10
 
 
 def test_a_histogram_the_study_did_not_ask_for_is_refused(tmp_path: Path) -> None:

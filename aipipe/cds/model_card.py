@@ -90,12 +90,16 @@ def model_card(entry: ServiceEntry, version: str | None = None) -> ModelCard | N
         population=None if study.population is None else study.population.model_dump(),
         inputs=[*_features(entry), *({"name": d, "demographic": True} for d in study.demographics)],
         thresholds=entry.settings.thresholds(),
-        validation=None,
+        validation=_validation(steps[index]),
     )
 
 
+def _validation(step: LineageStep) -> dict[str, Any] | None:
+    return None if step.validation is None else dict(step.validation)
+
+
 def _step(step: LineageStep) -> dict[str, Any]:
-    return {k: v for k, v in vars(step).items() if v is not None}
+    return {k: v for k, v in vars(step).items() if v is not None and k != "validation"}
 
 
 def _features(entry: ServiceEntry) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ class LineageStep:
     aggregator: str | None = None
     created_at: str | None = None
     sites: int | None = None  # how many sites contributed to the round, where known
+    validation: Mapping[str, Any] | None = None  # `ValidationReport.as_card()`, where known
 
 
 @dataclass(frozen=True)

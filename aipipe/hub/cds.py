@@ -14,7 +14,7 @@ from aipipe.cds import FhirAccess, LineageStep, PatientScorer, ServiceEntry, ser
 from aipipe.errors import ConfigError, StudyError
 from aipipe.hub.home import HubPaths
 from aipipe.hub.service import HubService
-from aipipe.hub.validation import servable_version
+from aipipe.hub.validation import servable_version, validation_card
 from aipipe.privacy.statistics import NoisedSums, moments, pool
 from aipipe.study.features import Preprocessor
 from aipipe.wire.tensors import decode_arrays
@@ -78,6 +78,7 @@ def registry_lineage(service: HubService, version: str) -> list[LineageStep]:
                 aggregator=row["aggregator"],
                 created_at=row["created_at"],
                 sites=len(contributors) if row["round"] else None,
+                validation=validation_card(service.store, current),
             )
         )
         current = row["parent"]

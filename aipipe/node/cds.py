@@ -4,6 +4,7 @@ CDS calls land in the node's audit log under pseudonyms."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from fastapi import FastAPI
@@ -54,11 +55,16 @@ def node_cds_app(
             raise ConfigError(f"study '{name}' has no model yet")
         raw = client.model_weights(version)
         # Served only if this site's held-out patients meet the study's validation minimum.
-        require_servable(store, client, spec, version, raw, audit=audit, actor=actor, use="cds")
+        report = require_servable(
+            store, client, spec, version, raw, audit=audit, actor=actor, use="cds"
+        )
         weights = decode_arrays(raw)
         # A site that cannot scale the inputs still serves: each card then says why no score.
         scorers.append(PatientScorer(spec, weights, site_preprocessor(store, spec), version))
-        lineages[name] = hub_lineage(client, name, version)
+        head, *older = hub_lineage(client, name, version)
+        if report is not None:  # the node's own exact validation, shown inside the hospital
+            head = dataclasses.replace(head, validation=report.as_card())
+        lineages[name] = [head, *older]
     app = FastAPI(title="aipipe node CDS Hooks", version=__version__)
     provider = StaticCdsProvider(scorers, lineages=lineages, served_by="node")
     app.include_router(cds_router(provider, audit=audit, jwt=jwt,
