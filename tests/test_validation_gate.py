@@ -31,8 +31,9 @@ from aipipe.hub.service import HubService
 from aipipe.node.cds import node_cds_app
 from aipipe.node.client import HubClient
 from aipipe.node.lineage import ModelLineage
-from aipipe.node.validation import VALIDATION, require_servable
+from aipipe.node.validation import require_servable
 from aipipe.node.worker import NodeWorker
+from aipipe.privacy.engine import VALIDATION
 from aipipe.privacy.ledger import BudgetLedger
 from aipipe.privacy.statistics import noise_multiplier
 from aipipe.study.features import FeatureMatrix, Preprocessor

@@ -18,9 +18,9 @@ import secrets
 
 from aipipe.models import build_model
 from aipipe.node.training import EvalResult, evaluate, train_local
-from aipipe.privacy.accountant import sample_rate
+from aipipe.privacy.engine import Plan, PrivacyEngine
 from aipipe.privacy.errors import PrivacyError
-from aipipe.privacy.ledger import BASELINE, BudgetLedger
+from aipipe.privacy.ledger import BudgetLedger
 from aipipe.study.features import FeatureMatrix
 from aipipe.study.spec import StudySpec
 
@@ -44,38 +44,27 @@ def train_alone(
     steps = spec.training.rounds * spec.training.local_steps
     training = spec.training.model_copy(update={"rounds": 1, "local_steps": steps})
     model = build_model(spec.model, len(matrix.columns), seed=seed or 0)
-    sigma, number = None, 0
-    if ledger is not None:
+    engine = None if ledger is None else PrivacyEngine(ledger)
+    plan: Plan | None = None
+    if engine is not None:
         if spec.privacy.mode != "dp":
             raise PrivacyError(
                 f"study '{spec.name}' trains without DP; a solo baseline on a node's patients "
                 "needs DP (benchmark_only=True is for public data)"
             )
-        q = sample_rate(spec.training.batch_size, len(matrix.y_train))
-        number = 1 + sum(e.kind == BASELINE for e in ledger.entries(spec.name))
-        sigma = ledger.calibrate(
-            spec.name, number, sample_rate=q, steps=steps, accountant=spec.privacy.accountant
-        )
+        plan = engine.plan_baseline(spec, len(matrix.y_train))
     train_local(
         model,
         matrix.x_train,
         matrix.y_train,
         training=training,
         privacy=spec.privacy,
-        noise_multiplier=sigma,
+        noise_multiplier=None if plan is None else plan.noise_multiplier,
         seed=secrets.randbits(63) if seed is None else seed,
     )
     result = evaluate(model, matrix.x_test, matrix.y_test)
-    if ledger is not None and sigma is not None:
+    if engine is not None and plan is not None:
         # The metrics are what leaves: their cost and digest are written before they are shown.
-        ledger.charge(
-            spec.name,
-            number,
-            noise_multiplier=sigma,
-            sample_rate=sample_rate(spec.training.batch_size, len(matrix.y_train)),
-            steps=steps,
-            accountant=spec.privacy.accountant,
-            kind=BASELINE,
-            payload=json.dumps(dataclasses.asdict(result), sort_keys=True).encode(),
-        )
+        payload = json.dumps(dataclasses.asdict(result), sort_keys=True).encode()
+        engine.charge(plan, payload)
     return result

@@ -6,7 +6,7 @@ what the audit log and the budget ledger need. With `privacy.mode == "dp"` each 
 (`aipipe.privacy.DPSGD`): Poisson batches at q = batch/n, exact per-sample clipping to
 `privacy.clip`, Gaussian noise σ·clip. The ε of the round is reported; the caller charges the
 `BudgetLedger` with (σ, q, steps) before the update leaves the node (best before training: all
-three are known in advance, from `calibrate_noise` and `sample_rate`).
+three are known in advance, from the `PrivacyEngine`'s plan).
 
 The reported `loss` is the mean training loss of the rows seen; it is computed on private rows
 and NOT covered by ε, so it stays on the node.
@@ -15,7 +15,6 @@ and NOT covered by ε, so it stays on the node.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -26,8 +25,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from aipipe.models.serialization import Arrays, weights_to_arrays
-from aipipe.privacy.accountant import calibrate_noise, epsilon_for, sample_rate
-from aipipe.privacy.dpsgd import DPSGD
+from aipipe.privacy.engine import Plan, PrivacyEngine
 from aipipe.study.spec import Privacy, Training
 
 
@@ -113,10 +111,9 @@ def train_local(
             raise ValueError("a noise multiplier was given but privacy.mode is 'none'")
         loss = _train_plain(run)
     else:
-        q = sample_rate(training.batch_size, len(labels))
-        sigma = _noise(noise_multiplier, privacy, training, q)
-        loss = _train_private(run, sigma, q, privacy.clip)
-        epsilon = epsilon_for(sigma, q, training.local_steps, privacy.delta, privacy.accountant)
+        plan = PrivacyEngine.plan_local(training, privacy, len(labels), noise_multiplier)
+        loss = _train_private(run, plan, privacy.clip)
+        sigma, q, epsilon = plan.noise_multiplier, plan.sample_rate, plan.epsilon
     new = weights_to_arrays(model)
     delta = {name: new[name] - start[name] for name in new}
     return TrainResult(
@@ -187,13 +184,12 @@ def _train_plain(run: _Round) -> float:
     return total / seen
 
 
-def _train_private(run: _Round, sigma: float, q: float, clip: float) -> float:
-    dp = DPSGD(
+def _train_private(run: _Round, plan: Plan, clip: float) -> float:
+    dp = PrivacyEngine.make_private(
         run.model,
         run.optimizer,
-        noise_multiplier=sigma,
+        plan,
         max_grad_norm=clip,
-        sample_rate=q,
         num_examples=len(run.labels),
         generator=run.generator,
     )
@@ -214,19 +210,6 @@ def _train_private(run: _Round, sigma: float, q: float, clip: float) -> float:
         )
         total, seen = total + float(losses.sum()), seen + len(idx)
     return total / seen if seen else math.nan
-
-
-def _noise(sigma: float | None, privacy: Privacy, training: Training, q: float) -> float:
-    if sigma is None:
-        planned = training.rounds * training.local_steps
-        return calibrate_noise(privacy.epsilon, privacy.delta, q, planned, privacy.accountant)
-    if sigma == 0:
-        warnings.warn(
-            "noise multiplier 0 under privacy.mode 'dp' gives no privacy (ε = ∞); "
-            "the budget ledger will refuse this round",
-            stacklevel=3,
-        )
-    return sigma
 
 
 def _optimizer(model: nn.Module, training: Training) -> torch.optim.Optimizer:

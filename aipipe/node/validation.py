@@ -34,8 +34,7 @@ from aipipe.node.client import HubClient
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
 from aipipe.node.training import evaluate
 from aipipe.privacy.cohorts import Cohort
-from aipipe.privacy.ledger import BudgetLedger
-from aipipe.privacy.statistics import noise_multiplier
+from aipipe.privacy.engine import VALIDATION, PrivacyEngine
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import StudySpec
@@ -50,7 +49,6 @@ from aipipe.study.validation import (
 from aipipe.wire.messages import CalibrationHistogram
 from aipipe.wire.tensors import decode_arrays
 
-VALIDATION = "validation"  # the ledger kind of the histogram release
 DEFAULT_BINS = 10
 
 
@@ -82,23 +80,21 @@ def assess(spec: StudySpec, model: nn.Module, matrix: FeatureMatrix) -> Assessme
 
 
 def release_histogram(
-    ledger: BudgetLedger, spec: StudySpec, number: int, assessment: Assessment, cohort: Cohort
+    engine: PrivacyEngine, spec: StudySpec, number: int, assessment: Assessment, cohort: Cohort
 ) -> CalibrationHistogram | None:
     """The noised histogram for the hub, charged before it leaves; None when the study asks
     for none (no `validation.epsilon`, or secure aggregation: the hub learns no site's n).
     Raises `BudgetExhaustedError` (nothing charged, nothing to send) when it does not fit."""
-    criteria = spec.validation
-    if criteria is None or criteria.epsilon <= 0 or spec.secure != "none":
+    criteria, plan = spec.validation, engine.plan_validation(spec, number)
+    if criteria is None or plan is None:
         return None
-    released = ledger.released(spec.name, VALIDATION, number)
+    released = engine.ledger.released(spec.name, VALIDATION, number)
     if released is not None:
         frame = released[1]
         return None if frame is None else CalibrationHistogram.model_validate_json(frame)
-    accountant = spec.privacy.accountant
-    z = noise_multiplier(criteria.epsilon, spec.privacy.delta, accountant)
     exact = histogram(assessment.labels, assessment.probabilities, criteria.bins)
     rng = np.random.default_rng(secrets.randbits(128))  # secret and fresh, or it can be undone
-    noised = exact + rng.normal(0.0, z, size=exact.shape)
+    noised = exact + rng.normal(0.0, plan.noise_multiplier, size=exact.shape)
     body = CalibrationHistogram(
         study_digest=spec.digest(),
         negatives=[float(v) for v in noised[0]],
@@ -106,27 +102,8 @@ def release_histogram(
         epsilon=criteria.epsilon,
         delta=spec.privacy.delta,
     ).model_dump_json()
-    ledger.charge(
-        spec.name,
-        number,
-        noise_multiplier=z,
-        sample_rate=1.0,
-        steps=1,
-        accountant=accountant,
-        kind=VALIDATION,
-        payload=body.encode(),
-        cohort=cohort,
-    )
+    engine.charge(plan, body.encode(), cohort=cohort)
     return CalibrationHistogram.model_validate_json(body)
-
-
-def reserved_steps(spec: StudySpec) -> list[tuple[float, float, int]]:
-    """The validation releases a study's training plan leaves room for: one per round."""
-    criteria = spec.validation
-    if criteria is None or criteria.epsilon <= 0 or spec.secure != "none":
-        return []
-    z = noise_multiplier(criteria.epsilon, spec.privacy.delta, spec.privacy.accountant)
-    return [(z, 1.0, 1)] * spec.training.rounds
 
 
 def require_servable(

@@ -34,13 +34,13 @@ from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
 from aipipe.node.training import TrainResult, clip_update, evaluate, train_local
-from aipipe.node.validation import VALIDATION, Assessment, assess, release_histogram, reserved_steps
+from aipipe.node.validation import Assessment, assess, release_histogram
 from aipipe.node.vault import SecureVault
-from aipipe.privacy.accountant import AccountantName, sample_rate
 from aipipe.privacy.cohorts import DISJOINT, Cohort, StudyGroup
+from aipipe.privacy.engine import VALIDATION, Plan, PrivacyEngine
 from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError, RoundAlreadyReleasedError
 from aipipe.privacy.ledger import TRAIN, BudgetLedger, LedgerEntry
-from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, noise_multiplier, release
+from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, release
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
@@ -71,9 +71,7 @@ class NodeWorker:
     _cohorts: dict[str, Cohort] = field(default_factory=dict)  # of the cached features
     _weights: dict[str, Arrays] = field(default_factory=dict)
     # (study, round) → the mechanism planned for it, charged with its bytes just before they leave
-    _planned: dict[tuple[str, int], tuple[float, float, int, AccountantName]] = field(
-        default_factory=dict
-    )
+    _planned: dict[tuple[str, int], Plan] = field(default_factory=dict)
 
     def handle(self, item: WorkItem) -> str:
         """Do one work item; return a one-line summary for logs (counts only, no PHI)."""
@@ -147,9 +145,8 @@ class NodeWorker:
         (a node that died before masking trains again, and that release must be charged)."""
         if spec.privacy.mode != "dp" or sigma is None:
             return
-        q = sample_rate(spec.training.batch_size, len(self.features(spec).y_train))
-        plan = (sigma, q, spec.training.local_steps, spec.privacy.accountant)
-        self._planned[(spec.name, number)] = plan
+        rows = len(self.features(spec).y_train)
+        self._planned[(spec.name, number)] = self.privacy().resume_round(spec, number, rows, sigma)
 
     def _retrain(self, spec: StudySpec, item: WorkItem, sigma: float | None) -> TrainResult:
         return self._local_update(spec, item, self.features(spec), sigma)
@@ -206,7 +203,8 @@ class NodeWorker:
         ranges = spec.statistics_ranges()
         if ranges is None:
             return
-        ledger = BudgetLedger(self.store.db)
+        engine = self.privacy()
+        ledger = engine.ledger
         released = ledger.released(spec.name, STATISTICS, STATISTICS_ROUND)
         if released is not None:
             if released[1] is not None:
@@ -214,22 +212,11 @@ class NodeWorker:
             return
         if any(e.kind == TRAIN for e in ledger.entries(spec.name)):
             return  # trained already: the plan did not count them, so they stay here
-        accountant = spec.privacy.accountant
         try:
-            z = noise_multiplier(spec.privacy.stats_epsilon(), spec.privacy.delta, accountant)
-            body = _stats_body(spec, matrix, ranges, z)
+            plan = engine.plan_statistics(spec)
+            body = _stats_body(spec, matrix, ranges, plan.noise_multiplier)
             before = ledger.groups()
-            ledger.charge(
-                spec.name,
-                STATISTICS_ROUND,
-                noise_multiplier=z,
-                sample_rate=1.0,
-                steps=1,
-                accountant=accountant,
-                kind=STATISTICS,
-                payload=body,
-                cohort=self.cohort(spec),
-            )
+            engine.charge(plan, body, cohort=self.cohort(spec))
         except PrivacyError as exc:
             self._audit_refusal(STATISTICS, spec, STATISTICS_ROUND, exc)
             return
@@ -292,23 +279,8 @@ class NodeWorker:
             reason = f"node {self.name} does not allow training without DP (privacy: none)"
             self.client.decline(spec.name, number, reason, exclude=True)
             return f"round {number}: {reason}"
-        ledger = BudgetLedger(self.store.db)
-        q = sample_rate(spec.training.batch_size, train_rows)
-        steps, accountant = spec.training.local_steps, spec.privacy.accountant
         try:
-            # A study keeps the σ its first round was planned with; a new one is planned over
-            # all its rounds, within min(its share, what the site's other releases left).
-            sigma = _planned_sigma(ledger.entries(spec.name), q) or ledger.calibrate(
-                spec.name,
-                number,
-                sample_rate=q,
-                steps=spec.training.rounds * steps,
-                accountant=accountant,
-                cohort=self.cohort(spec),
-                reserve=reserved_steps(spec),  # the study's validation releases
-            )
-            step = (sigma, q, steps)
-            epsilon = ledger.check(spec.name, number, step, accountant, self.cohort(spec))
+            plan = self.privacy().plan_round(spec, number, train_rows, self.cohort(spec))
         except BudgetExhaustedError as exc:
             self.audit.append(
                 "train",
@@ -319,8 +291,8 @@ class NodeWorker:
             )
             self.client.decline(spec.name, number, _hub_reason(spec, exc), exclude=True)
             return f"round {number}: budget exhausted, declined"
-        self._planned[(spec.name, number)] = (sigma, q, steps, accountant)
-        return sigma, epsilon
+        self._planned[(spec.name, number)] = plan
+        return plan.noise_multiplier, plan.epsilon
 
     def charge_release(self, spec: StudySpec, item: WorkItem, frame: bytes) -> None:
         """Charge the round's planned mechanism with the sha256 of `frame`, the exact bytes
@@ -331,21 +303,14 @@ class NodeWorker:
         planned = self._planned.pop((spec.name, item.round), None)
         if planned is None:
             return  # no DP, so nothing is charged (the node allows `privacy: none`)
-        sigma, q, steps, accountant = planned
-        ledger = BudgetLedger(self.store.db)
-        before = ledger.groups()
-        ledger.charge(
-            spec.name,
-            item.round,
-            noise_multiplier=sigma,
-            sample_rate=q,
-            steps=steps,
-            accountant=accountant,
-            payload=frame,
-            keep=spec.secure != "secagg",
-            cohort=self.cohort(spec),
-        )
-        self._audit_cohorts(before, ledger.groups())
+        engine = self.privacy()
+        before = engine.ledger.groups()
+        engine.charge(planned, frame, keep=spec.secure != "secagg", cohort=self.cohort(spec))
+        self._audit_cohorts(before, engine.ledger.groups())
+
+    def privacy(self) -> PrivacyEngine:
+        """The site's privacy engine: plans and charges releases against its ledger."""
+        return PrivacyEngine(BudgetLedger(self.store.db))
 
     def cohort(self, spec: StudySpec) -> Cohort:
         """The study's cohort as the ledger records it (keyed hashes, never ids) and its claim;
@@ -479,14 +444,14 @@ class NodeWorker:
     ) -> CalibrationHistogram | None:
         """The study's DP validation histogram, charged before it leaves (None if it asks for
         none or the budget refuses it: then the hub does not serve this version)."""
-        ledger = BudgetLedger(self.store.db)
-        before = ledger.groups()
+        engine = self.privacy()
+        before = engine.ledger.groups()
         try:
-            histogram = release_histogram(ledger, spec, number, assessment, self.cohort(spec))
+            histogram = release_histogram(engine, spec, number, assessment, self.cohort(spec))
         except PrivacyError as exc:
             self._audit_refusal(VALIDATION, spec, number, exc)
             return None
-        self._audit_cohorts(before, ledger.groups())
+        self._audit_cohorts(before, engine.ledger.groups())
         return histogram
 
 
@@ -496,12 +461,6 @@ def _hub_reason(spec: StudySpec, exc: Exception) -> str:
     if spec.secure == "none":
         return str(exc)
     return f"{type(exc).__name__} at this node; its audit log holds the reason"
-
-
-def _planned_sigma(entries: list[LedgerEntry], q: float) -> float | None:
-    """σ of the study's latest training release at this sample rate, if any."""
-    runs = [e for e in entries if e.kind == TRAIN and e.sample_rate == q]
-    return runs[-1].noise_multiplier if runs else None
 
 
 def _stats_body(

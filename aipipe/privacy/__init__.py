@@ -9,6 +9,7 @@ from aipipe.privacy.accountant import (
 )
 from aipipe.privacy.clipping import PerSampleClipper
 from aipipe.privacy.dpsgd import DPSGD
+from aipipe.privacy.engine import Plan, PrivacyEngine
 from aipipe.privacy.errors import (
     BudgetExhaustedError,
     BudgetNotSetError,
@@ -16,6 +17,7 @@ from aipipe.privacy.errors import (
     PrivacyError,
     RoundAlreadyChargedError,
     RoundAlreadyReleasedError,
+    UnknownAccountantError,
     UnsupportedModuleError,
 )
 from aipipe.privacy.ledger import BudgetLedger, BudgetStatus, LedgerEntry, SiteBudget
@@ -31,10 +33,13 @@ __all__ = [
     "LedgerEntry",
     "NoiseCalibrationError",
     "PerSampleClipper",
+    "Plan",
+    "PrivacyEngine",
     "PrivacyError",
     "RoundAlreadyChargedError",
     "RoundAlreadyReleasedError",
     "SiteBudget",
+    "UnknownAccountantError",
     "UnsupportedModuleError",
     "calibrate_noise",
     "compose_epsilon",

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import create_accountant
 
-from aipipe.privacy.errors import NoiseCalibrationError
+from aipipe.privacy.errors import NoiseCalibrationError, UnknownAccountantError
 
 AccountantName = Literal["rdp", "prv"]
 Step = tuple[float, float, int]
@@ -43,6 +43,7 @@ def sample_rate(batch_size: int, n: int) -> float:
 def compose_epsilon(history: Iterable[Step], delta: float, accountant: AccountantName) -> float:
     """ε after all the steps in `history`, at `delta`, with the named accountant."""
     runs = list(history)
+    accountant_for(accountant)  # an unknown name is refused whatever the history
     _check_delta(delta)
     for sigma, q, steps in runs:
         _check_step(sigma, q, steps)
@@ -136,22 +137,58 @@ def _merge(history: Iterable[Step]) -> tuple[Step, ...]:
 
 @lru_cache(maxsize=1024)
 def _compose_cached(history: tuple[Step, ...], delta: float, accountant: AccountantName) -> float:
-    if accountant == "rdp":
-        rdp = RDPAccountant()
-        rdp.history = list(history)
-        return float(rdp.get_epsilon(delta=delta, alphas=_RDP_ORDERS))
-    if accountant == "prv":
-        prv = PRVAccountant()
-        prv.history = list(history)
-        # PRVAccountant sizes its discretisation grid with an internal RDP bound; when σ is
-        # small that bound's best order is the largest one tried and Opacus warns. The warning
-        # concerns the grid bound, not the PRV ε returned, so it is not shown to users.
-        # At q = 1 (a site smaller than the batch: every row in every step) the PRV's
-        # log(1 − q) is −inf by design; numpy's divide-by-zero warning is noise there.
-        with warnings.catch_warnings(), np.errstate(divide="ignore"):
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            return float(prv.get_epsilon(delta=delta))
-    raise ValueError(f"unknown accountant '{accountant}'; use 'rdp' or 'prv'")
+    return accountant_for(accountant)(list(history), delta)
+
+
+Accountant = Callable[[list[Step], float], float]
+"""ε at δ of a history of (σ, q, steps) runs: one of Opacus' accountants, by name."""
+
+_ACCOUNTANTS: dict[str, Accountant] = {}
+
+
+def register_accountant(name: str) -> Callable[[Accountant], Accountant]:
+    """Register an accountant under `name` (Opacus' `register_accountant`, for aipipe's use)."""
+
+    def add(fn: Accountant) -> Accountant:
+        if name in _ACCOUNTANTS:
+            raise ValueError(f"an accountant named '{name}' is registered already")
+        _ACCOUNTANTS[name] = fn
+        return fn
+
+    return add
+
+
+def accountant_names() -> list[str]:
+    return sorted(_ACCOUNTANTS)
+
+
+def accountant_for(name: str) -> Accountant:
+    """The accountant registered as `name`; `UnknownAccountantError` names the ones there are."""
+    try:
+        return _ACCOUNTANTS[name]
+    except KeyError:
+        raise UnknownAccountantError(name, accountant_names()) from None
+
+
+@register_accountant("rdp")
+def _rdp(history: list[Step], delta: float) -> float:
+    rdp = create_accountant("rdp")
+    rdp.history = history
+    return float(rdp.get_epsilon(delta=delta, alphas=_RDP_ORDERS))
+
+
+@register_accountant("prv")
+def _prv(history: list[Step], delta: float) -> float:
+    prv = create_accountant("prv")
+    prv.history = history
+    # PRVAccountant sizes its discretisation grid with an internal RDP bound; when σ is
+    # small that bound's best order is the largest one tried and Opacus warns. The warning
+    # concerns the grid bound, not the PRV ε returned, so it is not shown to users.
+    # At q = 1 (a site smaller than the batch: every row in every step) the PRV's
+    # log(1 − q) is −inf by design; numpy's divide-by-zero warning is noise there.
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(prv.get_epsilon(delta=delta))
 
 
 def _check_step(sigma: float, q: float, steps: int) -> None:

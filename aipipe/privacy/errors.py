@@ -7,6 +7,7 @@ AipipeError
     ├── RoundAlreadyChargedError  a resumed round asks to run with a different mechanism
     │   └── RoundAlreadyReleasedError  a round already left; other bytes for it are refused
     ├── NoiseCalibrationError     no noise multiplier reaches the target ε
+    ├── UnknownAccountantError    an accountant name that is not registered (also a ValueError)
     └── UnsupportedModuleError    a model layer the exact per-sample clipper cannot handle
 """
 
@@ -83,3 +84,14 @@ class NoiseCalibrationError(PrivacyError):
 
 class UnsupportedModuleError(PrivacyError):
     """The model holds a layer for which exact per-sample gradient norms are not implemented."""
+
+
+class UnknownAccountantError(PrivacyError, ValueError):
+    """A study or a call names an accountant that is not registered."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(
+            f"no privacy accountant is registered as '{name}'; use one of {', '.join(known)}"
+        )
+        self.name = name
+        self.known = known
