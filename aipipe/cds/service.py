@@ -41,7 +41,7 @@ import hmac
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -66,6 +66,7 @@ from aipipe.cds.prefetch import (
 )
 from aipipe.cds.provider import AuditSink, CdsProvider, ServiceEntry
 from aipipe.cds.scoring import PatientScorer
+from aipipe.clock import now as wall_clock
 from aipipe.errors import AipipeError, AuthError
 from aipipe.fhir.base_url import origin_of
 
@@ -419,7 +420,7 @@ def cds_router(
     if len(pseudonym_key) < 16:
         raise ValueError("pseudonym_key must be at least 16 secret bytes")
     handler = _CdsHandler(
-        provider, audit, jwt, pseudonym_key, fhir or FhirAccess(), clock or _utc_now,
+        provider, audit, jwt, pseudonym_key, fhir or FhirAccess(), clock or wall_clock,
         allow_unauthenticated,
     )  # fmt: skip
     router = APIRouter(tags=["cds-hooks"])
@@ -427,7 +428,3 @@ def cds_router(
     router.add_api_route("/cds-services/{service_id}", handler.call, methods=["POST"])
     router.add_api_route("/cds-services/{service_id}/feedback", handler.feedback, methods=["POST"])
     return router
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
