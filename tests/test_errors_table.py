@@ -135,6 +135,18 @@ def test_every_error_crosses_http_as_itself(
     assert str(sent) in str(caught.value)
 
 
+def test_a_refusal_before_the_body_is_read_names_its_error_too(
+    raising_hub: tuple[TestClient, str],
+) -> None:
+    hub, _ = raising_hub
+    response = hub.post("/v1/studies", json={"spec": {}}, headers={"Authorization": "Bearer x"})
+    assert response.status_code == 401
+    assert response.json()["error"] == "AuthError"
+    client = HubClient("http://testserver", token="x", transport=hub._transport)
+    with client, pytest.raises(AuthError):
+        client.publish({})
+
+
 @pytest.mark.parametrize(
     ("cls", "path"),
     [
