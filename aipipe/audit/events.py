@@ -15,7 +15,6 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -89,11 +88,6 @@ def content_hash(content: Mapping[str, Any]) -> str:
 def checkpoint_message(seq: int, event_hash: str) -> bytes:
     """The bytes a checkpoint signs: the sequence number and the hash of the head event."""
     return f"aipipe-audit-checkpoint:{seq}:{event_hash}".encode()
-
-
-def utc_now() -> str:
-    """Current UTC time as ISO-8601 with microseconds and a ``Z`` suffix (a valid FHIR instant)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def check_action(action: str) -> str:

@@ -36,8 +36,8 @@ from aipipe.audit.events import (
     content_hash,
     normalise_details,
     record_from_row,
-    utc_now,
 )
+from aipipe.clock import utc_now
 from aipipe.errors import ConfigError, IdentityError, StoreError
 from aipipe.secure.identity import Identity
 from aipipe.store.sqlite import private_db

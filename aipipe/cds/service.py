@@ -45,7 +45,7 @@ import hmac
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -73,6 +73,7 @@ from aipipe.cds.prefetch import (
 )
 from aipipe.cds.provider import AuditSink, CdsProvider, ServiceEntry
 from aipipe.cds.scoring import PatientScorer
+from aipipe.clock import now as wall_clock
 from aipipe.errors import AipipeError, AuthError
 from aipipe.fhir.base_url import origin_of
 
@@ -497,7 +498,7 @@ def cds_router(
         raise ValueError("link_key must not be the pseudonym key: give each its own secret")
     links = None if link_key is None else CardLinkSigner(link_key, link_lifetime_s)
     handler = _CdsHandler(
-        provider, audit, jwt, pseudonym_key, fhir or FhirAccess(), clock or _utc_now,
+        provider, audit, jwt, pseudonym_key, fhir or FhirAccess(), clock or wall_clock,
         allow_unauthenticated, base_url, links,
     )  # fmt: skip
     router = APIRouter(tags=["cds-hooks"])
@@ -508,7 +509,3 @@ def cds_router(
         "/cds-services/{service_id}/model-card", handler.model_card, methods=["GET"]
     )
     return router
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)

@@ -1,5 +1,6 @@
 """The hub's HTTP API (FastAPI), versioned under /v1. Every route is a thin skin over
-`HubService`; errors map to status codes in one place (`_error_status`).
+`HubService`; an `AipipeError` answers its class's `http_status` with `error_body` (the table
+in `aipipe.errors`).
 
 All routes are `async def` so that the SQLite connection is used from the event loop's
 thread only; the work behind each request is small (a model is kilobytes to megabytes).
@@ -20,16 +21,7 @@ from aipipe import __version__
 from aipipe.audit.log import AuditLog
 from aipipe.cds import JwtPolicy, cds_router
 from aipipe.cds.links import load_link_key
-from aipipe.errors import (
-    AipipeError,
-    AuthError,
-    BlobIntegrityError,
-    ConflictError,
-    ForbiddenError,
-    NotFoundError,
-    StudyError,
-    UpdateRejectedError,
-)
+from aipipe.errors import AipipeError, AuthError, ConflictError, error_body
 from aipipe.hub.audit_head import AuditHeadMiddleware
 from aipipe.hub.cds import HubCdsProvider, hub_fhir_access
 from aipipe.hub.home import HubPaths
@@ -57,22 +49,6 @@ from aipipe.wire.secure import CkksKeyInfo, Keyring, SecAggRoundConfig
 MAX_ROUND = 2**31 - 1  # path integers past this are refused (422), not overflowed (500)
 TICK_S = 0.5
 LONG_POLL_STEP_S = 0.2
-
-
-def _error_status(exc: AipipeError) -> int:
-    if isinstance(exc, BlobIntegrityError):
-        return 500  # the hub's own storage is damaged: nothing the caller can fix
-    if isinstance(exc, ForbiddenError):
-        return 403
-    if isinstance(exc, AuthError):
-        return 401
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, ConflictError | UpdateRejectedError):
-        return 409
-    if isinstance(exc, StudyError):
-        return 422
-    return 400
 
 
 def create_app(paths: HubPaths) -> FastAPI:
@@ -110,7 +86,7 @@ def create_app(paths: HubPaths) -> FastAPI:
 
     @app.exception_handler(AipipeError)
     async def _aipipe_error(request: Request, exc: AipipeError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=_error_status(exc))
+        return JSONResponse(error_body(exc), status_code=exc.http_status)
 
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(RequestGuard, authenticate=_guard_authenticate)

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 
-from aipipe.errors import AuthError
+from aipipe.errors import AuthError, error_body
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -99,12 +99,12 @@ class RequestGuard:
             try:
                 principal = self.authenticate(scope, _bearer(scope))
             except AuthError as exc:
-                await _answer(scope, receive, send, 401, str(exc))
+                await _answer(scope, receive, send, exc.http_status, error_body(exc))
                 return
             scope.setdefault("state", {})["principal"] = principal
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > rule.cap):
-            await _answer(scope, receive, send, 413, BodyTooLargeError(rule.cap).detail)
+            await _answer(scope, receive, send, 413, {"detail": BodyTooLargeError(rule.cap).detail})
             return
         await self.app(scope, _capped(receive, rule.cap), send)
 
@@ -124,9 +124,11 @@ def _capped(receive: Receive, cap: int) -> Receive:
     return capped
 
 
-async def _answer(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
+async def _answer(
+    scope: Scope, receive: Receive, send: Send, status: int, body: dict[str, str]
+) -> None:
     """Refuse before the body is read; the connection closes, so no client keeps sending it."""
-    response = JSONResponse({"detail": detail}, status_code=status, headers={"Connection": "close"})
+    response = JSONResponse(body, status_code=status, headers={"Connection": "close"})
     await response(scope, receive, send)
 
 

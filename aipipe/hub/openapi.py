@@ -1,8 +1,9 @@
 """The hub's OpenAPI description: every error it answers, and who may read the description.
 
-Every error the hub's own routes answer is `ErrorBody` (`{"detail": "..."}`), request
-validation errors included (one line naming the fields, never their values: an enrolment
-secret must not echo back). The CDS Hooks routes answer FHIR OperationOutcomes instead.
+Every error the hub's own routes answer is `ErrorBody` (`{"error": "NotFoundError", "detail":
+"..."}`; `error` names the `AipipeError` class, absent from a 413 or a malformed request),
+request validation errors included (one line naming the fields, never their values: an
+enrolment secret must not echo back). The CDS Hooks routes answer FHIR OperationOutcomes instead.
 
 `/openapi.json` is served to the admin token; with `api_docs: true` in hub.yaml it and the
 Swagger UI at `/docs` are public, and the UI's script and stylesheet come from the hub itself
@@ -21,9 +22,16 @@ from fastapi.staticfiles import StaticFiles
 
 from aipipe.errors import AuthError
 from aipipe.hub.home import HubConfig
-from aipipe.wire.messages import ErrorBody
+from aipipe.wire.messages import ErrorBody as DetailBody
 
 ASSETS = "/docs/assets"
+
+
+class ErrorBody(DetailBody):
+    """What the hub answers with every error status: the error's class and one line."""
+
+    error: str | None = None  # the `AipipeError` class name (aipipe.errors.error_body)
+
 
 _ERRORS = {
     400: "The request is malformed (not JSON, or not what the route takes)",

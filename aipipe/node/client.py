@@ -3,7 +3,8 @@
 Connection failures and 502–504 answers are retried with exponential backoff and then raised
 as `HubUnavailableError`: `max_retries` times, or, inside `retrying_until(t)`, until the
 monotonic time t (a SecAgg+ round retries for its stage deadline, so it outlives a hub restart).
-4xx answers become the matching `AipipeError` with the hub's reason, at once.
+Other error answers become, at once, the `AipipeError` the hub raised: its class name travels
+in the body (`aipipe.errors.error_from_body`), with the hub's reason.
 """
 
 from __future__ import annotations
@@ -18,17 +19,11 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel
 
+# The error modules whose classes the hub may raise are loaded, so their names rebuild them.
+import aipipe.models.errors
+import aipipe.privacy.errors  # noqa: F401
 from aipipe.audit.anchor import HEADER as AUDIT_HEAD_HEADER
-from aipipe.errors import (
-    AipipeError,
-    AuthError,
-    ConfigError,
-    ConflictError,
-    HubUnavailableError,
-    NotFoundError,
-    StudyError,
-    UpdateRejectedError,
-)
+from aipipe.errors import ConfigError, HubUnavailableError, error_from_body
 from aipipe.secure.errors import SecAggRoundFailedError
 from aipipe.tls import HubTransport
 from aipipe.wire import (
@@ -48,13 +43,6 @@ M = TypeVar("M", bound=BaseModel)
 
 _RETRY_STATUS = {502, 503, 504}
 MAX_RETRY_DELAY_S = 2.0  # backoff cap while retrying until a deadline: reconnect soon after
-_STATUS_ERRORS: dict[int, type[AipipeError]] = {
-    401: AuthError,
-    403: AuthError,
-    404: NotFoundError,
-    409: ConflictError,
-    422: StudyError,
-}
 
 
 class HubClient:
@@ -300,13 +288,14 @@ def _checked(response: httpx.Response) -> httpx.Response:
     if response.is_success:
         return response
     try:
-        detail = str(response.json().get("detail", response.text))
+        body = response.json()
     except ValueError:
-        detail = response.text[:200]
-    if response.status_code == 409 and "update" in response.request.url.path:
-        raise UpdateRejectedError(f"hub refused the update: {detail}")
-    error = _STATUS_ERRORS.get(response.status_code, AipipeError)
-    raise error(f"hub answered {response.status_code}: {detail}")
+        body = None
+    if not isinstance(body, dict):
+        body = {"detail": response.text[:200]}
+    detail = str(body.get("detail", response.text[:200]))
+    status = response.status_code
+    raise error_from_body(status, body, f"hub answered {status}: {detail}")
 
 
 def _audit_head_hook(record: Callable[[str], None]) -> Callable[[httpx.Response], None]:

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from aipipe.clock import utc_now
 from aipipe.fhir.files import Progress, SourceItem, discover, read_file
 from aipipe.fhir.limits import DEFAULT_LIMITS, IngestLimits
 from aipipe.fhir.mapping import MappedResource, ResourceRejected, map_resource
-from aipipe.store.node_store import NodeStore, WriteOutcome, later, utc_now
+from aipipe.store.node_store import NodeStore, WriteOutcome, later
 
 BATCH_SIZE = 5000  # one transaction per batch; larger batches re-dirty fewer index pages
 # A resourceType that is not a type name is content, not a type: reported as `unknown`.

@@ -1,29 +1,14 @@
-"""Canonical, unambiguous byte encodings of field tuples, for signatures, KDF labels and AEAD data.
-
-Each field is prefixed by its length (u32 big-endian), so ("ab", "c") and ("a", "bc") never encode
-alike; a signature or an associated-data string over `frame(...)` therefore binds every field.
-"""
+"""Canonical byte encodings (`frame`, defined in `aipipe.wire.canonical` so that the wire layer
+imports nothing above it) and the KDF that the secure primitives derive keys with."""
 
 from __future__ import annotations
-
-import struct
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from aipipe.wire.canonical import frame
 
-def frame(*parts: bytes | str | int) -> bytes:
-    """Length-prefixed concatenation; str is UTF-8, int is u64 big-endian."""
-    out = bytearray()
-    for part in parts:
-        if isinstance(part, str):
-            data = part.encode()
-        elif isinstance(part, int):
-            data = part.to_bytes(8, "big")
-        else:
-            data = bytes(part)
-        out += struct.pack(">I", len(data)) + data
-    return bytes(out)
+__all__ = ["frame", "hkdf_sha256"]
 
 
 def hkdf_sha256(secret: bytes, *, length: int, info: bytes, salt: bytes | None = None) -> bytes:

@@ -16,12 +16,12 @@ import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from aipipe.clock import plus, utc_now
 from aipipe.errors import BlobIntegrityError, StoreError
-from aipipe.store.node_store import later, utc_now
+from aipipe.store.node_store import later
 from aipipe.store.sqlite import immediate, private_db
 
 _SCHEMA = """
@@ -101,11 +101,6 @@ def _add_token_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE enrol_tokens ADD COLUMN {column} {kind}")
 
 
-def _plus(instant: str, seconds: float) -> str:
-    moment = datetime.fromisoformat(instant.replace("Z", "+00:00"))
-    return (moment + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 class HubStore:
     def __init__(self, conn: sqlite3.Connection, blob_dir: Path) -> None:
         self.conn = conn
@@ -163,7 +158,7 @@ class HubStore:
                 or row["secret_hash"] != secret_hash(secret)
             ):
                 return Enrolment("invalid")
-            expires = row["expires_at"] or _plus(row["created_at"], DEFAULT_TOKEN_TTL_S)
+            expires = row["expires_at"] or plus(row["created_at"], DEFAULT_TOKEN_TTL_S)
             now = utc_now()
             if not later(expires, now):
                 return Enrolment("expired", expires)

@@ -15,13 +15,14 @@ import hmac
 import sqlite3
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
+from aipipe.clock import parse_instant, utc_now
 from aipipe.errors import StoreError
 from aipipe.fhir.mapping import MappedResource
 from aipipe.store.schema import migrate
@@ -40,18 +41,13 @@ class WriteOutcome(StrEnum):
     STALE = "stale"
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _parse_instant(value: str | None) -> datetime | None:
     if value is None:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_instant(value)
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def later(a: str, b: str) -> bool:

@@ -21,7 +21,7 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aipipe.store.node_store import utc_now
+from aipipe.clock import utc_now
 from aipipe.store.sqlite import immediate
 
 _SCHEMA = """

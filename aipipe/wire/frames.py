@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import struct
 
+from aipipe.errors import WireDecodeError
+
 MAGIC = b"AIPF"
 MAX_HEADER = 64 * 1024
 MEDIA_TYPE = "application/vnd.aipipe.frame"
 
 
-class FrameError(ValueError):
-    """A body that is not a well-formed frame."""
+class FrameError(WireDecodeError, ValueError):
+    """A body that is not a well-formed frame (a `ValueError` too, as it was before)."""
 
 
 def pack_frame(header_json: bytes, payload: bytes) -> bytes:

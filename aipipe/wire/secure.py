@@ -1,6 +1,6 @@
 """Wire messages of secure aggregation (DESIGN §7): SecAgg+ stages and the CKKS key ceremony.
 
-The SecAgg+ payloads are the protocol's own frozen dataclasses (`aipipe.secure.secagg.messages`)
+The SecAgg+ payloads are the protocol's own frozen dataclasses (`aipipe.wire.secagg_messages`)
 carried inside pydantic envelopes, so both ends validate exactly the fields the state machines
 use; byte fields travel as base64 in JSON (keys and shares are tens of bytes). Masked inputs and
 ciphertexts are large and travel as binary frames behind a signed `UpdateHeader` instead.
@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, WithJsonSchema
 
-from aipipe.secure._framing import frame
-from aipipe.secure.secagg.messages import (
+from aipipe.wire.canonical import frame
+from aipipe.wire.messages import _HEX64, _NAME, PROTOCOL_VERSION, UpdateHeader, Wire
+from aipipe.wire.secagg_messages import (
     ForwardedShares,
     KeyAdvertisement,
     NeighbourKeys,
@@ -21,7 +22,6 @@ from aipipe.secure.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from aipipe.wire.messages import _HEX64, _NAME, PROTOCOL_VERSION, UpdateHeader, Wire
 
 SEALING_KEY_LABEL = b"aipipe/sealing-key/v1"
 CKKS_KEYS_LABEL = b"aipipe/ckks/public-context/v1"

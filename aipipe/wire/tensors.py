@@ -16,12 +16,14 @@ import numpy.typing as npt
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
+from aipipe.errors import WireDecodeError
+
 Arrays = dict[str, npt.NDArray[Any]]
 _ALLOWED = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-class TensorDecodeError(ValueError):
-    """Bytes that are not a safetensors blob of float arrays."""
+class TensorDecodeError(WireDecodeError, ValueError):
+    """Bytes that are not a safetensors blob of float arrays (a `ValueError` too, as before)."""
 
 
 def encode_arrays(arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
