@@ -43,7 +43,7 @@ from aipipe.errors import (
 from aipipe.hub.app import create_app
 from aipipe.hub.home import init_hub
 from aipipe.node.client import HubClient
-from aipipe.privacy.errors import BudgetExhaustedError, BudgetNotSetError
+from aipipe.privacy.errors import BudgetExhaustedError, BudgetNotSetError, UnknownAccountantError
 from aipipe.wire.frames import FrameError, unpack_frame
 from aipipe.wire.tensors import TensorDecodeError, decode_arrays
 
@@ -85,6 +85,8 @@ def make(cls: type[AipipeError]) -> AipipeError:
         return cls("boom-study")
     if issubclass(cls, BudgetExhaustedError):
         return cls(study="boom", round=2, needed=1.0, spent=0.5, budget=1.0)
+    if issubclass(cls, UnknownAccountantError):
+        return cls("boom", ["rdp", "prv"])
     return cls(f"boom: {cls.__name__} for a test")
 
 
