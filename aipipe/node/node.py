@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from aipipe.audit.events import Action
 from aipipe.audit.log import AuditLog
 from aipipe.errors import ConfigError
 from aipipe.fhir.files import Progress
@@ -73,17 +74,19 @@ class Scores:
 class Node:
     """An opened node home. Use as a context manager, or call `close()`."""
 
-    def __init__(self, paths: NodePaths) -> None:
+    def __init__(self, paths: NodePaths, *, hub: HubClient | None = None) -> None:
+        """`hub`: a client to use instead of the one the home's enrolment makes (an in-process
+        hub, say); the node closes it with the rest."""
         self.paths = paths
         self._store: NodeStore | None = None
         self._audit: AuditLog | None = None
         self._identity: Identity | None = None
-        self._hub: HubClient | None = None
+        self._hub = hub
 
     @classmethod
-    def open(cls, home: Path) -> Node:
+    def open(cls, home: Path, *, hub: HubClient | None = None) -> Node:
         """The node at `home` (NodeNotFoundError, saying to run `node init`, if there is none)."""
-        return cls(open_node(home))
+        return cls(open_node(home), hub=hub)
 
     # -- what the node owns, opened on first use ------------------------------------------------
 
@@ -232,22 +235,17 @@ class Node:
 
     def extract(self, study: StudySpec | str) -> FeatureMatrix:
         """The feature matrix of an approved study (by name) or of a study file's spec (to look
-        at before approving); audited as study.features with counts only."""
+        at before approving); audited as features.extract (counts only), as the worker does."""
         from aipipe.study.features import extract  # imports scikit-learn: only when needed
 
         spec = self.approved_spec(study) if isinstance(study, str) else study
         approval = self.store.approval(spec.name)
         matrix = extract(self.store, spec)
-        summary = matrix.summary()
-        self._record(
-            "study.features",
-            f"study/{spec.name}",
-            {
-                "digest": spec.digest(),
-                "approved": approval is not None and approval[0] == spec.digest(),
-                **{k: summary[k] for k in ("patients", "cohort", "train", "test")},
-            },
-        )
+        digest = spec.digest()
+        self._record(Action.FEATURES_EXTRACT, f"study/{spec.name}", {
+            "cohort": matrix.cohort, "train": len(matrix.train_ids), "test": len(matrix.test_ids),
+            "digest": digest, "approved": approval is not None and approval[0] == digest,
+        })  # fmt: skip
         return matrix
 
     def predict(
