@@ -146,3 +146,16 @@ def test_the_with_block_closes_the_node_on_an_error(home: Path) -> None:
 def test_opening_a_node_and_its_cli_imports_no_torch() -> None:
     code = "import sys, aipipe.cli.app, aipipe.node.node; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_init_and_the_site_budget_audit_themselves(tmp_path: Path) -> None:
+    with Node.init(tmp_path / "fresh", "bern") as node:
+        spent = node.set_site_budget(epsilon=3.0, delta=1e-5)
+        with pytest.raises(ConfigError, match="no SMART client"):
+            node.smart_jwks()
+
+    assert spent == 0.0
+    home = tmp_path / "fresh"
+    assert [e.resource for e in events(home, "node.init")] == ["node/bern"]
+    [budget] = events(home, "privacy.site_budget")
+    assert budget.details == {"epsilon_budget": 3.0, "delta": 1e-5, "spent": 0.0}

@@ -23,8 +23,7 @@ from rich.table import Table
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.errors import ConfigError, SourceError
 from aipipe.fhir.server import DEFAULT_TYPES
-from aipipe.fhir.smart import DEFAULT_SCOPES, SmartKey
-from aipipe.node.home import enrol, init_node, open_node, set_hub_ca, setup_smart
+from aipipe.fhir.smart import DEFAULT_SCOPES
 from aipipe.node.ingest import IngestReport, total_bytes
 from aipipe.node.node import Node, Scores
 from aipipe.tls import client_context, require_tls_off_loopback, scheme, server_tls
@@ -79,11 +78,12 @@ def init(
     """
     if hub_ca_file is not None:
         client_context(hub_ca_file)  # checked before the home is made: a bad file changes nothing
-    paths = init_node(home, name, force=force, allow_non_private=allow_non_private)
-    if hub_ca_file is not None:
-        set_hub_ca(paths, hub_ca_file)
-    jwks = setup_smart(paths, smart_client_id, smart_alg) if smart_client_id else None
-    hub_url = enrol(paths, token) if token else None
+    with Node.init(home, name, force=force, allow_non_private=allow_non_private) as node:
+        if hub_ca_file is not None:
+            node.set_hub_ca(hub_ca_file)
+        jwks = node.setup_smart(smart_client_id, smart_alg) if smart_client_id else None
+        hub_url = node.enrol(token) if token else None
+    paths = node.paths
     info = {
         "hub": hub_url or "not enrolled",
         "name": name,
@@ -104,10 +104,9 @@ def init(
 @app.command("smart-jwks")
 def smart_jwks(home: Path = HOME) -> None:
     """Print the public JWK Set of this node's SMART client key (safe to share with the EHR)."""
-    paths = open_node(home)
-    if paths.config.smart_client_id is None:
-        raise ConfigError(f"node {paths.config.name} has no SMART client; use --smart-client-id")
-    _print_jwks(paths.config.smart_client_id, SmartKey.load(paths.smart_key).public_jwks())
+    with Node.open(home) as node:
+        client_id, jwks = node.smart_jwks()
+    _print_jwks(client_id, jwks)
 
 
 def _print_jwks(client_id: str, jwks: dict[str, object]) -> None:

@@ -25,9 +25,20 @@ from aipipe.errors import ConfigError
 from aipipe.fhir.files import Progress
 from aipipe.fhir.server import FhirServerSource
 from aipipe.fhir.smart import smart_auth_for
+from aipipe.fhir.smart_key import SmartKey
 from aipipe.node import ingest
 from aipipe.node.client import HubClient
-from aipipe.node.home import hub_client, node_vault, open_audit, open_node, open_store
+from aipipe.node.home import (
+    enrol,
+    hub_client,
+    init_node,
+    node_vault,
+    open_audit,
+    open_node,
+    open_store,
+    set_hub_ca,
+    setup_smart,
+)
 from aipipe.node.ingest import IngestReport
 from aipipe.node.vault import SecureVault
 from aipipe.secure.identity import Identity
@@ -87,6 +98,33 @@ class Node:
     def open(cls, home: Path, *, hub: HubClient | None = None) -> Node:
         """The node at `home` (NodeNotFoundError, saying to run `node init`, if there is none)."""
         return cls(open_node(home), hub=hub)
+
+    @classmethod
+    def init(
+        cls, home: Path, name: str, *, force: bool = False, allow_non_private: bool = False
+    ) -> Node:
+        """Create a node home (config, store, keys, audit log; audited as node.init) and open
+        it. With `force` an existing node is moved aside and its privacy ledger carried over."""
+        return cls(init_node(home, name, force=force, allow_non_private=allow_non_private))
+
+    def set_hub_ca(self, source: Path) -> None:
+        """Trust the CA in `source` (a PEM file, copied into the home) on every call to the hub."""
+        set_hub_ca(self.paths, source)
+
+    def setup_smart(self, client_id: str, alg: str) -> dict[str, Any]:
+        """Create the SMART client key for EHR `client_id`; return its public JWK Set."""
+        return setup_smart(self.paths, client_id, alg)
+
+    def smart_jwks(self) -> tuple[str, dict[str, object]]:
+        """The SMART client id and the public JWK Set of its key (ConfigError without one)."""
+        client_id = self.paths.config.smart_client_id
+        if client_id is None:
+            raise ConfigError(f"node {self.name} has no SMART client; use --smart-client-id")
+        return client_id, SmartKey.load(self.paths.smart_key).public_jwks()
+
+    def enrol(self, token: str) -> str:
+        """Register this node's public keys with the hub the token names; return its URL."""
+        return enrol(self.paths, token)
 
     # -- what the node owns, opened on first use ------------------------------------------------
 
@@ -183,6 +221,18 @@ class Node:
             {"digest": info.digest, "epsilon_budget": budget},
         )
         return Approval(spec.name, info.digest, budget, spec.columns())
+
+    def set_site_budget(self, *, epsilon: float, delta: float) -> float:
+        """Set the site's total (ε, δ) over all studies; return the ε already spent. Audited as
+        privacy.site_budget."""
+        from aipipe.privacy.ledger import BudgetLedger  # imports torch: only when needed
+
+        ledger = BudgetLedger(self.store.db)
+        ledger.set_site_budget(epsilon=epsilon, delta=delta)
+        spent = ledger.site_spent()
+        details = {"epsilon_budget": epsilon, "delta": delta, "spent": spent}
+        self._record("privacy.site_budget", f"node/{self.name}", details)
+        return spent
 
     def approved_spec(self, study: str) -> StudySpec:
         """The study as approved here (ConfigError, saying to approve it, when it is not)."""
