@@ -158,7 +158,7 @@ class Node:
     def hub(self) -> HubClient:
         """The hub client, authenticated as this node (ConfigError when not enrolled)."""
         if self._hub is None:
-            self._hub = hub_client(self.paths).__enter__()
+            self._hub = hub_client(self.paths)
         return self._hub
 
     @property
@@ -172,7 +172,7 @@ class Node:
         self._hub = self._audit = self._store = None
         try:
             if hub is not None:
-                hub.__exit__(None, None, None)
+                hub.close()
         finally:
             try:
                 if audit is not None:
@@ -216,7 +216,7 @@ class Node:
         if spec.privacy.mode == "dp":
             BudgetLedger(store.db).set_budget(spec.name, epsilon=budget, delta=spec.privacy.delta)
         self._record(
-            "study.approve",
+            Action.STUDY_APPROVE,
             f"study/{spec.name}",
             {"digest": info.digest, "epsilon_budget": budget},
         )
@@ -270,7 +270,7 @@ class Node:
 
     def _ingested(self, report: IngestReport) -> IngestReport:
         details = {"files": report.files, **report.to_dict()["totals"]}
-        self._record("ingest", report.source, details)
+        self._record(Action.INGEST, report.source, details)
         return report
 
     def fhir_source(self, url: str, *, page_size: int = 100) -> FhirServerSource:
