@@ -22,7 +22,7 @@ from aipipe.errors import ConfigError
 from aipipe.node.client import HubClient
 from aipipe.node.home import init_node
 from aipipe.node.node import Node
-from aipipe.study.spec import load_study
+from aipipe.study.spec import StudySpec, load_study
 from tests.hub_support import running_hub
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "heart-disease"
@@ -159,3 +159,30 @@ def test_init_and_the_site_budget_audit_themselves(tmp_path: Path) -> None:
     assert [e.resource for e in events(home, "node.init")] == ["node/bern"]
     [budget] = events(home, "privacy.site_budget")
     assert budget.details == {"epsilon_budget": 3.0, "delta": 1e-5, "spent": 0.0}
+
+
+def test_predict_scores_with_the_hub_model_and_audits_it(home: Path, tmp_path: Path) -> None:
+    spec = StudySpec.model_validate({**load_study(STUDY_FILE).model_dump(), "min_nodes": 1})
+    with running_hub(tmp_path / "hub") as hub:
+        published = hub.publish(spec.model_dump(mode="json"))
+        alpha = hub.enrol("basel")
+        assert hub.post_round(spec.name).status_code == 200  # basel takes part: sees models
+        client = HubClient("http://testserver", token=alpha.credential,
+                           transport=hub.client._transport)  # fmt: skip
+        with Node.open(home, hub=client) as node:
+            node.approve(spec.name)
+            node.ingest_files([SITE])
+            scores = node.predict(spec.name)
+            worker = node.worker(lambda line: None)
+            assert worker.store is node.store and worker.audit is node.audit
+
+    assert scores.version == published["current_version"]
+    assert scores.scored and scores.written == 0
+    [event] = events(home, "predict")
+    assert event.resource == f"study/{spec.name}"
+    assert event.details == {
+        "model": scores.version,
+        "scored": len(scores.scored),
+        "written": 0,
+        "as_of": "now",
+    }
