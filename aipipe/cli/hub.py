@@ -7,12 +7,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from aipipe.audit.log import AuditLog
 from aipipe.cli.options import JSON
 from aipipe.cli.render import console, emit_json, err_console, kv_table
-from aipipe.hub.enrolment import issue_token, parse_ttl, token_expiry
-from aipipe.hub.home import init_hub, load_hub, served_url
-from aipipe.secure.identity import Identity
+from aipipe.hub.enrolment import parse_ttl
+from aipipe.hub.hub import Hub
 
 app = typer.Typer(help="Run a consortium's hub: init, serve, enrol nodes.", no_args_is_help=True)
 HOME = typer.Option(..., "--home", help="The hub home directory.")
@@ -26,7 +24,7 @@ def init(
     as_json: bool = JSON,
 ) -> None:
     """Create a hub home and print the admin token (shown once; keep it secret)."""
-    _, token = init_hub(home, name, force=force)
+    _, token = Hub.init(home, name, force=force)
     if as_json:
         emit_json({"home": str(home), "admin_token": token})
         return
@@ -50,11 +48,9 @@ def serve(
 
     HTTPS with hub.yaml's tls_cert and tls_key (PEM files, relative to the home); without them
     only on a loopback --host, unless --insecure-http."""
-    from aipipe.hub.serve import serve as run_server
-
-    paths = load_hub(home)
-    err_console.log(f"hub {paths.config.name} serving from {home}")
-    run_server(paths, host, port, insecure_http=insecure_http)
+    hub = Hub.open(home)
+    err_console.log(f"hub {hub.name} serving from {home}")
+    hub.serve(host, port, insecure_http=insecure_http)
 
 
 @app.command("enrol-token")
@@ -77,18 +73,9 @@ def enrol_token(
 ) -> None:
     """Print a one-time enrolment token for a node (hub URL + secret)."""
     ttl_s = parse_ttl(ttl)
-    paths = load_hub(home)
-    hub_url = url or served_url(paths)
-    store = paths.open_store()
-    audit = AuditLog.open(
-        paths.audit_log, Identity.load(paths.identity_key), owner=f"hub/{paths.config.name}"
-    )
-    try:
-        token = issue_token(store, audit, node, hub_url, ttl_s=ttl_s, replace=replace)
-        expires_at = token_expiry(store, node)
-    finally:
-        audit.close()
-        store.close()
+    with Hub.open(home) as hub:
+        issued = hub.enrol_token(node, url=url, ttl_s=ttl_s, replace=replace)
+    token, expires_at = issued.token, issued.expires_at
     if as_json:
         emit_json({"node": node, "token": token, "expires_at": expires_at, "replace": replace})
     else:
@@ -99,20 +86,8 @@ def enrol_token(
 @app.command()
 def nodes(home: Path = HOME, as_json: bool = JSON) -> None:
     """List enrolled nodes with their state and when they were last seen."""
-    paths = load_hub(home)
-    store = paths.open_store()
-    try:
-        rows = [
-            {
-                "name": r["name"],
-                "state": r["state"],
-                "enrolled_at": r["enrolled_at"],
-                "last_seen": r["last_seen"],
-            }
-            for r in store.nodes()
-        ]
-    finally:
-        store.close()
+    with Hub.open(home) as hub:
+        rows = hub.nodes()
     if as_json:
         emit_json(rows)
         return

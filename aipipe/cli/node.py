@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -18,30 +17,20 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
-from aipipe.cli.render import console, emit_json, err_console, kv_table
-from aipipe.errors import ConfigError, SourceError
-from aipipe.fhir.server import DEFAULT_TYPES, FhirServerSource
-from aipipe.fhir.smart import DEFAULT_SCOPES, SmartKey, smart_auth_for
-from aipipe.node.home import (
-    enrol,
-    hub_client,
-    init_node,
-    node_vault,
-    open_audit,
-    open_node,
-    open_store,
-    set_hub_ca,
-    setup_smart,
+from aipipe.cli.node_render import (
+    check_anything_stored,
+    print_jwks,
+    render_ingest,
+    render_predictions,
+    render_status,
 )
-from aipipe.node.ingest import IngestReport, ingest_files, ingest_server, total_bytes
-from aipipe.secure.identity import Identity
-from aipipe.settings import NodePaths
-from aipipe.store.node_store import NodeStore
-from aipipe.study.spec import StudySpec
+from aipipe.cli.render import console, emit_json, err_console, kv_table
+from aipipe.errors import ConfigError
+from aipipe.fhir.server import DEFAULT_TYPES
+from aipipe.node.ingest import IngestReport, total_bytes
+from aipipe.node.node import Node
 from aipipe.tls import client_context, require_tls_off_loopback, scheme, server_tls
-from aipipe.wire.tensors import decode_arrays
 
 app = typer.Typer(
     help="Run an institution's node: set up, ingest FHIR data, status.", no_args_is_help=True
@@ -93,11 +82,12 @@ def init(
     """
     if hub_ca_file is not None:
         client_context(hub_ca_file)  # checked before the home is made: a bad file changes nothing
-    paths = init_node(home, name, force=force, allow_non_private=allow_non_private)
-    if hub_ca_file is not None:
-        set_hub_ca(paths, hub_ca_file)
-    jwks = setup_smart(paths, smart_client_id, smart_alg) if smart_client_id else None
-    hub_url = enrol(paths, token) if token else None
+    with Node.init(home, name, force=force, allow_non_private=allow_non_private) as node:
+        if hub_ca_file is not None:
+            node.set_hub_ca(hub_ca_file)
+        jwks = node.setup_smart(smart_client_id, smart_alg) if smart_client_id else None
+        hub_url = node.enrol(token) if token else None
+    paths = node.paths
     info = {
         "hub": hub_url or "not enrolled",
         "name": name,
@@ -112,24 +102,15 @@ def init(
     console.print(f"[green]✓[/] node [bold]{name}[/] created")
     console.print(kv_table("node home", info))
     if jwks is not None:
-        _print_jwks(paths.config.smart_client_id or "", jwks)
+        print_jwks(paths.config.smart_client_id or "", jwks)
 
 
 @app.command("smart-jwks")
 def smart_jwks(home: Path = HOME) -> None:
     """Print the public JWK Set of this node's SMART client key (safe to share with the EHR)."""
-    paths = open_node(home)
-    if paths.config.smart_client_id is None:
-        raise ConfigError(f"node {paths.config.name} has no SMART client; use --smart-client-id")
-    _print_jwks(paths.config.smart_client_id, SmartKey.load(paths.smart_key).public_jwks())
-
-
-def _print_jwks(client_id: str, jwks: dict[str, object]) -> None:
-    err_console.print(
-        f"register this JWK Set with the EHR for client_id [bold]{client_id}[/], "
-        f"scopes: {DEFAULT_SCOPES}"
-    )
-    typer.echo(json.dumps(jwks, indent=2))
+    with Node.open(home) as node:
+        client_id, jwks = node.smart_jwks()
+    print_jwks(client_id, jwks)
 
 
 @app.command()
@@ -168,76 +149,33 @@ def ingest(
     """
     if bool(paths) == bool(fhir_url):
         raise ConfigError("give either files/directories or --fhir-url, not both or neither")
-    node = open_node(home)
-    store = open_store(node)
-    try:
+    with Node.open(home) as node:
         if fhir_url:
-            report = _pull(node, store, fhir_url, since, page_size, types.split(","), as_json)
+            report = _pull(node, fhir_url, since, page_size, types.split(","), as_json)
         else:
-            report = _load_files(store, paths, as_json)
-    finally:
-        store.close()
-    with open_audit(node) as audit:
-        audit.append(
-            "ingest",
-            actor=node.config.name,
-            resource=report.source,
-            details={"files": report.files, **report.to_dict()["totals"]},
-        )
-    _render_report(report, as_json)
-    _check_anything_stored(report)
+            report = _load_files(node, paths, as_json)
+    render_ingest(report, as_json)
+    check_anything_stored(report)
 
 
-def _check_anything_stored(report: IngestReport) -> None:
-    """An ingest that rejected all it read failed: exit non-zero, naming what it read."""
-    read, rejected = report.total("read"), report.total("rejected")
-    named = report.files_all_rejected
-    where = ", ".join(named) if report.source == "files" else report.source
-    if read and rejected == read:
-        raise SourceError(
-            f"node ingest rejected all {read} resources of {where}; the reasons are listed "
-            "above: check that these are FHIR R4 NDJSON or Bundle files"
-        )
-    if named:
-        err_console.print(
-            f"[yellow]warning:[/] nothing was stored from {escape(', '.join(named))}: "
-            "every resource in it was rejected",
-            soft_wrap=True,
-        )
-
-
-def _load_files(store: NodeStore, paths: list[Path], quiet: bool) -> IngestReport:
+def _load_files(node: Node, paths: list[Path], quiet: bool) -> IngestReport:
     total = total_bytes(paths)
     columns = (TextColumn("ingest"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True, disable=quiet) as progress:
         task = progress.add_task("ingest", total=total)
-        return ingest_files(store, paths, lambda n: progress.advance(task, n))
+        return node.ingest_files(paths, lambda n: progress.advance(task, n))
 
 
 def _pull(
-    node: NodePaths,
-    store: NodeStore,
-    url: str,
-    since: str | None,
-    page_size: int,
-    types: list[str],
-    quiet: bool,
+    node: Node, url: str, since: str | None, page_size: int, types: list[str], quiet: bool
 ) -> IngestReport:
-    auth = (
-        smart_auth_for(url, node.config.smart_client_id, node.smart_key)
-        if node.config.smart_client_id
-        else None
-    )
-    with (
-        FhirServerSource(base_url=url, page_size=page_size, auth=auth) as source,
-        Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            console=err_console,
-            transient=True,
-            disable=quiet,
-        ) as progress,
-    ):
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        console=err_console,
+        transient=True,
+        disable=quiet,
+    ) as progress:
         task = progress.add_task("pulling", total=None)
         count = 0
 
@@ -246,70 +184,17 @@ def _pull(
             count += 1
             progress.update(task, description=f"pulling {rtype}: {count} resources")
 
-        return ingest_server(
-            store,
-            source,
-            source_key=url.rstrip("/"),
-            resource_types=[t.strip() for t in types if t.strip()],
-            since=since,
-            on_resource=tick,
+        return node.ingest_server(
+            url, since=since, page_size=page_size, types=types, on_resource=tick
         )
-
-
-def _render_report(report: IngestReport, as_json: bool) -> None:
-    data = report.to_dict()
-    if as_json:
-        emit_json(data)
-        return
-    table = Table(title=f"ingest from {report.source}", title_justify="left")
-    for column in ("type", "read", "stored", "updated", "unchanged", "stale", "rejected"):
-        table.add_column(column, justify="left" if column == "type" else "right")
-    for rtype, counts in data["types"].items():
-        table.add_row(
-            rtype,
-            *(
-                str(counts[c])
-                for c in ("read", "stored", "updated", "unchanged", "stale", "rejected")
-            ),
-        )
-    console.print(table)
-    for title, reasons in (("rejected", data["rejected_reasons"]), ("warnings", data["warnings"])):
-        for reason, count in reasons.items():
-            style = "red" if title == "rejected" else "yellow"
-            console.print(f"[{style}]{title}[/] {count} × {reason}")
 
 
 @app.command()
 def status(home: Path = HOME, as_json: bool = JSON) -> None:
     """Show resource counts per type, the last sync and the incremental-sync cursors."""
-    node = open_node(home)
-    store = open_store(node)
-    try:
-        info = {"name": node.config.name, **store.status()}
-    finally:
-        store.close()
-    if as_json:
-        emit_json(info)
-        return
-    console.print(
-        kv_table(
-            f"node {node.config.name}",
-            {"patients": info["patients"], "last sync": info["last_sync"] or "never"},
-        )
-    )
-    table = Table(title="resources", title_justify="left")
-    table.add_column("type")
-    table.add_column("count", justify="right")
-    for rtype, count in info["resources"].items():
-        table.add_row(rtype, str(count))
-    console.print(table)
-    if info["cursors"]:
-        cursors = Table(title="sync cursors", title_justify="left")
-        for column in ("source", "resource_type", "last_updated"):
-            cursors.add_column(column)
-        for cursor in info["cursors"]:
-            cursors.add_row(cursor["source"], cursor["resource_type"], cursor["last_updated"])
-        console.print(cursors)
+    with Node.open(home) as node:
+        info = node.status()
+    render_status(info, as_json)
 
 
 @app.command()
@@ -330,40 +215,18 @@ def approve(
     Also sets the study's (ε, δ) share of the site's budget: every release must fit both the
     share and the site's total over all studies. The node trains for no study it has not approved.
     """
-
-    from aipipe.privacy.ledger import BudgetLedger  # imports torch: only when needed
-
-    paths = open_node(home)
-    store = open_store(paths)
-    try:
-        with hub_client(paths) as client:
-            info = client.study(study_name)
-        spec = StudySpec.model_validate(info.spec)
-        if spec.digest() != info.digest:
-            raise ConfigError(f"study '{study_name}' from the hub does not match its digest")
-        budget = epsilon if epsilon is not None else spec.privacy.epsilon
-        store.approve(spec.name, info.digest, json.dumps(info.spec))
-        if spec.privacy.mode == "dp":
-            BudgetLedger(store.db).set_budget(spec.name, epsilon=budget, delta=spec.privacy.delta)
-        with open_audit(paths) as audit:
-            audit.append(
-                "study.approve",
-                actor=paths.config.name,
-                resource=f"study/{spec.name}",
-                details={"digest": info.digest, "epsilon_budget": budget},
-            )
-    finally:
-        store.close()
+    with Node.open(home) as node:
+        approval = node.approve(study_name, epsilon=epsilon)
     result = {
-        "study": spec.name,
-        "digest": info.digest,
-        "epsilon_budget": budget,
-        "columns": spec.columns(),
+        "study": approval.study,
+        "digest": approval.digest,
+        "epsilon_budget": approval.epsilon_budget,
+        "columns": approval.columns,
     }
     if as_json:
         emit_json(result)
         return
-    console.print(f"[green]✓[/] approved study [bold]{spec.name}[/] ({info.digest[:12]})")
+    console.print(f"[green]✓[/] approved study [bold]{approval.study}[/] ({approval.digest[:12]})")
     console.print(kv_table("approval", result))
 
 
@@ -376,30 +239,10 @@ def start(
     ),
 ) -> None:
     """Run the node daemon: poll the hub, train and evaluate, until SIGTERM (or --once)."""
-    from aipipe.node.daemon import Daemon  # imports torch: only when needed
-    from aipipe.node.worker import NodeWorker
-
-    paths = open_node(home)
-    store = open_store(paths)
-    audit = open_audit(paths)
-    try:
-        with hub_client(paths) as client:
-            log = functools.partial(err_console.log, f"[{paths.config.name}]")
-            worker = NodeWorker(
-                paths.config.name,
-                store,
-                client,
-                Identity.load(paths.identity_key),
-                audit,
-                allow_non_private=paths.config.allow_non_private,
-                vault=node_vault(paths),
-                log=log,
-            )
-            done = Daemon(worker, log, poll_wait_s=poll).run(once=once)
-    finally:
-        audit.close()
-        store.close()
-    err_console.log(f"[{paths.config.name}] stopped after {done} work items")
+    with Node.open(home) as node:
+        log = functools.partial(err_console.log, f"[{node.name}]")
+        done = node.daemon(log, poll_wait_s=poll).run(once=once)
+    err_console.log(f"[{node.name}] stopped after {done} work items")
 
 
 @app.command()
@@ -425,51 +268,14 @@ def predict(
     written by conditional update on the identifier a CDS card's suggestion also carries, so a
     re-run or an accepted card updates the same resource. Output names patients only by pseudonym.
     """
-    from aipipe.node.predict import predict_cohort  # imports torch
-    from aipipe.node.predict import write_back as send
-    from aipipe.node.validation import require_servable
-
     if write_back and not fhir_url:
         raise ConfigError("--write-back needs --fhir-url, the EHR's FHIR base URL")
     as_of_day = _as_of_day(as_of)
-    paths = open_node(home)
-    store = open_store(paths)
-    try:
-        approval = store.approval(study)
-        if approval is None:
-            raise ConfigError(f"study '{study}' is not approved here; run: aipipe node approve")
-        spec = StudySpec.model_validate(json.loads(approval[1]))
-        with hub_client(paths) as client:
-            version = client.study(study).current_version
-            if version is None:
-                raise ConfigError(f"study '{study}' has no model yet")
-            raw = client.model_weights(version)
-            with open_audit(paths) as audit:  # the study's validation minimum, on this site
-                require_servable(store, client, spec, version, raw, audit=audit,
-                                 actor=paths.config.name,
-                                 use="writeback" if write_back else "predict")  # fmt: skip
-            weights = decode_arrays(raw)
-        predictions = predict_cohort(
-            store, spec, weights, version, now=datetime.now(UTC), as_of=as_of_day
+    with Node.open(home) as node:
+        scores = node.predict(
+            study, as_of=as_of_day, write_back_to=fhir_url if write_back else None
         )
-    finally:
-        store.close()
-    written = 0
-    if write_back:
-        auth = (
-            smart_auth_for(fhir_url, paths.config.smart_client_id, paths.smart_key)
-            if paths.config.smart_client_id
-            else None
-        )
-        with FhirServerSource(base_url=fhir_url, auth=auth) as server:
-            written = send(server, predictions)
-    scored = [p for p in predictions if p.probability is not None]
-    with open_audit(paths) as audit:
-        audit.append("writeback" if write_back else "predict", actor=paths.config.name,
-                     resource=f"study/{study}", details={"model": version, "scored": len(scored),
-                                                          "written": written,
-                                                          "as_of": as_of or "now"})  # fmt: skip
-    _render_predictions(study, version, predictions, written, as_json)
+    render_predictions(scores, as_json)
 
 
 def _as_of_day(text: str | None) -> date | None:
@@ -479,34 +285,6 @@ def _as_of_day(text: str | None) -> date | None:
         return date.fromisoformat(text)
     except ValueError:
         raise ConfigError(f"--as-of {text!r} is not a day; give it as YYYY-MM-DD") from None
-
-
-def _render_predictions(
-    study: str, version: str, predictions: list[Any], written: int, as_json: bool
-) -> None:
-    scored = [p for p in predictions if p.probability is not None]
-    if as_json:
-        emit_json({
-            "study": study, "model_version": version, "scored": len(scored),
-            "unscored": len(predictions) - len(scored), "written": written,
-            "predictions": [{"patient": p.pseudonym, "probability": p.probability,
-                             "level": p.level, "missing": list(p.missing),
-                             "not_scored_because": list(p.reasons)} for p in predictions],
-        })  # fmt: skip
-        return
-    levels: dict[str, int] = {}
-    for p in scored:
-        levels[p.level] = levels.get(p.level, 0) + 1
-    mean = sum(p.probability for p in scored) / len(scored) if scored else 0.0
-    console.print(kv_table(f"{study} with model {version[:12]}", {
-        "scored": len(scored), "not scored": len(predictions) - len(scored),
-        "mean risk": f"{mean:.3f}", **{f"risk {k}": v for k, v in sorted(levels.items())},
-        "RiskAssessments written": written,
-    }))  # fmt: skip
-    for p in predictions:
-        if p.probability is None:
-            why = "; ".join(p.reasons) or "missing " + ", ".join(p.missing)
-            console.print(f"not scored {p.pseudonym}: {why}", markup=False)
 
 
 @app.command("serve-cds")
@@ -566,30 +344,18 @@ def serve_cds(
     import uvicorn
 
     from aipipe.cds import JwtPolicy
-    from aipipe.cds.links import load_link_key
-    from aipipe.node.cds import node_cds_app  # imports torch: only when needed
 
-    paths = open_node(home)
-    policy = JwtPolicy(json.loads(jwks.read_text())) if jwks else None
-    fhir = _fhir_access(fhir_allow, fhir_ca_bundle)
-    store = open_store(paths)
-    audit = open_audit(paths)
-    try:
-        with hub_client(paths) as client:
-            app_ = node_cds_app(store, client, study, audit, jwt=policy, fhir=fhir,
-                                allow_unauthenticated=allow_unauthenticated,
-                                actor=paths.config.name,
-                                pseudonym_key=paths.pseudonym_key.read_bytes(),
-                                link_key=load_link_key(paths.cds_link_key),
-                                link_lifetime_s=link_hours * 3600)  # fmt: skip
+    with Node.open(home) as node:
+        policy = JwtPolicy(json.loads(jwks.read_text())) if jwks else None
+        fhir = _fhir_access(fhir_allow, fhir_ca_bundle)
+        app_ = node.cds_app(study, jwt=policy, fhir=fhir,
+                            allow_unauthenticated=allow_unauthenticated,
+                            link_lifetime_s=link_hours * 3600)  # fmt: skip
         shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
         url = f"{scheme(tls)}://{shown}:{port}/cds-services"
-        err_console.log(f"[{paths.config.name}] CDS Hooks at {url}")
+        err_console.log(f"[{node.name}] CDS Hooks at {url}")
         uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False,
                     **({} if tls is None else tls.uvicorn_options()))  # fmt: skip
-    finally:
-        audit.close()
-        store.close()
 
 
 def _fhir_access(servers: list[str], ca_bundle: Path | None) -> Any:

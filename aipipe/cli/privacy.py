@@ -16,7 +16,7 @@ from rich.table import Table
 
 from aipipe.cli.options import JSON
 from aipipe.cli.render import console, emit_json, kv_table
-from aipipe.node.home import open_audit, open_node, open_store
+from aipipe.node.node import Node
 
 app = typer.Typer(help="Watch and set the node's privacy budget.", no_args_is_help=True)
 
@@ -28,11 +28,8 @@ def status(home: Path = HOME, as_json: bool = JSON) -> None:
     """The site's total ε and what all studies spent of it (composed together), then per study
     its share and spent, each beside the best accuracy a membership-inference attacker can
     reach at that (ε, δ) (50/50 prior; 0.5 is a coin flip)."""
-    store = open_store(open_node(home))
-    try:
-        report = _status(store)
-    finally:
-        store.close()
+    with Node.open(home) as node:
+        report = _status(node.store)
     if as_json:
         emit_json(report)
         return
@@ -73,23 +70,8 @@ def budget(
 ) -> None:
     """Set the site's total (ε, δ). Each study also keeps its own share (`node approve
     --epsilon`); a release must fit both. Until this is set, the total is the largest share."""
-    from aipipe.privacy.ledger import BudgetLedger  # imports torch: only when needed
-
-    paths = open_node(home)
-    store = open_store(paths)
-    try:
-        ledger = BudgetLedger(store.db)
-        ledger.set_site_budget(epsilon=site_epsilon, delta=delta)
-        spent = ledger.site_spent()
-        with open_audit(paths) as audit:
-            audit.append(
-                "privacy.site_budget",
-                actor=paths.config.name,
-                resource=f"node/{paths.config.name}",
-                details={"epsilon_budget": site_epsilon, "delta": delta, "spent": spent},
-            )
-    finally:
-        store.close()
+    with Node.open(home) as node:
+        spent = node.set_site_budget(epsilon=site_epsilon, delta=delta)
     result = {"epsilon_budget": site_epsilon, "delta": delta, "spent": spent}
     if as_json:
         emit_json(result)

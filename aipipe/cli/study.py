@@ -9,7 +9,7 @@ from rich.table import Table
 
 from aipipe.cli.options import HUB, TOKEN, client
 from aipipe.cli.render import console, emit_json, kv_table
-from aipipe.node.home import open_node, open_store
+from aipipe.node.node import Node
 from aipipe.study.spec import load_study
 
 app = typer.Typer(help="Define studies and extract their features.", no_args_is_help=True)
@@ -52,14 +52,9 @@ def features(
     Shows cohort size, train/test sizes, label prevalence and missingness per feature.
     No patient-level data is printed.
     """
-    from aipipe.study.features import extract  # imports scikit-learn: only when needed
-
     spec = load_study(study_file)
-    store = open_store(open_node(home))
-    try:
-        matrix = extract(store, spec)
-    finally:
-        store.close()
+    with Node.open(home) as node:
+        matrix = node.extract(spec)
     summary = matrix.summary()
     if as_json:
         emit_json(summary)

@@ -1,0 +1,113 @@
+"""`Hub`: a hub home as an object, for the admin's local operations (`aipipe hub ...`).
+
+`Hub.open(home)` owns the paths, the store and the audit log, each opened on first use and
+closed by `close()` (or the `with` block); what it changes it audits itself. The HTTP API is
+the app in `aipipe.hub.app`, which opens the home on its own; `serve` runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from aipipe.audit.log import AuditLog
+from aipipe.hub.enrolment import issue_token, token_expiry
+from aipipe.hub.home import HubPaths, init_hub, load_hub, served_url
+from aipipe.secure.identity import Identity
+from aipipe.store.hub_store import HubStore
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A one-time enrolment token for `node` and when it expires."""
+
+    node: str
+    token: str
+    expires_at: str | None
+
+
+class Hub:
+    """An opened hub home. Use as a context manager, or call `close()`."""
+
+    def __init__(self, paths: HubPaths) -> None:
+        self.paths = paths
+        self._store: HubStore | None = None
+        self._audit: AuditLog | None = None
+
+    @classmethod
+    def open(cls, home: Path) -> Hub:
+        """The hub at `home` (NodeNotFoundError, saying to run `hub init`, if there is none)."""
+        return cls(load_hub(home))
+
+    @classmethod
+    def init(cls, home: Path, name: str, *, force: bool = False) -> tuple[Hub, str]:
+        """Create a hub home; return it and the admin token (shown once, kept only hashed)."""
+        paths, token = init_hub(home, name, force=force)
+        return cls(paths), token
+
+    @property
+    def name(self) -> str:
+        return self.paths.config.name
+
+    @property
+    def store(self) -> HubStore:
+        if self._store is None:
+            self._store = self.paths.open_store()
+        return self._store
+
+    @property
+    def audit(self) -> AuditLog:
+        if self._audit is None:
+            identity = Identity.load(self.paths.identity_key)
+            self._audit = AuditLog.open(self.paths.audit_log, identity, owner=f"hub/{self.name}")
+        return self._audit
+
+    @property
+    def is_open(self) -> bool:
+        return self._store is not None or self._audit is not None
+
+    def close(self) -> None:
+        """Release the audit log and the store; idempotent."""
+        audit, store = self._audit, self._store
+        self._audit = self._store = None
+        try:
+            if audit is not None:
+                audit.close()
+        finally:
+            if store is not None:
+                store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def enrol_token(
+        self, node: str, *, url: str | None = None, ttl_s: float, replace: bool = False
+    ) -> IssuedToken:
+        """A one-time enrolment token carrying `url` (default: where `serve` serves); with
+        `replace` it re-enrols an enrolled node. Audited by `issue_token`."""
+        hub_url = url or served_url(self.paths)
+        store, audit = self.store, self.audit
+        token = issue_token(store, audit, node, hub_url, ttl_s=ttl_s, replace=replace)
+        return IssuedToken(node, token, token_expiry(store, node))
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Enrolled nodes with their state, when they enrolled and were last seen."""
+        keys = ("name", "state", "enrolled_at", "last_seen")
+        return [{key: row[key] for key in keys} for row in self.store.nodes()]
+
+    def serve(self, host: str, port: int, *, insecure_http: bool = False) -> None:
+        """Serve the hub's HTTP API until interrupted (the app opens the home on its own)."""
+        from aipipe.hub.serve import serve as run_server
+
+        self.close()
+        run_server(self.paths, host, port, insecure_http=insecure_http)
