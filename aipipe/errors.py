@@ -38,6 +38,7 @@ other with `error_body` (``{"error": <class name>, "detail": <message>}``), and 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -185,10 +186,20 @@ def error_table() -> dict[str, tuple[int, int]]:
     return {cls.__name__: (cls.http_status, cls.exit_code) for cls in _tree()}
 
 
+ERROR_MODULES = ("aipipe.privacy.errors", "aipipe.models.errors")
+"""Modules whose errors the hub may answer with, loaded on the first name not yet known (they
+pull in torch, which a CLI command answered without an error never needs)."""
+
+
 def error_class(name: str) -> type[AipipeError] | None:
-    """The loaded `AipipeError` subclass called `name` (only those: a name never builds any
-    other class)."""
-    return next((cls for cls in _tree() if cls.__name__ == name), None)
+    """The `AipipeError` subclass called `name` (only those: a name never builds any other
+    class), loading `ERROR_MODULES` if it is not among the classes loaded so far."""
+    found = next((cls for cls in _tree() if cls.__name__ == name), None)
+    if found is None:
+        for module in ERROR_MODULES:
+            importlib.import_module(module)
+        found = next((cls for cls in _tree() if cls.__name__ == name), None)
+    return found
 
 
 def error_body(exc: AipipeError) -> dict[str, str]:

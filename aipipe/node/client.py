@@ -19,9 +19,6 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel
 
-# The error modules whose classes the hub may raise are loaded, so their names rebuild them.
-import aipipe.models.errors
-import aipipe.privacy.errors  # noqa: F401
 from aipipe.audit.anchor import HEADER as AUDIT_HEAD_HEADER
 from aipipe.errors import ConfigError, HubUnavailableError, error_from_body
 from aipipe.secure.errors import SecAggRoundFailedError
