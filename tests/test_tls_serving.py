@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from aipipe.cli.app import app as cli
 from aipipe.hub.home import init_hub
 from tests.cds_net import HttpsFhir, LocalCa, https_fhir, make_ca
+from tests.cds_support import Fhir, hook_request, read_ndjson
 from tests.e2e_support import (
     ProcessGroup,
     Started,
@@ -32,7 +33,6 @@ from tests.e2e_support import (
     wait_until,
     write_test_study,
 )
-from tests.test_cds_service import Fhir, hook_request, read_ndjson
 
 pytestmark = pytest.mark.e2e
 
