@@ -2,6 +2,11 @@
 
 - `one_torch_thread`: modules that train tiny models ask for it with
   `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.
+- `store`: an empty node store in tmp_path (pseudonym key `b"k" * 32`).
+- `hub`: a real hub app in-process, in tmp_path (tests/hub_support.py's `running_hub`); modules
+  whose hub needs more (test_hub_app, test_hardening_cli, test_secure_rounds) define their own.
+- `owner` (a fresh signing identity) and `log_path` (where an audit log goes in tmp_path), for the
+  audit-log tests; their helpers are in tests/audit_support.py.
 - The CDS service in-process (tests/test_cds_*.py): `heart` and `scorer` (a logistic model
   trained on Cleveland's heart data, once per session: nothing changes them), `records` (the
   Cleveland patients' resources by patient id, once per module), `fhir` (a mock FHIR server over
@@ -26,11 +31,13 @@ from aipipe.cds import PatientScorer
 from aipipe.models import build_model
 from aipipe.node.ingest import ingest_files
 from aipipe.node.training import train_local
+from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import extract
 from aipipe.study.spec import Privacy, StudySpec, Training, load_study
 from tests.cds_support import CLEVELAND, KEY, ROOT, VERSION, Fhir, Signer, make_client, read_ndjson
 from tests.fhir_server import fhir_server as fhir_server  # the session fixture
+from tests.hub_support import Hub, running_hub
 
 
 @pytest.fixture
@@ -41,6 +48,29 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[NodeStore]:
+    opened = NodeStore.open(tmp_path / "store.sqlite", b"k" * 32)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    with running_hub(tmp_path / "hub") as hub:
+        yield hub
+
+
+@pytest.fixture
+def owner() -> Identity:
+    return Identity.generate()
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "audit.sqlite"
 
 
 # -- the CDS service in-process -----------------------------------------------------------------

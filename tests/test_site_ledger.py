@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +43,6 @@ from tests.hub_support import running_hub
 
 DELTA = 1e-5
 Q, STEPS = 0.1, 100  # one study's whole plan: 100 DP-SGD steps at sample rate 0.1
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[NodeStore]:
-    store = NodeStore.open(tmp_path / "store.sqlite", b"")
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 # -- item 1: one budget per site, across studies -------------------------------------------------
