@@ -48,8 +48,7 @@ from aipipe.study.spec import StudySpec, parse_study
 from aipipe.wire import FeatureStats
 from tests.cds_support import BASE as AUTH_BASE
 from tests.cds_support import CLEVELAND, ISSUER, KEY, PID, ROOT, Signer, hook_request, prefetch_for
-from tests.hub_support import STUDY, Hub, Node, Round
-from tests.test_hub_app import update
+from tests.hub_support import STUDY, Hub, Node, Round, update
 
 HEART = ROOT / "examples" / "heart-disease" / "study.yaml"
 BASE = "https://cds.example.org/aipipe"

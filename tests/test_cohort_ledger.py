@@ -23,9 +23,8 @@ from aipipe.privacy import BudgetExhaustedError, BudgetLedger, calibrate_noise, 
 from aipipe.privacy.cohorts import Cohort
 from aipipe.store.node_store import NodeStore
 from tests.hub_support import running_hub
-from tests.test_site_ledger import _heart_spec, _node
+from tests.ledger_support import DELTA, _heart_spec, _node
 
-DELTA = 1e-5
 Q, STEPS = 0.1, 100
 
 

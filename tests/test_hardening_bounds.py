@@ -19,8 +19,7 @@ from aipipe.models import build_model, weights_to_arrays
 from aipipe.node.training import clip_update, train_local
 from aipipe.study.spec import MAX_FEATURES, StudySpec
 from tests.e2e_support import frame, sign, signed_update
-from tests.hub_support import STUDY, Arrays, Hub, Node, Round
-from tests.test_hub_app import update
+from tests.hub_support import STUDY, Arrays, Hub, Node, Round, update
 
 MAX_EXAMPLES = 500
 UPDATE_NORM = 5.0
