@@ -52,6 +52,16 @@ def read_ndjson(path: Path) -> list[dict[str, Any]]:
 # -- the data of the patients, as a CDS Client sends it ---------------------------------------
 
 
+def cleveland_records() -> dict[str, list[dict[str, Any]]]:
+    """The Cleveland patients' resources (Patient, Observation, Condition) by patient id."""
+    by_patient: dict[str, list[dict[str, Any]]] = {}
+    for name in ("Patient", "Observation", "Condition"):
+        for resource in read_ndjson(CLEVELAND / f"{name}.ndjson"):
+            ref = resource["id"] if name == "Patient" else resource["subject"]["reference"]
+            by_patient.setdefault(ref.removeprefix("Patient/"), []).append(resource)
+    return by_patient
+
+
 def searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "resourceType": "Bundle",

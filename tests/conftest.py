@@ -5,6 +5,7 @@
 - `store`: an empty node store in tmp_path (pseudonym key `b"k" * 32`).
 - `hub`: a real hub app in-process, in tmp_path (tests/hub_support.py's `running_hub`); modules
   whose hub needs more (test_hub_app, test_hardening_cli, test_secure_rounds) define their own.
+  `pair`: nodes alpha and beta enrolled at whichever `hub` the module has.
 - `owner` (a fresh signing identity) and `log_path` (where an audit log goes in tmp_path), for the
   audit-log tests; their helpers are in tests/audit_support.py.
 - The CDS service in-process (tests/test_cds_*.py): `heart` and `scorer` (a logistic model
@@ -35,9 +36,18 @@ from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import extract
 from aipipe.study.spec import Privacy, StudySpec, Training, load_study
-from tests.cds_support import CLEVELAND, KEY, ROOT, VERSION, Fhir, Signer, make_client, read_ndjson
+from tests.cds_support import (
+    CLEVELAND,
+    KEY,
+    ROOT,
+    VERSION,
+    Fhir,
+    Signer,
+    cleveland_records,
+    make_client,
+)
 from tests.fhir_server import fhir_server as fhir_server  # the session fixture
-from tests.hub_support import Hub, running_hub
+from tests.hub_support import Hub, Node, running_hub
 
 
 @pytest.fixture
@@ -61,6 +71,11 @@ def store(tmp_path: Path) -> Iterator[NodeStore]:
 def hub(tmp_path: Path) -> Iterator[Hub]:
     with running_hub(tmp_path / "hub") as hub:
         yield hub
+
+
+@pytest.fixture
+def pair(hub: Hub) -> tuple[Node, Node]:
+    return hub.enrol("alpha"), hub.enrol("beta")
 
 
 @pytest.fixture
@@ -105,12 +120,7 @@ def scorer(heart: StudySpec, tmp_path_factory: pytest.TempPathFactory) -> Patien
 
 @pytest.fixture(scope="module")
 def records() -> dict[str, list[dict[str, Any]]]:
-    by_patient: dict[str, list[dict[str, Any]]] = {}
-    for name in ("Patient", "Observation", "Condition"):
-        for resource in read_ndjson(CLEVELAND / f"{name}.ndjson"):
-            ref = resource["id"] if name == "Patient" else resource["subject"]["reference"]
-            by_patient.setdefault(ref.removeprefix("Patient/"), []).append(resource)
-    return by_patient
+    return cleveland_records()
 
 
 @pytest.fixture

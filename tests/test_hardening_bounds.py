@@ -30,11 +30,6 @@ BOUNDED: dict[str, Any] = {
 
 
 @pytest.fixture
-def pair(hub: Hub) -> tuple[Node, Node]:
-    return hub.enrol("alpha"), hub.enrol("beta")
-
-
-@pytest.fixture
 def bounded_round(hub: Hub, pair: tuple[Node, Node]) -> Round:
     return hub.open_round(hub.publish(BOUNDED))
 

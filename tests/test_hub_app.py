@@ -56,11 +56,6 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
 
 
 @pytest.fixture
-def pair(hub: Hub) -> tuple[Node, Node]:
-    return hub.enrol("alpha"), hub.enrol("beta")
-
-
-@pytest.fixture
 def open_round(hub: Hub, pair: tuple[Node, Node]) -> Round:
     return hub.open_round(hub.publish())
 
