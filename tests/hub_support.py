@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fastapi.testclient import TestClient
@@ -31,6 +32,7 @@ from aipipe.wire import EnrolRequest, EnrolToken, WorkItem
 from aipipe.wire.frames import MEDIA_TYPE
 from aipipe.wire.secure import sealing_key_payload
 from aipipe.wire.tensors import decode_arrays
+from tests.e2e_support import frame, signed_update
 
 Arrays = dict[str, npt.NDArray[Any]]
 
@@ -192,3 +194,30 @@ def running_hub(home: Path) -> Iterator[Hub]:
     paths, token = init_hub(home, "test-hub")
     with TestClient(create_app(paths)) as client:
         yield Hub(client, paths, token)
+
+
+def update(
+    node: Node,
+    at: Round,
+    delta: Arrays | None = None,
+    *,
+    n: int = 10,
+    signer: Identity | None = None,
+    signed: bool = True,
+    base_version: str | None = None,
+) -> bytes:
+    """A framed update of `node` for round `at` (a small delta of the right shapes by default)."""
+    header, payload = signed_update(
+        signer or node.identity,
+        node=node.name,
+        study=at.study,
+        study_digest=at.digest,
+        round=at.number,
+        base_version=base_version or at.base_version,
+        delta=delta
+        if delta is not None
+        else {k: np.full_like(v, 0.01) for k, v in at.base.items()},
+        num_examples=n,
+        signed=signed,
+    )
+    return frame(header, payload)

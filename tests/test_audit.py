@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import itertools
 import json
 import multiprocessing
 import sqlite3
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,63 +27,7 @@ from aipipe.cli.audit import app
 from aipipe.errors import AuditChainBrokenError, IdentityError
 from aipipe.secure.identity import Identity
 from aipipe.settings import NodeConfig, save_node_config
-
-# --- helpers -------------------------------------------------------------------------------
-
-
-def _fill(path: Path, identity: Identity | None, count: int, *, every: int = 10) -> None:
-    with AuditLog.open(path, identity, checkpoint_every=every, owner="st-olav") as log:
-        for number in range(count):
-            log.append(
-                Action.TRAIN,
-                actor="node:st-olav",
-                resource="study:chd",
-                details={"round": number, "epsilon_spent": 0.05, "update_norm": 0.9},
-            )
-
-
-def _tamper(path: Path, *statements: tuple[str, Sequence[Any]]) -> None:
-    """Change the file as an attacker with write access would: drop the guards, then edit."""
-    conn = sqlite3.connect(path)
-    with conn:
-        for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'"):
-            conn.execute(f"DROP TRIGGER {name}")
-        for sql, params in statements:
-            conn.execute(sql, params)
-    conn.close()
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
-    rows = [dict(row) for row in conn.execute("SELECT * FROM events ORDER BY seq")]
-    conn.close()
-    return rows
-
-
-def _documented_hash(row: dict[str, Any]) -> str:
-    """The hash rule as an auditor reads it in the docs, written out independently."""
-    content = {key: row[key] for key in row if key != "hash"}
-    content["details"] = json.loads(row["details"])
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _broken(path: Path, **kwargs: Any) -> AuditChainBrokenError:
-    with pytest.raises(AuditChainBrokenError) as caught:
-        verify(path, **kwargs)
-    return caught.value
-
-
-@pytest.fixture
-def owner() -> Identity:
-    return Identity.generate()
-
-
-@pytest.fixture
-def log_path(tmp_path: Path) -> Path:
-    return tmp_path / "audit.sqlite"
-
+from tests.audit_support import _broken, _documented_hash, _fill, _rows, _tamper
 
 # --- appending -----------------------------------------------------------------------------
 

@@ -3,64 +3,15 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from aipipe.cds import JwtPolicy, MemoryJtiStore
 from aipipe.errors import AuthError
-
-ISSUER = "https://ehr.example.org/"
-BASE = "https://cds.example.org"
-ENDPOINT = "/cds-services/fed-heart-disease-patient-view"
-
-
-class Signer:
-    """A CDS Client's key pair, and the JWTs it signs."""
-
-    def __init__(self, alg: str, kid: str = "k1") -> None:
-        self.alg, self.kid = alg, kid
-        if alg.startswith("ES"):
-            self.key: Any = ec.generate_private_key(ec.SECP384R1())
-            self.jwk = jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
-        else:
-            self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            self.jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
-        self.jwk["kid"] = kid
-
-    def token(
-        self, endpoint: str = ENDPOINT, headers: dict[str, Any] | None = None, **claims: Any
-    ) -> str:
-        now = int(time.time())
-        body = {
-            "iss": ISSUER,
-            "aud": BASE + endpoint,
-            "iat": now,
-            "exp": now + 60,
-            "jti": str(uuid.uuid4()),
-            "tenant": "st-olav",
-        } | claims
-        header = {"kid": self.kid, "typ": "JWT"} | (headers or {})
-        return jwt.encode(
-            {k: v for k, v in body.items() if v is not None},
-            self.key,
-            algorithm=self.alg,
-            headers=header,
-        )
-
-
-@pytest.fixture(scope="module")
-def es384() -> Signer:
-    return Signer("ES384")
-
-
-@pytest.fixture(scope="module")
-def rs384() -> Signer:
-    return Signer("RS384", kid="k2")
+from tests.cds_support import BASE, ENDPOINT, ISSUER, Signer
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import yaml
 
 from aipipe.fhir.files import read_bundle
 from tests.cds_net import HttpsFhir, https_fhir, listener, make_ca
+from tests.cds_support import ISSUER, Fhir, Signer
 from tests.e2e_support import (
     ProcessGroup,
     aipipe,
@@ -28,8 +29,6 @@ from tests.e2e_support import (
     start_hub,
     wait_until,
 )
-from tests.test_cds_auth import ISSUER, Signer
-from tests.test_cds_service import Fhir
 
 pytestmark = pytest.mark.e2e
 

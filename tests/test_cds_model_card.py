@@ -46,12 +46,9 @@ from aipipe.store.node_store import NodeStore
 from aipipe.study.features import extract
 from aipipe.study.spec import StudySpec, parse_study
 from aipipe.wire import FeatureStats
-from tests.hub_support import STUDY, Hub, Node, Round
-from tests.test_cds_auth import BASE as AUTH_BASE
-from tests.test_cds_auth import ISSUER, Signer
-from tests.test_cds_service import CLEVELAND, KEY, PID, ROOT, hook_request, prefetch_for
-from tests.test_cds_service import records as records  # a fixture
-from tests.test_hub_app import update
+from tests.cds_support import BASE as AUTH_BASE
+from tests.cds_support import CLEVELAND, ISSUER, KEY, PID, ROOT, Signer, hook_request, prefetch_for
+from tests.hub_support import STUDY, Hub, Node, Round, update
 
 HEART = ROOT / "examples" / "heart-disease" / "study.yaml"
 BASE = "https://cds.example.org/aipipe"

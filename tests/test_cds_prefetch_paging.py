@@ -34,8 +34,8 @@ from aipipe.fhir.files import read_bundle
 from aipipe.models import build_model, weights_to_arrays
 from aipipe.study.features import Preprocessor
 from aipipe.study.spec import StudySpec, load_study
+from tests.cds_support import KEY, VERSION, run_prefetch, searchset
 from tests.fhir_server import FhirTestServer, start_fhir_server
-from tests.test_cds_service import KEY, VERSION, run_prefetch, searchset
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT.parent / "shared" / "data" / "synthea_fhir_r4" / "bundles"

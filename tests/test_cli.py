@@ -11,15 +11,13 @@ from typing import Any
 
 import pytest
 import yaml
-from click.testing import Result
 from rich.console import Console
-from typer.testing import CliRunner
 
 from aipipe import __version__
 from aipipe.cli import render
-from aipipe.cli.app import app
 from aipipe.node import home as node_home
 from aipipe.study.spec import load_study
+from tests.cli_support import assert_user_error, invoke
 
 BUNDLES = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "synthea_fhir_r4" / "bundles"
@@ -36,22 +34,6 @@ STUDY = {
     "demographics": ["sex"],
     "split": {"test_fraction": 0.34, "seed": 43, "stratify": False},
 }
-
-runner = CliRunner()
-
-
-def invoke(*args: str | Path) -> Result:
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def assert_user_error(result: Result, exit_code: int) -> str:
-    """A user error: the given exit code, one `error:` line on stderr, no traceback."""
-    assert result.exit_code == exit_code, result.output
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture

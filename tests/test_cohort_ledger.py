@@ -11,7 +11,6 @@ real in-process hub.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,9 @@ from aipipe.privacy import BudgetExhaustedError, BudgetLedger, calibrate_noise, 
 from aipipe.privacy.cohorts import Cohort
 from aipipe.store.node_store import NodeStore
 from tests.hub_support import running_hub
-from tests.test_site_ledger import _heart_spec, _node
+from tests.ledger_support import DELTA, _heart_spec, _node
 
-DELTA = 1e-5
 Q, STEPS = 0.1, 100
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[NodeStore]:
-    store = NodeStore.open(tmp_path / "store.sqlite", b"node secret")
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def _ledger(store: NodeStore, *studies: str, site: float = 1.0) -> BudgetLedger:

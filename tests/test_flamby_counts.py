@@ -13,7 +13,7 @@ from aipipe.node.home import init_node, open_store
 from aipipe.node.ingest import ingest_files
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import load_study
-from tests.test_heart_disease_convert import HOSPITALS, RAW, _load_converter, needs_raw
+from tests.heart_convert_support import HOSPITALS, RAW, _load_converter, needs_raw
 
 STUDY = Path(__file__).resolve().parents[1] / "examples" / "heart-disease" / "study.yaml"
 # FLamby's per-centre train/test sizes (heart_disease/README.md, step 4).

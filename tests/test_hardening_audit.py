@@ -21,23 +21,7 @@ from aipipe.audit import AuditLog, verify
 from aipipe.cli.audit import app
 from aipipe.errors import AuditChainBrokenError, StoreError
 from aipipe.secure.identity import Identity
-from tests.test_audit import _documented_hash, _fill, _rows, _tamper
-
-
-@pytest.fixture
-def owner() -> Identity:
-    return Identity.generate()
-
-
-@pytest.fixture
-def log_path(tmp_path: Path) -> Path:
-    return tmp_path / "audit.sqlite"
-
-
-def _broken(path: Path, **kwargs: Any) -> AuditChainBrokenError:
-    with pytest.raises(AuditChainBrokenError) as caught:
-        verify(path, **kwargs)
-    return caught.value
+from tests.audit_support import _broken, _documented_hash, _fill, _rows, _tamper
 
 
 def _rehash_from(path: Path, seq: int, details: str) -> list[tuple[str, list[Any]]]:

@@ -9,8 +9,6 @@ worker does it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +19,7 @@ from aipipe.models import build_model, weights_to_arrays
 from aipipe.node.training import clip_update, train_local
 from aipipe.study.spec import MAX_FEATURES, StudySpec
 from tests.e2e_support import frame, sign, signed_update
-from tests.hub_support import STUDY, Arrays, Hub, Node, Round, running_hub
-from tests.test_hub_app import update
+from tests.hub_support import STUDY, Arrays, Hub, Node, Round, update
 
 MAX_EXAMPLES = 500
 UPDATE_NORM = 5.0
@@ -30,17 +27,6 @@ BOUNDED: dict[str, Any] = {
     **STUDY,
     "bounds": {"max_examples": MAX_EXAMPLES, "update_norm": UPDATE_NORM},
 }
-
-
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    with running_hub(tmp_path / "hub") as hub:
-        yield hub
-
-
-@pytest.fixture
-def pair(hub: Hub) -> tuple[Node, Node]:
-    return hub.enrol("alpha"), hub.enrol("beta")
 
 
 @pytest.fixture

@@ -24,14 +24,20 @@ from aipipe.errors import ConfigError
 from aipipe.hub.app import create_app
 from aipipe.hub.home import init_hub, load_hub
 from aipipe.hub.serve import serve
-from tests import test_cds_service as cds
 from tests.cds_net import LocalCa, https_fhir, listener, make_ca
+from tests.cds_support import (
+    BASE,
+    FHIR,
+    ISSUER,
+    KEY,
+    SERVICE,
+    Fhir,
+    Signer,
+    events,
+    hook_request,
+    prefetch_for,
+)
 from tests.hub_support import running_hub
-from tests.test_cds_auth import BASE, ISSUER, Signer
-from tests.test_cds_service import FHIR, KEY, SERVICE, Fhir, events, hook_request, prefetch_for
-
-# The CDS service tests' fixtures: a Cleveland model, its patients' records, an audit log.
-heart, scorer, records, audit = cds.heart, cds.scorer, cds.records, cds.audit
 
 Records = dict[str, list[dict[str, Any]]]
 FEEDBACK = {

@@ -10,29 +10,11 @@ from typing import Any
 
 import pytest
 import yaml
-from typer.testing import CliRunner, Result
 
 from aipipe.cli import model as model_cli
-from aipipe.cli.app import app
 from aipipe.node.client import HubClient
+from tests.cli_support import assert_user_error, invoke
 from tests.hub_support import STUDY, Hub, running_hub
-
-runner = CliRunner()
-
-
-def invoke(*args: str | Path) -> Result:
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def assert_user_error(result: Result, exit_code: int) -> str:
-    """A user error: the given exit code, one `error:` line on stderr, no traceback."""
-    assert result.exit_code == exit_code, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
 
 # -- node ingest of input that is all rejected ------------------------------------------
 

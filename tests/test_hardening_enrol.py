@@ -9,7 +9,6 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,13 +25,7 @@ from aipipe.node.worker import NodeWorker
 from aipipe.secure.identity import Identity
 from aipipe.wire import EnrolToken
 from tests.e2e_support import HEART, ProcessGroup, aipipe, start_hub
-from tests.hub_support import STUDY, Hub, running_hub
-
-
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    with running_hub(tmp_path / "hub") as hub:
-        yield hub
+from tests.hub_support import STUDY, Hub
 
 
 def _issue(hub: Hub, node: str, **options: object) -> EnrolToken:

@@ -24,12 +24,6 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    with running_hub(tmp_path / "hub") as hub:
-        yield hub
-
-
-@pytest.fixture
 def open_round(hub: Hub) -> tuple[Node, Round]:
     alpha = hub.enrol("alpha")
     hub.enrol("beta")

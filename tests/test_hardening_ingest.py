@@ -9,7 +9,6 @@ import resource
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,6 @@ from aipipe.node.ingest import ingest_files, ingest_server
 from aipipe.store.node_store import NodeStore
 
 FAKE_NAME = "Zebediah Quuxworth"
-KEY = b"k" * 32
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[NodeStore]:
-    opened = NodeStore.open(tmp_path / "store.sqlite", KEY)
-    yield opened
-    opened.close()
 
 
 def patient(pid: str) -> dict[str, Any]:

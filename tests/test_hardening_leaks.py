@@ -39,7 +39,7 @@ from aipipe.study.features import FeatureMatrix, Preprocessor
 from aipipe.study.spec import StudySpec
 from aipipe.wire import UpdateHeader, UpdateReceipt, WorkItem, unpack_frame
 from aipipe.wire.tensors import encode_arrays
-from tests.hub_support import STUDY, Hub, Node, running_hub
+from tests.hub_support import STUDY, Hub, Node
 from tests.test_secure_rounds import NAMES, ScriptedSecAggHub, _train, node_worker, secure_spec
 
 EPSILON = 0.8123456789012345  # what the ledger would hand a round: ε spent after it
@@ -155,12 +155,6 @@ def _matrix(spec: StudySpec) -> FeatureMatrix:
     ids = [f"p{i}" for i in range(60)]
     prep = Preprocessor({}, None, None)
     return FeatureMatrix(columns, x_train, y_train, x_test, y_test, ids[:40], ids[40:], 60, prep)
-
-
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    with running_hub(tmp_path / "hub") as hub:
-        yield hub
 
 
 @pytest.fixture

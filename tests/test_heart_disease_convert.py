@@ -3,44 +3,21 @@
 from __future__ import annotations
 
 import csv
-import functools
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "heart-disease"
+from tests.heart_convert_support import EXAMPLE, HOSPITALS, RAW, _load_converter, needs_raw
+
 SHIPPED = EXAMPLE / "fhir"
-RAW = REPO.parent / "shared" / "data" / "heart_disease"
-HOSPITALS = ("cleveland", "hungarian", "switzerland", "va")
 RESOURCE_TYPES = ("Patient", "Observation", "Condition")
 # The columns FLamby keeps before its listwise deletion (slope, ca and thal are dropped first).
 FLAMBY_COLUMNS = (
     "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak",
 )  # fmt: skip
-
-needs_raw = pytest.mark.skipif(
-    not RAW.is_dir(), reason=f"raw UCI heart-disease files not found at {RAW}"
-)
-
-
-@functools.cache
-def _load_converter() -> ModuleType:
-    # `heart-disease` is not a package name, so load the script from its path. It must sit in
-    # sys.modules while it runs: dataclasses look their module up there.
-    name = "heart_disease_convert"
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE / "convert.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _read(hospital: str, rtype: str) -> list[dict[str, Any]]:

@@ -22,8 +22,8 @@ from aipipe.hub.home import init_hub
 from aipipe.secure.identity import Identity
 from aipipe.study.spec import load_study
 from aipipe.wire.frames import MEDIA_TYPE
-from tests.e2e_support import frame, signed_update, wait_until
-from tests.hub_support import Arrays, Hub, Node, Round, enrol_request
+from tests.e2e_support import wait_until
+from tests.hub_support import Hub, Node, Round, enrol_request, update
 
 V1_ROUTES = {
     "/v1/enrol",
@@ -48,43 +48,11 @@ V1_ROUTES = {
 }
 
 
-def update(
-    node: Node,
-    at: Round,
-    delta: Arrays | None = None,
-    *,
-    n: int = 10,
-    signer: Identity | None = None,
-    signed: bool = True,
-    base_version: str | None = None,
-) -> bytes:
-    """A framed update of `node` for round `at` (a small delta of the right shapes by default)."""
-    header, payload = signed_update(
-        signer or node.identity,
-        node=node.name,
-        study=at.study,
-        study_digest=at.digest,
-        round=at.number,
-        base_version=base_version or at.base_version,
-        delta=delta
-        if delta is not None
-        else {k: np.full_like(v, 0.01) for k, v in at.base.items()},
-        num_examples=n,
-        signed=signed,
-    )
-    return frame(header, payload)
-
-
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[Hub]:
     paths, token = init_hub(tmp_path / "hub", "test-hub")
     with TestClient(create_app(paths)) as client:
         yield Hub(client, paths, token)
-
-
-@pytest.fixture
-def pair(hub: Hub) -> tuple[Node, Node]:
-    return hub.enrol("alpha"), hub.enrol("beta")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,6 @@ from aipipe.store.node_store import NodeStore, WriteOutcome
 from aipipe.store.schema import MIGRATIONS
 
 KEY = b"k" * 32
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[NodeStore]:
-    opened = NodeStore.open(tmp_path / "store.sqlite", KEY)
-    yield opened
-    opened.close()
 
 
 def patient(pid: str = "p1", **fields: Any) -> MappedResource:

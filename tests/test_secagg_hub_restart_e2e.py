@@ -35,7 +35,7 @@ from tests.e2e_support import (
     secagg_stage,
     wait_until,
 )
-from tests.test_secure_e2e import fedavg, model, sent
+from tests.secure_e2e_support import fedavg, model, sent
 
 pytestmark = pytest.mark.e2e
 

@@ -31,10 +31,10 @@ import numpy.typing as npt
 import pytest
 
 from aipipe.secure.ckks import CkksContext
-from aipipe.secure.encoding import UpdateLayout, fixed_point_codec, mean_from_sum
+from aipipe.secure.encoding import fixed_point_codec
 from aipipe.secure.errors import CkksContextError
-from aipipe.wire.tensors import decode_arrays
 from tests.e2e_support import Federation, aipipe_in_process, audit_events, wait_until
+from tests.secure_e2e_support import fedavg, model, sent
 
 pytestmark = pytest.mark.e2e
 
@@ -91,27 +91,6 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
         fed.open_round(study=CKKS)
         ckks = fed.wait_for_round(1, "closed", "failed", study=CKKS, timeout_s=ROUND_S)
         yield Story(fed, victim, secagg, ckks)
-
-
-# -- what the nodes computed ----------------------------------------------------------------------
-
-
-def sent(fed: Federation, site: str, study: str) -> npt.NDArray[np.float64]:
-    path = fed.nodes[site] / "secure" / "sent" / study / "round-1.safetensors"
-    return decode_arrays(path.read_bytes())["x"]
-
-
-def model(fed: Federation, version: str) -> dict[str, npt.NDArray[Any]]:
-    with fed.admin() as client:
-        return decode_arrays(client.get(f"/v1/models/{version}/weights").content)
-
-
-def fedavg(fed: Federation, info: dict[str, Any], contributors: list[str]) -> dict[str, Any]:
-    """Plaintext FedAvg (server lr 1) of the contributions the nodes recorded."""
-    base = model(fed, info["base_version"])
-    total = np.sum([sent(fed, site, info["study"]) for site in contributors], axis=0)
-    weighted, examples = mean_from_sum(total, layout=UpdateLayout.of(base), max_examples=1000)
-    return {k: base[k] + weighted[k] / examples for k in base}
 
 
 # -- SecAgg+ --------------------------------------------------------------------------------------

@@ -12,22 +12,17 @@ import contextlib
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from aipipe.cli.app import app
 from aipipe.errors import UpdateRejectedError
 from aipipe.node.baseline import train_alone
-from aipipe.node.client import HubClient
-from aipipe.node.home import init_node, open_audit, open_store
+from aipipe.node.home import init_node, open_store
 from aipipe.node.ingest import ingest_files
-from aipipe.node.worker import NodeWorker
 from aipipe.privacy import (
     BudgetExhaustedError,
     BudgetLedger,
@@ -41,18 +36,9 @@ from aipipe.study.features import extract
 from aipipe.study.spec import StudySpec
 from tests.e2e_support import HEART
 from tests.hub_support import running_hub
+from tests.ledger_support import DELTA, _heart_spec, _node
 
-DELTA = 1e-5
 Q, STEPS = 0.1, 100  # one study's whole plan: 100 DP-SGD steps at sample rate 0.1
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[NodeStore]:
-    store = NodeStore.open(tmp_path / "store.sqlite", b"")
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 # -- item 1: one budget per site, across studies -------------------------------------------------
@@ -219,12 +205,6 @@ def test_privacy_status_shows_the_site_and_each_study_beside_the_attackers_bound
 # -- item 2: one release per (study, round) ------------------------------------------------------
 
 
-def _heart_spec() -> dict[str, Any]:
-    raw: dict[str, Any] = yaml.safe_load((HEART / "study.yaml").read_text())
-    # No statistics release (tests/test_dp_statistics.py has those): only training is charged.
-    return {**raw, "secure": "none", "privacy": {**raw["privacy"], "statistics_epsilon": 0}}
-
-
 def test_a_round_offered_again_gets_the_same_bytes_and_is_charged_once(tmp_path: Path) -> None:
     with running_hub(tmp_path / "hub") as hub:
         alpha = hub.enrol("alpha")
@@ -309,30 +289,6 @@ def test_the_worker_plans_a_study_within_what_other_studies_left_of_the_site(
     assert 0.98 < whole <= 1.0  # the whole planned study fits what the other study left
     assert entry.site_epsilon is not None and entry.site_epsilon < whole
     assert len(sent) == 1
-
-
-def _node(
-    tmp_path: Path, hub: Any, enrolled: Any, study: dict[str, Any]
-) -> tuple[NodeWorker, list[bytes]]:
-    """A node with a real home, store (Switzerland's FHIR data), ledger and audit log, whose
-    hub client records every frame it uploads to the in-process hub."""
-    paths = init_node(tmp_path / enrolled.name, enrolled.name)
-    store, audit = open_store(paths), open_audit(paths)
-    ingest_files(store, [HEART / "fhir" / "switzerland"])
-    store.approve(study["name"], study["digest"], json.dumps(study["spec"]))
-    BudgetLedger(store.db).set_budget(study["name"], epsilon=1.0, delta=DELTA)
-    client = HubClient(
-        "http://testserver", token=enrolled.credential, transport=hub.client._transport
-    )
-    sent: list[bytes] = []
-    upload = client.upload
-
-    def recording(name: str, number: int, frame: bytes) -> Any:
-        sent.append(frame)
-        return upload(name, number, frame)
-
-    client.upload = recording  # type: ignore[method-assign, assignment]
-    return NodeWorker(enrolled.name, store, client, enrolled.identity, audit), sent
 
 
 # -- item 7: the solo baseline -------------------------------------------------------------------

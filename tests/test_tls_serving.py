@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from aipipe.cli.app import app as cli
 from aipipe.hub.home import init_hub
 from tests.cds_net import HttpsFhir, LocalCa, https_fhir, make_ca
+from tests.cds_support import Fhir, cleveland_records, hook_request
 from tests.e2e_support import (
     ProcessGroup,
     Started,
@@ -32,13 +33,11 @@ from tests.e2e_support import (
     wait_until,
     write_test_study,
 )
-from tests.test_cds_service import Fhir, hook_request, read_ndjson
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 HEART = REPO / "examples" / "heart-disease"
-CLEVELAND = HEART / "fhir" / "cleveland"
 STUDY = "tls-heart"
 
 
@@ -174,15 +173,6 @@ class NodeCds:
     ehr: HttpsFhir
 
 
-def _records() -> dict[str, list[dict[str, object]]]:
-    by_patient: dict[str, list[dict[str, object]]] = {}
-    for name in ("Patient", "Observation", "Condition"):
-        for resource in read_ndjson(CLEVELAND / f"{name}.ndjson"):
-            ref = resource["id"] if name == "Patient" else resource["subject"]["reference"]
-            by_patient.setdefault(ref.removeprefix("Patient/"), []).append(resource)
-    return by_patient
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -192,7 +182,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def node_cds(tls_hub: TlsHub) -> Iterator[NodeCds]:
     ca, port = tls_hub.ca, _free_port()
-    with https_fhir(ca, Fhir(_records())) as ehr:
+    with https_fhir(ca, Fhir(cleveland_records())) as ehr:
         process = tls_hub.group.start(
             "serve-cds", "node", "serve-cds", "--home", tls_hub.node, "--study", STUDY,
             "--port", str(port), "--allow-unauthenticated",
