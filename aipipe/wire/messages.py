@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,6 +23,33 @@ _HEX64 = r"^[0-9a-f]{64}$"
 # Counts of examples: far above any site's cohort, and below SQLite's 64-bit INTEGER, so an
 # absurd count is a validation error (refused and audited), never an overflow.
 MAX_COUNT = 2**31 - 1
+
+
+class SecureMode(StrEnum):
+    """How a study's updates travel: in the clear, as SecAgg+ masked vectors, or CKKS
+    ciphertexts (a study's `secure:`; a round protocol is registered under each)."""
+
+    NONE = "none"
+    SECAGG = "secagg"
+    CKKS = "ckks"
+
+
+class RoundState(StrEnum):
+    """A round's state at the hub (`open` and `collecting` take updates)."""
+
+    OPEN = "open"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        return self in (RoundState.OPEN, RoundState.COLLECTING)
+
+    @property
+    def ended(self) -> bool:
+        return self in (RoundState.CLOSED, RoundState.FAILED)
 
 
 class Wire(BaseModel):
@@ -103,7 +131,7 @@ class RoundOpen(Wire):
 class RoundInfo(Wire):
     study: str
     round: int
-    state: Literal["open", "collecting", "aggregating", "closed", "failed"]
+    state: RoundState
     base_version: str
     selected: list[str]
     reported: list[str]
