@@ -117,7 +117,7 @@ def test_a_study_is_run_by_the_protocol_of_its_secure_mode(site: Site, mode: Sec
         assert service.protocols.for_spec(spec).mode is mode
 
 
-# -- each protocol's first step and its deadline ----------------------------------------------------
+# -- each protocol's first step and its deadline ---------------------------------------------
 
 FIRST_STEP = {SecureMode.NONE: "train", SecureMode.SECAGG: "train", SecureMode.CKKS: "keygen"}
 
