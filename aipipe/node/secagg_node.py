@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, TypeVar
 from pydantic import BaseModel
 
 from aipipe.node.round_state import RoundStates, SecAggRoundState
-from aipipe.node.secure_rounds import _deadline, _layout, _record, _vault, checked_config
+from aipipe.node.secure_rounds import _deadline, _layout, _record, checked_config
+from aipipe.node.sending import RoundNode, charged_frame, vault_of
 from aipipe.secure.encoding import fixed_point_codec
 from aipipe.secure.errors import SecAggProtocolError
 from aipipe.secure.secagg import SecAggClient
-from aipipe.wire import pack_frame
 from aipipe.wire.secure import (
     SecAggAdvert,
     SecAggForwarded,
@@ -46,20 +46,19 @@ from aipipe.wire.secure import (
 
 if TYPE_CHECKING:
     from aipipe.node.training import TrainResult
-    from aipipe.node.worker import NodeWorker
     from aipipe.study.spec import StudySpec
 
 _M = TypeVar("_M", bound=BaseModel)
 
 
 def run_secagg(
-    worker: NodeWorker,
+    worker: RoundNode,
     spec: StudySpec,
     state: SecAggRoundState,
     train: Callable[[], TrainResult],
 ) -> str:
     """Run (or resume) the round to its end for this node; delete its state once it ends."""
-    states = RoundStates(_vault(worker))
+    states = RoundStates(vault_of(worker))
     try:
         summary = _Round(worker, spec, state, states, train).run()
     except Exception:
@@ -74,7 +73,7 @@ def run_secagg(
 class _Round:
     def __init__(
         self,
-        worker: NodeWorker,
+        worker: RoundNode,
         spec: StudySpec,
         state: SecAggRoundState,
         states: RoundStates,
@@ -180,10 +179,8 @@ class _Round:
         clients = len(protocol.config.clients)
         codec = fixed_point_codec(spec.bounds.update_norm, clients, protocol.config.bits)
         masked = protocol.mask(forwarded.shares, codec.encode(x))
-        header = worker.signed_header(spec, state.item, masked.data, state.epsilon)
-        body = pack_frame(header.model_dump_json().encode(), masked.data)
         # Charged before it is saved: a saved masked input is only ever one already charged.
-        worker.charge_release(spec, state.item, body)
+        body = charged_frame(worker, spec, state.item, masked.data, state.epsilon)
         self._save(client=protocol.state(), sent={**state.sent, "masked": body})
 
     def _unmask(self, protocol: SecAggClient) -> None:

@@ -17,11 +17,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from aipipe.errors import SignatureError
+from aipipe.node.sending import RoundNode, audit_train, upload, vault_of
 from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution
 from aipipe.secure.errors import SecAggProtocolError, SecureAggregationError
 from aipipe.secure.identity import verify_signature
 from aipipe.secure.secagg import SecAggConfig, default_threshold
-from aipipe.wire import UpdateHeader, WorkItem, pack_frame, unpack_frame
+from aipipe.wire import SecureMode, UpdateHeader, WorkItem, pack_frame, unpack_frame
 from aipipe.wire.secure import (
     CkksKeys,
     DecryptBundleHeader,
@@ -36,8 +37,6 @@ from aipipe.wire.tensors import encode_arrays
 
 if TYPE_CHECKING:
     from aipipe.node.training import TrainResult
-    from aipipe.node.vault import SecureVault
-    from aipipe.node.worker import NodeWorker
     from aipipe.secure.ckks import CkksContext
     from aipipe.study.spec import StudySpec
 
@@ -51,19 +50,13 @@ def _deadline(item: WorkItem) -> float:
     return time.monotonic() + max((end - datetime.now(UTC)).total_seconds(), 0.0)
 
 
-def _layout(worker: NodeWorker, item: WorkItem) -> UpdateLayout:
+def _layout(worker: RoundNode, item: WorkItem) -> UpdateLayout:
     assert item.version is not None
     return UpdateLayout.of(worker.base_weights(item.version))
 
 
-def _vault(worker: NodeWorker) -> SecureVault:
-    if worker.vault is None:
-        raise SecureAggregationError(f"node {worker.name} has no key vault for secure rounds")
-    return worker.vault
-
-
 def _record(
-    worker: NodeWorker,
+    worker: RoundNode,
     spec: StudySpec,
     item: WorkItem,
     result: TrainResult,
@@ -79,18 +72,16 @@ def _record(
         update_clip=spec.bounds.update_norm,
         max_examples=spec.bounds.max_examples,
     )
-    _vault(worker).record_sent(spec.name, item.round, x)
-    worker.audit.append(
-        "train",
-        actor=worker.name,
-        resource=f"study/{spec.name}",
-        details={
-            "round": item.round,
-            "n": result.num_examples,
-            "epsilon_total": epsilon,
-            "secure": spec.secure,
-            "contribution_sha256": hashlib.sha256(x.tobytes()).hexdigest(),
-        },
+    vault_of(worker).record_sent(spec.name, item.round, x)
+    digest = hashlib.sha256(x.tobytes()).hexdigest()
+    audit_train(
+        worker,
+        spec,
+        item.round,
+        result.num_examples,
+        epsilon,
+        secure=spec.secure,
+        contribution_sha256=digest,
     )
     return x
 
@@ -137,7 +128,7 @@ def checked_config(
 
 
 def secagg_round(
-    worker: NodeWorker,
+    worker: RoundNode,
     spec: StudySpec,
     item: WorkItem,
     train: Callable[[], TrainResult],
@@ -175,7 +166,7 @@ def _checked_keyring(keyring: Keyring) -> dict[str, tuple[bytes, bytes | None]]:
     return out
 
 
-def ckks_keygen(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
+def ckks_keygen(worker: RoundNode, spec: StudySpec, item: WorkItem) -> str:
     """Make the study's context; seal its secret to every other selected node (via the hub)."""
     from aipipe.secure.ckks import CkksContext, choose_ckks_params, seal_context
 
@@ -210,7 +201,7 @@ def ckks_keygen(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
             )
         )
     public = context.public_bytes()
-    _vault(worker).save_context(spec.name, context)
+    vault_of(worker).save_context(spec.name, context)
     signature = worker.identity.sign(ckks_keys_payload(spec.name, context.fingerprint, public))
     worker.client.ckks_post_keys(
         spec.name,
@@ -235,11 +226,11 @@ def ckks_keygen(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
     return f"made the CKKS context of '{spec.name}' and sealed it to {len(sealed)} nodes"
 
 
-def study_context(worker: NodeWorker, spec: StudySpec) -> CkksContext:
+def study_context(worker: RoundNode, spec: StudySpec) -> CkksContext:
     """The study's secret context: from the vault, or opened from the box sealed to this node."""
     from aipipe.secure.ckks import SealedContext, open_context
 
-    vault = _vault(worker)
+    vault = vault_of(worker)
     context = vault.load_context(spec.name)
     if context is not None:
         return context
@@ -268,7 +259,7 @@ def study_context(worker: NodeWorker, spec: StudySpec) -> CkksContext:
 
 
 def ckks_round(
-    worker: NodeWorker,
+    worker: RoundNode,
     spec: StudySpec,
     item: WorkItem,
     train: Callable[[], TrainResult],
@@ -279,16 +270,13 @@ def ckks_round(
     layout = _layout(worker, item)
     x = _record(worker, spec, item, train(), layout, epsilon)
     payload = context.encrypt(x).to_bytes()
-    header = worker.signed_header(spec, item, payload, epsilon)
-    frame = pack_frame(header.model_dump_json().encode(), payload)
-    worker.charge_release(spec, item, frame)  # cost, sha256 and bytes kept before it leaves
-    receipt = worker.client.upload(spec.name, item.round, frame)
+    receipt = upload(worker, spec, item, payload, epsilon)  # charged before it leaves
     return (
         f"round {item.round}: ckks update sent ({len(payload)} bytes), round {receipt.round_state}"
     )
 
 
-def ckks_decrypt(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
+def ckks_decrypt(worker: RoundNode, spec: StudySpec, item: WorkItem) -> str:
     """Decrypt the round's sum, only if it is the sum of ≥ min_nodes distinct signed updates."""
     from aipipe.secure.ckks import EncryptedVector, sum_encrypted
 
@@ -353,7 +341,7 @@ def _checked_contributions(
             header.study_digest,
             header.secure,
         )
-        expected = (spec.name, item.round, item.version, item.study_digest, "ckks")
+        expected = (spec.name, item.round, item.version, item.study_digest, SecureMode.CKKS)
         if binding != expected or hashlib.sha256(blob).hexdigest() != header.payload_sha256:
             raise SecureAggregationError(f"contribution of '{header.node}' is for another round")
         try:

@@ -33,6 +33,7 @@ from aipipe.models.errors import UnverifiedModelError
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
+from aipipe.node.senders import sender_for
 from aipipe.node.training import TrainResult, clip_update, evaluate, train_local
 from aipipe.node.vault import SecureVault
 from aipipe.privacy.accountant import AccountantName, sample_rate
@@ -45,8 +46,8 @@ from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import StudySpec
-from aipipe.wire import EvalReport, FeatureStats, UpdateHeader, WorkItem, pack_frame
-from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
+from aipipe.wire import EvalReport, FeatureStats, UpdateHeader, WorkItem
+from aipipe.wire.tensors import Arrays, decode_arrays
 
 
 def _quiet(message: str) -> None:
@@ -250,33 +251,7 @@ class NodeWorker:
         def local_update() -> TrainResult:
             return self._local_update(spec, item, matrix, sigma)
 
-        if spec.secure == "secagg":
-            return secure_rounds.secagg_round(self, spec, item, local_update, epsilon, sigma=sigma)
-        if spec.secure == "ckks":
-            return secure_rounds.ckks_round(self, spec, item, local_update, epsilon)
-        result = local_update()
-        payload = encode_arrays(result.delta)
-        # A site larger than bounds.max_examples weighs as that many (the hub refuses more).
-        weight = min(result.num_examples, spec.bounds.max_examples)
-        header = self.signed_header(spec, item, payload, epsilon, n=weight, norm=result.update_norm)
-        self.audit.append(
-            "train",
-            actor=self.name,
-            resource=f"study/{spec.name}",
-            details={
-                "round": item.round,
-                "n": result.num_examples,
-                "epsilon_total": epsilon,
-                "update_norm": round(result.update_norm, 6),
-            },
-        )
-        frame = pack_frame(header.model_dump_json().encode(), payload)
-        self.charge_release(spec, item, frame)
-        receipt = self.client.upload(spec.name, item.round, frame)
-        return (
-            f"round {item.round}: sent update (n={result.num_examples}, "
-            f"ε={epsilon if epsilon is None else round(epsilon, 3)}), round {receipt.round_state}"
-        )
+        return sender_for(spec).send(self, spec, item, local_update, epsilon, sigma)
 
     def _charge_budget(
         self, spec: StudySpec, number: int, train_rows: int
