@@ -6,13 +6,16 @@ and the SecAgg+ and CKKS protocols' own HTTP steps (`app.py` reaches them as
 
 from __future__ import annotations
 
+from aipipe.aggregation import aggregator_for
 from aipipe.errors import AuthError, SignatureError
 from aipipe.hub.rounds.ckks import CkksRound
 from aipipe.hub.rounds.registry import Protocols
 from aipipe.hub.rounds.secagg import SecAggRound
+from aipipe.hub.rounds.secure_sum import check_secure_spec
 from aipipe.secure.identity import verify_signature
 from aipipe.store.hub_store import HubStore
 from aipipe.store.secure_store import SecureStore
+from aipipe.study.spec import StudySpec
 from aipipe.wire import EnrolRequest
 from aipipe.wire.secure import Keyring, KeyringEntry, sealing_key_payload
 
@@ -23,6 +26,12 @@ class SecureRounds:
         self.store = secure
         self.secagg = protocols.of(SecAggRound)
         self.ckks = protocols.of(CkksRound)
+
+    @staticmethod
+    def check_spec(spec: StudySpec) -> None:
+        """What a secure study's protocol refuses at publish, with the study's own aggregator
+        (`SecureProtocol.check_spec` with the hub's context is the same check)."""
+        check_secure_spec(spec, aggregator_for(spec.aggregation, spec.training.proximal_mu))
 
     @staticmethod
     def checked_sealing_key(request: EnrolRequest) -> tuple[bytes, bytes] | None:

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
+from aipipe.aggregation import Aggregator
 from aipipe.errors import SignatureError, StudyError, UpdateRejectedError
 from aipipe.hub.models import RoundSum
 from aipipe.hub.rounds.context import StageEnd
@@ -31,22 +32,25 @@ from aipipe.wire.tensors import decode_arrays
 SUM_TOLERANCE = 1e-3
 
 
+def check_secure_spec(spec: StudySpec, aggregator: Aggregator) -> None:
+    """Refuse at publish what a secure round could not honour."""
+    if aggregator.requires_individual_updates:
+        raise StudyError(
+            f"aggregation '{aggregator.name}' needs every update on its own, which secure: "
+            f"{spec.secure} hides from the hub; use fedavg, fedprox, fedadam or fedyogi, or "
+            "publish with secure: none"
+        )
+    if spec.min_nodes < 3:
+        raise StudyError(
+            f"study '{spec.name}' asks for secure: {spec.secure} with min_nodes="
+            f"{spec.min_nodes}; a sum of fewer than 3 updates lets each contributor read the "
+            "other's, so secure studies need min_nodes ≥ 3"
+        )
+
+
 class SecureProtocol(RoundProtocol):
     def check_spec(self, spec: StudySpec) -> None:
-        """Refuse at publish what a secure round could not honour."""
-        aggregator = self.ctx.aggregator(spec)
-        if aggregator.requires_individual_updates:
-            raise StudyError(
-                f"aggregation '{aggregator.name}' needs every update on its own, which secure: "
-                f"{spec.secure} hides from the hub; use fedavg, fedprox, fedadam or fedyogi, or "
-                "publish with secure: none"
-            )
-        if spec.min_nodes < 3:
-            raise StudyError(
-                f"study '{spec.name}' asks for secure: {spec.secure} with min_nodes="
-                f"{spec.min_nodes}; a sum of fewer than 3 updates lets each contributor read the "
-                "other's, so secure studies need min_nodes ≥ 3"
-            )
+        check_secure_spec(spec, self.ctx.aggregator(spec))
 
     # -- stages --------------------------------------------------------------------------------
 
