@@ -40,7 +40,7 @@ from aipipe.study.spec import StudySpec
 from aipipe.wire import UpdateHeader, UpdateReceipt, WorkItem, unpack_frame
 from aipipe.wire.tensors import encode_arrays
 from tests.hub_support import STUDY, Hub, Node, running_hub
-from tests.test_secure_rounds import NAMES, ScriptedSecAggHub, _train, node_worker, secure_spec
+from tests.secure_rounds_support import NAMES, ScriptedSecAggHub, _train, node_worker, secure_spec
 
 EPSILON = 0.8123456789012345  # what the ledger would hand a round: ε spent after it
 N_TRAIN = 50  # `_train`'s num_examples

@@ -47,7 +47,7 @@ from aipipe.wire import UpdateReceipt, WorkItem, unpack_frame
 from aipipe.wire.secure import SecAggAdvert, SecAggShares, SecAggUnmask, SecAggUnmaskRequest
 from aipipe.wire.tensors import decode_arrays
 from tests.hub_support import Hub
-from tests.test_secure_rounds import (
+from tests.secure_rounds_support import (
     NAMES,
     ScriptedSecAggHub,
     _train,
