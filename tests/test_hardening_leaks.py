@@ -37,7 +37,7 @@ from aipipe.secure.identity import Identity
 from aipipe.secure.secagg import SecAggConfig
 from aipipe.study.features import FeatureMatrix, Preprocessor
 from aipipe.study.spec import StudySpec
-from aipipe.wire import UpdateHeader, UpdateReceipt, WorkItem, unpack_frame
+from aipipe.wire import RoundWork, UpdateHeader, UpdateReceipt, unpack_frame
 from aipipe.wire.tensors import encode_arrays
 from tests.hub_support import STUDY, Hub, Node, running_hub
 from tests.secure_rounds_support import NAMES, ScriptedSecAggHub, _train, node_worker, secure_spec
@@ -87,7 +87,7 @@ def secagg_sent(tmp_path: Path) -> RecordingSecAggHub:
         round_id=f"{spec.name}/1/{'0' * 16}", clients=list(NAMES), vector_length=5
     )
     hub = RecordingSecAggHub(config, "node-a", identities)
-    item = WorkItem(
+    item = RoundWork(
         kind="train",
         study=spec.name,
         study_digest="d" * 64,
@@ -328,7 +328,7 @@ def test_a_secure_nodes_decline_names_no_count_of_its_site(
 
     monkeypatch.setattr("aipipe.node.worker.extract", extract)
     hub = DeclineRecorder()
-    item = WorkItem(
+    item = RoundWork(
         kind="train", study=spec.name, study_digest=spec.digest(), round=1, version="b" * 64
     )
     with node_worker(tmp_path / "a", "node-a", Identity.generate(), hub) as worker:
@@ -353,7 +353,7 @@ def test_a_plaintext_nodes_decline_keeps_its_reason(
 
     monkeypatch.setattr("aipipe.node.worker.extract", extract)
     hub = DeclineRecorder()
-    item = WorkItem(
+    item = RoundWork(
         kind="train", study=spec.name, study_digest=spec.digest(), round=1, version="b" * 64
     )
     with node_worker(tmp_path / "a", "node-a", Identity.generate(), hub) as worker:

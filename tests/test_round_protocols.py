@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from aipipe.aggregation import Aggregator, aggregator_for
 from aipipe.aggregation.base import Weights
@@ -28,7 +29,7 @@ from aipipe.hub.rounds.secagg import SecAggRound
 from aipipe.hub.service import HubService
 from aipipe.secure.identity import Identity
 from aipipe.study.spec import StudySpec
-from aipipe.wire import RoundState, SecureMode
+from aipipe.wire import WORK_ITEM, EvaluateWork, IdleWork, RoundState, RoundWork, SecureMode
 from aipipe.wire.tensors import decode_arrays
 from tests.e2e_support import frame, signed_update
 from tests.hub_support import STUDY, Arrays, Node, running_hub
@@ -271,3 +272,18 @@ def test_a_secure_protocol_refuses_an_aggregator_that_needs_every_update(site: S
         ctx = replace(service.protocols.for_spec(spec).ctx, aggregator=lambda _: CoordinateMedian())
         with pytest.raises(StudyError, match="needs every update on its own"):
             SecAggRound(ctx).check_spec(spec)
+
+
+# -- the work a hub hands out ---------------------------------------------------------------------
+
+
+def test_a_work_item_carries_exactly_the_fields_its_kind_needs() -> None:
+    round_step = {"study": "s", "study_digest": "d" * 64, "round": 1, "version": "v" * 64}
+    assert isinstance(WORK_ITEM.validate_python({"kind": "idle"}), IdleWork)
+    assert isinstance(WORK_ITEM.validate_python({"kind": "evaluate", **round_step}), EvaluateWork)
+    for kind in ("train", "keygen", "decrypt"):
+        assert isinstance(WORK_ITEM.validate_python({"kind": kind, **round_step}), RoundWork)
+    with pytest.raises(ValidationError):  # a round step names its round and base model
+        WORK_ITEM.validate_python({"kind": "train", "study": "s"})
+    with pytest.raises(ValidationError):  # nothing to do carries nothing
+        WORK_ITEM.validate_python({"kind": "idle", "study": "s"})

@@ -22,6 +22,8 @@ from aipipe.secure.ckks import (
 from aipipe.secure.identity import Identity
 from aipipe.secure.sealedbox import x25519_public_bytes
 from aipipe.wire import (
+    WORK_ITEM,
+    RoundWork,
     WorkItem,
 )
 from aipipe.wire.frames import MEDIA_TYPE
@@ -204,8 +206,8 @@ class HubAsSeenByNode:
 
 def decrypt_as(hub: Hub, ckks: CkksRound, node: Node, home: Path) -> str:
     """`ckks_decrypt` run by key holder `node` for the work the hub offers it."""
-    item = WorkItem.model_validate(hub.client.get("/v1/work", headers=node.headers).json())
-    assert item.kind == "decrypt", item
+    item = WORK_ITEM.validate_python(hub.client.get("/v1/work", headers=node.headers).json())
+    assert isinstance(item, RoundWork) and item.kind == "decrypt", item
     with node_worker(home, node.name, node.identity, HubAsSeenByNode(hub, node)) as worker:
         assert worker.vault is not None
         worker.vault.save_context(ckks.at.study, ckks.context)
@@ -232,7 +234,7 @@ def test_a_ckks_round_decrypted_by_a_key_holder_makes_the_fedavg_model(
 
 def work_of(hub: Hub, node: Node, wait_s: float = 0) -> WorkItem:
     response = hub.client.get("/v1/work", params={"wait": wait_s}, headers=node.headers)
-    return WorkItem.model_validate(response.json())
+    return WORK_ITEM.validate_python(response.json())
 
 
 def all_sent(hub: Hub, ckks: CkksRound) -> None:

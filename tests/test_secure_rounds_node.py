@@ -29,8 +29,8 @@ from aipipe.secure.secagg import (
 )
 from aipipe.study.spec import StudySpec
 from aipipe.wire import (
+    RoundWork,
     UpdateHeader,
-    WorkItem,
     pack_frame,
     unpack_frame,
 )
@@ -117,7 +117,7 @@ def _secagg_round_losing_one_of_four(
         round_id=f"{spec.name}/1/{'0' * 16}", clients=list(NAMES), vector_length=5
     )
     scripted = ScriptedSecAggHub(config, "node-a", identities)
-    item = WorkItem(
+    item = RoundWork(
         kind="train",
         study=spec.name,
         study_digest="d" * 64,
@@ -208,7 +208,7 @@ class KeyHolder:
         """(what `ckks_decrypt` returned or raised, the hub) for node-a given `bundle`."""
         roster = {n: i.public_bytes for n, i in self.identities.items()}
         hub = CraftedHub(bundle, roster)
-        item = WorkItem(
+        item = RoundWork(
             kind="decrypt",
             study=self.at.study,
             study_digest=self.at.digest,

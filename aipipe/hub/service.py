@@ -41,9 +41,12 @@ from aipipe.wire import (
     EnrolRequest,
     EnrolResponse,
     EvalReport,
+    EvaluateWork,
     FeatureStats,
+    IdleWork,
     RoundInfo,
     RoundState,
+    RoundWork,
     StudyInfo,
     UpdateReceipt,
     WorkItem,
@@ -241,16 +244,15 @@ class HubService:
                 and not self.store.has_metrics(current, node)
                 and self.store.takes_part(study, node)
             ):
-                return WorkItem(
-                    kind="evaluate",
+                return EvaluateWork(
                     study=study,
                     study_digest=study_row["digest"],
                     round=model["round"],
                     version=current,
                 )
-        return WorkItem(kind="idle")
+        return IdleWork()
 
-    def _round_work(self, study_row: Any, active: RoundRow, node: str) -> WorkItem | None:
+    def _round_work(self, study_row: Any, active: RoundRow, node: str) -> RoundWork | None:
         status = self.store.node_status(active.study, active.round, node)
         if status == NodeStatus.DECLINED:
             return None  # not re-offered: a secure round's stages would ask again and again

@@ -22,7 +22,7 @@ from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution
 from aipipe.secure.errors import SecAggProtocolError, SecureAggregationError
 from aipipe.secure.identity import verify_signature
 from aipipe.secure.secagg import SecAggConfig, default_threshold
-from aipipe.wire import SecureMode, UpdateHeader, WorkItem, pack_frame, unpack_frame
+from aipipe.wire import RoundWork, SecureMode, UpdateHeader, pack_frame, unpack_frame
 from aipipe.wire.secure import (
     CkksKeys,
     DecryptBundleHeader,
@@ -43,28 +43,26 @@ if TYPE_CHECKING:
 CKKS_PRECISION = 1e-7  # absolute error per value of a decrypted sum
 
 
-def _deadline(item: WorkItem) -> float:
+def _deadline(item: RoundWork) -> float:
     """The round's deadline on this process's monotonic clock."""
     assert item.deadline is not None
     end = datetime.fromisoformat(item.deadline.replace("Z", "+00:00"))
     return time.monotonic() + max((end - datetime.now(UTC)).total_seconds(), 0.0)
 
 
-def _layout(worker: RoundNode, item: WorkItem) -> UpdateLayout:
-    assert item.version is not None
+def _layout(worker: RoundNode, item: RoundWork) -> UpdateLayout:
     return UpdateLayout.of(worker.base_weights(item.version))
 
 
 def _record(
     worker: RoundNode,
     spec: StudySpec,
-    item: WorkItem,
+    item: RoundWork,
     result: TrainResult,
     layout: UpdateLayout,
     epsilon: float | None,
 ) -> FloatArray:
     """x = [r, r·clip(Δ)], kept in the node's own records before it is masked or encrypted."""
-    assert item.round is not None
     x = contribution(
         result.delta,
         result.num_examples,
@@ -130,7 +128,7 @@ def checked_config(
 def secagg_round(
     worker: RoundNode,
     spec: StudySpec,
-    item: WorkItem,
+    item: RoundWork,
     train: Callable[[], TrainResult],
     epsilon: float | None,
     *,
@@ -166,11 +164,10 @@ def _checked_keyring(keyring: Keyring) -> dict[str, tuple[bytes, bytes | None]]:
     return out
 
 
-def ckks_keygen(worker: RoundNode, spec: StudySpec, item: WorkItem) -> str:
+def ckks_keygen(worker: RoundNode, spec: StudySpec, item: RoundWork) -> str:
     """Make the study's context; seal its secret to every other selected node (via the hub)."""
     from aipipe.secure.ckks import CkksContext, choose_ckks_params, seal_context
 
-    assert item.round is not None
     selected = worker.client.round(spec.name, item.round).selected
     keys = _checked_keyring(worker.client.keyring())
     others = [n for n in selected if n != worker.name]
@@ -261,11 +258,10 @@ def study_context(worker: RoundNode, spec: StudySpec) -> CkksContext:
 def ckks_round(
     worker: RoundNode,
     spec: StudySpec,
-    item: WorkItem,
+    item: RoundWork,
     train: Callable[[], TrainResult],
     epsilon: float | None,
 ) -> str:
-    assert item.round is not None
     context = study_context(worker, spec)
     layout = _layout(worker, item)
     x = _record(worker, spec, item, train(), layout, epsilon)
@@ -276,11 +272,10 @@ def ckks_round(
     )
 
 
-def ckks_decrypt(worker: RoundNode, spec: StudySpec, item: WorkItem) -> str:
+def ckks_decrypt(worker: RoundNode, spec: StudySpec, item: RoundWork) -> str:
     """Decrypt the round's sum, only if it is the sum of ≥ min_nodes distinct signed updates."""
     from aipipe.secure.ckks import EncryptedVector, sum_encrypted
 
-    assert item.round is not None
     context = study_context(worker, spec)
     head_json, payload = unpack_frame(worker.client.ckks_bundle(spec.name, item.round))
     head = DecryptBundleHeader.model_validate_json(head_json)
@@ -326,7 +321,7 @@ def ckks_decrypt(worker: RoundNode, spec: StudySpec, item: WorkItem) -> str:
 
 def _checked_contributions(
     spec: StudySpec,
-    item: WorkItem,
+    item: RoundWork,
     headers: list[UpdateHeader],
     ciphertexts: list[bytes],
     roster: dict[str, bytes],

@@ -14,7 +14,7 @@ from aipipe.node import secure_rounds
 from aipipe.node.sending import RoundNode, audit_train, upload
 from aipipe.node.training import TrainResult
 from aipipe.study.spec import StudySpec
-from aipipe.wire import SecureMode, WorkItem
+from aipipe.wire import RoundWork, SecureMode
 from aipipe.wire.tensors import encode_arrays
 
 
@@ -26,7 +26,7 @@ class Sender(ABC):
         self,
         node: RoundNode,
         spec: StudySpec,
-        item: WorkItem,
+        item: RoundWork,
         train: Callable[[], TrainResult],
         epsilon: float | None,
         sigma: float | None,
@@ -41,12 +41,11 @@ class PlainSender(Sender):
         self,
         node: RoundNode,
         spec: StudySpec,
-        item: WorkItem,
+        item: RoundWork,
         train: Callable[[], TrainResult],
         epsilon: float | None,
         sigma: float | None,
     ) -> str:
-        assert item.round is not None
         result = train()
         # A site larger than bounds.max_examples weighs as that many (the hub refuses more).
         weight = min(result.num_examples, spec.bounds.max_examples)
@@ -69,7 +68,7 @@ class SecAggSender(Sender):
         self,
         node: RoundNode,
         spec: StudySpec,
-        item: WorkItem,
+        item: RoundWork,
         train: Callable[[], TrainResult],
         epsilon: float | None,
         sigma: float | None,
@@ -84,7 +83,7 @@ class CkksSender(Sender):
         self,
         node: RoundNode,
         spec: StudySpec,
-        item: WorkItem,
+        item: RoundWork,
         train: Callable[[], TrainResult],
         epsilon: float | None,
         sigma: float | None,

@@ -14,7 +14,7 @@ from aipipe.node.vault import SecureVault
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
 from aipipe.study.spec import StudySpec
-from aipipe.wire import UpdateHeader, UpdateReceipt, WorkItem, pack_frame
+from aipipe.wire import RoundWork, UpdateHeader, UpdateReceipt, pack_frame
 from aipipe.wire.tensors import Arrays
 
 
@@ -35,7 +35,7 @@ class RoundNode(Protocol):
     def signed_header(
         self,
         spec: StudySpec,
-        item: WorkItem,
+        item: RoundWork,
         payload: bytes,
         epsilon: float | None,
         *,
@@ -43,7 +43,7 @@ class RoundNode(Protocol):
         norm: float | None = None,
     ) -> UpdateHeader: ...
 
-    def charge_release(self, spec: StudySpec, item: WorkItem, frame: bytes) -> None: ...
+    def charge_release(self, spec: StudySpec, item: RoundWork, frame: bytes) -> None: ...
 
 
 def vault_of(node: RoundNode) -> SecureVault:
@@ -67,7 +67,7 @@ def audit_train(
 def charged_frame(
     node: RoundNode,
     spec: StudySpec,
-    item: WorkItem,
+    item: RoundWork,
     payload: bytes,
     epsilon: float | None,
     *,
@@ -85,7 +85,7 @@ def charged_frame(
 def upload(
     node: RoundNode,
     spec: StudySpec,
-    item: WorkItem,
+    item: RoundWork,
     payload: bytes,
     epsilon: float | None,
     *,
@@ -93,6 +93,5 @@ def upload(
     norm: float | None = None,
 ) -> UpdateReceipt:
     """Send one update (plain delta or ciphertext): framed, charged, uploaded."""
-    assert item.round is not None
     frame = charged_frame(node, spec, item, payload, epsilon, n=n, norm=norm)
     return node.client.upload(spec.name, item.round, frame)

@@ -46,7 +46,7 @@ from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import StudySpec
-from aipipe.wire import EvalReport, FeatureStats, UpdateHeader, WorkItem
+from aipipe.wire import EvalReport, EvaluateWork, FeatureStats, RoundWork, UpdateHeader
 from aipipe.wire.tensors import Arrays, decode_arrays
 
 
@@ -74,19 +74,17 @@ class NodeWorker:
         default_factory=dict
     )
 
-    def handle(self, item: WorkItem) -> str:
+    def handle(self, item: EvaluateWork | RoundWork) -> str:
         """Do one work item; return a one-line summary for logs (counts only, no PHI)."""
-        assert item.study is not None and item.version is not None
         try:
             spec = self.approved_spec(item.study, item.study_digest)
         except StudyNotApprovedError as exc:
             self.unapproved[item.study] = item.study_digest
-            if item.kind == "train" and item.round is not None:
+            if item.kind == "train":
                 self.client.decline(item.study, item.round, str(exc), exclude=False)
             return f"declined {item.study}: {exc}"
         if item.kind == "evaluate":
             return self._evaluate(spec, item)
-        assert item.round is not None
         if item.kind in ("keygen", "decrypt"):
             step = (
                 secure_rounds.ckks_keygen if item.kind == "keygen" else secure_rounds.ckks_decrypt
@@ -150,7 +148,7 @@ class NodeWorker:
         plan = (sigma, q, spec.training.local_steps, spec.privacy.accountant)
         self._planned[(spec.name, number)] = plan
 
-    def _retrain(self, spec: StudySpec, item: WorkItem, sigma: float | None) -> TrainResult:
+    def _retrain(self, spec: StudySpec, item: RoundWork, sigma: float | None) -> TrainResult:
         return self._local_update(spec, item, self.features(spec), sigma)
 
     def _audit_refusal(self, action: str, spec: StudySpec, number: int, exc: Exception) -> None:
@@ -235,8 +233,7 @@ class NodeWorker:
         self._audit_cohorts(before, ledger.groups())
         self.client.report_stats(spec.name, body)
 
-    def _train(self, spec: StudySpec, item: WorkItem) -> str:
-        assert item.round is not None and item.version is not None and item.study_digest
+    def _train(self, spec: StudySpec, item: RoundWork) -> str:
         if spec.privacy.mode == "dp":
             released = BudgetLedger(self.store.db).released(spec.name, TRAIN, item.round)
             if released is not None:
@@ -294,12 +291,11 @@ class NodeWorker:
         self._planned[(spec.name, number)] = (sigma, q, steps, accountant)
         return sigma, epsilon
 
-    def charge_release(self, spec: StudySpec, item: WorkItem, frame: bytes) -> None:
+    def charge_release(self, spec: StudySpec, item: RoundWork, frame: bytes) -> None:
         """Charge the round's planned mechanism with the sha256 of `frame`, the exact bytes
         about to leave, in one transaction; keep the bytes to send again when the hub offers
         the round again (not under SecAgg+, whose masks are bound to one run's keys). Raises
         `BudgetExhaustedError` if the budget went meanwhile: then nothing leaves."""
-        assert item.round is not None
         planned = self._planned.pop((spec.name, item.round), None)
         if planned is None:
             return  # no DP, so nothing is charged (the node allows `privacy: none`)
@@ -361,9 +357,8 @@ class NodeWorker:
         return f"round {number}: sent the same update again ({digest}), round {receipt.round_state}"
 
     def _local_update(
-        self, spec: StudySpec, item: WorkItem, matrix: FeatureMatrix, sigma: float | None
+        self, spec: StudySpec, item: RoundWork, matrix: FeatureMatrix, sigma: float | None
     ) -> TrainResult:
-        assert item.version is not None
         global_weights = self.base_weights(item.version)
         model = arrays_to_model(global_weights, build_model(spec.model, len(matrix.columns)))
         # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
@@ -383,7 +378,7 @@ class NodeWorker:
     def signed_header(
         self,
         spec: StudySpec,
-        item: WorkItem,
+        item: RoundWork,
         payload: bytes,
         epsilon: float | None,
         *,
@@ -391,7 +386,6 @@ class NodeWorker:
         norm: float | None = None,
     ) -> UpdateHeader:
         """The update's header bound to this round and payload, signed by this node."""
-        assert item.round is not None and item.version is not None and item.study_digest
         header = UpdateHeader(
             node=self.name,
             study=spec.name,
@@ -412,7 +406,7 @@ class NodeWorker:
         signature = self.identity.sign(header.signing_bytes()).hex()
         return header.model_copy(update={"signature": signature})
 
-    def _evaluate(self, spec: StudySpec, item: WorkItem) -> str:
+    def _evaluate(self, spec: StudySpec, item: EvaluateWork) -> str:
         """Evaluate a round's result on the test split, if its lineage verifies; keep the
         numbers here. The hub gets an acknowledgement without numbers either way (so it stops
         offering the version): an exact n_test, accuracy, AUC or loss leaks labels, and no DP

@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 import json
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
 TOKEN_PREFIX = "aipipe-enrol."
@@ -144,15 +144,39 @@ class RoundInfo(Wire):
     metrics: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
 
 
-class WorkItem(Wire):
-    """What the hub asks of a node. `keygen` and `decrypt` are the CKKS key holder's steps."""
+class IdleWork(Wire):
+    """Nothing to do now."""
 
-    kind: Literal["train", "evaluate", "idle", "keygen", "decrypt"]
-    study: str | None = None
-    study_digest: str | None = None
-    round: int | None = None
-    version: str | None = None
+    kind: Literal["idle"] = "idle"
+
+
+class EvaluateWork(Wire):
+    """Evaluate a round's result `version` on the node's test split."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    study: str
+    study_digest: str
+    round: int
+    version: str
+
+
+class RoundWork(Wire):
+    """A step of an open round, trained or computed on its base model `version`: `train` (every
+    secure mode), and the CKKS key holder's `keygen` and `decrypt`."""
+
+    kind: Literal["train", "keygen", "decrypt"]
+    study: str
+    study_digest: str
+    round: int
+    version: str
     deadline: str | None = None
+
+
+WorkItem = Annotated[IdleWork | EvaluateWork | RoundWork, Field(discriminator="kind")]
+"""What the hub asks of a node, told apart by `kind`."""
+
+WORK_ITEM: TypeAdapter[WorkItem] = TypeAdapter(WorkItem)
+"""Parses a `WorkItem` (a union has no `model_validate` of its own)."""
 
 
 class UpdateHeader(Wire):

@@ -34,9 +34,9 @@ from aipipe.study.spec import StudySpec
 from aipipe.wire import (
     FrameError,
     RoundState,
+    RoundWork,
     SecureMode,
     UpdateHeader,
-    WorkItem,
     pack_frame,
     unpack_frame,
 )
@@ -92,7 +92,7 @@ class CkksRound(SecureProtocol):
         selected = self.selected(study, number)
         return selected[(number - 1) % len(selected)]
 
-    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> WorkItem | None:
+    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> RoundWork | None:
         stage = self.stage(spec.name, row.round)
         status = self.ctx.store.node_status(spec.name, row.round, node)
         if stage == CkksStage.KEYS and node == self.designated(spec.name, row.round):

@@ -27,7 +27,7 @@ from aipipe.hub.rounds.protocol import RoundProtocol
 from aipipe.hub.updates import verified_update
 from aipipe.store.hub_store import RoundRow
 from aipipe.study.spec import StudySpec
-from aipipe.wire import RoundState, SecureMode, UpdateHeader, WorkItem
+from aipipe.wire import RoundState, RoundWork, SecureMode, UpdateHeader
 from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
 
 
@@ -37,7 +37,7 @@ class PlainRound(RoundProtocol):
     def open(self, spec: StudySpec, number: int) -> None:
         """Nothing beyond the store's round: the first update begins the aggregator's fold."""
 
-    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> WorkItem | None:
+    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> RoundWork | None:
         status = self.ctx.store.node_status(spec.name, row.round, node)
         if RoundState(row.state).active and status == NodeStatus.SELECTED:
             return self.work_item("train", spec, row, digest)

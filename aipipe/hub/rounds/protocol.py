@@ -18,13 +18,13 @@ registry, or fails the round if `finish` could not make a sum.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from aipipe.hub.models import RoundSum
 from aipipe.hub.rounds.context import RoundContext
 from aipipe.store.hub_store import RoundRow
 from aipipe.study.spec import StudySpec
-from aipipe.wire import RoundState, SecureMode, WorkItem
+from aipipe.wire import RoundState, RoundWork, SecureMode
 
 
 class RoundProtocol(ABC):
@@ -44,7 +44,7 @@ class RoundProtocol(ABC):
     def open(self, spec: StudySpec, number: int) -> None: ...
 
     @abstractmethod
-    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> WorkItem | None: ...
+    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> RoundWork | None: ...
 
     @abstractmethod
     def accept(self, spec: StudySpec, node: str, number: int, body: bytes) -> None: ...
@@ -71,10 +71,16 @@ class RoundProtocol(ABC):
         self.ctx.store.set_round_state(spec.name, number, RoundState.AGGREGATING)
         self.ctx.models.publish(self.ctx.round_row(spec.name, number), spec, result)
 
-    def work_item(self, kind: str, spec: StudySpec, row: RoundRow, digest: str) -> WorkItem:
+    def work_item(
+        self,
+        kind: Literal["train", "keygen", "decrypt"],
+        spec: StudySpec,
+        row: RoundRow,
+        digest: str,
+    ) -> RoundWork:
         """A round step for a node, bound to this round's study, base model and deadline."""
-        return WorkItem(
-            kind=kind,  # type: ignore[arg-type]
+        return RoundWork(
+            kind=kind,
             study=spec.name,
             study_digest=digest,
             round=row.round,

@@ -31,7 +31,7 @@ from aipipe.secure.fixedpoint import FixedPointCodec
 from aipipe.secure.secagg import MaskedInput, SecAggConfig, SecAggServer, SecAggStage
 from aipipe.store.hub_store import RoundRow
 from aipipe.study.spec import StudySpec
-from aipipe.wire import RoundState, SecureMode, UpdateHeader, WorkItem
+from aipipe.wire import RoundState, RoundWork, SecureMode, UpdateHeader
 from aipipe.wire.secure import (
     SecAggAdvert,
     SecAggForwarded,
@@ -193,7 +193,7 @@ class SecAggRound(SecureProtocol):
             bits=32 if cfg.bits == 32 else 64,
         )
 
-    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> WorkItem | None:
+    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> RoundWork | None:
         """A node trains once asked to advertise its keys; the other stages it polls for."""
         try:
             state = self._get(spec, row.round)
