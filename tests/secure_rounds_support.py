@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from aipipe.audit.log import AuditLog
 from aipipe.node.client import HubClient
-from aipipe.node.secure_rounds import checked_config
+from aipipe.node.secagg_node import checked_config
 from aipipe.node.training import TrainResult
 from aipipe.node.vault import SecureVault
 from aipipe.node.worker import NodeWorker

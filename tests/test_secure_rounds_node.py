@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aipipe.node.secure_rounds import checked_config, ckks_decrypt, secagg_round
+from aipipe.node.secagg_node import checked_config
+from aipipe.node.secure_rounds import ckks_decrypt, secagg_round
 from aipipe.secure.ckks import (
     CkksContext,
     EncryptedVector,

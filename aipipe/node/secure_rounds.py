@@ -11,17 +11,15 @@ study before it reveals anything.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from aipipe.errors import SignatureError
-from aipipe.node.sending import RoundNode, audit_train, upload, vault_of
-from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution
-from aipipe.secure.errors import SecAggProtocolError, SecureAggregationError
+from aipipe.node.round_state import SecAggRoundState
+from aipipe.node.secagg_node import run_secagg
+from aipipe.node.sending import RoundNode, base_layout, recorded_contribution, upload, vault_of
+from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import verify_signature
-from aipipe.secure.secagg import SecAggConfig, default_threshold
 from aipipe.wire import RoundWork, SecureMode, UpdateHeader, pack_frame, unpack_frame
 from aipipe.wire.secure import (
     CkksKeys,
@@ -29,7 +27,6 @@ from aipipe.wire.secure import (
     DecryptedSum,
     Keyring,
     SealedContextWire,
-    SecAggRoundConfig,
     ckks_keys_payload,
     sealing_key_payload,
 )
@@ -43,86 +40,7 @@ if TYPE_CHECKING:
 CKKS_PRECISION = 1e-7  # absolute error per value of a decrypted sum
 
 
-def _deadline(item: RoundWork) -> float:
-    """The round's deadline on this process's monotonic clock."""
-    assert item.deadline is not None
-    end = datetime.fromisoformat(item.deadline.replace("Z", "+00:00"))
-    return time.monotonic() + max((end - datetime.now(UTC)).total_seconds(), 0.0)
-
-
-def _layout(worker: RoundNode, item: RoundWork) -> UpdateLayout:
-    return UpdateLayout.of(worker.base_weights(item.version))
-
-
-def _record(
-    worker: RoundNode,
-    spec: StudySpec,
-    item: RoundWork,
-    result: TrainResult,
-    layout: UpdateLayout,
-    epsilon: float | None,
-) -> FloatArray:
-    """x = [r, r·clip(Δ)], kept in the node's own records before it is masked or encrypted."""
-    x = contribution(
-        result.delta,
-        result.num_examples,
-        layout=layout,
-        update_clip=spec.bounds.update_norm,
-        max_examples=spec.bounds.max_examples,
-    )
-    vault_of(worker).record_sent(spec.name, item.round, x)
-    digest = hashlib.sha256(x.tobytes()).hexdigest()
-    audit_train(
-        worker,
-        spec,
-        item.round,
-        result.num_examples,
-        epsilon,
-        secure=spec.secure,
-        contribution_sha256=digest,
-    )
-    return x
-
-
 # -- SecAgg+ -------------------------------------------------------------------------------------
-
-
-def checked_config(
-    spec: StudySpec, message: SecAggRoundConfig, me: str, number: int, size: int
-) -> SecAggConfig:
-    """The hub's round config, refused unless it is the one this node's study implies."""
-    config = SecAggConfig(
-        message.round_id,
-        tuple(message.clients),
-        message.vector_length,
-        message.neighbours,
-        message.threshold,
-        message.bits,
-    )
-    options, k = spec.secure_options, config.neighbours
-    wanted_t = options.threshold or default_threshold(k)
-    problems = [
-        why
-        for why, bad in (
-            ("it is for another round", not config.round_id.startswith(f"{spec.name}/{number}/")),
-            ("this node is not in it", me not in config.clients),
-            (
-                f"it has fewer than min_nodes={spec.min_nodes} nodes",
-                len(config.clients) < spec.min_nodes,
-            ),
-            (f"its vectors are not {size} long", config.vector_length != size),
-            (f"it uses {config.bits}-bit words", config.bits != options.bits),
-            (f"threshold t={config.threshold} is below {wanted_t}", config.threshold < wanted_t),
-            (
-                f"k={k} neighbours differs from the study's",
-                options.neighbours is not None and k != options.neighbours,
-            ),
-        )
-        if bad
-    ]
-    if problems:
-        raise SecAggProtocolError(f"refusing the hub's SecAgg+ round: {'; '.join(problems)}")
-    return config
 
 
 def secagg_round(
@@ -136,9 +54,6 @@ def secagg_round(
 ) -> str:
     """Take part in a SecAgg+ round, keeping its state sealed on disk until it ends for this
     node (`aipipe.node.secagg_node`); `sigma` is kept to train again after a restart."""
-    from aipipe.node.round_state import SecAggRoundState
-    from aipipe.node.secagg_node import run_secagg
-
     state = SecAggRoundState(item=item, epsilon=epsilon, sigma=sigma)
     return run_secagg(worker, spec, state, train)
 
@@ -263,8 +178,8 @@ def ckks_round(
     epsilon: float | None,
 ) -> str:
     context = study_context(worker, spec)
-    layout = _layout(worker, item)
-    x = _record(worker, spec, item, train(), layout, epsilon)
+    layout = base_layout(worker, item)
+    x = recorded_contribution(worker, spec, item, train(), layout, epsilon)
     payload = context.encrypt(x).to_bytes()
     receipt = upload(worker, spec, item, payload, epsilon)  # charged before it leaves
     return (

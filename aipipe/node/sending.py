@@ -1,16 +1,23 @@
 """What every round kind's sender shares at a node: what it needs of the node (`RoundNode`, which
 `NodeWorker` is), the one audit of a trained contribution, and the one way an update leaves —
-signed, framed, charged to the site's ledger with its exact bytes, then uploaded.
+signed, framed, charged to the site's ledger with its exact bytes, then uploaded. Also what both
+secure senders need: the round's deadline on this clock, the model's layout, and x = [r, r·Δ]
+recorded (and audited) before it is masked or encrypted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from aipipe.audit.log import AuditLog
 from aipipe.node.client import HubClient
+from aipipe.node.training import TrainResult
 from aipipe.node.vault import SecureVault
+from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
 from aipipe.study.spec import StudySpec
@@ -95,3 +102,44 @@ def upload(
     """Send one update (plain delta or ciphertext): framed, charged, uploaded."""
     frame = charged_frame(node, spec, item, payload, epsilon, n=n, norm=norm)
     return node.client.upload(spec.name, item.round, frame)
+
+
+def round_deadline(item: RoundWork) -> float:
+    """The round's deadline on this process's monotonic clock."""
+    assert item.deadline is not None
+    end = datetime.fromisoformat(item.deadline.replace("Z", "+00:00"))
+    return time.monotonic() + max((end - datetime.now(UTC)).total_seconds(), 0.0)
+
+
+def base_layout(worker: RoundNode, item: RoundWork) -> UpdateLayout:
+    return UpdateLayout.of(worker.base_weights(item.version))
+
+
+def recorded_contribution(
+    worker: RoundNode,
+    spec: StudySpec,
+    item: RoundWork,
+    result: TrainResult,
+    layout: UpdateLayout,
+    epsilon: float | None,
+) -> FloatArray:
+    """x = [r, r·clip(Δ)], kept in the node's own records before it is masked or encrypted."""
+    x = contribution(
+        result.delta,
+        result.num_examples,
+        layout=layout,
+        update_clip=spec.bounds.update_norm,
+        max_examples=spec.bounds.max_examples,
+    )
+    vault_of(worker).record_sent(spec.name, item.round, x)
+    digest = hashlib.sha256(x.tobytes()).hexdigest()
+    audit_train(
+        worker,
+        spec,
+        item.round,
+        result.num_examples,
+        epsilon,
+        secure=spec.secure,
+        contribution_sha256=digest,
+    )
+    return x

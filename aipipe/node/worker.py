@@ -33,6 +33,8 @@ from aipipe.models.errors import UnverifiedModelError
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
+from aipipe.node.round_state import RoundStates
+from aipipe.node.secagg_node import run_secagg
 from aipipe.node.senders import sender_for
 from aipipe.node.training import TrainResult, clip_update, evaluate, train_local
 from aipipe.node.vault import SecureVault
@@ -46,7 +48,14 @@ from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import StudySpec
-from aipipe.wire import EvalReport, EvaluateWork, FeatureStats, RoundWork, UpdateHeader
+from aipipe.wire import (
+    EvalReport,
+    EvaluateWork,
+    FeatureStats,
+    RoundWork,
+    SecureMode,
+    UpdateHeader,
+)
 from aipipe.wire.tensors import Arrays, decode_arrays
 
 
@@ -117,9 +126,6 @@ class NodeWorker:
     def resume_secure_rounds(self) -> list[str]:
         """Go on with the SecAgg+ rounds a previous process of this node left half done (their
         state sealed on disk); ε was charged then and is not charged again. One line each."""
-        from aipipe.node.round_state import RoundStates
-        from aipipe.node.secagg_node import run_secagg
-
         if self.vault is None:
             return []
         states, out = RoundStates(self.vault), []
@@ -386,6 +392,7 @@ class NodeWorker:
         norm: float | None = None,
     ) -> UpdateHeader:
         """The update's header bound to this round and payload, signed by this node."""
+        plain = SecureMode(spec.secure) is SecureMode.NONE
         header = UpdateHeader(
             node=self.name,
             study=spec.name,
@@ -397,8 +404,8 @@ class NodeWorker:
             payload_sha256=hashlib.sha256(payload).hexdigest(),
             # ε spent is a function of the site's n (through q = batch/n): under secure
             # aggregation it stays on the node with n itself (DESIGN §12).
-            epsilon_spent=epsilon if spec.secure == "none" else None,
-            delta=spec.privacy.delta if epsilon is not None and spec.secure == "none" else None,
+            epsilon_spent=epsilon if plain else None,
+            delta=spec.privacy.delta if epsilon is not None and plain else None,
             train_loss=None,
             update_norm=norm,
             nonce=secrets.token_hex(16),
@@ -439,7 +446,7 @@ class NodeWorker:
 def _hub_reason(spec: StudySpec, exc: Exception) -> str:
     """What a decline tells the hub. A reason may hold the site's counts (patients kept, ε left,
     q = batch/n); under secure aggregation those stay here, in the node's audit log."""
-    if spec.secure == "none":
+    if SecureMode(spec.secure) is SecureMode.NONE:
         return str(exc)
     return f"{type(exc).__name__} at this node; its audit log holds the reason"
 
