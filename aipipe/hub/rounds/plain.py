@@ -15,6 +15,7 @@ referenced by the round's record of that node (`payload_sha256`), and sees them 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,9 @@ from aipipe.store.hub_store import RoundRow
 from aipipe.study.spec import StudySpec
 from aipipe.wire import RoundState, RoundWork, SecureMode, UpdateHeader
 from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
+
+Fold = Callable[[bytes | None], bytes | None]
+"""Maps a round's stored state to the new one, inside the transaction that records an update."""
 
 
 class PlainRound(RoundProtocol):
@@ -48,6 +52,7 @@ class PlainRound(RoundProtocol):
             header, payload, delta = verified_update(self.ctx, node, spec.name, number, body)
         except (UpdateRejectedError, SignatureError) as exc:
             self.ctx.refuse(node, spec.name, number, str(exc))
+        fold: Fold
         if self.ctx.aggregator(spec).requires_individual_updates:
             fold = self._kept(payload)
         else:
@@ -58,7 +63,7 @@ class PlainRound(RoundProtocol):
         self.ctx.record_update(header, fold, {**audit, "update_norm": round(norm, 6)})
         self.advance(spec, number)
 
-    def _folded(self, spec: StudySpec, number: int, header: UpdateHeader, delta: Arrays) -> Any:
+    def _folded(self, spec: StudySpec, number: int, header: UpdateHeader, delta: Arrays) -> Fold:
         n = header.num_examples
         assert n is not None  # a plaintext header states it
 
@@ -77,7 +82,7 @@ class PlainRound(RoundProtocol):
 
         return fold
 
-    def _kept(self, payload: bytes) -> Any:
+    def _kept(self, payload: bytes) -> Fold:
         def keep(previous: bytes | None) -> None:
             self.ctx.store.put_blob(payload)  # addressed by sha256 = the header's payload_sha256
             return None
