@@ -92,12 +92,10 @@ class NodeWorker:
             if item.kind == "train":
                 self.client.decline(item.study, item.round, str(exc), exclude=False)
             return f"declined {item.study}: {exc}"
-        if item.kind == "evaluate":
+        if isinstance(item, EvaluateWork):
             return self._evaluate(spec, item)
-        if item.kind in ("keygen", "decrypt"):
-            step = (
-                secure_rounds.ckks_keygen if item.kind == "keygen" else secure_rounds.ckks_decrypt
-            )
+        step = _KEY_HOLDER_STEPS.get(item.kind)
+        if step is not None:
             try:
                 return step(self, spec, item)
             except SecureAggregationError as exc:
@@ -441,6 +439,13 @@ class NodeWorker:
         )
         self.client.report(EvalReport(version=version))
         return f"evaluated {version[:12]} (kept on this node): accuracy={result.accuracy:.3f}"
+
+
+_KEY_HOLDER_STEPS: dict[str, Callable[[NodeWorker, StudySpec, RoundWork], str]] = {
+    "keygen": secure_rounds.ckks_keygen,
+    "decrypt": secure_rounds.ckks_decrypt,
+}
+"""The CKKS key holder's round steps; every other round step trains (`sender_for`)."""
 
 
 def _hub_reason(spec: StudySpec, exc: Exception) -> str:
