@@ -4,7 +4,8 @@
   `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.
 - `store`: an empty node store in tmp_path (pseudonym key `b"k" * 32`).
 - `hub`: a real hub app in-process, in tmp_path (tests/hub_support.py's `running_hub`); modules
-  whose hub needs more (test_hub_app, test_hardening_cli, test_secure_rounds) define their own.
+  whose hub needs more (test_hub_app, test_hardening_cli, the secure-round modules) define
+  their own.
   `pair`: nodes alpha and beta enrolled at whichever `hub` the module has.
 - `owner` (a fresh signing identity) and `log_path` (where an audit log goes in tmp_path), for the
   audit-log tests; their helpers are in tests/audit_support.py.

@@ -28,7 +28,7 @@ from aipipe.secure.encoding import UpdateLayout
 from aipipe.secure.identity import Identity
 from aipipe.secure.sealedbox import x25519_public_bytes
 from aipipe.study.spec import StudySpec
-from aipipe.wire import EnrolRequest, EnrolToken, WorkItem
+from aipipe.wire import EnrolRequest, EnrolToken, RoundWork
 from aipipe.wire.frames import MEDIA_TYPE
 from aipipe.wire.secure import sealing_key_payload
 from aipipe.wire.tensors import decode_arrays
@@ -76,9 +76,9 @@ class Round:
     def path(self) -> str:
         return f"/v1/studies/{self.study}/rounds/{self.number}"
 
-    def train_item(self) -> WorkItem:
+    def train_item(self) -> RoundWork:
         """The work item a node gets to train for this round."""
-        return WorkItem(
+        return RoundWork(
             kind="train",
             study=self.study,
             study_digest=self.digest,

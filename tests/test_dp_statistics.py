@@ -28,7 +28,7 @@ from aipipe.privacy import BudgetLedger, compose_epsilon
 from aipipe.privacy.statistics import noise_multiplier, release, sensitivity
 from aipipe.study.features import extract
 from aipipe.study.spec import StudySpec
-from aipipe.wire import FeatureStats, WorkItem
+from aipipe.wire import FeatureStats, RoundWork
 from tests.e2e_support import HEART
 from tests.hub_support import Hub, Node, running_hub
 
@@ -44,7 +44,7 @@ def _heart_spec(**privacy: Any) -> dict[str, Any]:
 class Site:
     hub: Hub
     study: dict[str, Any]
-    item: WorkItem
+    item: RoundWork
     worker: NodeWorker
     sent: list[Any]  # what the worker's client posted as statistics, as it was passed
     node: Node

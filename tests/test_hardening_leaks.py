@@ -37,10 +37,10 @@ from aipipe.secure.identity import Identity
 from aipipe.secure.secagg import SecAggConfig
 from aipipe.study.features import FeatureMatrix, Preprocessor
 from aipipe.study.spec import StudySpec
-from aipipe.wire import UpdateHeader, UpdateReceipt, WorkItem, unpack_frame
+from aipipe.wire import RoundWork, UpdateHeader, UpdateReceipt, unpack_frame
 from aipipe.wire.tensors import encode_arrays
 from tests.hub_support import STUDY, Hub, Node
-from tests.test_secure_rounds import NAMES, ScriptedSecAggHub, _train, node_worker, secure_spec
+from tests.secure_rounds_support import NAMES, ScriptedSecAggHub, _train, node_worker, secure_spec
 
 EPSILON = 0.8123456789012345  # what the ledger would hand a round: ε spent after it
 N_TRAIN = 50  # `_train`'s num_examples
@@ -61,7 +61,7 @@ def spellings(value: float) -> list[bytes]:
 
 
 class RecordingSecAggHub(ScriptedSecAggHub):
-    """The scripted SecAgg+ hub of `test_secure_rounds`, keeping every byte the node sent."""
+    """The scripted SecAgg+ hub of `secure_rounds_support`, keeping every byte the node sent."""
 
     def __init__(self, config: SecAggConfig, me: str, identities: dict[str, Identity]) -> None:
         super().__init__(config, me, identities)
@@ -87,7 +87,7 @@ def secagg_sent(tmp_path: Path) -> RecordingSecAggHub:
         round_id=f"{spec.name}/1/{'0' * 16}", clients=list(NAMES), vector_length=5
     )
     hub = RecordingSecAggHub(config, "node-a", identities)
-    item = WorkItem(
+    item = RoundWork(
         kind="train",
         study=spec.name,
         study_digest="d" * 64,
@@ -322,7 +322,7 @@ def test_a_secure_nodes_decline_names_no_count_of_its_site(
 
     monkeypatch.setattr("aipipe.node.worker.extract", extract)
     hub = DeclineRecorder()
-    item = WorkItem(
+    item = RoundWork(
         kind="train", study=spec.name, study_digest=spec.digest(), round=1, version="b" * 64
     )
     with node_worker(tmp_path / "a", "node-a", Identity.generate(), hub) as worker:
@@ -347,7 +347,7 @@ def test_a_plaintext_nodes_decline_keeps_its_reason(
 
     monkeypatch.setattr("aipipe.node.worker.extract", extract)
     hub = DeclineRecorder()
-    item = WorkItem(
+    item = RoundWork(
         kind="train", study=spec.name, study_digest=spec.digest(), round=1, version="b" * 64
     )
     with node_worker(tmp_path / "a", "node-a", Identity.generate(), hub) as worker:

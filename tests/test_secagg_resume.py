@@ -43,11 +43,11 @@ from aipipe.secure.identity import Identity
 from aipipe.secure.secagg import SecAggClient, SecAggConfig
 from aipipe.store.node_store import NodeStore
 from aipipe.study.spec import StudySpec
-from aipipe.wire import UpdateReceipt, WorkItem, unpack_frame
+from aipipe.wire import RoundWork, UpdateReceipt, unpack_frame
 from aipipe.wire.secure import SecAggAdvert, SecAggShares, SecAggUnmask, SecAggUnmaskRequest
 from aipipe.wire.tensors import decode_arrays
 from tests.hub_support import Hub
-from tests.test_secure_rounds import (
+from tests.secure_rounds_support import (
     NAMES,
     ScriptedSecAggHub,
     _train,
@@ -210,7 +210,7 @@ class Crash(BaseException):
 
 
 class RestartingHub(ScriptedSecAggHub):
-    """The scripted hub of `test_secure_rounds`, which a node process can die on: the node's
+    """The scripted hub of `secure_rounds_support`, which a node process can die on: the node's
     message at `crash_at` reaches the hub, then the node dies before it learns so. A re-sent
     message must be the very same bytes (the real hub refuses anything else)."""
 
@@ -259,13 +259,13 @@ class RestartingHub(ScriptedSecAggHub):
         return self.server.finish()
 
 
-def restarting_round(crash_at: str) -> tuple[RestartingHub, StudySpec, WorkItem, Identity]:
+def restarting_round(crash_at: str) -> tuple[RestartingHub, StudySpec, RoundWork, Identity]:
     spec = StudySpec.model_validate(secure_spec("secagg-faults", "secagg", min_nodes=3))
     identities = {n: Identity.generate() for n in NAMES}
     config = SecAggConfig.create(
         round_id=f"{spec.name}/1/{'0' * 16}", clients=list(NAMES), vector_length=5
     )
-    item = WorkItem(
+    item = RoundWork(
         kind="train",
         study=spec.name,
         study_digest="d" * 64,

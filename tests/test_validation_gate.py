@@ -43,7 +43,7 @@ from aipipe.wire import EvalReport
 from aipipe.wire.messages import CalibrationHistogram
 from aipipe.wire.tensors import encode_arrays
 from tests.hub_support import STUDY, Hub, running_hub
-from tests.test_secure_rounds import node_worker
+from tests.secure_rounds_support import node_worker
 
 W_TRUE = np.array([2.0, -1.5])
 NAME = "valid"

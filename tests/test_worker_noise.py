@@ -15,7 +15,7 @@ from aipipe.models import build_model, weights_to_arrays
 from aipipe.node.worker import NodeWorker
 from aipipe.study.features import FeatureMatrix, Preprocessor
 from aipipe.study.spec import load_study
-from aipipe.wire import WorkItem
+from aipipe.wire import RoundWork
 from aipipe.wire.tensors import encode_arrays
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples/heart-disease/study.yaml"
@@ -41,7 +41,9 @@ def test_two_trainings_of_the_same_round_add_different_noise() -> None:
     blob = encode_arrays(weights_to_arrays(build_model(spec.model, len(columns), seed=0)))
     client: Any = _Weights(blob)
     worker = NodeWorker("h1", store=None, client=client, identity=None, audit=None)  # type: ignore[arg-type]
-    item = WorkItem(kind="train", study=spec.name, round=1, version="0" * 64, study_digest="0" * 64)
+    item = RoundWork(
+        kind="train", study=spec.name, round=1, version="0" * 64, study_digest="0" * 64
+    )
 
     first = worker._local_update(spec, item, matrix, sigma=1.0)
     second = worker._local_update(spec, item, matrix, sigma=1.0)

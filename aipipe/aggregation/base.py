@@ -225,7 +225,7 @@ def _restored_round(state: Mapping[str, Array]) -> tuple[Weights, Weights, int]:
         )
     reference = _checked_model(global_weights)
     checked = _checked_like(reference, summed, what="saved round sum")
-    total = int(state[_ROUND_EXAMPLES])
+    total = int(np.asarray(state[_ROUND_EXAMPLES]).item())  # a codec may keep it as [n]
     if total < 0:
         raise AggregationError(f"saved round state counts {total} examples; it is corrupt")
     return reference, {k: a.astype(np.float64) for k, a in checked.items()}, total

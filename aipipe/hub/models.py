@@ -2,22 +2,24 @@
 
 A version is addressed by its weights and its place in the lineage (`version_id`); its lineage
 names the round, the parent version, the aggregator and the contributors. Plaintext rounds
-(`HubService`) and secure ones (`aipipe.hub.secure`) both end in `ModelRegistry.publish`.
+and secure ones (the protocols in `aipipe.hub.rounds`) all end in `ModelRegistry.publish` with
+a `RoundSum`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from aipipe.aggregation import AggregationError, aggregator_for
+from aipipe.aggregation import AggregationError, Aggregator, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import NotFoundError
 from aipipe.hub.validation import validation_card
 from aipipe.store.hub_store import HubStore, RoundRow
 from aipipe.study.spec import StudySpec
-from aipipe.wire import ModelVersionInfo
+from aipipe.wire import ModelVersionInfo, RoundState
 from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
 
 
@@ -26,31 +28,40 @@ def version_id(study: str, number: int, parent: str | None, weights_digest: str)
     return hashlib.sha256(f"{study}:{number}:{parent}:{weights_digest}".encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class RoundSum:
+    """What a finished round hands to the study's server step: its contributors and Σn, and
+    either the decoded secure sum Σn·Δ (`weighted_sum`) or the study's aggregator with the
+    round folded into it (`folded`: begin and accumulate done, finalize not yet)."""
+
+    contributors: list[dict[str, Any]]
+    total_examples: int
+    weighted_sum: Arrays | None = None
+    folded: Aggregator | None = None
+
+
 class ModelRegistry:
     def __init__(self, store: HubStore, audit: AuditLog) -> None:
         self.store = store
         self.audit = audit
 
-    def publish(
-        self,
-        row: RoundRow,
-        spec: StudySpec,
-        weighted_sum: Arrays,
-        total_examples: int,
-        contributors: list[dict[str, Any]],
-    ) -> None:
-        """The study's server step on Σn·Δ and Σn; the new version becomes the study's head."""
+    def publish(self, row: RoundRow, spec: StudySpec, result: RoundSum) -> None:
+        """The study's server step on the round's sum; the new version becomes the study's head."""
         study_row = self.store.study(row.study)
         base = self.store.model(row.base_version)
         assert study_row is not None and base is not None
         global_weights = decode_arrays(self.store.blob(base["blob"]))
-        aggregator = aggregator_for(spec.aggregation, spec.training.proximal_mu)
+        aggregator = result.folded or aggregator_for(spec.aggregation, spec.training.proximal_mu)
         if study_row["optimizer_state"]:
             aggregator.load_optimizer_state(decode_arrays(study_row["optimizer_state"]))
+        total_examples, contributors = result.total_examples, result.contributors
         try:
-            new = aggregator.from_sum(global_weights, weighted_sum, total_examples)
+            if result.weighted_sum is not None:
+                new = aggregator.from_sum(global_weights, result.weighted_sum, total_examples)
+            else:
+                new = aggregator.finalize()
         except AggregationError as exc:
-            self.store.set_round_state(row.study, row.round, "failed", reason=str(exc))
+            self.store.set_round_state(row.study, row.round, RoundState.FAILED, reason=str(exc))
             return
         blob = self.store.put_blob(encode_arrays(new))
         version = version_id(row.study, row.round, row.base_version, blob)
@@ -70,7 +81,9 @@ class ModelRegistry:
                 version, row.study, row.round, row.base_version, aggregator.name, blob, lineage
             )
             self.store.set_study_head(row.study, version, encode_arrays(state) if state else None)
-            self.store.set_round_state(row.study, row.round, "closed", result_version=version)
+            self.store.set_round_state(
+                row.study, row.round, RoundState.CLOSED, result_version=version
+            )
         self.audit.append(
             "aggregate",
             actor="hub",

@@ -1,14 +1,9 @@
-"""The hub's logic, free of HTTP: enrolment, studies, rounds, updates, aggregation.
+"""The hub's logic, free of HTTP: enrolment, studies, and scheduling rounds.
 
-Round state machine (persisted in `HubStore`):
-
-    open ──first update──▶ collecting ──all reported, or deadline with ≥ min_nodes──▶ aggregating
-      │                        │                                                        │
-      └──deadline with < min_nodes, or every node declined──▶ failed(reason)           ▼
-                                                                                       closed
-
-`tick()` runs the deadline checks and finishes any round left in `aggregating` by a crash, so a
-hub restarted after SIGKILL picks its rounds up from the store.
+How a round runs — what a node is asked, what an upload does, when the round closes and how
+its sum becomes the next model — is its protocol's (`aipipe.hub.rounds`), picked by the study's
+`secure:`. `tick()` runs every protocol's deadline checks and finishes any round left in
+`aggregating` by a crash, so a hub restarted after SIGKILL picks its rounds up from the store.
 """
 
 from __future__ import annotations
@@ -16,10 +11,9 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal, NoReturn
 
-import numpy as np
 from pydantic import ValidationError
 
 from aipipe.audit.log import AuditLog
@@ -28,46 +22,43 @@ from aipipe.errors import (
     AuthError,
     ConflictError,
     NotFoundError,
-    SignatureError,
     StudyError,
-    UpdateRejectedError,
 )
 from aipipe.hub.access import Access
 from aipipe.hub.enrolment import refusal
 from aipipe.hub.home import HubPaths
 from aipipe.hub.models import ModelRegistry, version_id
+from aipipe.hub.rounds.context import NodeStatus, RoundContext
+from aipipe.hub.rounds.protocol import RoundProtocol
+from aipipe.hub.rounds.registry import Protocols
 from aipipe.hub.secure import SecureRounds
-from aipipe.hub.updates import verified_update
 from aipipe.hub.validation import check_report
 from aipipe.models import build_model, weights_to_arrays
 from aipipe.secure.identity import Identity
-from aipipe.store.hub_store import ACTIVE, HubStore, RoundRow, secret_hash
+from aipipe.store.hub_store import HubStore, RoundRow, secret_hash
+from aipipe.store.secure_store import SecureStore
 from aipipe.study.spec import StudySpec
 from aipipe.wire import (
     EnrolRequest,
     EnrolResponse,
     EvalReport,
+    EvaluateWork,
     FeatureStats,
+    IdleWork,
     RoundInfo,
+    RoundState,
+    RoundWork,
     StudyInfo,
     UpdateReceipt,
     WorkItem,
 )
-from aipipe.wire.tensors import decode_arrays, encode_arrays
+from aipipe.wire.tensors import encode_arrays
 
 
 @dataclass(frozen=True)
 class Principal:
     kind: Literal["admin", "node"]
     name: str
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class HubService:
@@ -77,7 +68,9 @@ class HubService:
         self.audit = audit
         self.identity = identity
         self.models = ModelRegistry(store, audit)
-        self.secure = SecureRounds(self)
+        self._rounds = RoundContext(store, SecureStore(store.conn), audit, self.models, self.spec)
+        self.protocols = Protocols(self._rounds)
+        self.secure = SecureRounds(store, self._rounds.secure, self.protocols)
         self.access = Access(self)
         self._specs: dict[str, StudySpec] = {}
 
@@ -133,7 +126,7 @@ class HubService:
             raise StudyError(f"invalid study: {exc.errors()[0]['msg']}") from exc
         if self.store.study(spec.name) is not None:
             raise ConflictError(f"study '{spec.name}' is already published; give a new name")
-        SecureRounds.check_spec(spec)
+        self.protocols.for_spec(spec).check_spec(spec)
         arrays = weights_to_arrays(build_model(spec.model, len(spec.columns()), seed=0))
         blob = self.store.put_blob(encode_arrays(arrays))
         version = version_id(spec.name, 0, None, blob)
@@ -170,7 +163,7 @@ class HubService:
         row = self.store.study(name)
         if row is None:
             raise NotFoundError(f"no study '{name}' on this hub; publish it first")
-        closed = sum(1 for r in self.store.rounds(name) if r.state == "closed")
+        closed = sum(1 for r in self.store.rounds(name) if r.state == RoundState.CLOSED)
         return StudyInfo(
             name=name,
             digest=row["digest"],
@@ -182,12 +175,16 @@ class HubService:
 
     # -- rounds ------------------------------------------------------------------------------
 
-    def open_round(self, study: str, deadline_s: float | None) -> RoundInfo:
+    def _protocol(self, study: str) -> tuple[StudySpec, RoundProtocol]:
         spec = self.spec(study)
+        return spec, self.protocols.for_spec(spec)
+
+    def open_round(self, study: str, deadline_s: float | None) -> RoundInfo:
+        spec, protocol = self._protocol(study)
         active = self.store.active_round(study)
         if active is not None:
             raise ConflictError(f"round {active.round} of '{study}' is still {active.state}")
-        selected = self.secure.eligible(spec, self.store.eligible_nodes(study))
+        selected = protocol.eligible(spec, self.store.eligible_nodes(study))
         if len(selected) < spec.min_nodes:
             raise ConflictError(
                 f"study '{study}' needs {spec.min_nodes} nodes but {len(selected)} are eligible; "
@@ -195,10 +192,10 @@ class HubService:
             )
         base = self.study_info(study).current_version
         assert base is not None
-        deadline = _now() + timedelta(seconds=deadline_s or spec.round_deadline_s)
-        number = self.store.open_round(study, base, _iso(deadline), selected)
-        if spec.secure != "none":
-            self.secure.open(spec, number)
+        clock = self._rounds.clock
+        deadline = clock.now() + timedelta(seconds=deadline_s or spec.round_deadline_s)
+        number = self.store.open_round(study, base, clock.iso(deadline), selected)
+        protocol.open(spec, number)
         self.audit.append(
             "admin",
             actor="admin",
@@ -211,18 +208,21 @@ class HubService:
         row = self.store.round(study, number)
         if row is None:
             raise NotFoundError(f"study '{study}' has no round {number}")
+        statuses = self._rounds.statuses(study, number)
         nodes = self.store.round_nodes(study, number)
         return RoundInfo(
             study=study,
             round=number,
-            state=row.state,  # type: ignore[arg-type]
+            state=RoundState(row.state),
             base_version=row.base_version,
             deadline=row.deadline,
             reason=row.reason,
-            stage=self.secure.stage(study, number),
-            selected=[n["node"] for n in nodes],
-            reported=[n["node"] for n in nodes if n["status"] == "reported"],
-            declined={n["node"]: n["reason"] or "" for n in nodes if n["status"] == "declined"},
+            stage=self._protocol(study)[1].stage(study, number),
+            selected=list(statuses),
+            reported=[n for n, s in statuses.items() if s is NodeStatus.REPORTED],
+            declined={
+                n["node"]: n["reason"] or "" for n in nodes if n["status"] == NodeStatus.DECLINED
+            },
             result_version=row.result_version,
             metrics=self.store.metrics(row.result_version) if row.result_version else {},
         )
@@ -245,107 +245,28 @@ class HubService:
                 and not self.store.has_metrics(current, node)
                 and self.store.takes_part(study, node)
             ):
-                return WorkItem(
-                    kind="evaluate",
+                return EvaluateWork(
                     study=study,
                     study_digest=study_row["digest"],
                     round=model["round"],
                     version=current,
                 )
-        return WorkItem(kind="idle")
+        return IdleWork()
 
-    def _round_work(self, study_row: Any, active: RoundRow, node: str) -> WorkItem | None:
-        if self.store.node_status(active.study, active.round, node) == "declined":
+    def _round_work(self, study_row: Any, active: RoundRow, node: str) -> RoundWork | None:
+        status = self.store.node_status(active.study, active.round, node)
+        if status == NodeStatus.DECLINED:
             return None  # not re-offered: a secure round's stages would ask again and again
-        spec = self.spec(active.study)
-        if spec.secure != "none":
-            return self.secure.work(spec, active, node, study_row["digest"])
-        if active.state in ACTIVE and self.store.node_status(spec.name, active.round, node) == (
-            "selected"
-        ):
-            return WorkItem(
-                kind="train",
-                study=spec.name,
-                study_digest=study_row["digest"],
-                round=active.round,
-                version=active.base_version,
-                deadline=active.deadline,
-            )
-        return None
+        spec, protocol = self._protocol(active.study)
+        return protocol.work(spec, active, node, study_row["digest"])
 
     def refuse_update(self, node: str, study: str, number: int, reason: str) -> NoReturn:
         """Audit and raise a refusal decided before the update could be read."""
-        self.audit.append(
-            "update.refused",
-            actor=node,
-            resource=f"study/{study}/round/{number}",
-            outcome="refused",
-            details={"reason": reason},
-        )
-        raise UpdateRejectedError(reason)
+        self._rounds.refuse(node, study, number, reason)
 
     def receive_update(self, node: str, study: str, number: int, body: bytes) -> UpdateReceipt:
-        spec = self.spec(study)
-        if spec.secure != "none":
-            self.secure.receive_update(spec, node, number, body)
-            row = self.store.round(study, number)
-            return UpdateReceipt(accepted=True, round_state=row.state if row else "unknown")
-        try:
-            header, delta = verified_update(self, node, study, number, body)
-        except (UpdateRejectedError, SignatureError) as exc:
-            self.audit.append(
-                "update.refused",
-                actor=node,
-                resource=f"study/{study}/round/{number}",
-                outcome="refused",
-                details={"reason": str(exc)},
-            )
-            raise UpdateRejectedError(str(exc)) from exc
-        n, norm = header.num_examples, header.update_norm
-        assert n is not None and norm is not None  # a plaintext header states both
-        record = {
-            "nonce": header.nonce,
-            "num_examples": header.num_examples,
-            "epsilon": header.epsilon_spent,
-            "update_norm": header.update_norm,
-            "train_loss": header.train_loss,
-            "payload_sha256": header.payload_sha256,
-            "signature": header.signature,
-        }
-
-        def fold(previous: bytes | None) -> bytes:
-            running = decode_arrays(previous) if previous else None
-            weighted = {k: v.astype(np.float64) * n for k, v in delta.items()}
-            if running is not None:
-                weighted = {k: running[k] + weighted[k] for k in weighted}
-            if not all(np.all(np.isfinite(v)) for v in weighted.values()):
-                raise UpdateRejectedError("the round's sum would not be finite with this update")
-            return encode_arrays(weighted)
-
-        try:
-            problem = self.store.fold_update(study, number, node, record, fold)
-        except UpdateRejectedError as exc:  # raised inside the transaction: nothing was folded
-            problem = str(exc)
-        if problem is not None:
-            self.audit.append(
-                "update.refused",
-                actor=node,
-                resource=f"study/{study}/round/{number}",
-                outcome="refused",
-                details={"reason": problem},
-            )
-            raise UpdateRejectedError(problem)
-        self.audit.append(
-            "update.accepted",
-            actor=node,
-            resource=f"study/{study}/round/{number}",
-            details={
-                "n": header.num_examples,
-                "epsilon": header.epsilon_spent,
-                "update_norm": round(norm, 6),
-            },
-        )
-        self._maybe_close(study, number)
+        spec, protocol = self._protocol(study)
+        protocol.accept(spec, node, number, body)
         row = self.store.round(study, number)
         return UpdateReceipt(accepted=True, round_state=row.state if row else "unknown")
 
@@ -385,70 +306,22 @@ class HubService:
         changed state."""
         changed = False
         for row in self.store.pending_rounds():
+            spec, protocol = self._protocol(row.study)
             try:
-                if row.state == "aggregating":
-                    self._aggregate(row)
-                else:
-                    self._maybe_close(row.study, row.round)
+                protocol.advance(spec, row.round)
             except AipipeError as exc:
                 # One round that cannot go on must not stop the ticker (nor a restart, which
                 # ticks first): it fails with the reason, and every other round carries on.
-                self.secure.fail(row.study, row.round, f"round could not continue: {exc}")
+                protocol.fail(row.study, row.round, f"round could not continue: {exc}")
             after = self.store.round(row.study, row.round)
             changed |= after is not None and after.state != row.state
         return changed
 
     def _maybe_close(self, study: str, number: int) -> None:
-        row = self.store.round(study, number)
-        if row is None or row.state not in ACTIVE:
-            return
-        spec = self.spec(study)
-        if spec.secure != "none":
-            self.secure.advance(spec, number)
-            return
-        nodes = self.store.round_nodes(study, number)
-        reported = sum(1 for n in nodes if n["status"] == "reported")
-        pending = sum(1 for n in nodes if n["status"] == "selected")
-        expired = _now() >= datetime.fromisoformat(row.deadline.replace("Z", "+00:00"))
-        if pending and not expired:
-            return
-        if reported >= spec.min_nodes:
-            self.store.set_round_state(study, number, "aggregating")
-            self._aggregate(self.store.round(study, number) or row)
-            return
-        why = "by the deadline" if pending else "(the others declined)"
-        reason = (
-            f"{reported} of {len(nodes)} selected nodes reported {why}; "
-            f"study '{study}' needs min_nodes={spec.min_nodes}"
-        )
-        self.store.set_round_state(study, number, "failed", reason=reason)
-        self.audit.append(
-            "aggregate",
-            actor="hub",
-            resource=f"study/{study}/round/{number}",
-            outcome="failure",
-            details={"reason": reason},
-        )
-
-    def _aggregate(self, row: RoundRow) -> None:
-        """Close a plaintext round from its stored running sum."""
-        if self.spec(row.study).secure != "none":
-            self.secure.advance(self.spec(row.study), row.round)
-            return
-        assert row.sum_blob is not None
-        contributors = [
-            {
-                "node": n["node"],
-                "n": n["num_examples"],
-                "epsilon": n["epsilon"],
-                "update_norm": n["update_norm"],
-            }
-            for n in self.store.round_nodes(row.study, row.round)
-            if n["status"] == "reported"
-        ]
-        self.models.publish(
-            row, self.spec(row.study), decode_arrays(row.sum_blob), row.total_examples, contributors
-        )
+        state = self._rounds.state(study, number)
+        if state is not None and state.active:
+            spec, protocol = self._protocol(study)
+            protocol.advance(spec, number)
 
     # -- models ------------------------------------------------------------------------------
 

@@ -8,36 +8,32 @@ digest and base version, then the tensors against the base model.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import ValidationError
 
 from aipipe.errors import SignatureError, UpdateRejectedError
+from aipipe.hub.rounds.context import RoundContext
 from aipipe.secure.identity import verify_signature
 from aipipe.study.spec import Bounds
-from aipipe.wire import FrameError, UpdateHeader, unpack_frame
+from aipipe.wire import FrameError, SecureMode, UpdateHeader, unpack_frame
 from aipipe.wire.tensors import Arrays, TensorDecodeError, decode_arrays
-
-if TYPE_CHECKING:
-    from aipipe.hub.service import HubService
 
 
 def verified_update(
-    service: HubService, node: str, study: str, number: int, body: bytes
-) -> tuple[UpdateHeader, Arrays]:
-    """A plaintext update's header and its delta, checked against the round's base model."""
-    header, payload = verified_header(service, node, study, number, body, secure="none")
-    row = service.store.round(study, number)
-    assert row is not None  # verified_header checked it
-    delta = _checked_delta(service, row.base_version, payload)
+    ctx: RoundContext, node: str, study: str, number: int, body: bytes
+) -> tuple[UpdateHeader, bytes, Arrays]:
+    """A plaintext update's header, payload and delta, checked against the round's base model."""
+    header, payload = verified_header(ctx, node, study, number, body, secure=SecureMode.NONE)
+    row = ctx.round_row(study, number)  # verified_header checked it exists
+    delta = _checked_delta(ctx, row.base_version, payload)
     check_norm(header, delta)
-    check_bounds(service.spec(study).bounds, header)
-    return header, delta
+    check_bounds(ctx.spec(study).bounds, header)
+    return header, payload, delta
 
 
 def verified_header(
-    service: HubService, node: str, study: str, number: int, body: bytes, *, secure: str
+    ctx: RoundContext, node: str, study: str, number: int, body: bytes, *, secure: SecureMode
 ) -> tuple[UpdateHeader, bytes]:
     """The signed header and raw payload of any update (plain, masked or encrypted)."""
     try:
@@ -51,14 +47,14 @@ def verified_header(
         raise UpdateRejectedError(f"malformed update header: {where}: {first['msg']}") from exc
     if header.node != node:
         raise UpdateRejectedError(f"update names node '{header.node}' but came from '{node}'")
-    _check_signature(service, node, header)
+    _check_signature(ctx, node, header)
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
         raise UpdateRejectedError("payload does not match its signed sha256 (tampered)")
     if header.study != study or header.round != number:
         raise UpdateRejectedError(
             f"update is bound to {header.study} round {header.round}, not {study} round {number}"
         )
-    row = service.store.round(study, number)
+    row = ctx.store.round(study, number)
     if row is None:
         raise UpdateRejectedError(f"study '{study}' has no round {number}")
     if header.base_version != row.base_version:
@@ -66,7 +62,7 @@ def verified_header(
             f"update was trained on {header.base_version[:12]} but round {number} started from "
             f"{row.base_version[:12]}"
         )
-    if header.study_digest != service.study_info(study).digest:
+    if header.study_digest != ctx.study_digest(study):
         raise UpdateRejectedError("update was trained for a different version of the study")
     if header.secure != secure:
         raise UpdateRejectedError(
@@ -75,10 +71,10 @@ def verified_header(
     return header, payload
 
 
-def _check_signature(service: HubService, node: str, header: UpdateHeader) -> None:
+def _check_signature(ctx: RoundContext, node: str, header: UpdateHeader) -> None:
     if not header.signature:
         raise UpdateRejectedError("update is not signed")
-    key = service.store.public_key(node)
+    key = ctx.store.public_key(node)
     if key is None:
         raise UpdateRejectedError(f"node '{node}' is not enrolled")
     try:
@@ -88,12 +84,12 @@ def _check_signature(service: HubService, node: str, header: UpdateHeader) -> No
         raise UpdateRejectedError("update signature does not verify with the node's key") from exc
 
 
-def _checked_delta(service: HubService, base_version: str, payload: bytes) -> Arrays:
+def _checked_delta(ctx: RoundContext, base_version: str, payload: bytes) -> Arrays:
     try:
         delta = decode_arrays(payload)
     except TensorDecodeError as exc:
         raise UpdateRejectedError(str(exc)) from exc
-    base = decode_arrays(service.models.weights(base_version))
+    base = decode_arrays(ctx.models.weights(base_version))
     if set(delta) != set(base):
         raise UpdateRejectedError("update tensors do not match the model's parameters")
     for key, value in delta.items():

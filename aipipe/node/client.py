@@ -24,6 +24,7 @@ from aipipe.errors import ConfigError, HubUnavailableError, error_from_body
 from aipipe.secure.errors import SecAggRoundFailedError
 from aipipe.tls import HubTransport
 from aipipe.wire import (
+    WORK_ITEM,
     Decline,
     EnrolRequest,
     EnrolResponse,
@@ -144,7 +145,8 @@ class HubClient:
         params: dict[str, Any] = {"wait": wait_s}
         if skip:
             params["skip"] = list(skip)
-        return self._json(WorkItem, "GET", "/v1/work", params=params, timeout=wait_s + 30)
+        response = self._request("GET", "/v1/work", params=params, timeout=wait_s + 30)
+        return WORK_ITEM.validate_python(response.json())
 
     def study(self, name: str) -> StudyInfo:
         return self._json(StudyInfo, "GET", f"/v1/studies/{name}")

@@ -27,7 +27,7 @@ from aipipe.secure._framing import frame, hkdf_sha256
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.keyfiles import read_private, write_private
 from aipipe.secure.secagg.client import ClientState
-from aipipe.wire import WorkItem
+from aipipe.wire import RoundWork
 from aipipe.wire.secure import SecAggRoundConfig
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class SecAggRoundState(BaseModel):
 
     model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
 
-    item: WorkItem
+    item: RoundWork
     epsilon: float | None = None
     sigma: float | None = None
     config: SecAggRoundConfig | None = None
@@ -59,12 +59,10 @@ class SecAggRoundState(BaseModel):
 
     @property
     def study(self) -> str:
-        assert self.item.study is not None
         return self.item.study
 
     @property
     def number(self) -> int:
-        assert self.item.round is not None
         return self.item.round
 
 

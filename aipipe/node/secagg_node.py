@@ -29,15 +29,22 @@ from typing import TYPE_CHECKING, TypeVar
 from pydantic import BaseModel
 
 from aipipe.node.round_state import RoundStates, SecAggRoundState
-from aipipe.node.secure_rounds import _deadline, _layout, _record, _vault, checked_config
+from aipipe.node.sending import (
+    RoundNode,
+    base_layout,
+    charged_frame,
+    recorded_contribution,
+    round_deadline,
+    vault_of,
+)
 from aipipe.secure.encoding import fixed_point_codec
 from aipipe.secure.errors import SecAggProtocolError
-from aipipe.secure.secagg import SecAggClient
-from aipipe.wire import pack_frame
+from aipipe.secure.secagg import SecAggClient, SecAggConfig, default_threshold
 from aipipe.wire.secure import (
     SecAggAdvert,
     SecAggForwarded,
     SecAggNeighbourKeys,
+    SecAggRoundConfig,
     SecAggShares,
     SecAggStep,
     SecAggUnmask,
@@ -46,20 +53,58 @@ from aipipe.wire.secure import (
 
 if TYPE_CHECKING:
     from aipipe.node.training import TrainResult
-    from aipipe.node.worker import NodeWorker
     from aipipe.study.spec import StudySpec
+
+
+def checked_config(
+    spec: StudySpec, message: SecAggRoundConfig, me: str, number: int, size: int
+) -> SecAggConfig:
+    """The hub's round config, refused unless it is the one this node's study implies."""
+    config = SecAggConfig(
+        message.round_id,
+        tuple(message.clients),
+        message.vector_length,
+        message.neighbours,
+        message.threshold,
+        message.bits,
+    )
+    options, k = spec.secure_options, config.neighbours
+    wanted_t = options.threshold or default_threshold(k)
+    problems = [
+        why
+        for why, bad in (
+            ("it is for another round", not config.round_id.startswith(f"{spec.name}/{number}/")),
+            ("this node is not in it", me not in config.clients),
+            (
+                f"it has fewer than min_nodes={spec.min_nodes} nodes",
+                len(config.clients) < spec.min_nodes,
+            ),
+            (f"its vectors are not {size} long", config.vector_length != size),
+            (f"it uses {config.bits}-bit words", config.bits != options.bits),
+            (f"threshold t={config.threshold} is below {wanted_t}", config.threshold < wanted_t),
+            (
+                f"k={k} neighbours differs from the study's",
+                options.neighbours is not None and k != options.neighbours,
+            ),
+        )
+        if bad
+    ]
+    if problems:
+        raise SecAggProtocolError(f"refusing the hub's SecAgg+ round: {'; '.join(problems)}")
+    return config
+
 
 _M = TypeVar("_M", bound=BaseModel)
 
 
 def run_secagg(
-    worker: NodeWorker,
+    worker: RoundNode,
     spec: StudySpec,
     state: SecAggRoundState,
     train: Callable[[], TrainResult],
 ) -> str:
     """Run (or resume) the round to its end for this node; delete its state once it ends."""
-    states = RoundStates(_vault(worker))
+    states = RoundStates(vault_of(worker))
     try:
         summary = _Round(worker, spec, state, states, train).run()
     except Exception:
@@ -74,7 +119,7 @@ def run_secagg(
 class _Round:
     def __init__(
         self,
-        worker: NodeWorker,
+        worker: RoundNode,
         spec: StudySpec,
         state: SecAggRoundState,
         states: RoundStates,
@@ -88,7 +133,7 @@ class _Round:
             train,
         )
         self.client = worker.client
-        self.until = _deadline(state.item)
+        self.until = round_deadline(state.item)
 
     # -- retry windows -------------------------------------------------------------------
 
@@ -143,7 +188,7 @@ class _Round:
     def _protocol(self) -> SecAggClient:
         """The round's protocol client: new (keys made, advert sealed) or restored."""
         worker, spec, state = self.worker, self.spec, self.state
-        layout = _layout(worker, state.item)
+        layout = base_layout(worker, state.item)
         with self._step():
             if state.config is None:
                 message = worker.client.secagg_config(state.study, state.number)
@@ -175,15 +220,13 @@ class _Round:
     def _mask(self, protocol: SecAggClient) -> None:
         worker, spec, state = self.worker, self.spec, self.state
         forwarded = self._wait("forwarded-shares", SecAggForwarded)
-        layout = _layout(worker, state.item)
-        x = _record(worker, spec, state.item, self.train(), layout, state.epsilon)
+        layout = base_layout(worker, state.item)
+        x = recorded_contribution(worker, spec, state.item, self.train(), layout, state.epsilon)
         clients = len(protocol.config.clients)
         codec = fixed_point_codec(spec.bounds.update_norm, clients, protocol.config.bits)
         masked = protocol.mask(forwarded.shares, codec.encode(x))
-        header = worker.signed_header(spec, state.item, masked.data, state.epsilon)
-        body = pack_frame(header.model_dump_json().encode(), masked.data)
         # Charged before it is saved: a saved masked input is only ever one already charged.
-        worker.charge_release(spec, state.item, body)
+        body = charged_frame(worker, spec, state.item, masked.data, state.epsilon)
         self._save(client=protocol.state(), sent={**state.sent, "masked": body})
 
     def _unmask(self, protocol: SecAggClient) -> None:

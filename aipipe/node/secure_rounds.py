@@ -11,24 +11,22 @@ study before it reveals anything.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from aipipe.errors import SignatureError
-from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution
-from aipipe.secure.errors import SecAggProtocolError, SecureAggregationError
+from aipipe.node.round_state import SecAggRoundState
+from aipipe.node.secagg_node import run_secagg
+from aipipe.node.sending import RoundNode, base_layout, recorded_contribution, upload, vault_of
+from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import verify_signature
-from aipipe.secure.secagg import SecAggConfig, default_threshold
-from aipipe.wire import UpdateHeader, WorkItem, pack_frame, unpack_frame
+from aipipe.wire import RoundWork, SecureMode, UpdateHeader, pack_frame, unpack_frame
 from aipipe.wire.secure import (
     CkksKeys,
     DecryptBundleHeader,
     DecryptedSum,
     Keyring,
     SealedContextWire,
-    SecAggRoundConfig,
     ckks_keys_payload,
     sealing_key_payload,
 )
@@ -36,110 +34,19 @@ from aipipe.wire.tensors import encode_arrays
 
 if TYPE_CHECKING:
     from aipipe.node.training import TrainResult
-    from aipipe.node.vault import SecureVault
-    from aipipe.node.worker import NodeWorker
     from aipipe.secure.ckks import CkksContext
     from aipipe.study.spec import StudySpec
 
 CKKS_PRECISION = 1e-7  # absolute error per value of a decrypted sum
 
 
-def _deadline(item: WorkItem) -> float:
-    """The round's deadline on this process's monotonic clock."""
-    assert item.deadline is not None
-    end = datetime.fromisoformat(item.deadline.replace("Z", "+00:00"))
-    return time.monotonic() + max((end - datetime.now(UTC)).total_seconds(), 0.0)
-
-
-def _layout(worker: NodeWorker, item: WorkItem) -> UpdateLayout:
-    assert item.version is not None
-    return UpdateLayout.of(worker.base_weights(item.version))
-
-
-def _vault(worker: NodeWorker) -> SecureVault:
-    if worker.vault is None:
-        raise SecureAggregationError(f"node {worker.name} has no key vault for secure rounds")
-    return worker.vault
-
-
-def _record(
-    worker: NodeWorker,
-    spec: StudySpec,
-    item: WorkItem,
-    result: TrainResult,
-    layout: UpdateLayout,
-    epsilon: float | None,
-) -> FloatArray:
-    """x = [r, r·clip(Δ)], kept in the node's own records before it is masked or encrypted."""
-    assert item.round is not None
-    x = contribution(
-        result.delta,
-        result.num_examples,
-        layout=layout,
-        update_clip=spec.bounds.update_norm,
-        max_examples=spec.bounds.max_examples,
-    )
-    _vault(worker).record_sent(spec.name, item.round, x)
-    worker.audit.append(
-        "train",
-        actor=worker.name,
-        resource=f"study/{spec.name}",
-        details={
-            "round": item.round,
-            "n": result.num_examples,
-            "epsilon_total": epsilon,
-            "secure": spec.secure,
-            "contribution_sha256": hashlib.sha256(x.tobytes()).hexdigest(),
-        },
-    )
-    return x
-
-
 # -- SecAgg+ -------------------------------------------------------------------------------------
 
 
-def checked_config(
-    spec: StudySpec, message: SecAggRoundConfig, me: str, number: int, size: int
-) -> SecAggConfig:
-    """The hub's round config, refused unless it is the one this node's study implies."""
-    config = SecAggConfig(
-        message.round_id,
-        tuple(message.clients),
-        message.vector_length,
-        message.neighbours,
-        message.threshold,
-        message.bits,
-    )
-    options, k = spec.secure_options, config.neighbours
-    wanted_t = options.threshold or default_threshold(k)
-    problems = [
-        why
-        for why, bad in (
-            ("it is for another round", not config.round_id.startswith(f"{spec.name}/{number}/")),
-            ("this node is not in it", me not in config.clients),
-            (
-                f"it has fewer than min_nodes={spec.min_nodes} nodes",
-                len(config.clients) < spec.min_nodes,
-            ),
-            (f"its vectors are not {size} long", config.vector_length != size),
-            (f"it uses {config.bits}-bit words", config.bits != options.bits),
-            (f"threshold t={config.threshold} is below {wanted_t}", config.threshold < wanted_t),
-            (
-                f"k={k} neighbours differs from the study's",
-                options.neighbours is not None and k != options.neighbours,
-            ),
-        )
-        if bad
-    ]
-    if problems:
-        raise SecAggProtocolError(f"refusing the hub's SecAgg+ round: {'; '.join(problems)}")
-    return config
-
-
 def secagg_round(
-    worker: NodeWorker,
+    worker: RoundNode,
     spec: StudySpec,
-    item: WorkItem,
+    item: RoundWork,
     train: Callable[[], TrainResult],
     epsilon: float | None,
     *,
@@ -147,9 +54,6 @@ def secagg_round(
 ) -> str:
     """Take part in a SecAgg+ round, keeping its state sealed on disk until it ends for this
     node (`aipipe.node.secagg_node`); `sigma` is kept to train again after a restart."""
-    from aipipe.node.round_state import SecAggRoundState
-    from aipipe.node.secagg_node import run_secagg
-
     state = SecAggRoundState(item=item, epsilon=epsilon, sigma=sigma)
     return run_secagg(worker, spec, state, train)
 
@@ -175,11 +79,10 @@ def _checked_keyring(keyring: Keyring) -> dict[str, tuple[bytes, bytes | None]]:
     return out
 
 
-def ckks_keygen(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
+def ckks_keygen(worker: RoundNode, spec: StudySpec, item: RoundWork) -> str:
     """Make the study's context; seal its secret to every other selected node (via the hub)."""
     from aipipe.secure.ckks import CkksContext, choose_ckks_params, seal_context
 
-    assert item.round is not None
     selected = worker.client.round(spec.name, item.round).selected
     keys = _checked_keyring(worker.client.keyring())
     others = [n for n in selected if n != worker.name]
@@ -210,7 +113,7 @@ def ckks_keygen(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
             )
         )
     public = context.public_bytes()
-    _vault(worker).save_context(spec.name, context)
+    vault_of(worker).save_context(spec.name, context)
     signature = worker.identity.sign(ckks_keys_payload(spec.name, context.fingerprint, public))
     worker.client.ckks_post_keys(
         spec.name,
@@ -235,11 +138,11 @@ def ckks_keygen(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
     return f"made the CKKS context of '{spec.name}' and sealed it to {len(sealed)} nodes"
 
 
-def study_context(worker: NodeWorker, spec: StudySpec) -> CkksContext:
+def study_context(worker: RoundNode, spec: StudySpec) -> CkksContext:
     """The study's secret context: from the vault, or opened from the box sealed to this node."""
     from aipipe.secure.ckks import SealedContext, open_context
 
-    vault = _vault(worker)
+    vault = vault_of(worker)
     context = vault.load_context(spec.name)
     if context is not None:
         return context
@@ -268,31 +171,26 @@ def study_context(worker: NodeWorker, spec: StudySpec) -> CkksContext:
 
 
 def ckks_round(
-    worker: NodeWorker,
+    worker: RoundNode,
     spec: StudySpec,
-    item: WorkItem,
+    item: RoundWork,
     train: Callable[[], TrainResult],
     epsilon: float | None,
 ) -> str:
-    assert item.round is not None
     context = study_context(worker, spec)
-    layout = _layout(worker, item)
-    x = _record(worker, spec, item, train(), layout, epsilon)
+    layout = base_layout(worker, item)
+    x = recorded_contribution(worker, spec, item, train(), layout, epsilon)
     payload = context.encrypt(x).to_bytes()
-    header = worker.signed_header(spec, item, payload, epsilon)
-    frame = pack_frame(header.model_dump_json().encode(), payload)
-    worker.charge_release(spec, item, frame)  # cost, sha256 and bytes kept before it leaves
-    receipt = worker.client.upload(spec.name, item.round, frame)
+    receipt = upload(worker, spec, item, payload, epsilon)  # charged before it leaves
     return (
         f"round {item.round}: ckks update sent ({len(payload)} bytes), round {receipt.round_state}"
     )
 
 
-def ckks_decrypt(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
+def ckks_decrypt(worker: RoundNode, spec: StudySpec, item: RoundWork) -> str:
     """Decrypt the round's sum, only if it is the sum of ≥ min_nodes distinct signed updates."""
     from aipipe.secure.ckks import EncryptedVector, sum_encrypted
 
-    assert item.round is not None
     context = study_context(worker, spec)
     head_json, payload = unpack_frame(worker.client.ckks_bundle(spec.name, item.round))
     head = DecryptBundleHeader.model_validate_json(head_json)
@@ -338,7 +236,7 @@ def ckks_decrypt(worker: NodeWorker, spec: StudySpec, item: WorkItem) -> str:
 
 def _checked_contributions(
     spec: StudySpec,
-    item: WorkItem,
+    item: RoundWork,
     headers: list[UpdateHeader],
     ciphertexts: list[bytes],
     roster: dict[str, bytes],
@@ -353,7 +251,7 @@ def _checked_contributions(
             header.study_digest,
             header.secure,
         )
-        expected = (spec.name, item.round, item.version, item.study_digest, "ckks")
+        expected = (spec.name, item.round, item.version, item.study_digest, SecureMode.CKKS)
         if binding != expected or hashlib.sha256(blob).hexdigest() != header.payload_sha256:
             raise SecureAggregationError(f"contribution of '{header.node}' is for another round")
         try:

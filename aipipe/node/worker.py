@@ -33,6 +33,9 @@ from aipipe.models.errors import UnverifiedModelError
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
+from aipipe.node.round_state import RoundStates
+from aipipe.node.secagg_node import run_secagg
+from aipipe.node.senders import sender_for
 from aipipe.node.training import TrainResult, clip_update, evaluate, train_local
 from aipipe.node.validation import Assessment, assess, release_histogram
 from aipipe.node.vault import SecureVault
@@ -46,9 +49,16 @@ from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import StudySpec
-from aipipe.wire import EvalReport, FeatureStats, UpdateHeader, WorkItem, pack_frame
+from aipipe.wire import (
+    EvalReport,
+    EvaluateWork,
+    FeatureStats,
+    RoundWork,
+    SecureMode,
+    UpdateHeader,
+)
 from aipipe.wire.messages import CalibrationHistogram
-from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
+from aipipe.wire.tensors import Arrays, decode_arrays
 
 
 def _quiet(message: str) -> None:
@@ -73,23 +83,19 @@ class NodeWorker:
     # (study, round) → the mechanism planned for it, charged with its bytes just before they leave
     _planned: dict[tuple[str, int], Plan] = field(default_factory=dict)
 
-    def handle(self, item: WorkItem) -> str:
+    def handle(self, item: EvaluateWork | RoundWork) -> str:
         """Do one work item; return a one-line summary for logs (counts only, no PHI)."""
-        assert item.study is not None and item.version is not None
         try:
             spec = self.approved_spec(item.study, item.study_digest)
         except StudyNotApprovedError as exc:
             self.unapproved[item.study] = item.study_digest
-            if item.kind == "train" and item.round is not None:
+            if item.kind == "train":
                 self.client.decline(item.study, item.round, str(exc), exclude=False)
             return f"declined {item.study}: {exc}"
-        if item.kind == "evaluate":
+        if isinstance(item, EvaluateWork):
             return self._evaluate(spec, item)
-        assert item.round is not None
-        if item.kind in ("keygen", "decrypt"):
-            step = (
-                secure_rounds.ckks_keygen if item.kind == "keygen" else secure_rounds.ckks_decrypt
-            )
+        step = _KEY_HOLDER_STEPS.get(item.kind)
+        if step is not None:
             try:
                 return step(self, spec, item)
             except SecureAggregationError as exc:
@@ -118,9 +124,6 @@ class NodeWorker:
     def resume_secure_rounds(self) -> list[str]:
         """Go on with the SecAgg+ rounds a previous process of this node left half done (their
         state sealed on disk); ε was charged then and is not charged again. One line each."""
-        from aipipe.node.round_state import RoundStates
-        from aipipe.node.secagg_node import run_secagg
-
         if self.vault is None:
             return []
         states, out = RoundStates(self.vault), []
@@ -148,7 +151,7 @@ class NodeWorker:
         rows = len(self.features(spec).y_train)
         self._planned[(spec.name, number)] = self.privacy().resume_round(spec, number, rows, sigma)
 
-    def _retrain(self, spec: StudySpec, item: WorkItem, sigma: float | None) -> TrainResult:
+    def _retrain(self, spec: StudySpec, item: RoundWork, sigma: float | None) -> TrainResult:
         return self._local_update(spec, item, self.features(spec), sigma)
 
     def _audit_refusal(self, action: str, spec: StudySpec, number: int, exc: Exception) -> None:
@@ -223,8 +226,7 @@ class NodeWorker:
         self._audit_cohorts(before, ledger.groups())
         self.client.report_stats(spec.name, body)
 
-    def _train(self, spec: StudySpec, item: WorkItem) -> str:
-        assert item.round is not None and item.version is not None and item.study_digest
+    def _train(self, spec: StudySpec, item: RoundWork) -> str:
         if spec.privacy.mode == "dp":
             released = BudgetLedger(self.store.db).released(spec.name, TRAIN, item.round)
             if released is not None:
@@ -239,33 +241,7 @@ class NodeWorker:
         def local_update() -> TrainResult:
             return self._local_update(spec, item, matrix, sigma)
 
-        if spec.secure == "secagg":
-            return secure_rounds.secagg_round(self, spec, item, local_update, epsilon, sigma=sigma)
-        if spec.secure == "ckks":
-            return secure_rounds.ckks_round(self, spec, item, local_update, epsilon)
-        result = local_update()
-        payload = encode_arrays(result.delta)
-        # A site larger than bounds.max_examples weighs as that many (the hub refuses more).
-        weight = min(result.num_examples, spec.bounds.max_examples)
-        header = self.signed_header(spec, item, payload, epsilon, n=weight, norm=result.update_norm)
-        self.audit.append(
-            "train",
-            actor=self.name,
-            resource=f"study/{spec.name}",
-            details={
-                "round": item.round,
-                "n": result.num_examples,
-                "epsilon_total": epsilon,
-                "update_norm": round(result.update_norm, 6),
-            },
-        )
-        frame = pack_frame(header.model_dump_json().encode(), payload)
-        self.charge_release(spec, item, frame)
-        receipt = self.client.upload(spec.name, item.round, frame)
-        return (
-            f"round {item.round}: sent update (n={result.num_examples}, "
-            f"ε={epsilon if epsilon is None else round(epsilon, 3)}), round {receipt.round_state}"
-        )
+        return sender_for(spec).send(self, spec, item, local_update, epsilon, sigma)
 
     def _charge_budget(
         self, spec: StudySpec, number: int, train_rows: int
@@ -294,12 +270,11 @@ class NodeWorker:
         self._planned[(spec.name, number)] = plan
         return plan.noise_multiplier, plan.epsilon
 
-    def charge_release(self, spec: StudySpec, item: WorkItem, frame: bytes) -> None:
+    def charge_release(self, spec: StudySpec, item: RoundWork, frame: bytes) -> None:
         """Charge the round's planned mechanism with the sha256 of `frame`, the exact bytes
         about to leave, in one transaction; keep the bytes to send again when the hub offers
         the round again (not under SecAgg+, whose masks are bound to one run's keys). Raises
         `BudgetExhaustedError` if the budget went meanwhile: then nothing leaves."""
-        assert item.round is not None
         planned = self._planned.pop((spec.name, item.round), None)
         if planned is None:
             return  # no DP, so nothing is charged (the node allows `privacy: none`)
@@ -354,9 +329,8 @@ class NodeWorker:
         return f"round {number}: sent the same update again ({digest}), round {receipt.round_state}"
 
     def _local_update(
-        self, spec: StudySpec, item: WorkItem, matrix: FeatureMatrix, sigma: float | None
+        self, spec: StudySpec, item: RoundWork, matrix: FeatureMatrix, sigma: float | None
     ) -> TrainResult:
-        assert item.version is not None
         global_weights = self.base_weights(item.version)
         model = arrays_to_model(global_weights, build_model(spec.model, len(matrix.columns)))
         # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
@@ -376,7 +350,7 @@ class NodeWorker:
     def signed_header(
         self,
         spec: StudySpec,
-        item: WorkItem,
+        item: RoundWork,
         payload: bytes,
         epsilon: float | None,
         *,
@@ -384,7 +358,7 @@ class NodeWorker:
         norm: float | None = None,
     ) -> UpdateHeader:
         """The update's header bound to this round and payload, signed by this node."""
-        assert item.round is not None and item.version is not None and item.study_digest
+        plain = SecureMode(spec.secure) is SecureMode.NONE
         header = UpdateHeader(
             node=self.name,
             study=spec.name,
@@ -396,8 +370,8 @@ class NodeWorker:
             payload_sha256=hashlib.sha256(payload).hexdigest(),
             # ε spent is a function of the site's n (through q = batch/n): under secure
             # aggregation it stays on the node with n itself (DESIGN §12).
-            epsilon_spent=epsilon if spec.secure == "none" else None,
-            delta=spec.privacy.delta if epsilon is not None and spec.secure == "none" else None,
+            epsilon_spent=epsilon if plain else None,
+            delta=spec.privacy.delta if epsilon is not None and plain else None,
             train_loss=None,
             update_norm=norm,
             nonce=secrets.token_hex(16),
@@ -405,12 +379,11 @@ class NodeWorker:
         signature = self.identity.sign(header.signing_bytes()).hex()
         return header.model_copy(update={"signature": signature})
 
-    def _evaluate(self, spec: StudySpec, item: WorkItem) -> str:
+    def _evaluate(self, spec: StudySpec, item: EvaluateWork) -> str:
         """Evaluate a round's result on the test split, if its lineage verifies; keep the
         numbers here. The hub gets an acknowledgement without exact numbers either way (so it
         stops offering the version): an exact n_test, accuracy, AUC or loss leaks labels. A
         study with `validation.epsilon` gets the DP histogram too (`aipipe.node.validation`)."""
-        assert item.version is not None and item.round is not None
         version, lineage = item.version, ModelLineage(self.store.db)
         try:
             lineage.require_round(spec.name, item.round, version)
@@ -455,10 +428,17 @@ class NodeWorker:
         return histogram
 
 
+_KEY_HOLDER_STEPS: dict[str, Callable[[NodeWorker, StudySpec, RoundWork], str]] = {
+    "keygen": secure_rounds.ckks_keygen,
+    "decrypt": secure_rounds.ckks_decrypt,
+}
+"""The CKKS key holder's round steps; every other round step trains (`sender_for`)."""
+
+
 def _hub_reason(spec: StudySpec, exc: Exception) -> str:
     """What a decline tells the hub. A reason may hold the site's counts (patients kept, ε left,
     q = batch/n); under secure aggregation those stay here, in the node's audit log."""
-    if spec.secure == "none":
+    if SecureMode(spec.secure) is SecureMode.NONE:
         return str(exc)
     return f"{type(exc).__name__} at this node; its audit log holds the reason"
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import math
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
 TOKEN_PREFIX = "aipipe-enrol."
@@ -23,6 +24,33 @@ _HEX64 = r"^[0-9a-f]{64}$"
 # Counts of examples: far above any site's cohort, and below SQLite's 64-bit INTEGER, so an
 # absurd count is a validation error (refused and audited), never an overflow.
 MAX_COUNT = 2**31 - 1
+
+
+class SecureMode(StrEnum):
+    """How a study's updates travel: in the clear, as SecAgg+ masked vectors, or CKKS
+    ciphertexts (a study's `secure:`; a round protocol is registered under each)."""
+
+    NONE = "none"
+    SECAGG = "secagg"
+    CKKS = "ckks"
+
+
+class RoundState(StrEnum):
+    """A round's state at the hub (`open` and `collecting` take updates)."""
+
+    OPEN = "open"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        return self in (RoundState.OPEN, RoundState.COLLECTING)
+
+    @property
+    def ended(self) -> bool:
+        return self in (RoundState.CLOSED, RoundState.FAILED)
 
 
 class Wire(BaseModel):
@@ -104,7 +132,7 @@ class RoundOpen(Wire):
 class RoundInfo(Wire):
     study: str
     round: int
-    state: Literal["open", "collecting", "aggregating", "closed", "failed"]
+    state: RoundState
     base_version: str
     selected: list[str]
     reported: list[str]
@@ -117,15 +145,39 @@ class RoundInfo(Wire):
     metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
-class WorkItem(Wire):
-    """What the hub asks of a node. `keygen` and `decrypt` are the CKKS key holder's steps."""
+class IdleWork(Wire):
+    """Nothing to do now."""
 
-    kind: Literal["train", "evaluate", "idle", "keygen", "decrypt"]
-    study: str | None = None
-    study_digest: str | None = None
-    round: int | None = None
-    version: str | None = None
+    kind: Literal["idle"] = "idle"
+
+
+class EvaluateWork(Wire):
+    """Evaluate a round's result `version` on the node's test split."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    study: str
+    study_digest: str
+    round: int
+    version: str
+
+
+class RoundWork(Wire):
+    """A step of an open round, trained or computed on its base model `version`: `train` (every
+    secure mode), and the CKKS key holder's `keygen` and `decrypt`."""
+
+    kind: Literal["train", "keygen", "decrypt"]
+    study: str
+    study_digest: str
+    round: int
+    version: str
     deadline: str | None = None
+
+
+WorkItem = Annotated[IdleWork | EvaluateWork | RoundWork, Field(discriminator="kind")]
+"""What the hub asks of a node, told apart by `kind`."""
+
+WORK_ITEM: TypeAdapter[WorkItem] = TypeAdapter(WorkItem)
+"""Parses a `WorkItem` (a union has no `model_validate` of its own)."""
 
 
 class UpdateHeader(Wire):

@@ -23,7 +23,7 @@ from aipipe.secure.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from aipipe.secure.secagg.server import SecAggResult, SecAggServer
+from aipipe.secure.secagg.server import SecAggResult, SecAggServer, SecAggStage
 
 __all__ = [
     "EncryptedShare",
@@ -36,6 +36,7 @@ __all__ = [
     "SecAggConfig",
     "SecAggResult",
     "SecAggServer",
+    "SecAggStage",
     "ShareKeysReply",
     "UnmaskReply",
     "UnmaskRequest",

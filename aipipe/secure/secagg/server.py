@@ -42,7 +42,9 @@ from aipipe.secure.secagg.messages import (
 )
 
 
-class _Stage(enum.Enum):
+class SecAggStage(enum.StrEnum):
+    """The SecAgg+ stages in order; the hub's round coordinator steps through the same ones."""
+
     ADVERTISING = "advertising"
     SHARING = "sharing"
     MASKING = "masking"
@@ -73,7 +75,7 @@ class SecAggServer:
         self.config = config
         self._roster = roster
         self._seen = seen_public_keys
-        self._stage = _Stage.ADVERTISING
+        self._stage = SecAggStage.ADVERTISING
         self._adverts: dict[str, KeyAdvertisement] = {}
         self._shares: dict[str, tuple[EncryptedShare, ...]] = {}
         self._total = np.zeros(config.vector_length, dtype=f"<u{config.word_bytes}")
@@ -91,7 +93,7 @@ class SecAggServer:
         """Every public key advertised this round: add them to the ledger of seen keys."""
         return frozenset(k for a in self._adverts.values() for k in (a.c_public, a.s_public))
 
-    def _expect(self, stage: _Stage, round_id: str, step: str) -> None:
+    def _expect(self, stage: SecAggStage, round_id: str, step: str) -> None:
         if self._stage is not stage:
             raise SecAggProtocolError(f"{step} refused: the round is {self._stage.value}")
         if round_id != self.config.round_id:
@@ -101,7 +103,7 @@ class SecAggServer:
 
     # Round 0 ------------------------------------------------------------------------------
     def receive_advertisement(self, advert: KeyAdvertisement) -> None:
-        self._expect(_Stage.ADVERTISING, advert.round_id, "key advertisement")
+        self._expect(SecAggStage.ADVERTISING, advert.round_id, "key advertisement")
         if advert.client_id not in self.config.clients or advert.client_id in self._adverts:
             raise SecAggProtocolError(f"unexpected or repeated advert from {advert.client_id!r}")
         crypto.verify_advert(
@@ -113,21 +115,21 @@ class SecAggServer:
 
     def close_advertising(self) -> tuple[str, ...]:
         """U1: the clients to send `neighbour_keys` to."""
-        self._expect(_Stage.ADVERTISING, self.config.round_id, "close_advertising")
+        self._expect(SecAggStage.ADVERTISING, self.config.round_id, "close_advertising")
         self._u1 = frozenset(self._adverts)
         self._need(len(self._u1), "clients advertised keys")
-        self._stage = _Stage.SHARING
+        self._stage = SecAggStage.SHARING
         return tuple(sorted(self._u1))
 
     def neighbour_keys(self, client_id: str) -> NeighbourKeys:
-        self._expect(_Stage.SHARING, self.config.round_id, "neighbour_keys")
+        self._expect(SecAggStage.SHARING, self.config.round_id, "neighbour_keys")
         self._member(client_id, self._u1)
         adverts = tuple(self._adverts[v] for v in sorted(self.config.graph[client_id] & self._u1))
         return NeighbourKeys(self.config.round_id, client_id, adverts)
 
     # Round 1 ------------------------------------------------------------------------------
     def receive_shares(self, reply: ShareKeysReply) -> None:
-        self._expect(_Stage.SHARING, reply.round_id, "key shares")
+        self._expect(SecAggStage.SHARING, reply.round_id, "key shares")
         sender = reply.client_id
         if sender not in self._u1 or sender in self._shares:
             raise SecAggProtocolError(f"unexpected or repeated key shares from {sender!r}")
@@ -144,18 +146,18 @@ class SecAggServer:
 
     def close_sharing(self) -> tuple[str, ...]:
         """U2: the clients to send `forwarded_shares` to (and to collect masked inputs from)."""
-        self._expect(_Stage.SHARING, self.config.round_id, "close_sharing")
+        self._expect(SecAggStage.SHARING, self.config.round_id, "close_sharing")
         self._u2 = frozenset(self._shares)
         self._need(len(self._u2), "clients shared keys")
         for u in sorted(self._u2):
             self._need(
                 len(set(self.config.holders(u)) & self._u2), f"holders of {u!r}'s shares remain"
             )
-        self._stage = _Stage.MASKING
+        self._stage = SecAggStage.MASKING
         return tuple(sorted(self._u2))
 
     def forwarded_shares(self, client_id: str) -> ForwardedShares:
-        self._expect(_Stage.MASKING, self.config.round_id, "forwarded_shares")
+        self._expect(SecAggStage.MASKING, self.config.round_id, "forwarded_shares")
         self._member(client_id, self._u2)
         shares = tuple(
             s for u in sorted(self._u2) for s in self._shares[u] if s.receiver == client_id
@@ -164,7 +166,7 @@ class SecAggServer:
 
     # Round 2 ------------------------------------------------------------------------------
     def receive_masked_input(self, masked: MaskedInput) -> None:
-        self._expect(_Stage.MASKING, masked.round_id, "masked input")
+        self._expect(SecAggStage.MASKING, masked.round_id, "masked input")
         if masked.client_id not in self._u2 or masked.client_id in self._masked:
             raise SecAggProtocolError(
                 f"unexpected or repeated masked input from {masked.client_id!r}"
@@ -181,18 +183,18 @@ class SecAggServer:
 
     def close_masking(self) -> tuple[str, ...]:
         """U3: the survivors, whose inputs make the sum; each gets an `unmask_request`."""
-        self._expect(_Stage.MASKING, self.config.round_id, "close_masking")
+        self._expect(SecAggStage.MASKING, self.config.round_id, "close_masking")
         self._u3 = frozenset(self._masked)
         self._need(len(self._u3), "clients sent masked inputs")
         for u in sorted(self._u2):
             self._need(
                 len(set(self.config.holders(u)) & self._u3), f"holders of {u!r}'s shares survive"
             )
-        self._stage = _Stage.UNMASKING
+        self._stage = SecAggStage.UNMASKING
         return tuple(sorted(self._u3))
 
     def unmask_request(self, client_id: str) -> UnmaskRequest:
-        self._expect(_Stage.UNMASKING, self.config.round_id, "unmask_request")
+        self._expect(SecAggStage.UNMASKING, self.config.round_id, "unmask_request")
         self._member(client_id, self._u3)
         peers = (self.config.graph[client_id] & self._u2) | {client_id}
         request = UnmaskRequest(
@@ -206,7 +208,7 @@ class SecAggServer:
 
     # Round 3 ------------------------------------------------------------------------------
     def receive_unmask(self, reply: UnmaskReply) -> None:
-        self._expect(_Stage.UNMASKING, reply.round_id, "unmask reply")
+        self._expect(SecAggStage.UNMASKING, reply.round_id, "unmask reply")
         holder, request = reply.client_id, self._requests.get(reply.client_id)
         if request is None or holder in self._answered:
             raise SecAggProtocolError(f"unexpected or repeated unmask reply from {holder!r}")
@@ -236,7 +238,7 @@ class SecAggServer:
 
     def finish(self) -> SecAggResult:
         """Reconstruct b_u of survivors and s_u of the dropped, remove every mask, return Σ x_u."""
-        self._expect(_Stage.UNMASKING, self.config.round_id, "finish")
+        self._expect(SecAggStage.UNMASKING, self.config.round_id, "finish")
         cfg, total = self.config, self._total.copy()
         stream = crypto.MaskStream(cfg.vector_length, cfg.bits)
         for u in sorted(self._u3):
@@ -253,7 +255,7 @@ class SecAggServer:
             for v in sorted(cfg.graph[u] & self._u3):
                 key = crypto.mask_key(s_key, self._adverts[v].s_public, cfg.round_id, u, v)
                 stream.add(total, key, -crypto.mask_sign(v, u))
-        self._stage = _Stage.DONE
+        self._stage = SecAggStage.DONE
         absent = tuple(sorted(set(cfg.clients) - self._u3))
         return SecAggResult(cfg.round_id, tuple(sorted(self._u3)), absent, total)
 

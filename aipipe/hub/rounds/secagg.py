@@ -19,16 +19,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
 from aipipe.errors import ConflictError, NotFoundError
-from aipipe.secure.encoding import fixed_point_codec
+from aipipe.hub.rounds.context import NodeStatus, RoundContext
+from aipipe.hub.rounds.secure_sum import SecureProtocol
+from aipipe.secure.encoding import FloatArray, fixed_point_codec
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.fixedpoint import FixedPointCodec
-from aipipe.secure.secagg import MaskedInput, SecAggConfig, SecAggServer
-from aipipe.wire import UpdateHeader
+from aipipe.secure.secagg import MaskedInput, SecAggConfig, SecAggServer, SecAggStage
+from aipipe.store.hub_store import RoundRow
+from aipipe.study.spec import StudySpec
+from aipipe.wire import RoundState, RoundWork, SecureMode, UpdateHeader
 from aipipe.wire.secure import (
     SecAggAdvert,
     SecAggForwarded,
@@ -39,28 +42,32 @@ from aipipe.wire.secure import (
     SecAggUnmaskRequest,
 )
 
-if TYPE_CHECKING:
-    from aipipe.hub.secure import SecureRounds
-    from aipipe.study.spec import StudySpec
-
-STAGES = ("advertising", "sharing", "masking", "unmasking")
-_POSTS: dict[str, tuple[str, type[BaseModel]]] = {
-    "advert": ("advertising", SecAggAdvert),
-    "shares": ("sharing", SecAggShares),
-    "unmask": ("unmasking", SecAggUnmask),
+Stage = SecAggStage
+_NEXT = {Stage.ADVERTISING: Stage.SHARING, Stage.SHARING: Stage.MASKING}
+_NEXT[Stage.MASKING] = Stage.UNMASKING
+_POSTS: dict[str, tuple[SecAggStage, type[BaseModel]]] = {
+    "advert": (Stage.ADVERTISING, SecAggAdvert),
+    "shares": (Stage.SHARING, SecAggShares),
+    "unmask": (Stage.UNMASKING, SecAggUnmask),
 }
-_POLLS = {"neighbour-keys": "sharing", "forwarded-shares": "masking", "unmask-request": "unmasking"}
+_POLLS = {
+    "neighbour-keys": Stage.SHARING,
+    "forwarded-shares": Stage.MASKING,
+    "unmask-request": Stage.UNMASKING,
+}
+_ORDER = list(SecAggStage)
+_LIVE = frozenset(_ORDER) - {Stage.DONE}
 _CLOSE = "close"
 
 
 @dataclass
-class SecAggRound:
+class SecAggState:
     """One round's protocol state: the server, who answered in the current stage, and what
     each node is to fetch next."""
 
     server: SecAggServer
     codec: FixedPointCodec
-    stage: str
+    stage: SecAggStage
     deadline: datetime
     members: frozenset[str]
     answered: set[str] = field(default_factory=set)
@@ -81,7 +88,7 @@ def round_config(
     )
 
 
-def _apply(state: SecAggRound, kind: str, node: str, body: bytes) -> None:
+def _apply(state: SecAggState, kind: str, node: str, body: bytes) -> None:
     """Feed one logged message (or stage close) to the round: the same code live and replayed."""
     server = state.server
     if kind == _CLOSE:
@@ -98,65 +105,76 @@ def _apply(state: SecAggRound, kind: str, node: str, body: bytes) -> None:
     state.answered.add(node)
 
 
-def _close(state: SecAggRound) -> None:
+def _close(state: SecAggState) -> SecAggStage:
     """End the current stage: the next stage's members and what each of them fetches."""
     server = state.server
     outbox: dict[str, BaseModel]
-    if state.stage == "advertising":
+    if state.stage is Stage.ADVERTISING:
         members = server.close_advertising()
         outbox = {c: SecAggNeighbourKeys(keys=server.neighbour_keys(c)) for c in members}
-    elif state.stage == "sharing":
+    elif state.stage is Stage.SHARING:
         members = server.close_sharing()
         outbox = {c: SecAggForwarded(shares=server.forwarded_shares(c)) for c in members}
     else:
         members = server.close_masking()
         outbox = {c: SecAggUnmaskRequest(request=server.unmask_request(c)) for c in members}
-    state.stage = STAGES[STAGES.index(state.stage) + 1]
+    state.stage = _NEXT[state.stage]
     state.members, state.answered, state.outbox = frozenset(members), set(), outbox
+    return state.stage
 
 
-class SecAggRounds:
-    def __init__(self, secure: SecureRounds) -> None:
-        self._secure = secure
-        self._rounds: dict[tuple[str, int], SecAggRound] = {}
+class SecAggRound(SecureProtocol):
+    """SecAgg+ (Bell et al. 2020) at the hub, stage by stage as Flower's SecAgg+ workflow."""
 
-    def _new(self, spec: StudySpec, number: int, *, replay: bool) -> SecAggRound:
-        secure = self._secure
-        row = secure.round_row(spec.name, number)
-        selected = secure.selected(spec.name, number)
+    mode = SecureMode.SECAGG
+
+    def __init__(self, ctx: RoundContext) -> None:
+        super().__init__(ctx)
+        self._rounds: dict[tuple[str, int], SecAggState] = {}
+
+    def _new(self, spec: StudySpec, number: int, *, replay: bool) -> SecAggState:
+        ctx = self.ctx
+        row = ctx.round_row(spec.name, number)
+        selected = self.selected(spec.name, number)
         config = round_config(
-            spec, number, row.base_version, selected, secure.layout(row.base_version).size
+            spec, number, row.base_version, selected, self.layout(row.base_version).size
         )
-        roster = {r["name"]: bytes.fromhex(r["public_key"]) for r in secure.service.store.nodes()}
-        seen = secure.store.seen_keys(exclude_round=config.round_id if replay else None)
+        roster = {r["name"]: bytes.fromhex(r["public_key"]) for r in ctx.store.nodes()}
+        seen = ctx.secure.seen_keys(exclude_round=config.round_id if replay else None)
         server = SecAggServer(config=config, roster=roster, seen_public_keys=seen)
         codec = fixed_point_codec(spec.bounds.update_norm, len(selected), config.bits)
-        return SecAggRound(server, codec, "advertising", secure.now(), frozenset(selected))
+        return SecAggState(server, codec, Stage.ADVERTISING, ctx.clock.now(), frozenset(selected))
 
     def open(self, spec: StudySpec, number: int) -> None:
-        state = self._rounds[(spec.name, number)] = self._new(spec, number, replay=False)
-        state.deadline = self._secure.stage_deadline(spec, number)
-        self._secure.store.set_stage(
-            spec.name, number, state.stage, self._secure.iso(state.deadline)
-        )
+        try:
+            state = self._rounds[(spec.name, number)] = self._new(spec, number, replay=False)
+        except SecureAggregationError as exc:
+            self.fail(spec.name, number, str(exc))
+            return
+        state.deadline = self.stage_deadline(spec, number)
+        self._set_stage(spec, number, state)
 
-    def _get(self, spec: StudySpec, number: int) -> SecAggRound:
+    def _set_stage(self, spec: StudySpec, number: int, state: SecAggState) -> None:
+        iso = self.ctx.clock.iso(state.deadline)
+        self.ctx.secure.set_stage(spec.name, number, state.stage, iso)
+
+    def _get(self, spec: StudySpec, number: int) -> SecAggState:
         """The round in memory, or rebuilt from its log after a hub restart."""
         state = self._rounds.get((spec.name, number))
         if state is not None:
             return state
-        found = self._secure.store.stage(spec.name, number)
-        if found is None or found[0] not in STAGES:
+        found = self.ctx.secure.stage(spec.name, number)
+        if found is None or found[0] not in _LIVE:
             raise ConflictError(f"round {number} of '{spec.name}' has no SecAgg+ round in progress")
         state = self._new(spec, number, replay=True)
         try:
-            for kind, node, body in self._secure.store.secagg_log(spec.name, number):
+            for kind, node, body in self.ctx.secure.secagg_log(spec.name, number):
                 _apply(state, kind, node, body)
         except (SecureAggregationError, ValidationError) as exc:
             why = f"the SecAgg+ round could not be rebuilt from its log: {exc}"
-            self._secure.fail(spec.name, number, why)
+            self.fail(spec.name, number, why)
             raise ConflictError(why) from exc
-        state.deadline = self._secure.parse(found[1])
+        state.deadline = self.ctx.clock.parse(found[1])
         self._rounds[(spec.name, number)] = state
         return state
 
@@ -175,12 +193,15 @@ class SecAggRounds:
             bits=32 if cfg.bits == 32 else 64,
         )
 
-    def wants_advert(self, spec: StudySpec, number: int, node: str) -> bool:
+    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> RoundWork | None:
+        """A node trains once asked to advertise its keys; the other stages it polls for."""
         try:
-            state = self._get(spec, number)
+            state = self._get(spec, row.round)
         except ConflictError:
-            return False
-        return state.stage == "advertising" and node not in state.answered
+            return None
+        if state.stage is Stage.ADVERTISING and node not in state.answered:
+            return self.work_item("train", spec, row, digest)
+        return None
 
     # -- node → hub ----------------------------------------------------------------------------
 
@@ -188,35 +209,36 @@ class SecAggRounds:
         if step not in _POSTS:
             raise NotFoundError(f"no SecAgg+ step '{step}'; nodes post {', '.join(_POSTS)}")
         stage, model = _POSTS[step]
-        kind = "advert" if stage == "advertising" else step
+        kind = "advert" if stage is Stage.ADVERTISING else step
         if self._resent(spec, number, node, kind, body):
             return
         state = self._get(spec, number)
         self._check_member(spec, number, state, node, stage, step)
+        refuse = self.ctx.refuse
         try:
             message = model.model_validate_json(body)
         except ValidationError as exc:
-            self._secure.refuse(node, spec.name, number, f"malformed {step}: {exc.errors()[0]}")
+            refuse(node, spec.name, number, f"malformed {step}: {exc.errors()[0]}")
         inner = getattr(message, "advert", None) or getattr(message, "reply", None)
         if getattr(inner, "client_id", None) != node:
-            self._secure.refuse(node, spec.name, number, f"{step} names another sender")
+            refuse(node, spec.name, number, f"{step} names another sender")
         try:
-            with self._secure.service.store.transaction():
-                self._secure.store.log_secagg(spec.name, number, kind, node, body)
+            with self.ctx.store.transaction():
+                self.ctx.secure.log_secagg(spec.name, number, kind, node, body)
                 _apply(state, kind, node, body)
         except SecureAggregationError as exc:
-            self._secure.refuse(node, spec.name, number, f"{step}: {exc}")
+            refuse(node, spec.name, number, f"{step}: {exc}")
         self.advance(spec, number)
 
     def _resent(self, spec: StudySpec, number: int, node: str, kind: str, body: bytes) -> bool:
         """True for a node re-sending what the round's log already holds from it (a node that
         lost the hub's answer to a restart sends its message again): accepted, changing
         nothing. A different message for a step the node already answered is refused."""
-        logged = self._secure.store.logged_message(spec.name, number, kind, node)
+        logged = self.ctx.secure.logged_message(spec.name, number, kind, node)
         if logged is None:
             return False
         if logged != body:
-            self._secure.refuse(
+            self.ctx.refuse(
                 node,
                 spec.name,
                 number,
@@ -225,35 +247,38 @@ class SecAggRounds:
         return True
 
     def _check_member(
-        self, spec: StudySpec, number: int, state: SecAggRound, node: str, stage: str, step: str
+        self,
+        spec: StudySpec,
+        number: int,
+        state: SecAggState,
+        node: str,
+        stage: SecAggStage,
+        step: str,
     ) -> None:
         """Refuse, and audit, a message out of stage, from a dropped node, or repeated."""
         reason = None
-        if state.stage != stage:
+        if state.stage is not stage:
             reason = f"{step} is refused: the round is {state.stage}, not {stage}"
         elif node not in state.members:
             reason = f"{step} is refused: node '{node}' was counted as dropped before {stage}"
         elif node in state.answered:
             reason = f"{step} is refused: node '{node}' already answered the {stage} stage"
         if reason is not None:
-            self._secure.refuse(node, spec.name, number, reason)
+            self.ctx.refuse(node, spec.name, number, reason)
 
-    def masked_input(self, spec: StudySpec, header: UpdateHeader, payload: bytes) -> None:
+    def take(self, spec: StudySpec, header: UpdateHeader, payload: bytes) -> None:
         """Fold a signed masked input, logging and recording it in one store transaction."""
         number, node = header.round, header.node
         if self._resent(spec, number, node, "masked", payload):
             return
         state = self._get(spec, number)
-        self._check_member(spec, number, state, node, "masking", "masked input")
+        self._check_member(spec, number, state, node, Stage.MASKING, "masked input")
 
         def fold(previous: bytes | None) -> None:
-            self._secure.store.log_secagg(spec.name, number, "masked", node, payload)
+            self.ctx.secure.log_secagg(spec.name, number, "masked", node, payload)
             _apply(state, "masked", node, payload)
 
-        try:
-            self._secure.record_update(spec.name, header, fold)
-        except SecureAggregationError as exc:
-            self._secure.refuse(node, spec.name, number, str(exc))
+        self.record(header, fold)
         self.advance(spec, number)
 
     # -- hub → node ----------------------------------------------------------------------------
@@ -262,14 +287,14 @@ class SecAggRounds:
         """What `node` fetches at `step`, or None while the stage before is still open."""
         if step not in _POLLS:
             raise NotFoundError(f"no SecAgg+ step '{step}'; nodes fetch {', '.join(_POLLS)}")
-        row = self._secure.round_row(spec.name, number)
-        if row.state == "failed":
+        row = self.ctx.round_row(spec.name, number)
+        if RoundState(row.state) is RoundState.FAILED:
             raise ConflictError(f"round {number} of '{spec.name}' failed: {row.reason}")
         state = self._get(spec, number)
         wanted = _POLLS[step]
-        if STAGES.index(state.stage) < STAGES.index(wanted):
+        if _ORDER.index(state.stage) < _ORDER.index(wanted):
             return None
-        if state.stage != wanted or node not in state.outbox:
+        if state.stage is not wanted or node not in state.outbox:
             raise ConflictError(f"nothing for '{node}' at {step}: it was counted as dropped")
         return state.outbox[node]
 
@@ -277,46 +302,44 @@ class SecAggRounds:
 
     def advance(self, spec: StudySpec, number: int) -> None:
         """Close the current stage if everyone answered or its deadline passed."""
-        secure = self._secure
+        if self.ctx.state(spec.name, number) in (None, RoundState.CLOSED, RoundState.FAILED):
+            return
         try:
             state = self._get(spec, number)
         except ConflictError:
             return  # no round in progress (closed, failed, or a log that did not replay)
         try:
-            declined = secure.declined(spec.name, number)
-            if state.members - state.answered - declined and secure.now() < state.deadline:
-                return
-            if state.stage == "unmasking":
-                self._finish(spec, number, state)
-                return
-            before = state.members
-            with secure.service.store.transaction():
-                secure.store.log_secagg(spec.name, number, _CLOSE, "hub", b"")
-                _close(state)
-            if state.stage == "sharing":
-                secure.store.add_seen_keys(
-                    state.server.used_public_keys, state.server.config.round_id
-                )
-            if state.stage == "unmasking":
-                secure.need_min_nodes(spec, len(state.members), "masked inputs")
-            dropped = sorted(before - state.members)
-            secure.audit_stage(
-                spec.name,
-                number,
-                STAGES[STAGES.index(state.stage) - 1],
-                len(state.members),
-                dropped,
-            )
-            state.deadline = secure.stage_deadline(spec, number)
-            secure.store.set_stage(spec.name, number, state.stage, secure.iso(state.deadline))
+            self._step(spec, number, state)
         except SecureAggregationError as exc:  # too few left, or a malformed input in the sum
-            self._secure.fail(spec.name, number, str(exc))
+            self.fail(spec.name, number, str(exc))
 
-    def _finish(self, spec: StudySpec, number: int, state: SecAggRound) -> None:
-        self._rounds.pop((spec.name, number))
+    def _step(self, spec: StudySpec, number: int, state: SecAggState) -> None:
+        ctx = self.ctx
+        declined = set(ctx.with_status(spec.name, number, NodeStatus.DECLINED))
+        if state.members - state.answered - declined and ctx.clock.now() < state.deadline:
+            return
+        if state.stage is Stage.UNMASKING:
+            self.conclude(spec, number)
+            return
+        before, closing = state.members, state.stage
+        with ctx.store.transaction():
+            ctx.secure.log_secagg(spec.name, number, _CLOSE, "hub", b"")
+            opened = _close(state)
+        if opened is Stage.SHARING:
+            ctx.secure.add_seen_keys(state.server.used_public_keys, state.server.config.round_id)
+        if opened is Stage.UNMASKING:
+            self.need_min_nodes(spec, len(state.members), "masked inputs")
+        dropped = sorted(before - state.members)
+        self.audit_stage(spec.name, number, closing, len(state.members), dropped)
+        state.deadline = self.stage_deadline(spec, number)
+        self._set_stage(spec, number, state)
+
+    def decoded_sum(self, spec: StudySpec, number: int) -> tuple[FloatArray, list[str]]:
+        state = self._rounds.pop((spec.name, number))
         result = state.server.finish()
         total = state.codec.decode_sum(result.total, len(result.contributors))
-        self._secure.finish(spec, number, total, list(result.contributors))
+        return total, list(result.contributors)
 
-    def forget(self, study: str, number: int) -> None:
+    def fail(self, study: str, number: int, reason: str) -> None:
         self._rounds.pop((study, number), None)
+        super().fail(study, number, reason)

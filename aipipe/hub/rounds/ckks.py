@@ -16,16 +16,30 @@ Nodes enrolled after the ceremony hold no key for the study and are not selected
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Literal
+from enum import StrEnum
 
+import numpy as np
 from pydantic import ValidationError
 
 from aipipe.errors import ConflictError, NotFoundError, SignatureError
+from aipipe.hub.rounds.context import NodeStatus, RoundContext
+from aipipe.hub.rounds.secure_sum import SecureProtocol
 from aipipe.secure.ckks import CkksContext, CkksSum, EncryptedVector
+from aipipe.secure.encoding import FloatArray
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import verify_signature
+from aipipe.store.hub_store import RoundRow
 from aipipe.store.secure_store import CkksKeysRow
-from aipipe.wire import FrameError, UpdateHeader, WorkItem, pack_frame, unpack_frame
+from aipipe.study.spec import StudySpec
+from aipipe.wire import (
+    FrameError,
+    RoundState,
+    RoundWork,
+    SecureMode,
+    UpdateHeader,
+    pack_frame,
+    unpack_frame,
+)
 from aipipe.wire.secure import (
     CkksKeyInfo,
     CkksKeys,
@@ -36,86 +50,82 @@ from aipipe.wire.secure import (
 )
 from aipipe.wire.tensors import TensorDecodeError, decode_arrays
 
-if TYPE_CHECKING:
-    from aipipe.hub.secure import SecureRounds
-    from aipipe.store.hub_store import RoundRow
-    from aipipe.study.spec import StudySpec
+
+class CkksStage(StrEnum):
+    KEYS = "keys"
+    COLLECTING = "collecting"
+    DECRYPTING = "decrypting"
 
 
-class CkksRounds:
-    def __init__(self, secure: SecureRounds) -> None:
-        self._secure = secure
+class CkksRound(SecureProtocol):
+    mode = SecureMode.CKKS
 
-    def eligible(self, study: str, nodes: list[str]) -> list[str]:
+    def __init__(self, ctx: RoundContext) -> None:
+        super().__init__(ctx)
+        self._decrypted: dict[tuple[str, int], tuple[FloatArray, list[str]]] = {}
+
+    def eligible(self, spec: StudySpec, nodes: list[str]) -> list[str]:
         """Key holders once the study has keys; before, nodes that can receive a sealed box."""
-        if self._secure.store.ckks_keys(study) is not None:
-            holders = self._secure.store.ckks_holders(study)
+        if self.ctx.secure.ckks_keys(spec.name) is not None:
+            holders = self.ctx.secure.ckks_holders(spec.name)
             return [n for n in nodes if n in holders]
-        sealable = self._secure.store.sealing_keys()
+        sealable = self.ctx.secure.sealing_keys()
         return [n for n in nodes if n in sealable]
 
     def open(self, spec: StudySpec, number: int) -> None:
-        has_keys = self._secure.store.ckks_keys(spec.name) is not None
-        self._enter(spec, number, "collecting" if has_keys else "keys")
+        has_keys = self.ctx.secure.ckks_keys(spec.name) is not None
+        self._enter(spec, number, CkksStage.COLLECTING if has_keys else CkksStage.KEYS)
 
-    def _enter(self, spec: StudySpec, number: int, stage: str, holder: str | None = None) -> None:
-        deadline = self._secure.stage_deadline(spec, number)
-        if stage == "collecting":
-            row = self._secure.round_row(spec.name, number)
-            deadline = self._secure.parse(row.deadline)
-        iso = self._secure.iso(deadline)
-        self._secure.store.set_stage(spec.name, number, stage, iso, holder)
+    def _enter(
+        self, spec: StudySpec, number: int, stage: CkksStage, holder: str | None = None
+    ) -> None:
+        deadline = self.stage_deadline(spec, number)
+        if stage == CkksStage.COLLECTING:
+            row = self.ctx.round_row(spec.name, number)
+            deadline = self.ctx.clock.parse(row.deadline)
+        iso = self.ctx.clock.iso(deadline)
+        self.ctx.secure.set_stage(spec.name, number, stage, iso, holder)
 
     def designated(self, study: str, number: int) -> str:
         """The node asked to make the keys: rotates with the round number, so a study whose
         designated node is down gets another one at its next round."""
-        selected = self._secure.selected(study, number)
+        selected = self.selected(study, number)
         return selected[(number - 1) % len(selected)]
 
-    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> WorkItem | None:
-        stage = self._secure.stage(spec.name, row.round)
-        status = self._secure.service.store.node_status(spec.name, row.round, node)
-        kind: Literal["keygen", "train", "decrypt"] | None = None
-        if stage == "keys" and node == self.designated(spec.name, row.round):
-            kind = "keygen"
-        elif stage == "collecting" and status == "selected":
-            kind = "train"
-        elif stage == "decrypting" and node == self._secure.store.holder(spec.name, row.round):
-            kind = "decrypt"
-        if kind is None:
-            return None
-        return WorkItem(
-            kind=kind,
-            study=spec.name,
-            study_digest=digest,
-            round=row.round,
-            version=row.base_version,
-            deadline=row.deadline,
-        )
+    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> RoundWork | None:
+        stage = self.stage(spec.name, row.round)
+        status = self.ctx.store.node_status(spec.name, row.round, node)
+        if stage == CkksStage.KEYS and node == self.designated(spec.name, row.round):
+            return self.work_item("keygen", spec, row, digest)
+        if stage == CkksStage.COLLECTING and status == NodeStatus.SELECTED:
+            return self.work_item("train", spec, row, digest)
+        if stage == CkksStage.DECRYPTING and node == self.ctx.secure.holder(spec.name, row.round):
+            return self.work_item("decrypt", spec, row, digest)
+        return None
 
     # -- key ceremony --------------------------------------------------------------------------
 
     def post_keys(self, spec: StudySpec, node: str, body: bytes) -> None:
         study = spec.name
-        active = self._secure.service.store.active_round(study)
-        if active is None or self._secure.stage(study, active.round) != "keys":
+        active = self.ctx.store.active_round(study)
+        if active is None or self.stage(study, active.round) != CkksStage.KEYS:
             raise ConflictError(f"study '{study}' is not waiting for CKKS keys")
         number = active.round
         if node != self.designated(study, number):
-            self._secure.refuse(node, study, number, "only the designated node makes the keys")
+            self.ctx.refuse(node, study, number, "only the designated node makes the keys")
         try:
             keys = CkksKeys.model_validate_json(body)
             public = CkksContext.from_bytes(keys.public_context)
         except (ValidationError, SecureAggregationError) as exc:
-            self._secure.refuse(node, study, number, f"unusable CKKS keys: {exc}")
+            self.ctx.refuse(node, study, number, f"unusable CKKS keys: {exc}")
         problem = self._keys_problem(spec, number, node, keys, public)
         if problem:
-            self._secure.refuse(node, study, number, problem)
+            self.ctx.refuse(node, study, number, problem)
         row = CkksKeysRow(node, keys.fingerprint, keys.public_context, keys.signature)
         sealed = {box.recipient_id: box.model_dump_json() for box in keys.sealed}
-        self._secure.store.set_ckks_keys(study, row, sealed)
-        self._secure.audit_stage(study, number, "keys", len(sealed) + 1, [])
-        self._enter(spec, number, "collecting")
+        self.ctx.secure.set_ckks_keys(study, row, sealed)
+        self.audit_stage(study, number, CkksStage.KEYS, len(sealed) + 1, [])
+        self._enter(spec, number, CkksStage.COLLECTING)
 
     def _keys_problem(
         self, spec: StudySpec, number: int, node: str, keys: CkksKeys, public: CkksContext
@@ -125,12 +135,12 @@ class CkksRounds:
         if public.fingerprint != keys.fingerprint or keys.generator != node:
             return "the keys' fingerprint or generator does not match"
         try:
-            identity = self._secure.identity_key(node)
+            identity = self._identity_key(node)
             payload = ckks_keys_payload(spec.name, keys.fingerprint, keys.public_context)
             verify_signature(identity, keys.signature, payload)
         except SignatureError:
             return "the public context is not signed by the generating node"
-        others = set(self._secure.selected(spec.name, number)) - {node}
+        others = set(self.selected(spec.name, number)) - {node}
         recipients = [box.recipient_id for box in keys.sealed]
         if sorted(recipients) != sorted(others):
             return (
@@ -141,10 +151,10 @@ class CkksRounds:
         return None
 
     def key_info(self, study: str, node: str) -> CkksKeyInfo:
-        keys = self._secure.store.ckks_keys(study)
+        keys = self.ctx.secure.ckks_keys(study)
         if keys is None:
             raise NotFoundError(f"study '{study}' has no CKKS keys yet")
-        sealed = self._secure.store.ckks_sealed(study, node)
+        sealed = self.ctx.secure.ckks_sealed(study, node)
         return CkksKeyInfo(
             generator=keys.generator,
             fingerprint=keys.fingerprint,
@@ -154,26 +164,26 @@ class CkksRounds:
         )
 
     def public_context(self, study: str) -> CkksContext:
-        keys = self._secure.store.ckks_keys(study)
+        keys = self.ctx.secure.ckks_keys(study)
         if keys is None:
             raise ConflictError(f"study '{study}' has no CKKS keys yet")
         return CkksContext.from_bytes(keys.public_context)
 
     # -- ciphertexts ---------------------------------------------------------------------------
 
-    def ciphertext(self, spec: StudySpec, header: UpdateHeader, payload: bytes) -> None:
+    def take(self, spec: StudySpec, header: UpdateHeader, payload: bytes) -> None:
         study, number, node = spec.name, header.round, header.node
-        if self._secure.stage(study, number) != "collecting":
-            self._secure.refuse(node, study, number, "the round is not collecting ciphertexts")
+        if self.stage(study, number) != CkksStage.COLLECTING:
+            self.ctx.refuse(node, study, number, "the round is not collecting ciphertexts")
         context = self.public_context(study)
-        size = self._secure.layout(self._secure.round_row(study, number).base_version).size
+        size = self.layout(self.ctx.round_row(study, number).base_version).size
         try:
             vector = EncryptedVector.from_bytes(payload)
         except SecureAggregationError as exc:
-            self._secure.refuse(node, study, number, str(exc))
+            self.ctx.refuse(node, study, number, str(exc))
         if vector.length != size:
             why = f"ciphertext holds {vector.length} values; this model takes {size}"
-            self._secure.refuse(node, study, number, why)
+            self.ctx.refuse(node, study, number, why)
 
         def fold(previous: bytes | None) -> bytes:
             """Inside the accepting transaction: a ciphertext of another context raises here,
@@ -182,63 +192,62 @@ class CkksRounds:
             if previous is not None:
                 total.add(EncryptedVector.from_bytes(previous))
             total.add(vector)
-            self._secure.service.store.put_blob(payload)  # addressed by sha256 = payload_sha256
-            self._secure.store.add_update_header(study, number, node, header.model_dump_json())
+            self.ctx.store.put_blob(payload)  # addressed by sha256 = payload_sha256
+            self.ctx.secure.add_update_header(study, number, node, header.model_dump_json())
             return total.result().to_bytes()
 
-        try:
-            self._secure.record_update(study, header, fold)
-        except SecureAggregationError as exc:
-            self._secure.refuse(node, study, number, str(exc))
+        self.record(header, fold)
         self.advance(spec, number)
 
     def advance(self, spec: StudySpec, number: int) -> None:
         study = spec.name
-        stage = self._secure.stage(study, number)
-        expired = self._secure.stage_expired(study, number)
-        if stage == "keys" and expired:
+        if self.ctx.state(study, number) in (None, RoundState.CLOSED, RoundState.FAILED):
+            return
+        stage = self.stage(study, number)
+        expired = self.stage_expired(study, number)
+        if stage == CkksStage.KEYS and expired:
             who = self.designated(study, number)
-            self._secure.fail(study, number, f"node '{who}' did not make the CKKS keys in time")
-        elif stage == "collecting":
-            nodes = self._secure.service.store.round_nodes(study, number)
-            pending = sum(1 for n in nodes if n["status"] == "selected")
-            reported = sum(1 for n in nodes if n["status"] == "reported")
+            self.fail(study, number, f"node '{who}' did not make the CKKS keys in time")
+        elif stage == CkksStage.COLLECTING:
+            statuses = list(self.ctx.statuses(study, number).values())
+            pending = statuses.count(NodeStatus.SELECTED)
+            reported = statuses.count(NodeStatus.REPORTED)
             if pending and not expired:
                 return
             if reported < spec.min_nodes:
                 why = (
-                    f"{reported} of {len(nodes)} nodes sent ciphertexts; study '{study}' needs "
+                    f"{reported} of {len(statuses)} nodes sent ciphertexts; study '{study}' needs "
                     f"min_nodes={spec.min_nodes}"
                 )
-                self._secure.fail(study, number, why)
+                self.fail(study, number, why)
                 return
-            self._secure.service.store.set_round_state(study, number, "aggregating")
-            self._secure.audit_stage(study, number, "collecting", reported, [])
+            self.ctx.store.set_round_state(study, number, RoundState.AGGREGATING)
+            self.audit_stage(study, number, CkksStage.COLLECTING, reported, [])
             contributors = self._contributors(study, number)
             first = contributors[(number - 1) % len(contributors)]
-            self._enter(spec, number, "decrypting", first)
-        elif stage == "decrypting" and expired:
+            self._enter(spec, number, CkksStage.DECRYPTING, first)
+        elif stage == CkksStage.DECRYPTING and expired:
             self._next_holder(spec, number)
 
     def _contributors(self, study: str, number: int) -> list[str]:
-        return sorted(self._secure.store.update_headers(study, number))
+        return sorted(self.ctx.secure.update_headers(study, number))
 
     def _next_holder(self, spec: StudySpec, number: int) -> None:
         """The key holder asked to decrypt did not answer in time: ask the next contributor, and
         fail the round once every contributor had its turn."""
         contributors = self._contributors(spec.name, number)
-        late = self._secure.store.holder(spec.name, number)
+        late = self.ctx.secure.holder(spec.name, number)
         after = contributors[(contributors.index(late) + 1) % len(contributors)] if late else None
         if after is None or after == contributors[(number - 1) % len(contributors)]:
-            self._secure.fail(spec.name, number, "no key-holding node decrypted the sum in time")
+            self.fail(spec.name, number, "no key-holding node decrypted the sum in time")
             return
-        self._secure.audit_stage(spec.name, number, "decrypting", len(contributors), [late or ""])
-        self._enter(spec, number, "decrypting", after)
+        self.audit_stage(spec.name, number, CkksStage.DECRYPTING, len(contributors), [late or ""])
+        self._enter(spec, number, CkksStage.DECRYPTING, after)
 
     def _check_holder(self, study: str, number: int, node: str) -> None:
-        if self._secure.stage(study, number) != "decrypting":
+        if self.stage(study, number) != CkksStage.DECRYPTING:
             raise ConflictError(f"round {number} of '{study}' is not waiting for decryption")
-        holder = self._secure.store.holder(study, number)
+        holder = self.ctx.secure.holder(study, number)
         if node != holder:
             raise ConflictError(
                 f"round {number} of '{study}' is decrypted by '{holder}', not '{node}'"
@@ -249,26 +258,24 @@ class CkksRounds:
     def bundle(self, study: str, number: int, node: str) -> bytes:
         """The sum and every signed contribution, for the key holder to check and decrypt."""
         self._check_holder(study, number, node)
-        row = self._secure.round_row(study, number)
+        row = self.ctx.round_row(study, number)
         assert row.sum_blob is not None
-        headers = self._secure.store.update_headers(study, number)
+        headers = self.ctx.secure.update_headers(study, number)
         contributions = [UpdateHeader.model_validate_json(h) for h in headers.values()]
-        parts = [row.sum_blob] + [
-            self._secure.service.store.blob(h.payload_sha256) for h in contributions
-        ]
+        parts = [row.sum_blob] + [self.ctx.store.blob(h.payload_sha256) for h in contributions]
         head = DecryptBundleHeader(contributions=contributions, sizes=[len(p) for p in parts])
         return pack_frame(head.model_dump_json().encode(), b"".join(parts))
 
     def decrypted(self, spec: StudySpec, number: int, node: str, body: bytes) -> None:
         study = spec.name
         self._check_holder(study, number, node)
-        row = self._secure.round_row(study, number)
+        row = self.ctx.round_row(study, number)
         assert row.sum_blob is not None
         try:
             head_json, payload = unpack_frame(body)
             head = DecryptedSum.model_validate_json(head_json)
             verify_signature(
-                self._secure.identity_key(node), bytes.fromhex(head.signature), head.signing_bytes()
+                self._identity_key(node), bytes.fromhex(head.signature), head.signing_bytes()
             )
             total = decode_arrays(payload)["sum"]
         except (
@@ -279,8 +286,8 @@ class CkksRounds:
             KeyError,
             ValueError,
         ) as exc:
-            self._secure.refuse(node, study, number, f"unusable decrypted sum: {exc}")
-        reported = sorted(self._secure.store.update_headers(study, number))
+            self.ctx.refuse(node, study, number, f"unusable decrypted sum: {exc}")
+        reported = sorted(self.ctx.secure.update_headers(study, number))
         checks = {
             "it names another node, study or round": (head.node, head.study, head.round)
             == (node, study, number),
@@ -291,5 +298,18 @@ class CkksRounds:
         }
         failed = [why for why, ok in checks.items() if not ok]
         if failed:
-            self._secure.refuse(node, study, number, f"decrypted sum refused: {failed[0]}")
-        self._secure.finish(spec, number, total.astype("float64").ravel(), reported)
+            self.ctx.refuse(node, study, number, f"decrypted sum refused: {failed[0]}")
+        self._decrypted[(study, number)] = (np.asarray(total, np.float64).ravel(), reported)
+        self.conclude(spec, number)
+
+    def decoded_sum(self, spec: StudySpec, number: int) -> tuple[FloatArray, list[str]]:
+        found = self._decrypted.pop((spec.name, number), None)
+        if found is None:
+            raise ConflictError(f"round {number} of '{spec.name}' has no decrypted sum yet")
+        return found
+
+    def _identity_key(self, node: str) -> bytes:
+        key = self.ctx.store.public_key(node)
+        if key is None:
+            raise SignatureError(f"node '{node}' is not enrolled")
+        return key

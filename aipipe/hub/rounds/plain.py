@@ -1,0 +1,156 @@
+"""Plaintext rounds (`secure: none`): the study's `Aggregator` folds each verified delta.
+
+A streaming aggregator (FedAvg, FedProx, FedOpt) is rebuilt for each update from the state it
+left in the round (`Aggregator.get_state`, kept as the round's sum blob in the same transaction
+that records the update), accumulates the delta, and its new state replaces the old: a hub
+restarted mid-round resumes the fold from the store. An aggregator that needs every update on
+its own (`requires_individual_updates`) gets each payload kept as a content-addressed blob,
+referenced by the round's record of that node (`payload_sha256`), and sees them all at the end.
+
+    open ──first update──▶ collecting ──all reported, or deadline with ≥ min_nodes──▶ aggregating
+      │                        │                                                        │
+      └──deadline with < min_nodes, or every node declined──▶ failed(reason)           ▼
+                                                                                       closed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from aipipe.aggregation import AggregationError, Aggregator
+from aipipe.errors import SignatureError, UpdateRejectedError
+from aipipe.hub.models import RoundSum
+from aipipe.hub.rounds.context import NodeStatus
+from aipipe.hub.rounds.protocol import RoundProtocol
+from aipipe.hub.updates import verified_update
+from aipipe.store.hub_store import RoundRow
+from aipipe.study.spec import StudySpec
+from aipipe.wire import RoundState, RoundWork, SecureMode, UpdateHeader
+from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
+
+Fold = Callable[[bytes | None], bytes | None]
+"""Maps a round's stored state to the new one, inside the transaction that records an update."""
+
+
+class PlainRound(RoundProtocol):
+    mode = SecureMode.NONE
+
+    def open(self, spec: StudySpec, number: int) -> None:
+        """Nothing beyond the store's round: the first update begins the aggregator's fold."""
+
+    def work(self, spec: StudySpec, row: RoundRow, node: str, digest: str) -> RoundWork | None:
+        status = self.ctx.store.node_status(spec.name, row.round, node)
+        if RoundState(row.state).active and status == NodeStatus.SELECTED:
+            return self.work_item("train", spec, row, digest)
+        return None
+
+    def accept(self, spec: StudySpec, node: str, number: int, body: bytes) -> None:
+        try:
+            header, payload, delta = verified_update(self.ctx, node, spec.name, number, body)
+        except (UpdateRejectedError, SignatureError) as exc:
+            self.ctx.refuse(node, spec.name, number, str(exc))
+        fold: Fold
+        if self.ctx.aggregator(spec).requires_individual_updates:
+            fold = self._kept(payload)
+        else:
+            fold = self._folded(spec, number, header, delta)
+        norm = header.update_norm
+        assert norm is not None  # a plaintext header states it
+        audit = {"n": header.num_examples, "epsilon": header.epsilon_spent}
+        self.ctx.record_update(header, fold, {**audit, "update_norm": round(norm, 6)})
+        self.advance(spec, number)
+
+    def _folded(self, spec: StudySpec, number: int, header: UpdateHeader, delta: Arrays) -> Fold:
+        n = header.num_examples
+        assert n is not None  # a plaintext header states it
+
+        def fold(previous: bytes | None) -> bytes:
+            """Inside the accepting transaction: the aggregator's state with this update in."""
+            aggregator = self._resumed(spec, number, previous)
+            try:
+                aggregator.accumulate(delta, n)
+            except AggregationError as exc:
+                raise UpdateRejectedError(str(exc)) from exc
+            state = aggregator.get_state()
+            if not all(np.all(np.isfinite(v)) for v in state.values()):
+                raise UpdateRejectedError("the round's sum would not be finite with this update")
+            # the tensor codec carries floats only: the example count travels as a float64
+            return encode_arrays({k: _as_float(v) for k, v in state.items()})
+
+        return fold
+
+    def _kept(self, payload: bytes) -> Fold:
+        def keep(previous: bytes | None) -> None:
+            self.ctx.store.put_blob(payload)  # addressed by sha256 = the header's payload_sha256
+            return None
+
+        return keep
+
+    def _resumed(self, spec: StudySpec, number: int, state: bytes | None) -> Aggregator:
+        """The study's aggregator with this round's fold so far (begun on the base model)."""
+        aggregator = self.ctx.aggregator(spec)
+        if state is None:
+            base = self.ctx.round_row(spec.name, number).base_version
+            aggregator.begin(decode_arrays(self.ctx.models.weights(base)))
+        else:
+            aggregator.set_state(decode_arrays(state))
+        return aggregator
+
+    def advance(self, spec: StudySpec, number: int) -> None:
+        row = self.ctx.store.round(spec.name, number)
+        if row is None:
+            return
+        state = RoundState(row.state)
+        if state is RoundState.AGGREGATING:  # a hub that stopped while aggregating
+            self.conclude(spec, number)
+            return
+        if not state.active:
+            return
+        statuses = list(self.ctx.statuses(spec.name, number).values())
+        reported = statuses.count(NodeStatus.REPORTED)
+        pending = statuses.count(NodeStatus.SELECTED)
+        if pending and not self.ctx.clock.passed(row.deadline):
+            return
+        if reported >= spec.min_nodes:
+            self.conclude(spec, number)
+            return
+        why = "by the deadline" if pending else "(the others declined)"
+        self.fail(
+            spec.name,
+            number,
+            f"{reported} of {len(statuses)} selected nodes reported {why}; "
+            f"study '{spec.name}' needs min_nodes={spec.min_nodes}",
+        )
+
+    def finish(self, spec: StudySpec, number: int) -> RoundSum:
+        row = self.ctx.round_row(spec.name, number)
+        reported = [
+            n
+            for n in self.ctx.store.round_nodes(spec.name, number)
+            if n["status"] == NodeStatus.REPORTED
+        ]
+        contributors = [
+            {
+                "node": n["node"],
+                "n": n["num_examples"],
+                "epsilon": n["epsilon"],
+                "update_norm": n["update_norm"],
+            }
+            for n in reported
+        ]
+        aggregator = self.ctx.aggregator(spec)
+        if aggregator.requires_individual_updates:
+            aggregator.begin(decode_arrays(self.ctx.models.weights(row.base_version)))
+            for n in reported:
+                delta = decode_arrays(self.ctx.store.blob(n["payload_sha256"]))
+                aggregator.accumulate(delta, int(n["num_examples"]))
+        else:
+            aggregator = self._resumed(spec, number, row.sum_blob)
+        return RoundSum(contributors, row.total_examples, folded=aggregator)
+
+
+def _as_float(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    return value if np.issubdtype(value.dtype, np.floating) else value.astype(np.float64)
