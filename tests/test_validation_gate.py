@@ -31,6 +31,7 @@ from aipipe.hub.service import HubService
 from aipipe.node.cds import node_cds_app
 from aipipe.node.client import HubClient
 from aipipe.node.lineage import ModelLineage
+from aipipe.node.stats_release import report_stats
 from aipipe.node.validation import require_servable
 from aipipe.node.worker import NodeWorker
 from aipipe.privacy.engine import VALIDATION
@@ -114,7 +115,7 @@ def _round(hub: Hub, workers: dict[str, NodeWorker], weights: dict[str, np.ndarr
         item = worker.client.work(wait_s=0)
         assert item.kind == "train", item
         spec = worker.approved_spec(NAME, None)  # the DP statistics `features()` releases
-        worker._report_stats(spec, worker._features[NAME])
+        report_stats(worker, spec, worker._features[NAME])
         worker.handle(item)
     store = hub.paths.open_store()
     try:

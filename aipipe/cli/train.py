@@ -13,7 +13,7 @@ from rich.table import Table
 from aipipe.cli.options import HUB, JSON, TOKEN, client
 from aipipe.cli.render import console, emit_json
 from aipipe.node.client import HubClient
-from aipipe.wire import RoundInfo
+from aipipe.wire import RoundInfo, RoundState
 
 app = typer.Typer(help="Run federated training rounds.", no_args_is_help=True)
 
@@ -25,6 +25,7 @@ DEADLINE = typer.Option(
     help="Seconds until the round closes with whoever reported "
     "(default: the study's round_deadline_s).",
 )
+_ENDED = (RoundState.CLOSED, RoundState.FAILED)
 WAIT_S = 10.0  # each long-poll on the round; the hub answers as soon as it changes
 
 
@@ -46,7 +47,7 @@ def one_round(
         emit_json(info.model_dump(mode="json"))
     elif not wait:
         console.print(f"opened round {info.round} of {study} for {len(info.selected)} nodes")
-    if info.state == "failed":
+    if info.state == RoundState.FAILED:
         raise typer.Exit(1)
 
 
@@ -70,28 +71,28 @@ def run(
     ):
         for _ in range(rounds):
             info = _follow(hub_client, hub_client.open_round(study, deadline), live=False)
-            if info.state == "closed":
+            if info.state == RoundState.CLOSED:
                 info = _wait_metrics(hub_client, info)
             results.append(info)
             if not as_json:
                 table.add_row(*_summary_row(info))
                 live.refresh()
-            if info.state == "failed":
+            if info.state == RoundState.FAILED:
                 break
     if as_json:
         emit_json([r.model_dump(mode="json") for r in results])
-    if results[-1].state == "failed":
+    if results[-1].state == RoundState.FAILED:
         console.print(f"[red]round {results[-1].round} failed:[/] {results[-1].reason}")
         raise typer.Exit(1)
 
 
 def _follow(hub_client: HubClient, info: RoundInfo, *, live: bool) -> RoundInfo:
     if not live:
-        while info.state not in ("closed", "failed"):
+        while info.state not in _ENDED:
             info = hub_client.round(info.study, info.round, changed_from=info, wait_s=WAIT_S)
         return info
     with Live(_progress_table(info), console=console, auto_refresh=False) as view:
-        while info.state not in ("closed", "failed"):
+        while info.state not in _ENDED:
             info = hub_client.round(info.study, info.round, changed_from=info, wait_s=WAIT_S)
             view.update(_progress_table(info), refresh=True)
     return info

@@ -18,26 +18,40 @@ offered it work there) and has not been excluded since (`HubStore.takes_part`). 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NoReturn
+from dataclasses import dataclass
+from typing import Literal, NoReturn, Protocol
 
 from aipipe.errors import ConflictError, ForbiddenError, NotFoundError
+from aipipe.hub.rounds.context import RoundContext
 from aipipe.privacy.statistics import noise_multiplier, sensitivity
 from aipipe.study.spec import StudySpec
 from aipipe.wire import FeatureStats, ModelVersionInfo, RoundInfo, StudyInfo
 
-if TYPE_CHECKING:
-    from aipipe.hub.service import HubService, Principal
+
+@dataclass(frozen=True)
+class Principal:
+    kind: Literal["admin", "node"]
+    name: str
+
+
+class Studies(Protocol):
+    """What `Access` reads of the hub's studies and rounds in full (`HubService` is one)."""
+
+    def study_info(self, name: str) -> StudyInfo: ...
+
+    def round_info(self, study: str, number: int) -> RoundInfo: ...
 
 
 class Access:
-    def __init__(self, service: HubService) -> None:
-        self._service = service
-        self._store = service.store
+    def __init__(self, ctx: RoundContext, studies: Studies) -> None:
+        self._ctx = ctx
+        self._studies = studies
+        self._store = ctx.store
 
     # -- reads -------------------------------------------------------------------------------
 
     def study(self, who: Principal, study: str) -> StudyInfo:
-        info = self._service.study_info(study)
+        info = self._studies.study_info(study)
         if who.kind == "node" and self._store.excluded(study, who.name):
             raise ForbiddenError(f"node '{who.name}' is excluded from study '{study}'")
         return info
@@ -62,7 +76,7 @@ class Access:
         return [self.model(who, r["version"]) for r in rows]
 
     def model(self, who: Principal, version: str) -> ModelVersionInfo:
-        info = self._service.models.info(version)
+        info = self._ctx.models.info(version)
         if who.kind == "admin":
             return info
         self._require_part(who, info.study)
@@ -74,7 +88,7 @@ class Access:
 
     def weights(self, who: Principal, version: str) -> bytes:
         self.model(who, version)
-        return self._service.models.weights(version)
+        return self._ctx.models.weights(version)
 
     # -- reports -----------------------------------------------------------------------------
 
@@ -93,7 +107,7 @@ class Access:
             )
 
     def check_stats(self, node: str, study: str, stats: FeatureStats) -> None:
-        spec = self._service.spec(study)
+        spec = self._ctx.spec(study)
         if not self._store.takes_part(study, node):
             self._refuse(
                 "stats.refused",
@@ -109,7 +123,7 @@ class Access:
     # -- helpers -----------------------------------------------------------------------------
 
     def _require_part(self, who: Principal, study: str) -> None:
-        self._service.study_info(study)  # 404 for a study that does not exist
+        self._studies.study_info(study)  # 404 for a study that does not exist
         if who.kind == "node" and not self._store.takes_part(study, who.name):
             raise ForbiddenError(
                 f"node '{who.name}' takes no part in study '{study}': its rounds and models "
@@ -117,7 +131,7 @@ class Access:
             )
 
     def _round(self, who: Principal, study: str, number: int) -> RoundInfo:
-        info = self._service.round_info(study, number)
+        info = self._studies.round_info(study, number)
         if who.kind == "admin":
             return info
         declined = {k: v if k == who.name else "declined" for k, v in info.declined.items()}
@@ -127,7 +141,7 @@ class Access:
     def _refuse(
         self, action: str, node: str, resource: str, reason: str, *, conflict: bool = False
     ) -> NoReturn:
-        self._service.audit.append(
+        self._ctx.audit.append(
             action, actor=node, resource=resource, outcome="refused", details={"reason": reason}
         )
         raise ConflictError(reason) if conflict else ForbiddenError(reason)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from datetime import UTC, datetime, timedelta
 
+from aipipe import clock
 from aipipe.audit.log import AuditLog
 from aipipe.errors import AipipeError, AuthError, ConfigError, ConflictError
 from aipipe.store.hub_store import DEFAULT_TOKEN_TTL_S, Enrolment, HubStore
@@ -68,8 +68,7 @@ def issue_token(
             f"node '{node}' is already enrolled; a new token would replace its key and revoke "
             f"its credential. If that is meant: aipipe hub enrol-token --node {node} --replace"
         )
-    expires = datetime.now(UTC) + timedelta(seconds=ttl_s)
-    expires_at = expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    expires_at = clock.plus(clock.utc_now(), ttl_s)
     token = EnrolToken(hub_url=hub_url, node=node, secret=secrets.token_urlsafe(32))
     store.add_enrol_token(node, token.secret, expires_at=expires_at, replaces=replace)
     audit.append(

@@ -22,15 +22,9 @@ from fastapi.staticfiles import StaticFiles
 
 from aipipe.errors import AuthError
 from aipipe.hub.home import HubConfig
-from aipipe.wire.messages import ErrorBody as DetailBody
+from aipipe.wire.messages import ErrorBody
 
 ASSETS = "/docs/assets"
-
-
-class ErrorBody(DetailBody):
-    """What the hub answers with every error status: the error's class and one line."""
-
-    error: str | None = None  # the `AipipeError` class name (aipipe.errors.error_body)
 
 
 _ERRORS = {

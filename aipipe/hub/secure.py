@@ -1,5 +1,5 @@
 """What secure studies need outside a round: enrolment's sealing keys, the keyring nodes fetch,
-and the SecAgg+ and CKKS protocols' own HTTP steps (`app.py` reaches them as
+and the SecAgg+ and CKKS protocols' own HTTP steps (`routes/secure.py` reaches them as
 `service.secure.secagg` and `service.secure.ckks`). The rounds themselves run in
 `aipipe.hub.rounds`.
 """

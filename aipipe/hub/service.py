@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -24,7 +23,7 @@ from aipipe.errors import (
     NotFoundError,
     StudyError,
 )
-from aipipe.hub.access import Access
+from aipipe.hub.access import Access, Principal
 from aipipe.hub.enrolment import refusal
 from aipipe.hub.home import HubPaths
 from aipipe.hub.models import ModelRegistry, version_id
@@ -55,12 +54,6 @@ from aipipe.wire import (
 from aipipe.wire.tensors import encode_arrays
 
 
-@dataclass(frozen=True)
-class Principal:
-    kind: Literal["admin", "node"]
-    name: str
-
-
 class HubService:
     def __init__(self, paths: HubPaths, store: HubStore, audit: AuditLog, identity: Identity):
         self.paths = paths
@@ -71,7 +64,7 @@ class HubService:
         self._rounds = RoundContext(store, SecureStore(store.conn), audit, self.models, self.spec)
         self.protocols = Protocols(self._rounds)
         self.secure = SecureRounds(store, self._rounds.secure, self.protocols)
-        self.access = Access(self)
+        self.access = Access(self._rounds, self)
         self._specs: dict[str, StudySpec] = {}
 
     # -- auth and enrolment ------------------------------------------------------------------

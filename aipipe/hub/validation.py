@@ -22,7 +22,7 @@ from aipipe.errors import ConflictError
 from aipipe.store.hub_store import HubStore
 from aipipe.study.spec import StudySpec
 from aipipe.study.validation import ValidationReport, histogram_report, judge
-from aipipe.wire import EvalReport
+from aipipe.wire import EvalReport, SecureMode
 from aipipe.wire.messages import CalibrationHistogram
 
 
@@ -32,7 +32,7 @@ def check_report(spec: StudySpec, report: EvalReport) -> None:
     if histogram is None:
         return
     criteria = spec.validation
-    if criteria is None or criteria.epsilon <= 0 or spec.secure != "none":
+    if criteria is None or criteria.epsilon <= 0 or SecureMode(spec.secure) is not SecureMode.NONE:
         raise ConflictError(f"study '{spec.name}' asks for no validation histogram")
     if histogram.study_digest != spec.digest():
         raise ConflictError(f"the validation histogram is for another version of '{spec.name}'")
@@ -113,7 +113,8 @@ def servable_version(
 
 
 def _no_release(spec: StudySpec) -> str:
-    if spec.validation is not None and spec.validation.epsilon > 0 and spec.secure == "none":
+    plain = SecureMode(spec.secure) is SecureMode.NONE
+    if spec.validation is not None and spec.validation.epsilon > 0 and plain:
         return "no site has released its validation histogram for it yet"
     return (
         "the study releases no validation histograms to the hub (validation.epsilon 0 or "

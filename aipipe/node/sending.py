@@ -8,12 +8,11 @@ recorded (and audited) before it is masked or encrypted.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from aipipe.audit.log import AuditLog
+from aipipe.clock import monotonic_deadline
 from aipipe.node.client import HubClient
 from aipipe.node.training import TrainResult
 from aipipe.node.vault import SecureVault
@@ -107,8 +106,7 @@ def upload(
 def round_deadline(item: RoundWork) -> float:
     """The round's deadline on this process's monotonic clock."""
     assert item.deadline is not None
-    end = datetime.fromisoformat(item.deadline.replace("Z", "+00:00"))
-    return time.monotonic() + max((end - datetime.now(UTC)).total_seconds(), 0.0)
+    return monotonic_deadline(item.deadline)
 
 
 def base_layout(worker: RoundNode, item: RoundWork) -> UpdateLayout:

@@ -17,47 +17,40 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-from numpy.typing import NDArray
-
 from aipipe.audit.log import AuditLog
 from aipipe.errors import (
     AipipeError,
     ConflictError,
-    NotFoundError,
     StudyError,
     StudyNotApprovedError,
 )
 from aipipe.models import ModelError, arrays_to_model, build_model
-from aipipe.models.errors import UnverifiedModelError
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
-from aipipe.node.lineage import LocalEvaluation, ModelLineage
+from aipipe.node.evaluating import evaluate_work
+from aipipe.node.lineage import ModelLineage
 from aipipe.node.round_state import RoundStates
 from aipipe.node.secagg_node import run_secagg
 from aipipe.node.senders import sender_for
-from aipipe.node.training import TrainResult, clip_update, evaluate, train_local
-from aipipe.node.validation import Assessment, assess, release_histogram
+from aipipe.node.site import audit_cohorts, audit_refusal
+from aipipe.node.stats_release import report_stats
+from aipipe.node.training import TrainResult, clip_update, train_local
 from aipipe.node.vault import SecureVault
-from aipipe.privacy.cohorts import DISJOINT, Cohort, StudyGroup
-from aipipe.privacy.engine import VALIDATION, Plan, PrivacyEngine
+from aipipe.privacy.cohorts import DISJOINT, Cohort
+from aipipe.privacy.engine import Plan, PrivacyEngine
 from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError, RoundAlreadyReleasedError
 from aipipe.privacy.ledger import TRAIN, BudgetLedger, LedgerEntry
-from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, release
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix, extract
 from aipipe.study.spec import StudySpec
 from aipipe.wire import (
-    EvalReport,
     EvaluateWork,
-    FeatureStats,
     RoundWork,
     SecureMode,
     UpdateHeader,
 )
-from aipipe.wire.messages import CalibrationHistogram
 from aipipe.wire.tensors import Arrays, decode_arrays
 
 
@@ -93,13 +86,13 @@ class NodeWorker:
                 self.client.decline(item.study, item.round, str(exc), exclude=False)
             return f"declined {item.study}: {exc}"
         if isinstance(item, EvaluateWork):
-            return self._evaluate(spec, item)
+            return evaluate_work(self, spec, item)
         step = _KEY_HOLDER_STEPS.get(item.kind)
         if step is not None:
             try:
                 return step(self, spec, item)
             except SecureAggregationError as exc:
-                self._audit_refusal(f"secure.{item.kind}", spec, item.round, exc)
+                audit_refusal(self, f"secure.{item.kind}", spec, item.round, exc)
                 return f"round {item.round}: refused to {item.kind}: {exc}"
         try:
             return self._train(spec, item)
@@ -107,7 +100,7 @@ class NodeWorker:
             # The node cannot take part (data does not fit the study, no budget set, a secure
             # round it refuses to go on with, ...): say so to the hub rather than leave the round
             # waiting for its deadline. Past its masked input a node has nothing to decline.
-            self._audit_refusal("train", spec, item.round, exc)
+            audit_refusal(self, "train", spec, item.round, exc)
             with contextlib.suppress(ConflictError):
                 self.client.decline(spec.name, item.round, _hub_reason(spec, exc), exclude=False)
             return f"round {item.round}: declined: {exc}"
@@ -154,15 +147,6 @@ class NodeWorker:
     def _retrain(self, spec: StudySpec, item: RoundWork, sigma: float | None) -> TrainResult:
         return self._local_update(spec, item, self.features(spec), sigma)
 
-    def _audit_refusal(self, action: str, spec: StudySpec, number: int, exc: Exception) -> None:
-        self.audit.append(
-            action,
-            actor=self.name,
-            resource=f"study/{spec.name}",
-            outcome="refused",
-            details={"round": number, "reason": str(exc)},
-        )
-
     def base_weights(self, version: str) -> Arrays:
         """A model version's weights, fetched once (a secure round reads them twice)."""
         if version not in self._weights:
@@ -192,39 +176,8 @@ class NodeWorker:
             )
             # Under secure aggregation the hub must not learn a site's n or statistics: no
             # pooled preprocessing for hub-side CDS then; score with `node serve-cds`.
-            self._report_stats(spec, matrix)
+            report_stats(self, spec, matrix)
         return self._features[spec.name]
-
-    def _report_stats(self, spec: StudySpec, matrix: FeatureMatrix) -> None:
-        """Send the site's train statistics for hub CDS, under DP and charged, once per study.
-
-        Only a plaintext DP study whose columns all have a range releases them
-        (`StudySpec.statistics_ranges`). They are charged to the site ledger with their exact
-        bytes before they leave, and before the study's first round is planned, so that the
-        training plan composes them; a study that trained already without them releases none.
-        Sent again, they are the same bytes. Refused by the budget, nothing is sent."""
-        ranges = spec.statistics_ranges()
-        if ranges is None:
-            return
-        engine = self.privacy()
-        ledger = engine.ledger
-        released = ledger.released(spec.name, STATISTICS, STATISTICS_ROUND)
-        if released is not None:
-            if released[1] is not None:
-                self.client.report_stats(spec.name, released[1])
-            return
-        if any(e.kind == TRAIN for e in ledger.entries(spec.name)):
-            return  # trained already: the plan did not count them, so they stay here
-        try:
-            plan = engine.plan_statistics(spec)
-            body = _stats_body(spec, matrix, ranges, plan.noise_multiplier)
-            before = ledger.groups()
-            engine.charge(plan, body, cohort=self.cohort(spec))
-        except PrivacyError as exc:
-            self._audit_refusal(STATISTICS, spec, STATISTICS_ROUND, exc)
-            return
-        self._audit_cohorts(before, ledger.groups())
-        self.client.report_stats(spec.name, body)
 
     def _train(self, spec: StudySpec, item: RoundWork) -> str:
         if spec.privacy.mode == "dp":
@@ -280,8 +233,13 @@ class NodeWorker:
             return  # no DP, so nothing is charged (the node allows `privacy: none`)
         engine = self.privacy()
         before = engine.ledger.groups()
-        engine.charge(planned, frame, keep=spec.secure != "secagg", cohort=self.cohort(spec))
-        self._audit_cohorts(before, engine.ledger.groups())
+        engine.charge(
+            planned,
+            frame,
+            keep=SecureMode(spec.secure) is not SecureMode.SECAGG,
+            cohort=self.cohort(spec),
+        )
+        audit_cohorts(self, before, engine.ledger.groups())
 
     def privacy(self) -> PrivacyEngine:
         """The site's privacy engine: plans and charges releases against its ledger."""
@@ -295,18 +253,6 @@ class NodeWorker:
             patients = self.store.cohort_hashes([*matrix.train_ids, *matrix.test_ids])
             self._cohorts[spec.name] = Cohort(patients, disjoint=spec.privacy.cohort == DISJOINT)
         return self._cohorts[spec.name]
-
-    def _audit_cohorts(self, before: dict[str, StudyGroup], after: dict[str, StudyGroup]) -> None:
-        """Audit each disjoint-cohort claim the release verified or refused (no counts of ids)."""
-        for study, group in after.items():
-            if group.claim == DISJOINT and before.get(study) != group:
-                self.audit.append(
-                    "privacy.cohort",
-                    actor=self.name,
-                    resource=f"study/{study}",
-                    outcome="success" if group.group == DISJOINT else "refused",
-                    details={"group": group.group, "reason": group.reason},
-                )
 
     def _send_again(
         self, spec: StudySpec, number: int, entry: LedgerEntry, frame: bytes | None
@@ -379,54 +325,6 @@ class NodeWorker:
         signature = self.identity.sign(header.signing_bytes()).hex()
         return header.model_copy(update={"signature": signature})
 
-    def _evaluate(self, spec: StudySpec, item: EvaluateWork) -> str:
-        """Evaluate a round's result on the test split, if its lineage verifies; keep the
-        numbers here. The hub gets an acknowledgement without exact numbers either way (so it
-        stops offering the version): an exact n_test, accuracy, AUC or loss leaks labels. A
-        study with `validation.epsilon` gets the DP histogram too (`aipipe.node.validation`)."""
-        version, lineage = item.version, ModelLineage(self.store.db)
-        try:
-            lineage.require_round(spec.name, item.round, version)
-            announced = self.client.round(spec.name, item.round).result_version
-            raw = self.client.model_weights(version)
-            lineage.verify(spec.name, item.round, version, announced, raw)
-        except (UnverifiedModelError, NotFoundError) as exc:
-            self._audit_refusal("evaluate", spec, item.round, exc)
-            self.client.report(EvalReport(version=version))
-            return f"refused to evaluate {version[:12]}: {exc}"
-        matrix = self.features(spec)
-        model = arrays_to_model(decode_arrays(raw), build_model(spec.model, len(matrix.columns)))
-        result = evaluate(model, matrix.x_test, matrix.y_test)
-        assessment = assess(spec, model, matrix)  # calibration too; exact, kept here
-        card = assessment.report.as_card()
-        lineage.save(LocalEvaluation(spec.name, version, item.round, **result.__dict__,
-                                     validation=card))  # fmt: skip
-        calibration = self._release_validation(spec, item.round, assessment)
-        released = "nothing" if calibration is None else f"{VALIDATION} histogram (DP)"
-        self.audit.append(
-            "evaluate",
-            actor=self.name,
-            resource=f"model/{version}",
-            details={"study": spec.name, "round": item.round, "released": released},
-        )
-        self.client.report(EvalReport(version=version, calibration=calibration))
-        return f"evaluated {version[:12]} (kept on this node): accuracy={result.accuracy:.3f}"
-
-    def _release_validation(
-        self, spec: StudySpec, number: int, assessment: Assessment
-    ) -> CalibrationHistogram | None:
-        """The study's DP validation histogram, charged before it leaves (None if it asks for
-        none or the budget refuses it: then the hub does not serve this version)."""
-        engine = self.privacy()
-        before = engine.ledger.groups()
-        try:
-            histogram = release_histogram(engine, spec, number, assessment, self.cohort(spec))
-        except PrivacyError as exc:
-            self._audit_refusal(VALIDATION, spec, number, exc)
-            return None
-        self._audit_cohorts(before, engine.ledger.groups())
-        return histogram
-
 
 _KEY_HOLDER_STEPS: dict[str, Callable[[NodeWorker, StudySpec, RoundWork], str]] = {
     "keygen": secure_rounds.ckks_keygen,
@@ -441,23 +339,6 @@ def _hub_reason(spec: StudySpec, exc: Exception) -> str:
     if SecureMode(spec.secure) is SecureMode.NONE:
         return str(exc)
     return f"{type(exc).__name__} at this node; its audit log holds the reason"
-
-
-def _stats_body(
-    spec: StudySpec, matrix: FeatureMatrix, ranges: list[tuple[float, float]], z: float
-) -> bytes:
-    """The JSON bytes of the site's noised statistics (drawn once: the ledger keeps them)."""
-    sums = release(_unstandardized(matrix), ranges, multiplier=z, max_rows=spec.bounds.max_examples)
-    stats = FeatureStats(study_digest=spec.digest(), n=sums.n, sums=sums.sums, squares=sums.squares)
-    return stats.model_dump_json().encode()
-
-
-def _unstandardized(matrix: FeatureMatrix) -> NDArray[np.float64]:
-    """The filled train rows in the columns' own units (the matrix holds them z-scored)."""
-    prep, x = matrix.preprocessor, matrix.x_train.astype(np.float64)
-    if prep.mean is None or prep.std is None:
-        return x
-    return x * (prep.std + 1e-9) + prep.mean
 
 
 def _counts(matrix: FeatureMatrix) -> dict[str, int]:

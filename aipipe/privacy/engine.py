@@ -39,6 +39,7 @@ from aipipe.privacy.errors import RoundAlreadyReleasedError
 from aipipe.privacy.ledger import BASELINE, TRAIN, BudgetLedger, LedgerEntry
 from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, noise_multiplier
 from aipipe.study.spec import Privacy, StudySpec, Training
+from aipipe.wire import SecureMode
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ def validation_reserve(spec: StudySpec) -> list[Step]:
     """The validation releases a study's training plan leaves room for: one histogram per
     round (`validation.epsilon`, plaintext studies only; `aipipe.node.validation`)."""
     criteria = spec.validation
-    if criteria is None or criteria.epsilon <= 0 or spec.secure != "none":
+    if criteria is None or criteria.epsilon <= 0 or SecureMode(spec.secure) is not SecureMode.NONE:
         return []
     z = noise_multiplier(criteria.epsilon, spec.privacy.delta, spec.privacy.accountant)
     return [(z, 1.0, 1)] * spec.training.rounds

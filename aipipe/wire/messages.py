@@ -58,9 +58,10 @@ class Wire(BaseModel):
 
 
 class ErrorBody(Wire):
-    """What the hub answers with every error status: one line saying what went wrong."""
+    """What the hub answers with every error status: the error's class and one line."""
 
     detail: str
+    error: str | None = None  # the `AipipeError` class name (aipipe.errors.error_body)
 
 
 class EnrolToken(Wire):
@@ -205,7 +206,7 @@ class UpdateHeader(Wire):
 
     @model_validator(mode="after")
     def _plain_updates_say_n_and_norm(self) -> UpdateHeader:
-        plain = self.secure == "none"
+        plain = SecureMode(self.secure) is SecureMode.NONE
         if plain != (self.num_examples is not None and self.update_norm is not None):
             raise ValueError(
                 "a plaintext update states num_examples and update_norm; a secure one neither"

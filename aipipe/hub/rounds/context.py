@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, NoReturn
 
+from aipipe import clock
 from aipipe.aggregation import Aggregator, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import ConflictError, UpdateRejectedError
@@ -40,18 +41,14 @@ class StageEnd(StrEnum):
 
 
 class Clock:
-    """The hub's one notion of now, and its one timestamp format (UTC, microseconds, `Z`)."""
+    """The rounds' clock: `aipipe.clock`'s now and instant spelling, kept behind one object
+    so that a protocol can be driven by another clock."""
 
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        return clock.now()
 
-    @staticmethod
-    def iso(moment: datetime) -> str:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-    @staticmethod
-    def parse(instant: str) -> datetime:
-        return datetime.fromisoformat(instant.replace("Z", "+00:00"))
+    iso = staticmethod(clock.iso)
+    parse = staticmethod(clock.parse_instant)
 
     def passed(self, instant: str) -> bool:
         return self.now() >= self.parse(instant)

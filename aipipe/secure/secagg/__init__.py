@@ -12,7 +12,8 @@ from aipipe.secure.secagg.graph import (
     minimum_threshold,
     neighbour_graph,
 )
-from aipipe.secure.secagg.messages import (
+from aipipe.secure.secagg.server import SecAggResult, SecAggServer, SecAggStage
+from aipipe.wire.secagg_messages import (
     EncryptedShare,
     ForwardedShares,
     KeyAdvertisement,
@@ -23,7 +24,6 @@ from aipipe.secure.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from aipipe.secure.secagg.server import SecAggResult, SecAggServer, SecAggStage
 
 __all__ = [
     "EncryptedShare",

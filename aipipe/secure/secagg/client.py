@@ -28,7 +28,7 @@ from aipipe.secure.identity import Identity
 from aipipe.secure.secagg import crypto
 from aipipe.secure.secagg.crypto import UIntArray
 from aipipe.secure.secagg.graph import SecAggConfig
-from aipipe.secure.secagg.messages import (
+from aipipe.wire.secagg_messages import (
     EncryptedShare,
     ForwardedShares,
     KeyAdvertisement,

@@ -33,7 +33,7 @@ from aipipe.errors import SignatureError
 from aipipe.secure._framing import frame, hkdf_sha256
 from aipipe.secure.errors import SecAggProtocolError, SecAggRoundFailedError
 from aipipe.secure.identity import verify_signature
-from aipipe.secure.secagg.messages import KeyAdvertisement
+from aipipe.wire.secagg_messages import KeyAdvertisement
 
 UIntArray = npt.NDArray[np.unsignedinteger[Any]]
 

@@ -1,0 +1,44 @@
+"""Model versions, their weights and the nodes' evaluation reports; the hub's Prometheus
+counters."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse, Response
+
+from aipipe.errors import ConflictError
+from aipipe.hub.routes.deps import Admin, Anyone, Node, Notify, Svc, binary
+from aipipe.wire import EvalReport, ModelVersionInfo
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(service: Svc, who: Anyone, study: str | None = None) -> list[ModelVersionInfo]:
+    return service.access.models(who, study)
+
+
+@router.get("/v1/models/{version}")
+async def model(version: str, service: Svc, who: Anyone) -> ModelVersionInfo:
+    return service.access.model(who, version)
+
+
+@router.get("/v1/models/{version}/weights", responses=binary("application/octet-stream"))
+async def weights(version: str, service: Svc, who: Anyone) -> Response:
+    return Response(service.access.weights(who, version), media_type="application/octet-stream")
+
+
+@router.post("/v1/models/{version}/metrics")
+async def metrics(
+    version: str, body: EvalReport, service: Svc, changes: Notify, node: Node
+) -> dict[str, bool]:
+    if body.version != version:
+        raise ConflictError("report names another version than the URL")
+    service.report_metrics(node.name, body)
+    changes.notify()
+    return {"ok": True}
+
+
+@router.get("/metrics", responses=binary("text/plain"))
+async def prometheus(service: Svc, _: Admin) -> PlainTextResponse:
+    return PlainTextResponse(service.prometheus_text())
