@@ -42,7 +42,8 @@ from aipipe.node.vault import SecureVault
 from aipipe.privacy.cohorts import DISJOINT, Cohort, StudyGroup
 from aipipe.privacy.engine import VALIDATION, Plan, PrivacyEngine
 from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError, RoundAlreadyReleasedError
-from aipipe.privacy.ledger import TRAIN, BudgetLedger, LedgerEntry
+from aipipe.privacy.ledger import BudgetLedger
+from aipipe.privacy.ledger_records import TRAIN, LedgerEntry
 from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, release
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
