@@ -95,8 +95,8 @@ FLOWER_ENGINES = ("flower-legacy", "flower-deployment")
 WHAT_IFS = {
     "audit": (
         ("hub", "node"),
-        "import aipipe.audit.log as m; connect = m._connect; "
-        "m._connect = lambda path: (c := connect(path)).execute('PRAGMA synchronous=NORMAL') and c",
+        "import aipipe.audit.log as m; connect = m.connect; "
+        "m.connect = lambda path: (c := connect(path)).execute('PRAGMA synchronous=NORMAL') and c",
     ),
 }
 console = Console(width=None if sys.stdout.isatty() else 150)

@@ -27,7 +27,8 @@ from aipipe.privacy.errors import (
     RoundAlreadyReleasedError,
     UnknownAccountantError,
 )
-from aipipe.privacy.ledger import BASELINE, TRAIN, BudgetLedger
+from aipipe.privacy.ledger import BudgetLedger
+from aipipe.privacy.ledger_records import BASELINE, TRAIN
 from aipipe.study.spec import StudySpec, load_study
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples/heart-disease/study.yaml"

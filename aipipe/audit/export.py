@@ -26,7 +26,7 @@ from typing import Literal, TextIO
 
 from aipipe.audit.events import EVENT_FIELDS, AuditEvent, canonical_json, record_from_row
 from aipipe.audit.fhir import bundle_entry
-from aipipe.audit.log import LogSnapshot, read_snapshot
+from aipipe.audit.storage import LogSnapshot, read_snapshot
 from aipipe.audit.verify import verify_jsonl
 from aipipe.clock import utc_now
 from aipipe.errors import ConfigError

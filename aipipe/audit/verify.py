@@ -40,7 +40,7 @@ from aipipe.audit.events import (
     content_hash,
     record_from_row,
 )
-from aipipe.audit.log import read_snapshot
+from aipipe.audit.storage import read_snapshot
 from aipipe.errors import AuditChainBrokenError, SignatureError, SourceError
 from aipipe.secure.identity import verify_signature
 

@@ -13,7 +13,8 @@ import secrets
 from aipipe import clock
 from aipipe.audit.log import AuditLog
 from aipipe.errors import AipipeError, AuthError, ConfigError, ConflictError
-from aipipe.store.hub_store import DEFAULT_TOKEN_TTL_S, Enrolment, HubStore
+from aipipe.store.hub_nodes import DEFAULT_TOKEN_TTL_S, Enrolment
+from aipipe.store.hub_store import HubStore
 from aipipe.wire import EnrolToken
 
 # A DNS-label-like slug: it names the node in URLs, audit resources and file names.

@@ -27,7 +27,8 @@ from aipipe.errors import ConfigError, NodeExistsError, NodeNotFoundError
 from aipipe.fhir.base_url import ServerBase
 from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
-from aipipe.store.hub_store import HubStore, secret_hash
+from aipipe.store.hub_nodes import secret_hash
+from aipipe.store.hub_store import HubStore
 from aipipe.tls import ServerTls, server_tls
 
 HUB_CONFIG = "hub.yaml"

@@ -17,7 +17,8 @@ from aipipe.aggregation import AggregationError, Aggregator, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import NotFoundError
 from aipipe.hub.validation import validation_card
-from aipipe.store.hub_store import HubStore, RoundRow
+from aipipe.store.hub_rounds import RoundRow
+from aipipe.store.hub_store import HubStore
 from aipipe.study.spec import StudySpec
 from aipipe.wire import ModelVersionInfo, RoundState
 from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays

@@ -34,7 +34,9 @@ from aipipe.hub.secure import SecureRounds
 from aipipe.hub.validation import check_report
 from aipipe.models import build_model, weights_to_arrays
 from aipipe.secure.identity import Identity
-from aipipe.store.hub_store import HubStore, RoundRow, secret_hash
+from aipipe.store.hub_nodes import secret_hash
+from aipipe.store.hub_rounds import RoundRow
+from aipipe.store.hub_store import HubStore
 from aipipe.store.secure_store import SecureStore
 from aipipe.study.spec import StudySpec
 from aipipe.wire import (

@@ -8,7 +8,7 @@ from numpy.typing import NDArray
 
 from aipipe.node.site import SiteNode, audit_cohorts, audit_refusal
 from aipipe.privacy.errors import PrivacyError
-from aipipe.privacy.ledger import TRAIN
+from aipipe.privacy.ledger_records import TRAIN
 from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, release
 from aipipe.study.features import FeatureMatrix
 from aipipe.study.spec import StudySpec

@@ -39,7 +39,8 @@ from aipipe.node.vault import SecureVault
 from aipipe.privacy.cohorts import DISJOINT, Cohort
 from aipipe.privacy.engine import Plan, PrivacyEngine
 from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError, RoundAlreadyReleasedError
-from aipipe.privacy.ledger import TRAIN, BudgetLedger, LedgerEntry
+from aipipe.privacy.ledger import BudgetLedger
+from aipipe.privacy.ledger_records import TRAIN, LedgerEntry
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore

@@ -20,7 +20,8 @@ from aipipe.privacy.errors import (
     UnknownAccountantError,
     UnsupportedModuleError,
 )
-from aipipe.privacy.ledger import BudgetLedger, BudgetStatus, LedgerEntry, SiteBudget
+from aipipe.privacy.ledger import BudgetLedger
+from aipipe.privacy.ledger_records import BudgetStatus, LedgerEntry, SiteBudget
 from aipipe.privacy.protection import membership_accuracy_bound
 
 __all__ = [

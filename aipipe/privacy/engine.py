@@ -36,7 +36,8 @@ from aipipe.privacy.accountant import (
 from aipipe.privacy.cohorts import Cohort
 from aipipe.privacy.dpsgd import DPSGD
 from aipipe.privacy.errors import RoundAlreadyReleasedError
-from aipipe.privacy.ledger import BASELINE, TRAIN, BudgetLedger, LedgerEntry
+from aipipe.privacy.ledger import BudgetLedger
+from aipipe.privacy.ledger_records import BASELINE, TRAIN, LedgerEntry
 from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, noise_multiplier
 from aipipe.study.spec import Privacy, StudySpec, Training
 from aipipe.wire import SecureMode

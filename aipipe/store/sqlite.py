@@ -1,5 +1,5 @@
 """What both SQLite stores share: an explicit write transaction, and files only their owner
-can read."""
+can read; `Tables`, the base of the hub store's parts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 PRIVATE_FILE = 0o600
@@ -39,3 +39,13 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+class Tables:
+    """Some tables on one connection, with its write transaction: `HubStore` is made of these."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return immediate(self.conn)

@@ -28,7 +28,7 @@ from aipipe.secure.ckks import CkksContext, CkksSum, EncryptedVector
 from aipipe.secure.encoding import FloatArray
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import verify_signature
-from aipipe.store.hub_store import RoundRow
+from aipipe.store.hub_rounds import RoundRow
 from aipipe.store.secure_store import CkksKeysRow
 from aipipe.study.spec import StudySpec
 from aipipe.wire import (

@@ -19,7 +19,8 @@ from aipipe.aggregation import Aggregator, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import ConflictError, UpdateRejectedError
 from aipipe.hub.models import ModelRegistry
-from aipipe.store.hub_store import HubStore, RoundRow
+from aipipe.store.hub_rounds import RoundRow
+from aipipe.store.hub_store import HubStore
 from aipipe.store.secure_store import SecureStore
 from aipipe.study.spec import StudySpec
 from aipipe.wire import RoundState, UpdateHeader

@@ -26,7 +26,7 @@ from aipipe.hub.models import RoundSum
 from aipipe.hub.rounds.context import NodeStatus
 from aipipe.hub.rounds.protocol import RoundProtocol
 from aipipe.hub.updates import verified_update
-from aipipe.store.hub_store import RoundRow
+from aipipe.store.hub_rounds import RoundRow
 from aipipe.study.spec import StudySpec
 from aipipe.wire import RoundState, RoundWork, SecureMode, UpdateHeader
 from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays

@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 
 from aipipe.hub.models import RoundSum
 from aipipe.hub.rounds.context import RoundContext
-from aipipe.store.hub_store import RoundRow
+from aipipe.store.hub_rounds import RoundRow
 from aipipe.study.spec import StudySpec
 from aipipe.wire import RoundState, RoundWork, SecureMode
 

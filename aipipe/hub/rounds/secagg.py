@@ -29,7 +29,7 @@ from aipipe.secure.encoding import FloatArray, fixed_point_codec
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.fixedpoint import FixedPointCodec
 from aipipe.secure.secagg import MaskedInput, SecAggConfig, SecAggServer, SecAggStage
-from aipipe.store.hub_store import RoundRow
+from aipipe.store.hub_rounds import RoundRow
 from aipipe.study.spec import StudySpec
 from aipipe.wire import RoundState, RoundWork, SecureMode, UpdateHeader
 from aipipe.wire.secure import (
