@@ -15,7 +15,8 @@ from aipipe.fhir.codes import ICD10CM, LOINC, SNOMED
 from aipipe.fhir.mapping import map_resource
 from aipipe.node.ingest import ingest_files
 from aipipe.store.node_store import NodeStore
-from aipipe.study.features import FeatureMatrix, extract, raw_matrix
+from aipipe.study.features import FeatureMatrix, extract
+from aipipe.study.raw import raw_matrix
 from aipipe.study.spec import StudySpec, load_study, parse_study
 
 ROOT = Path(__file__).resolve().parents[1]

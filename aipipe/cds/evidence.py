@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from aipipe.fhir.codes import LOINC, SNOMED, convert_unit, token_matches
-from aipipe.study.spec import Feature
+from aipipe.study.blocks import Feature
 
 
 class ObsRow(NamedTuple):

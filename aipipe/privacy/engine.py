@@ -38,7 +38,8 @@ from aipipe.privacy.dpsgd import DPSGD
 from aipipe.privacy.errors import RoundAlreadyReleasedError
 from aipipe.privacy.ledger import BASELINE, TRAIN, BudgetLedger, LedgerEntry
 from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, noise_multiplier
-from aipipe.study.spec import Privacy, StudySpec, Training
+from aipipe.study.blocks import Privacy, Training
+from aipipe.study.spec import StudySpec
 
 
 @dataclass(frozen=True)
