@@ -14,7 +14,7 @@ import hashlib
 from collections import Counter
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -38,6 +38,7 @@ from aipipe.study.blocks import (
     Validation,
 )
 from aipipe.study.cds import CdsSettings
+from aipipe.wire import SecureMode
 
 # A study names at most this many features and its matrix has at most this many columns (a
 # categorical feature gives one per level): far above any clinical model, low enough that a
@@ -63,7 +64,7 @@ class StudySpec(StudyBlock):
     model: ModelSpec = ModelSpec()
     training: Training = Training()
     privacy: Privacy = Privacy()
-    secure: Literal["none", "ckks", "secagg"] = "none"
+    secure: SecureMode = SecureMode.NONE
     secure_options: SecureOptions = SecureOptions()
     bounds: Bounds = Bounds()
     aggregation: Aggregation = Aggregation()
@@ -138,7 +139,7 @@ class StudySpec(StudyBlock):
     def statistics_ranges(self) -> list[tuple[float, float]] | None:
         """Each column's range for the DP statistics, or None when this study releases none
         (secure aggregation, no DP, ε for statistics 0, or a numeric feature without a range)."""
-        if self.secure != "none" or self.privacy.stats_epsilon() <= 0:
+        if self.secure != SecureMode.NONE or self.privacy.stats_epsilon() <= 0:
             return None
         ranges: list[tuple[float, float]] = []
         for feature in self.features:
