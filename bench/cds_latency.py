@@ -63,8 +63,9 @@ def train_scorer(workdir: Path) -> Any:
     from aipipe.node.ingest import ingest_files
     from aipipe.node.training import train_local
     from aipipe.store.node_store import NodeStore
+    from aipipe.study.blocks import Privacy, Training
     from aipipe.study.features import extract
-    from aipipe.study.spec import Privacy, Training, load_study
+    from aipipe.study.spec import load_study
 
     torch.set_num_threads(1)
     study = load_study(STUDY)

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from aipipe.models import build_model
 from aipipe.node.training import train_local
-from aipipe.study.spec import ModelSpec, Privacy, Training
+from aipipe.study.blocks import ModelSpec, Privacy, Training
 
 N = 10_000
 SIGMA, CLIP, LR = 1.0, 1.0, 1e-3

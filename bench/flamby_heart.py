@@ -78,8 +78,9 @@ from aipipe.node.home import init_node, open_store
 from aipipe.node.ingest import ingest_files
 from aipipe.node.training import EvalResult, evaluate, train_local
 from aipipe.privacy.accountant import epsilon_for
+from aipipe.study.blocks import Aggregation, Training
 from aipipe.study.features import extract
-from aipipe.study.spec import Aggregation, StudySpec, Training, load_study
+from aipipe.study.spec import StudySpec, load_study
 
 EXAMPLE = Path("examples/heart-disease")
 SITES = ("cleveland", "hungarian", "switzerland", "va")

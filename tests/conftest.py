@@ -35,8 +35,9 @@ from aipipe.node.ingest import ingest_files
 from aipipe.node.training import train_local
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
+from aipipe.study.blocks import Privacy, Training
 from aipipe.study.features import extract
-from aipipe.study.spec import Privacy, StudySpec, Training, load_study
+from aipipe.study.spec import StudySpec, load_study
 from tests.cds_support import (
     CLEVELAND,
     KEY,

@@ -27,7 +27,7 @@ from aipipe.aggregation import (
     proximal_term,
 )
 from aipipe.errors import AipipeError
-from aipipe.study.spec import Aggregation
+from aipipe.study.blocks import Aggregation
 
 
 def scalar(value: float, dtype: npt.DTypeLike = np.float64) -> npt.NDArray[Any]:

@@ -26,7 +26,7 @@ from aipipe.cds import (
 from aipipe.cds.models import Card, Coding, Source, Suggestion
 from aipipe.cds.scoring import ScoreResult
 from aipipe.models import ModelMismatchError, build_model, weights_to_arrays
-from aipipe.study.features import Preprocessor
+from aipipe.study.preprocessing import Preprocessor
 from aipipe.study.spec import StudySpec, load_study
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from aipipe.cds import (
 from aipipe.errors import StoreError
 from aipipe.fhir.files import read_bundle
 from aipipe.models import build_model, weights_to_arrays
-from aipipe.study.features import Preprocessor
+from aipipe.study.preprocessing import Preprocessor
 from aipipe.study.spec import StudySpec, load_study
 from tests.cds_support import (
     KEY,

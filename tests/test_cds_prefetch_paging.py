@@ -32,7 +32,7 @@ from aipipe.cds import (
 )
 from aipipe.fhir.files import read_bundle
 from aipipe.models import build_model, weights_to_arrays
-from aipipe.study.features import Preprocessor
+from aipipe.study.preprocessing import Preprocessor
 from aipipe.study.spec import StudySpec, load_study
 from tests.cds_support import KEY, VERSION, run_prefetch, searchset
 from tests.fhir_server import FhirTestServer, start_fhir_server

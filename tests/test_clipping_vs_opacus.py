@@ -10,7 +10,7 @@ from opacus import GradSampleModule
 
 from aipipe.models import build_model
 from aipipe.privacy.clipping import PerSampleClipper
-from aipipe.study.spec import ModelSpec
+from aipipe.study.blocks import ModelSpec
 
 
 def _opacus_clipped_sum(

@@ -35,7 +35,8 @@ from aipipe.privacy.release import (
 )
 from aipipe.secure.identity import Identity
 from aipipe.secure.secagg import SecAggConfig
-from aipipe.study.features import FeatureMatrix, Preprocessor
+from aipipe.study.features import FeatureMatrix
+from aipipe.study.preprocessing import Preprocessor
 from aipipe.study.spec import StudySpec
 from aipipe.wire import RoundWork, UpdateHeader, UpdateReceipt, unpack_frame
 from aipipe.wire.tensors import encode_arrays

@@ -18,7 +18,7 @@ from aipipe.models import (
     build_model,
     weights_to_arrays,
 )
-from aipipe.study.spec import ModelSpec
+from aipipe.study.blocks import ModelSpec
 from aipipe.wire.tensors import TensorDecodeError, arrays_digest, decode_arrays, encode_arrays
 
 LOGISTIC = ModelSpec(kind="logistic")

@@ -20,8 +20,9 @@ from aipipe.errors import StudyError
 from aipipe.node.home import NodePaths, init_node, open_store
 from aipipe.node.ingest import ingest_files
 from aipipe.store.node_store import NodeStore
+from aipipe.study.blocks import Split
 from aipipe.study.features import FeatureMatrix, extract
-from aipipe.study.spec import Split, StudySpec, load_study, parse_study
+from aipipe.study.spec import StudySpec, load_study, parse_study
 
 ROOT = Path(__file__).resolve().parents[1]
 HEART = ROOT / "examples" / "heart-disease"

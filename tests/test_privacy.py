@@ -28,7 +28,7 @@ from aipipe.privacy import (
     epsilon_for,
     sample_rate,
 )
-from aipipe.study.spec import ModelSpec
+from aipipe.study.blocks import ModelSpec
 
 # Golden values, computed once with Opacus 1.6 (the accountants below are Opacus'):
 #   .venv/bin/python -c "from opacus.accountants import RDPAccountant as A; a = A();

@@ -20,13 +20,9 @@ from aipipe.errors import StudyError
 from aipipe.fhir.mapping import map_resource
 from aipipe.node.predict import Prediction, predict_cohort
 from aipipe.store.node_store import NodeStore
-from aipipe.study.features import (
-    Z_CLIP,
-    Preprocessor,
-    raw_matrix,
-    site_preprocessor,
-    z_bounds,
-)
+from aipipe.study.features import site_preprocessor
+from aipipe.study.preprocessing import Z_CLIP, Preprocessor, z_bounds
+from aipipe.study.raw import raw_matrix
 from aipipe.study.spec import StudySpec, load_study
 
 ROOT = Path(__file__).resolve().parents[1]

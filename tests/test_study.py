@@ -15,8 +15,10 @@ from aipipe.fhir.codes import ICD10CM, LOINC, SNOMED
 from aipipe.fhir.mapping import map_resource
 from aipipe.node.ingest import ingest_files
 from aipipe.store.node_store import NodeStore
-from aipipe.study.features import FeatureMatrix, extract, raw_matrix
+from aipipe.study.features import FeatureMatrix, extract
+from aipipe.study.raw import raw_matrix
 from aipipe.study.spec import StudySpec, load_study, parse_study
+from aipipe.wire import SecureMode
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT.parent / "shared" / "data" / "synthea_fhir_r4" / "bundles"
@@ -169,6 +171,22 @@ def test_the_digest_is_the_same_for_the_same_study() -> None:
 )
 def test_the_digest_changes_when_the_study_changes(change: dict[str, Any]) -> None:
     assert study(**change).digest() != study().digest()
+
+
+# Digests of `study(secure=...)` as nodes approved them while `secure` was a string Literal.
+APPROVED_DIGESTS = {
+    "none": "da5cc3bda9f2d033a30347fcad7fe7123e5bbf5a46f633ab7d4800fe400a0b78",
+    "secagg": "c557cc1aaff821a209842413f880fc220fdf9681f363277abfb21b4e0d03e028",
+    "ckks": "8d1fb28c11b6b80ab32b1c8175b2397bf3c693f9546b073e040c0bdf8fba1f08",
+}
+
+
+@pytest.mark.parametrize("mode", list(SecureMode), ids=str)
+def test_the_secure_mode_is_the_wire_enum_and_keeps_the_approved_digest(mode: SecureMode) -> None:
+    spec = study(secure=mode.value)
+
+    assert spec.secure is mode
+    assert spec.digest() == APPROVED_DIGESTS[mode.value]
 
 
 def test_columns_list_indicators_one_hot_levels_and_demographics_in_order() -> None:

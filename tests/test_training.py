@@ -10,7 +10,7 @@ from torch import nn
 from aipipe.models import build_model, weights_to_arrays
 from aipipe.node.training import evaluate, train_local
 from aipipe.privacy import epsilon_for
-from aipipe.study.spec import ModelSpec, Privacy, Training
+from aipipe.study.blocks import ModelSpec, Privacy, Training
 
 LOGISTIC = ModelSpec(kind="logistic")
 NO_DP = Privacy(mode="none")

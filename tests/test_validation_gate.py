@@ -37,7 +37,8 @@ from aipipe.node.worker import NodeWorker
 from aipipe.privacy.engine import VALIDATION
 from aipipe.privacy.ledger import BudgetLedger
 from aipipe.privacy.statistics import noise_multiplier
-from aipipe.study.features import FeatureMatrix, Preprocessor
+from aipipe.study.features import FeatureMatrix
+from aipipe.study.preprocessing import Preprocessor
 from aipipe.study.spec import StudySpec
 from aipipe.study.validation import ModelQualityError
 from aipipe.wire import EvalReport

@@ -13,7 +13,8 @@ import numpy as np
 
 from aipipe.models import build_model, weights_to_arrays
 from aipipe.node.worker import NodeWorker
-from aipipe.study.features import FeatureMatrix, Preprocessor
+from aipipe.study.features import FeatureMatrix
+from aipipe.study.preprocessing import Preprocessor
 from aipipe.study.spec import load_study
 from aipipe.wire import RoundWork
 from aipipe.wire.tensors import encode_arrays

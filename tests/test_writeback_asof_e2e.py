@@ -22,8 +22,9 @@ from aipipe.node.home import init_node, open_store
 from aipipe.node.ingest import ingest_server
 from aipipe.node.predict import Prediction, predict_cohort, write_back
 from aipipe.store.node_store import NodeStore
+from aipipe.study.blocks import Split
 from aipipe.study.features import extract
-from aipipe.study.spec import Split, StudySpec, load_study
+from aipipe.study.spec import StudySpec, load_study
 from tests.fhir_server import start_fhir_server
 
 pytestmark = pytest.mark.e2e

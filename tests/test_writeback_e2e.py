@@ -21,7 +21,8 @@ from aipipe.fhir.smart import SmartBackendAuth, SmartKey
 from aipipe.node.home import init_node, open_store
 from aipipe.node.ingest import ingest_server
 from aipipe.node.predict import predict_cohort, write_back
-from aipipe.study.spec import Split, load_study
+from aipipe.study.blocks import Split
+from aipipe.study.spec import load_study
 from tests.fhir_server import start_fhir_server
 
 pytestmark = pytest.mark.e2e

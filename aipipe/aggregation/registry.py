@@ -13,7 +13,7 @@ from aipipe.aggregation.fedopt import FedAdam, FedYogi
 from aipipe.aggregation.fedprox import FedProx
 
 if TYPE_CHECKING:
-    from aipipe.study.spec import Aggregation
+    from aipipe.study.blocks import Aggregation
 
 AGGREGATORS: Mapping[str, type[Aggregator]] = MappingProxyType(
     {cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi)}

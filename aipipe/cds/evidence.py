@@ -1,6 +1,6 @@
 """Which Observations a feature read, and why a feature has no value: the evidence a card cites.
 
-These follow `aipipe.study.features` to the letter (same code matching, unit conversion, date
+These follow `aipipe.study.raw` to the letter (same code matching, unit conversion, date
 cut-off and row order), so the basis named and the reason given describe what `raw_matrix` did.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from aipipe.fhir.codes import LOINC, SNOMED, convert_unit, token_matches
-from aipipe.study.spec import Feature
+from aipipe.study.blocks import Feature
 
 
 class ObsRow(NamedTuple):

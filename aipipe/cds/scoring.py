@@ -33,8 +33,9 @@ from aipipe.fhir.mapping import MappedResource, ResourceRejected, map_resource
 from aipipe.models import arrays_to_model, build_model
 from aipipe.store.node_store import NodeStore
 from aipipe.store.schema import migrate
-from aipipe.study.features import Preprocessor, raw_matrix, z_bounds
 from aipipe.study.population import window_start
+from aipipe.study.preprocessing import Preprocessor, z_bounds
+from aipipe.study.raw import raw_matrix
 from aipipe.study.spec import StudySpec
 
 _DERIVED_TABLES = ("resources", "patients", "observations", "conditions", "medications")

@@ -22,20 +22,12 @@ request (or until, newest first, every "latest" feature has its value). A search
 still scores when the model's inputs are all there (the card notes the unread pages); when some
 input is missing it may be in the unread pages, so the answer is 412.
 
-Every route needs a CDS Client JWT (discovery too: it names the studies and model versions). A
-router without a `JwtPolicy` answers 401 to everyone unless built with `allow_unauthenticated=True`,
-which its hosts allow only on a loopback address (`aipipe.cds.limits.require_loopback`). The one
-exception is a model card link the router signed (`aipipe.cds.links`, with `link_key`): it opens
-its version's card without a JWT until it expires; a link with a bad or expired signature is
-refused (401) whatever the JWT rule.
-
-Every call is audited (`cds.request`, `cds.discovery`, `cds.feedback`, `auth.failure`) with the
-patient as an HMAC pseudonym under the router's key, never the raw id. One call writes a bounded
-event: a service id that names no service is kept as a short hash, every audited string and list
-is cut (`aipipe.cds.limits`), a feedback call carries at most `models.MAX_FEEDBACK` items, and a
-body is read only up to `MAX_BODY_BYTES`. A fhirServer off the operator's allow-list is never
-contacted: the call is answered from its prefetch (412 if that lacks required data) and the
-refusal is audited with the server's origin only.
+The routes authenticate and audit through `aipipe.cds.gate` (a CDS Client JWT on every route,
+or a model card link the router signed). Every call is audited with the patient as an HMAC
+pseudonym under the router's key, never the raw id; a service id that names no service is kept
+as a short hash, and a feedback call carries at most `models.MAX_FEEDBACK` items. A fhirServer
+off the operator's allow-list is never contacted: the call is answered from its prefetch (412 if
+that lacks required data) and the refusal is audited with the server's origin only.
 """
 
 from __future__ import annotations
@@ -44,22 +36,20 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime
-from typing import Any, TypeVar
-from urllib.parse import urlencode
+from typing import Any
 
-import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ValidationError
 
-from aipipe.cds.auth import CdsClient, JwtPolicy
+from aipipe.cds.auth import JwtPolicy
 from aipipe.cds.cards import build_cards, unscored_card
 from aipipe.cds.fhir_access import EARLY_STOP, FhirAccess
-from aipipe.cds.limits import bounded, clip, service_label
+from aipipe.cds.gate import CdsGate, Record, Reject, parse_body, read_body
+from aipipe.cds.limits import clip, service_label
 from aipipe.cds.links import DEFAULT_LIFETIME_S, CardLinkSigner
-from aipipe.cds.model_card import card_url, model_card, render_html
+from aipipe.cds.model_card import model_card, render_html
 from aipipe.cds.models import Card, CdsRequest, CdsResponse, Discovery, FeedbackRequest
 from aipipe.cds.prefetch import (
     OBSERVATIONS,
@@ -74,69 +64,22 @@ from aipipe.cds.prefetch import (
 from aipipe.cds.provider import AuditSink, CdsProvider, ServiceEntry
 from aipipe.cds.scoring import PatientScorer
 from aipipe.clock import now as wall_clock
-from aipipe.errors import AipipeError, AuthError
 from aipipe.fhir.base_url import origin_of
 
-_M = TypeVar("_M", bound=BaseModel)
-
-MAX_BODY_BYTES = 16 * 1024 * 1024
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_NO_CLIENTS = (
-    "this CDS service has no CDS clients configured, so it answers no one: register each EHR's "
-    "issuer and JWK Set (hub.yaml cds_clients, `node serve-cds --cds-clients FILE`), or, on a "
-    "loopback address only, opt out (hub.yaml cds_allow_unauthenticated, `node serve-cds "
-    "--allow-unauthenticated`)"
-)
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class _Record:
-    """What one call leaves in the audit log."""
-
-    action: str
-    resource: str
-    actor: str = "cds-client:anonymous"
-    outcome: str = "success"
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-def operation_outcome(status: int, message: str) -> JSONResponse:
-    code = {401: "login", 404: "not-found", 412: "processing", 413: "too-costly"}.get(
-        status, "invalid"
-    )
-    body = {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": code, "diagnostics": message}],
-    }
-    return JSONResponse(body, status_code=status)
 
 
 class _CdsHandler:
     def __init__(
         self,
         provider: CdsProvider,
-        audit: AuditSink | None,
-        jwt: JwtPolicy | None,
+        gate: CdsGate,
         pseudonym_key: bytes,
         fhir: FhirAccess,
         clock: Callable[[], datetime],
-        allow_unauthenticated: bool,
-        base_url: str | None = None,
-        links: CardLinkSigner | None = None,
     ) -> None:
-        self._base_url = base_url
-        self._links = links
         self._provider = provider
-        self._audit = audit
-        self._jwt = jwt
-        self._open = allow_unauthenticated
+        self._gate = gate
         self._key = pseudonym_key
         self._fhir = fhir
         self._clock = clock
@@ -144,14 +87,14 @@ class _CdsHandler:
     # -- routes -----------------------------------------------------------------------------
 
     async def discovery(self, request: Request) -> Response:
-        record = _Record("cds.discovery", "cds-services")
+        record = Record("cds.discovery", "cds-services")
         try:
-            self._authenticate(request, "/cds-services", record)
-        except _Reject as exc:
-            return await self._finish(record, response=self._rejected(record, exc))
+            self._gate.authenticate(request, "/cds-services", record)
+        except Reject as exc:
+            return await self._gate.finish(record, response=self._gate.rejected(record, exc))
         services = [entry.descriptor() for entry in self._provider.services()]
         record.details["services"] = len(services)
-        return await self._finish(
+        return await self._gate.finish(
             record, response=JSONResponse(Discovery(services=services).dump())
         )
 
@@ -159,99 +102,64 @@ class _CdsHandler:
         """The model card of a version (`?version=`, default the current one): the same
         access as discovery, or a link this router signed."""
         service_id = service_label(service_id)
-        record = _Record("cds.model_card", f"cds-service:{service_id}")
+        record = Record("cds.model_card", f"cds-service:{service_id}")
         try:
-            self._authorize_card(request, service_id, record)
+            self._gate.authorize_card(request, service_id, record)
             entry = self._entries(service_id)[0]
             version = request.query_params.get("version")
             card = model_card(entry, version)
             if card is None:
                 shown = clip(version or "", 80)
-                raise _Reject(
+                raise Reject(
                     404, f"CDS service '{service_id}' knows no model version '{shown}'; its "
                     "current card is at this path without ?version",
                 )  # fmt: skip
-        except _Reject as exc:
-            return await self._finish(record, response=self._rejected(record, exc))
+        except Reject as exc:
+            return await self._gate.finish(record, response=self._gate.rejected(record, exc))
         record.details["model_version"] = card.model_version
         if "text/html" in request.headers.get("accept", ""):
-            return await self._finish(record, response=HTMLResponse(render_html(card)))
-        return await self._finish(record, response=JSONResponse(card.model_dump()))
-
-    def _authorize_card(self, request: Request, service_id: str, record: _Record) -> None:
-        """A JWT as for discovery; without one, a link carrying `sig` or `expires` must bear
-        this router's valid, unexpired signature."""
-        params = request.query_params
-        signed = "sig" in params or "expires" in params
-        if not signed or "authorization" in request.headers:
-            self._authenticate(request, f"/cds-services/{service_id}/model-card", record)
-            return
-        try:
-            if self._links is None:
-                raise AuthError(
-                    "this CDS service signs no model card links; present a CDS client JWT"
-                )
-            expires = self._links.verify(
-                service_id, params.get("version"), params.get("expires"), params.get("sig"),
-                self._clock(),
-            )  # fmt: skip
-        except AuthError as exc:
-            record.action = "auth.failure"
-            raise _Reject(401, str(exc)) from None
-        record.actor = "cds-link:model-card"
-        record.details["link_expires"] = expires
-
-    def _card_url(self, request: Request, entry: ServiceEntry, version: str) -> str:
-        """The link a card carries: the entry's own page, else this router's model card,
-        signed when the router has a link key."""
-        if entry.model_url:
-            return entry.model_url
-        url = card_url(self._base_url or str(request.base_url), entry.id, version)
-        if self._links is None:
-            return url
-        return f"{url}&{urlencode(self._links.query(entry.id, version, self._clock()))}"
+            return await self._gate.finish(record, response=HTMLResponse(render_html(card)))
+        return await self._gate.finish(record, response=JSONResponse(card.model_dump()))
 
     async def call(self, service_id: str, request: Request) -> Response:
         service_id = service_label(service_id)
-        record = _Record(
-            "cds.request", f"cds-service:{service_id}", details={"service": service_id}
-        )
+        record = Record("cds.request", f"cds-service:{service_id}", details={"service": service_id})
         try:
             response = await self._call(service_id, request, record)
-        except _Reject as exc:
-            response = self._rejected(record, exc)
-        return await self._finish(record, response=response)
+        except Reject as exc:
+            response = self._gate.rejected(record, exc)
+        return await self._gate.finish(record, response=response)
 
     async def feedback(self, service_id: str, request: Request) -> Response:
         service_id = service_label(service_id)
-        record = _Record(
+        record = Record(
             "cds.feedback", f"cds-service:{service_id}", details={"service": service_id}
         )
         try:
             items = await self._feedback(service_id, request, record)
-        except _Reject as exc:
-            return await self._finish(record, response=self._rejected(record, exc))
-        records = [_Record("cds.feedback", record.resource, record.actor, details=i) for i in items]
-        return await self._finish(*records, response=Response(status_code=200))
+        except Reject as exc:
+            return await self._gate.finish(record, response=self._gate.rejected(record, exc))
+        records = [Record("cds.feedback", record.resource, record.actor, details=i) for i in items]
+        return await self._gate.finish(*records, response=Response(status_code=200))
 
     # -- work -------------------------------------------------------------------------------
 
-    async def _call(self, service_id: str, request: Request, record: _Record) -> Response:
-        self._authenticate(request, f"/cds-services/{service_id}", record)
+    async def _call(self, service_id: str, request: Request, record: Record) -> Response:
+        self._gate.authenticate(request, f"/cds-services/{service_id}", record)
         entries = self._entries(service_id)
-        body = _parse(CdsRequest, await _read_body(request))
+        body = parse_body(CdsRequest, await read_body(request))
         record.details.update(hook=body.hook, hookInstance=body.hookInstance)
         entry = _entry_for_hook(entries, body.hook, service_id)
         patient_id = body.patient_id()
         if patient_id is None or not _FHIR_ID.match(patient_id):
-            raise _Reject(400, "context.patientId is missing or not a FHIR id")
+            raise Reject(400, "context.patientId is missing or not a FHIR id")
         record.resource = f"patient:{self._pseudonym(patient_id)}"
         scorer = self._provider.scorer(entry.id)
         if scorer is None:
-            raise _Reject(503, f"no model is loaded for CDS service '{entry.id}'; try again later")
+            raise Reject(503, f"no model is loaded for CDS service '{entry.id}'; try again later")
         values, notes, partial = await self._gather(entry, body, record)
         data = collect(values, patient_id, entry.study)
-        url = self._card_url(request, entry, scorer.model_version)
+        url = self._gate.card_url(request, entry, scorer.model_version)
         cards = self._cards(entry, scorer, data, notes, record, partial, url)
         record.details["cards"] = [{"uuid": c.uuid, "indicator": c.indicator} for c in cards]
         return JSONResponse(CdsResponse(cards=cards).dump())
@@ -262,7 +170,7 @@ class _CdsHandler:
         scorer: PatientScorer,
         data: PatientData,
         notes: list[str],
-        record: _Record,
+        record: Record,
         partial: Mapping[str, str],
         url: str,
     ) -> list[Card]:
@@ -280,7 +188,7 @@ class _CdsHandler:
             unread = "; ".join(
                 f"the '{key}' search was cut short: {why}" for key, why in partial.items()
             )
-            raise _Reject(412, f"{unread}; and the model lacks {names}")
+            raise Reject(412, f"{unread}; and the model lacks {names}")
         notes += [
             f"'{key}' was not read to its end: {why}"
             for key, why in partial.items()
@@ -293,7 +201,7 @@ class _CdsHandler:
         )
 
     async def _gather(
-        self, entry: ServiceEntry, body: CdsRequest, record: _Record
+        self, entry: ServiceEntry, body: CdsRequest, record: Record
     ) -> tuple[dict[str, Any], list[str], dict[str, str]]:
         """Prefetched values, topped up from the fhirServer; 412 if required data is unreachable.
         Also the required searches read only in part (key → why)."""
@@ -307,7 +215,7 @@ class _CdsHandler:
         if body.fhirServer is None or refused is not None:
             why = refused or "no fhirServer was given to read them from"
             if required:
-                raise _Reject(412, f"prefetch lacks {', '.join(required)} and {why}")
+                raise Reject(412, f"prefetch lacks {', '.join(required)} and {why}")
             return (
                 values,
                 [] if refused is None else [f"'{k}' could not be read: {why}" for k in todo],
@@ -325,7 +233,7 @@ class _CdsHandler:
         fetched = await self._fhir.fetch(body.fhirServer, token, queries, enough=enough)
         failed = [key for key in required if key in fetched.errors]
         if failed:
-            raise _Reject(412, "; ".join(fetched.errors[key] for key in failed))
+            raise Reject(412, "; ".join(fetched.errors[key] for key in failed))
         values.update(fetched.values)
         notes = [f"'{key}' could not be read: {why}" for key, why in fetched.errors.items()]
         if fetched.partial:
@@ -339,11 +247,11 @@ class _CdsHandler:
         return values, notes, cut
 
     async def _feedback(
-        self, service_id: str, request: Request, record: _Record
+        self, service_id: str, request: Request, record: Record
     ) -> list[dict[str, Any]]:
-        self._authenticate(request, f"/cds-services/{service_id}/feedback", record)
+        self._gate.authenticate(request, f"/cds-services/{service_id}/feedback", record)
         self._entries(service_id)
-        body = _parse(FeedbackRequest, await _read_body(request))
+        body = parse_body(FeedbackRequest, await read_body(request))
         items = []
         for item in body.feedback:
             details: dict[str, Any] = {
@@ -365,67 +273,21 @@ class _CdsHandler:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _refused_server(self, server: str | None, record: _Record) -> str | None:
+    def _refused_server(self, server: str | None, record: Record) -> str | None:
         """Why the request's fhirServer will not be contacted (audited by origin), or None."""
         refused = None if server is None else self._fhir.refusal(server)
         if server is not None and refused is not None:
             record.details["fhirServer_refused"] = origin_of(server)
         return refused
 
-    def _authenticate(self, request: Request, endpoint: str, record: _Record) -> CdsClient | None:
-        if self._jwt is None:
-            if self._open:
-                return None
-            record.action = "auth.failure"
-            raise _Reject(401, _NO_CLIENTS)
-        audience = self._jwt.audience(str(request.url), endpoint)
-        try:
-            client = self._jwt.verify(request.headers.get("authorization"), audience)
-        except AuthError as exc:
-            record.action = "auth.failure"
-            raise _Reject(401, str(exc)) from None
-        record.actor = client.actor
-        if client.tenant is not None:
-            record.details["tenant"] = client.tenant
-        return client
-
     def _entries(self, service_id: str) -> list[ServiceEntry]:
         entries = [entry for entry in self._provider.services() if entry.id == service_id]
         if not entries:
-            raise _Reject(404, f"no CDS service '{service_id}'; GET /cds-services lists them")
+            raise Reject(404, f"no CDS service '{service_id}'; GET /cds-services lists them")
         return entries
 
     def _pseudonym(self, patient_id: str) -> str:
         return hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()[:20]
-
-    def _rejected(self, record: _Record, exc: _Reject) -> Response:
-        record.outcome = "refused" if exc.status == 401 else "failure"
-        record.details.update(status=exc.status, reason=exc.message)
-        return operation_outcome(exc.status, clip(exc.message, 600))
-
-    async def _finish(self, *records: _Record, response: Response) -> Response:
-        """Audit, then answer. The append runs in a worker thread: an audit commit waits on
-        fsync (~1 ms), and the event loop serves other calls meanwhile."""
-        if self._audit is None:
-            return response
-        try:
-            await anyio.to_thread.run_sync(self._append_all, records)
-        except AipipeError:
-            return operation_outcome(
-                503, "the audit log cannot be written; the call was not served"
-            )
-        return response
-
-    def _append_all(self, records: tuple[_Record, ...]) -> None:
-        assert self._audit is not None
-        for record in records:
-            self._audit.append(
-                record.action,
-                actor=clip(record.actor),
-                resource=clip(record.resource),
-                outcome=record.outcome,
-                details=bounded(record.details),
-            )
 
 
 def _entry_for_hook(entries: list[ServiceEntry], hook: str, service_id: str) -> ServiceEntry:
@@ -433,40 +295,14 @@ def _entry_for_hook(entries: list[ServiceEntry], hook: str, service_id: str) -> 
         if entry.hook == hook:
             return entry
     answers = ", ".join(sorted({entry.hook for entry in entries}))
-    raise _Reject(400, f"CDS service '{service_id}' answers the {answers} hook, not '{hook}'")
+    raise Reject(400, f"CDS service '{service_id}' answers the {answers} hook, not '{hook}'")
 
 
 def _render(template: str, context: Mapping[str, Any]) -> str:
     try:
         return render_template(template, context)
     except ValueError as exc:
-        raise _Reject(400, str(exc)) from None
-
-
-async def _read_body(request: Request) -> bytes:
-    """The body, read chunk by chunk and given up on as soon as it passes `MAX_BODY_BYTES`."""
-    too_big = _Reject(413, f"the request body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse(model: type[_M], body: bytes) -> _M:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_input=False, include_url=False)
-        if errors and errors[0]["type"] == "json_invalid":
-            raise _Reject(400, "the request body is not valid JSON") from None
-        parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:3]]
-        raise _Reject(400, f"not a valid {model.__name__}: " + "; ".join(parts)) from None
+        raise Reject(400, str(exc)) from None
 
 
 def cds_router(
@@ -497,10 +333,9 @@ def cds_router(
     if link_key is not None and hmac.compare_digest(link_key, pseudonym_key):
         raise ValueError("link_key must not be the pseudonym key: give each its own secret")
     links = None if link_key is None else CardLinkSigner(link_key, link_lifetime_s)
-    handler = _CdsHandler(
-        provider, audit, jwt, pseudonym_key, fhir or FhirAccess(), clock or wall_clock,
-        allow_unauthenticated, base_url, links,
-    )  # fmt: skip
+    clock = clock or wall_clock
+    gate = CdsGate(audit, jwt, allow_unauthenticated, clock, base_url, links)
+    handler = _CdsHandler(provider, gate, pseudonym_key, fhir or FhirAccess(), clock)
     router = APIRouter(tags=["cds-hooks"])
     router.add_api_route("/cds-services", handler.discovery, methods=["GET"])
     router.add_api_route("/cds-services/{service_id}", handler.call, methods=["POST"])

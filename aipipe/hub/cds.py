@@ -16,7 +16,7 @@ from aipipe.hub.home import HubPaths
 from aipipe.hub.service import HubService
 from aipipe.hub.validation import servable_version, validation_card
 from aipipe.privacy.statistics import NoisedSums, moments, pool
-from aipipe.study.features import Preprocessor
+from aipipe.study.preprocessing import Preprocessor
 from aipipe.wire.tensors import decode_arrays
 
 

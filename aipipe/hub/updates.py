@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from aipipe.errors import SignatureError, UpdateRejectedError
 from aipipe.hub.rounds.context import RoundContext
 from aipipe.secure.identity import verify_signature
-from aipipe.study.spec import Bounds
+from aipipe.study.blocks import Bounds
 from aipipe.wire import FrameError, SecureMode, UpdateHeader, unpack_frame
 from aipipe.wire.tensors import Arrays, TensorDecodeError, decode_arrays
 

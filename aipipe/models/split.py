@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from aipipe.errors import StudyError
-from aipipe.study.spec import ModelSpec
+from aipipe.study.blocks import ModelSpec
 
 
 class SplitModel(nn.Module):

@@ -26,7 +26,7 @@ from torch import nn
 
 from aipipe.models.serialization import Arrays, weights_to_arrays
 from aipipe.privacy.engine import Plan, PrivacyEngine
-from aipipe.study.spec import Privacy, Training
+from aipipe.study.blocks import Privacy, Training
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ from aipipe.privacy.errors import RoundAlreadyReleasedError
 from aipipe.privacy.ledger import BudgetLedger
 from aipipe.privacy.ledger_records import BASELINE, TRAIN, LedgerEntry
 from aipipe.privacy.statistics import STATISTICS, STATISTICS_ROUND, noise_multiplier
-from aipipe.study.spec import Privacy, StudySpec, Training
+from aipipe.study.blocks import Privacy, Training
+from aipipe.study.spec import StudySpec
 from aipipe.wire import SecureMode
 
 

@@ -16,38 +16,24 @@ The pipeline follows FLamby's Fed-Heart-Disease preprocessing where the study as
 
 Patients outside the study's `population` (aipipe.study.population) are dropped like rows
 missing a `drop` feature, and only observations inside a feature's look-back window are read.
+Steps 1-3 read the store (aipipe.study.raw); 5-6 are the `Preprocessor`
+(aipipe.study.preprocessing) fitted on the train side.
 """
 
 from __future__ import annotations
 
 import math
-import sqlite3
 from dataclasses import dataclass, field
-from datetime import date
 
 import numpy as np
 from numpy.typing import NDArray
 from sklearn.model_selection import train_test_split
 
 from aipipe.errors import StudyError
-from aipipe.fhir.codes import convert_unit
 from aipipe.store.node_store import NodeStore
-from aipipe.study.population import ages, exclusions, window_start
-from aipipe.study.spec import Feature, StudySpec
-
-FloatArray = NDArray[np.float32]
-
-# Scaling limits (`standardize: site`). A column's std is at least STD_FLOOR_FRACTION of its
-# declared range's width (a feature's `range`; 0/1 for categorical and indicator columns and sex,
-# 0-120 for age), or STD_FLOOR_ABSOLUTE in the feature's unit when it declares none. A patient
-# scored later has each numeric column's z-score clipped to ±Z_CLIP: the model is not
-# extrapolated beyond that (train rows are not clipped: FLamby parity; 0/1 columns never are,
-# a rare category lies many SDs out). A site with fewer than MIN_TRAIN_ROWS train patients
-# cannot estimate its scaling and scores no one (aipipe.cds.scoring refuses).
-STD_FLOOR_FRACTION = 0.02
-STD_FLOOR_ABSOLUTE = 1e-3
-Z_CLIP = 5.0
-MIN_TRAIN_ROWS = 5
+from aipipe.study.preprocessing import FloatArray, Preprocessor
+from aipipe.study.raw import RawMatrix, raw_matrix
+from aipipe.study.spec import StudySpec
 
 
 @dataclass
@@ -81,64 +67,6 @@ class FeatureMatrix:
             "missing": self.missing,
             "unconverted_units": self.unconverted,
         }
-
-
-@dataclass
-class RawMatrix:
-    """Every patient's encoded feature values before dropping, splitting and scaling.
-
-    NaN marks a missing value. `drop_mask` marks patients missing a `drop` feature (or a
-    demographic); `impute_cols` lists the columns an `impute`/`indicator` policy fills, with the
-    study's fill value (None: the train mean).
-    """
-
-    ids: list[str]
-    x: NDArray[np.float64]
-    y: NDArray[np.float64]
-    drop_mask: NDArray[np.bool_]
-    impute_cols: list[tuple[int, float | None]]
-    missing: dict[str, float]
-    unconverted: dict[str, int]
-    excluded: dict[str, str] = field(default_factory=dict)
-
-
-def raw_matrix(store: NodeStore, study: StudySpec) -> RawMatrix:
-    """The study's encoded features for every patient in the store, ordered by patient id."""
-    conn = store.conn
-    ids = [row[0] for row in conn.execute("SELECT id FROM patients ORDER BY id")]
-    if not ids:
-        raise StudyError("the node store has no patients; ingest data first: aipipe node ingest")
-    index = {pid: i for i, pid in enumerate(ids)}
-    blocks: list[NDArray[np.float64]] = []
-    drop_mask = np.zeros(len(ids), dtype=bool)
-    missing: dict[str, float] = {}
-    unconverted: dict[str, int] = {}
-    impute_cols: list[tuple[int, float | None]] = []
-    col = 0
-    for feature in study.features:
-        since = window_start(study, feature, study.reference_date)
-        values, skipped = _feature_values(conn, feature, index, study.reference_date, since)
-        missing[feature.name] = round(float(np.isnan(values).mean()), 4)
-        if skipped:
-            unconverted[feature.name] = skipped
-        block, n_value_cols = _encode(feature, values)
-        if feature.missing == "drop":
-            drop_mask |= np.isnan(values)
-        else:
-            impute_cols.extend((c, feature.impute) for c in range(col, col + n_value_cols))
-        blocks.append(block)
-        col += block.shape[1]
-    for name in study.demographics:
-        values = ages(conn, index, study.reference_date) if name == "age" else _sex(conn, index)
-        missing[name] = round(float(np.isnan(values).mean()), 4)
-        drop_mask |= np.isnan(values)
-        blocks.append(values[:, None])
-    excluded = exclusions(conn, study, study.reference_date)
-    drop_mask |= np.array([pid in excluded for pid in ids], dtype=bool)
-    x = np.concatenate(blocks, axis=1).astype(np.float64)
-    return RawMatrix(
-        ids, x, _labels(conn, study, index), drop_mask, impute_cols, missing, unconverted, excluded
-    )
 
 
 def extract(store: NodeStore, study: StudySpec) -> FeatureMatrix:
@@ -188,99 +116,6 @@ def site_preprocessor(store: NodeStore, study: StudySpec) -> Preprocessor:
     return Preprocessor.fit(study, x[train_idx], raw.impute_cols)
 
 
-def z_bounds(study: StudySpec) -> NDArray[np.float64]:
-    """Each column's z-score bound for a patient scored: Z_CLIP for numeric values and age,
-    none (inf) for 0/1 columns (categorical levels, missing indicators, sex)."""
-    bounds: list[float] = []
-    for feature in study.features:
-        n = len(feature.columns())
-        values = n - 1 if feature.missing == "indicator" else n
-        numeric = feature.kind == "numeric"
-        bounds += [Z_CLIP if numeric else math.inf] * values + [math.inf] * (n - values)
-    bounds += [Z_CLIP if name == "age" else math.inf for name in study.demographics]
-    return np.asarray(bounds, dtype=np.float64)
-
-
-def std_floors(study: StudySpec) -> NDArray[np.float64]:
-    """Each column's std floor: STD_FLOOR_FRACTION of its range's width, else the absolute."""
-    floors: list[float] = []
-    for feature in study.features:
-        ranges = feature.column_ranges()
-        if ranges is None:  # a numeric feature without a `range`
-            floors.append(STD_FLOOR_ABSOLUTE)
-            ranges = [(0.0, 1.0)] if feature.missing == "indicator" else []
-        floors.extend(STD_FLOOR_FRACTION * (hi - lo) for lo, hi in ranges)
-    demographic = {"age": 120.0, "sex": 1.0}
-    floors.extend(STD_FLOOR_FRACTION * demographic[name] for name in study.demographics)
-    return np.asarray(floors, dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Preprocessor:
-    """What a site learned from its train split to prepare rows: fills for imputed columns and
-    the z-score of `standardize: site`. Applied alike to train, test and patients scored later."""
-
-    fills: dict[int, float]
-    mean: NDArray[np.float64] | None
-    std: NDArray[np.float64] | None  # already floored: the divisor itself
-    # Fitted at a site: how many train rows, and the columns whose own std was below the floor
-    # (no spread there). None/empty for a preprocessor pooled at the hub.
-    train_rows: int | None = None
-    flat: tuple[int, ...] = ()
-
-    @classmethod
-    def fit(
-        cls,
-        study: StudySpec,
-        x_train: NDArray[np.float64],
-        impute_cols: list[tuple[int, float | None]],
-    ) -> Preprocessor:
-        fills = {c: v if v is not None else _nanmean(x_train[:, c]) for c, v in impute_cols}
-        rows = len(x_train)
-        if study.preprocessing.standardize != "site":
-            return cls(fills, None, None, rows)
-        filled = cls(fills, None, None).apply(x_train).astype(np.float64)
-        std = filled.std(axis=0, ddof=1) if rows > 1 else np.zeros(filled.shape[1])
-        mean = filled.mean(axis=0) if rows else np.zeros(filled.shape[1])
-        floors = std_floors(study)
-        flat = tuple(int(c) for c in np.flatnonzero(std < floors))
-        return cls(fills, mean, np.maximum(std, floors), rows, flat)
-
-    def apply(
-        self, x: NDArray[np.float64], bounds: NDArray[np.float64] | None = None
-    ) -> FloatArray:
-        """Fill and scale rows; `bounds` (`z_bounds`) clips each z-score to ±its bound."""
-        out = x.copy()
-        for column, fill in self.fills.items():
-            out[np.isnan(out[:, column]), column] = fill
-        if self.mean is not None and self.std is not None:
-            out = (out - self.mean) / (self.std + 1e-9)
-            if bounds is not None:
-                out = np.clip(out, -bounds, bounds)
-        return out.astype(np.float32)
-
-    def problems(self) -> list[str]:
-        """Why this site cannot scale any patient (empty: it can, or the study does not scale)."""
-        scales = self.mean is not None and self.std is not None
-        if scales and self.train_rows is not None and self.train_rows < MIN_TRAIN_ROWS:
-            return [
-                f"this site has {self.train_rows} train patient(s) for the study; at least "
-                f"{MIN_TRAIN_ROWS} are needed to scale the model's inputs, so it scores no one"
-            ]
-        return []
-
-    def off_scale(self, x_raw: NDArray[np.float64]) -> list[int]:
-        """The columns in which one patient's row differs from a value that had no spread among
-        the site's train patients: the site has no scale to put that difference on."""
-        if self.mean is None or self.std is None:
-            return []
-        filled = x_raw.copy()
-        for column, fill in self.fills.items():
-            if np.isnan(filled[column]):
-                filled[column] = fill
-        return [c for c in self.flat if abs(filled[c] - self.mean[c]) > self.std[c]]
-
-
 def _finish(
     study: StudySpec,
     raw: RawMatrix,
@@ -304,11 +139,6 @@ def _finish(
         missing=raw.missing,
         unconverted=raw.unconverted,
     )
-
-
-def _nanmean(column: NDArray[np.float64]) -> float:
-    present = column[~np.isnan(column)]
-    return float(present.mean()) if present.size else 0.0
 
 
 def keyed_split_indices(
@@ -352,108 +182,3 @@ def split_indices(
         stratify=y if use_strata else None,
     )
     return np.asarray(train), np.asarray(test)
-
-
-def _code_filter(feature_codes: list[str]) -> tuple[str, list[str]]:
-    exact = [c for c in feature_codes if not c.endswith("*")]
-    prefixes = [c[:-1] for c in feature_codes if c.endswith("*")]
-    clauses = []
-    params: list[str] = []
-    if exact:
-        clauses.append(f"code IN ({','.join('?' * len(exact))})")
-        params.extend(exact)
-    for prefix in prefixes:
-        clauses.append("substr(code, 1, ?) = ?")
-        params.extend([str(len(prefix)), prefix])
-    return "(" + " OR ".join(clauses) + ")", params
-
-
-def _feature_values(
-    conn: sqlite3.Connection,
-    feature: Feature,
-    index: dict[str, int],
-    reference: date | None,
-    since: date | None = None,
-) -> tuple[NDArray[np.float64], int]:
-    """One value per patient (NaN where none), and how many values had an unconvertible unit."""
-    where, params = _code_filter(feature.all_codes())
-    sql = (
-        "SELECT patient_id, code, value, unit, effective FROM observations "
-        f"WHERE {where} AND value IS NOT NULL"
-    )
-    if reference is not None:
-        sql += " AND (effective IS NULL OR substr(effective, 1, 10) <= ?)"
-        params.append(reference.isoformat())
-    if since is not None:  # the look-back window: undated values are not known to be recent
-        sql += " AND substr(effective, 1, 10) >= ?"
-        params.append(since.isoformat())
-    sql += " ORDER BY patient_id, effective, resource_id, component"
-    per_patient: dict[str, list[float]] = {}
-    target = feature.target_unit()
-    skipped = 0
-    for patient, code, value, unit, _ in conn.execute(sql, params):
-        if patient not in index:
-            continue
-        if target is not None:
-            value = convert_unit(value, unit, target, code)
-            if value is None:
-                skipped += 1
-                continue
-        per_patient.setdefault(patient, []).append(float(value))
-    out = np.full(len(index), np.nan)
-    for patient, values in per_patient.items():
-        out[index[patient]] = _aggregate(feature.aggregation, values)
-    return out, skipped
-
-
-def _aggregate(how: str, values: list[float]) -> float:
-    if how == "latest":
-        return values[-1]
-    if how == "mean":
-        return float(np.mean(values))
-    if how == "min":
-        return min(values)
-    if how == "max":
-        return max(values)
-    return float(len(values))
-
-
-def _encode(feature: Feature, values: NDArray[np.float64]) -> tuple[NDArray[np.float64], int]:
-    """The feature's columns, and how many of them are value columns (not the indicator)."""
-    if feature.kind == "categorical":
-        assert feature.levels is not None
-        levels = feature.levels[1:] if feature.drop_first else feature.levels
-        block = np.stack([(values == level).astype(np.float64) for level in levels], axis=1)
-        block[np.isnan(values)] = np.nan
-    else:
-        block = values[:, None].copy()
-    n_value_cols = block.shape[1]
-    if feature.missing == "indicator":
-        block = np.concatenate([block, np.isnan(values)[:, None].astype(np.float64)], axis=1)
-    return block, n_value_cols
-
-
-def _sex(conn: sqlite3.Connection, index: dict[str, int]) -> NDArray[np.float64]:
-    out = np.full(len(index), np.nan)
-    for pid, sex in conn.execute("SELECT id, sex FROM patients"):
-        out[index[pid]] = {"male": 1.0, "female": 0.0}.get(sex or "", np.nan)
-    return out
-
-
-def _labels(
-    conn: sqlite3.Connection, study: StudySpec, index: dict[str, int]
-) -> NDArray[np.float64]:
-    where, params = _code_filter(list(study.cohort.label.conditions))
-    sql = f"SELECT DISTINCT patient_id FROM conditions WHERE {where}"
-    window = study.cohort.label.window
-    if window is not None and window.start is not None:
-        sql += " AND substr(onset, 1, 10) >= ?"
-        params.append(window.start.isoformat())
-    if window is not None and window.end is not None:
-        sql += " AND substr(onset, 1, 10) <= ?"
-        params.append(window.end.isoformat())
-    y = np.zeros(len(index))
-    for (pid,) in conn.execute(sql, params):
-        if pid in index:
-            y[index[pid]] = 1.0
-    return y

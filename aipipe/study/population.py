@@ -16,7 +16,8 @@ from datetime import date, timedelta
 import numpy as np
 from numpy.typing import NDArray
 
-from aipipe.study.spec import Feature, StudySpec
+from aipipe.study.blocks import Feature
+from aipipe.study.spec import StudySpec
 
 _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})")
 

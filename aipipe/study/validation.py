@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from aipipe.errors import StudyError
-from aipipe.study.spec import Validation
+from aipipe.study.blocks import Validation
 
 Source = Literal["exact", "dp"]
 _EPS = 1e-12

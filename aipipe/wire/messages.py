@@ -194,7 +194,7 @@ class UpdateHeader(Wire):
     study_digest: str = Field(pattern=_HEX64)
     round: int = Field(ge=1)
     base_version: str = Field(pattern=_HEX64)
-    secure: Literal["none", "ckks", "secagg"] = "none"
+    secure: SecureMode = SecureMode.NONE
     num_examples: int | None = Field(default=None, gt=0, le=MAX_COUNT)
     payload_sha256: str = Field(pattern=_HEX64)
     epsilon_spent: float | None = None
