@@ -321,7 +321,7 @@ def test_a_secure_nodes_decline_names_no_count_of_its_site(
     def extract(store: object, study: object) -> FeatureMatrix:
         raise counted  # what `aipipe.study.features.extract` says of a sparse site
 
-    monkeypatch.setattr("aipipe.node.worker.extract", extract)
+    monkeypatch.setattr("aipipe.node.extraction.extract", extract)
     hub = DeclineRecorder()
     item = RoundWork(
         kind="train", study=spec.name, study_digest=spec.digest(), round=1, version="b" * 64
@@ -346,7 +346,7 @@ def test_a_plaintext_nodes_decline_keeps_its_reason(
     def extract(store: object, study: object) -> FeatureMatrix:
         raise StudyError("keeps 3 of 187 patients")
 
-    monkeypatch.setattr("aipipe.node.worker.extract", extract)
+    monkeypatch.setattr("aipipe.node.extraction.extract", extract)
     hub = DeclineRecorder()
     item = RoundWork(
         kind="train", study=spec.name, study_digest=spec.digest(), round=1, version="b" * 64

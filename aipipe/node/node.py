@@ -286,17 +286,13 @@ class Node:
     def extract(self, study: StudySpec | str) -> FeatureMatrix:
         """The feature matrix of an approved study (by name) or of a study file's spec (to look
         at before approving); audited as features.extract (counts only), as the worker does."""
-        from aipipe.study.features import extract  # imports scikit-learn: only when needed
+        from aipipe.node.extraction import audited_extract  # imports scikit-learn
 
         spec = self.approved_spec(study) if isinstance(study, str) else study
-        approval = self.store.approval(spec.name)
-        matrix = extract(self.store, spec)
-        digest = spec.digest()
-        self._record(Action.FEATURES_EXTRACT, f"study/{spec.name}", {
-            "cohort": matrix.cohort, "train": len(matrix.train_ids), "test": len(matrix.test_ids),
-            "digest": digest, "approved": approval is not None and approval[0] == digest,
-        })  # fmt: skip
-        return matrix
+        approval, digest = self.store.approval(spec.name), spec.digest()
+        approved = approval is not None and approval[0] == digest
+        details = {"digest": digest, "approved": approved}
+        return audited_extract(self.store, self.audit, self.name, spec, details)
 
     def predict(
         self, study: str, *, as_of: date | None = None, write_back_to: str | None = None

@@ -28,6 +28,7 @@ from aipipe.models import ModelError, arrays_to_model, build_model
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
 from aipipe.node.evaluating import evaluate_work
+from aipipe.node.extraction import audited_extract
 from aipipe.node.lineage import ModelLineage
 from aipipe.node.round_state import RoundStates
 from aipipe.node.secagg_node import run_secagg
@@ -44,7 +45,7 @@ from aipipe.privacy.ledger_records import TRAIN, LedgerEntry
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
-from aipipe.study.features import FeatureMatrix, extract
+from aipipe.study.features import FeatureMatrix
 from aipipe.study.spec import StudySpec
 from aipipe.wire import (
     EvaluateWork,
@@ -168,13 +169,8 @@ class NodeWorker:
 
     def features(self, spec: StudySpec) -> FeatureMatrix:
         if spec.name not in self._features:
-            self._features[spec.name] = matrix = extract(self.store, spec)
-            self.audit.append(
-                "features.extract",
-                actor=self.name,
-                resource=f"study/{spec.name}",
-                details=_counts(matrix),
-            )
+            matrix = audited_extract(self.store, self.audit, self.name, spec)
+            self._features[spec.name] = matrix
             # Under secure aggregation the hub must not learn a site's n or statistics: no
             # pooled preprocessing for hub-side CDS then; score with `node serve-cds`.
             report_stats(self, spec, matrix)
@@ -340,7 +336,3 @@ def _hub_reason(spec: StudySpec, exc: Exception) -> str:
     if SecureMode(spec.secure) is SecureMode.NONE:
         return str(exc)
     return f"{type(exc).__name__} at this node; its audit log holds the reason"
-
-
-def _counts(matrix: FeatureMatrix) -> dict[str, int]:
-    return {"cohort": matrix.cohort, "train": len(matrix.train_ids), "test": len(matrix.test_ids)}
