@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from sklearn.metrics import roc_auc_score
 
 from aipipe.errors import StudyError
 from aipipe.study.blocks import Validation
@@ -272,23 +273,10 @@ def calibration_slope(y: NDArray[np.float64], p: NDArray[np.float64]) -> float |
 
 
 def _auc(y: NDArray[np.float64], p: NDArray[np.float64]) -> float | None:
-    """Mann-Whitney AUC with mid-ranks for ties; None with one class only."""
-    positives = int(y.sum())
-    negatives = len(y) - positives
-    if positives == 0 or negatives == 0:
+    """ROC AUC (ties count ½: scikit-learn's); None with one class only (or none)."""
+    if len(np.unique(y)) < 2:
         return None
-    order = np.argsort(p, kind="mergesort")
-    ranks = np.empty(len(p), np.float64)
-    sorted_p = p[order]
-    i = 0
-    while i < len(p):
-        j = i
-        while j + 1 < len(p) and sorted_p[j + 1] == sorted_p[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = float(ranks[y == 1].sum()) - positives * (positives + 1) / 2
-    return u / (positives * negatives)
+    return float(roc_auc_score(y, p))
 
 
 def _binned_auc(neg: NDArray[np.float64], pos: NDArray[np.float64]) -> float | None:
