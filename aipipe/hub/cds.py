@@ -17,7 +17,10 @@ from aipipe.hub.service import HubService
 from aipipe.hub.validation import servable_version, validation_card
 from aipipe.privacy.statistics import NoisedSums, moments, pool
 from aipipe.study.preprocessing import Preprocessor
+from aipipe.study.spec import StudySpec
 from aipipe.wire.tensors import decode_arrays
+
+Mark = tuple[int, str | None]  # `HubStore.metrics_mark()`
 
 
 def hub_fhir_access(paths: HubPaths) -> FhirAccess:
@@ -88,22 +91,32 @@ def registry_lineage(service: HubService, version: str) -> list[LineageStep]:
 class HubCdsProvider:
     def __init__(self, service: HubService) -> None:
         self._service = service
-        self._built: dict[str, tuple[str, list[ServiceEntry], PatientScorer]] = {}
+        # study → ((served version, reports mark), its services, its scorer)
+        self._built: dict[str, tuple[tuple[str, Mark | None], list[ServiceEntry], PatientScorer]]
+        self._built = {}
+        # study → ((head version, reports mark), (servable version, why not the head))
+        self._decided: dict[str, tuple[tuple[str | None, Mark | None], tuple[str | None, str]]]
+        self._decided = {}
         # study → (head version, why the hub's CDS does not serve it)
         self.withheld: dict[str, tuple[str, str]] = {}
 
     def _refresh(self) -> None:
+        """Called on every CDS request: one query for the reports' mark; a study's validation
+        decision and services are rebuilt only when its head version changed or, for a study
+        with a `validation:` minimum, a report arrived (it may move the pooled metrics)."""
+        mark = self._service.store.metrics_mark()
         for row in self._service.store.studies():
             study = str(row["name"])
-            version = self._servable(study, row["current_version"])
+            spec = self._service.spec(study)
+            stamp = mark if spec.validation is not None else None
+            version = self._servable(spec, row["current_version"], stamp)
             if version is None:
                 continue  # no version meets the study's validation minimum (or none trained)
             model = self._service.store.model(version)
             if model is None or model["round"] == 0:
                 continue  # nothing trained yet: the initial weights serve no patient
-            if study in self._built and self._built[study][0] == version:
+            if study in self._built and self._built[study][0] == (version, stamp):
                 continue
-            spec = self._service.spec(study)
             try:
                 preprocessor = pooled_preprocessor(self._service, study)
             except StudyError:
@@ -112,12 +125,18 @@ class HubCdsProvider:
             scorer = PatientScorer(spec, weights, preprocessor, version)
             lineage = registry_lineage(self._service, version)
             entries = service_entries(spec, version, lineage=lineage, served_by="hub")
-            self._built[study] = (version, entries, scorer)
+            self._built[study] = ((version, stamp), entries, scorer)
 
-    def _servable(self, study: str, current: str | None) -> str | None:
+    def _servable(self, spec: StudySpec, current: str | None, stamp: Mark | None) -> str | None:
         """The newest version meeting the study's `validation:` minimum (the current one when
-        it sets none); a study with none is withheld, audited once per head version."""
-        version, reason = servable_version(self._service.store, self._service.spec(study), current)
+        it sets none); a study with none is withheld, audited once per head version. Decided
+        again only when the head version or the reports (`stamp`) changed."""
+        study, kept = spec.name, self._decided.get(spec.name)
+        if kept is not None and kept[0] == (current, stamp):
+            version, reason = kept[1]
+        else:
+            version, reason = servable_version(self._service.store, spec, current)
+            self._decided[study] = ((current, stamp), (version, reason))
         if version != current and self.withheld.get(study, ("", ""))[0] != current:
             self.withheld[study] = (str(current), reason)
             self._service.audit.append(

@@ -45,7 +45,7 @@ def check_report(spec: StudySpec, report: EvalReport) -> None:
 
 def site_histograms(store: HubStore, spec: StudySpec, version: str) -> list[CalibrationHistogram]:
     """The sites' noised histograms for `version` that fit the study as published."""
-    out = []
+    out, digest = [], spec.digest()
     for report in store.metrics(version).values():
         raw = report.get("calibration")
         if not raw:
@@ -57,7 +57,7 @@ def site_histograms(store: HubStore, spec: StudySpec, version: str) -> list[Cali
         criteria = spec.validation
         if (
             criteria is not None
-            and histogram.study_digest == spec.digest()
+            and histogram.study_digest == digest
             and len(histogram.negatives) == criteria.bins
         ):
             out.append(histogram)

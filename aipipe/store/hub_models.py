@@ -96,6 +96,12 @@ class ModelTables(Tables):
         )
         return {node: json.loads(report) for node, report in rows}
 
+    def metrics_mark(self) -> tuple[int, str | None]:
+        """(reports kept, the latest one's time): changes whenever a report arrives or is
+        replaced, so a reader can tell cheaply whether anything derived from reports is stale."""
+        count, latest = self.conn.execute("SELECT COUNT(*), MAX(at) FROM metrics").fetchone()
+        return int(count), latest
+
     def put_feature_stats(self, study: str, node: str, digest: str, stats: dict[str, Any]) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO feature_stats VALUES (?, ?, ?, ?)",
