@@ -42,21 +42,20 @@ from aipipe.wire.secure import (
     SecAggUnmaskRequest,
 )
 
-Stage = SecAggStage
-_NEXT = {Stage.ADVERTISING: Stage.SHARING, Stage.SHARING: Stage.MASKING}
-_NEXT[Stage.MASKING] = Stage.UNMASKING
+_NEXT = {SecAggStage.ADVERTISING: SecAggStage.SHARING, SecAggStage.SHARING: SecAggStage.MASKING}
+_NEXT[SecAggStage.MASKING] = SecAggStage.UNMASKING
 _POSTS: dict[str, tuple[SecAggStage, type[BaseModel]]] = {
-    "advert": (Stage.ADVERTISING, SecAggAdvert),
-    "shares": (Stage.SHARING, SecAggShares),
-    "unmask": (Stage.UNMASKING, SecAggUnmask),
+    "advert": (SecAggStage.ADVERTISING, SecAggAdvert),
+    "shares": (SecAggStage.SHARING, SecAggShares),
+    "unmask": (SecAggStage.UNMASKING, SecAggUnmask),
 }
 _POLLS = {
-    "neighbour-keys": Stage.SHARING,
-    "forwarded-shares": Stage.MASKING,
-    "unmask-request": Stage.UNMASKING,
+    "neighbour-keys": SecAggStage.SHARING,
+    "forwarded-shares": SecAggStage.MASKING,
+    "unmask-request": SecAggStage.UNMASKING,
 }
 _ORDER = list(SecAggStage)
-_LIVE = frozenset(_ORDER) - {Stage.DONE}
+_LIVE = frozenset(_ORDER) - {SecAggStage.DONE}
 _CLOSE = "close"
 
 
@@ -109,10 +108,10 @@ def _close(state: SecAggState) -> SecAggStage:
     """End the current stage: the next stage's members and what each of them fetches."""
     server = state.server
     outbox: dict[str, BaseModel]
-    if state.stage is Stage.ADVERTISING:
+    if state.stage is SecAggStage.ADVERTISING:
         members = server.close_advertising()
         outbox = {c: SecAggNeighbourKeys(keys=server.neighbour_keys(c)) for c in members}
-    elif state.stage is Stage.SHARING:
+    elif state.stage is SecAggStage.SHARING:
         members = server.close_sharing()
         outbox = {c: SecAggForwarded(shares=server.forwarded_shares(c)) for c in members}
     else:
@@ -143,7 +142,9 @@ class SecAggRound(SecureProtocol):
         seen = ctx.secure.seen_keys(exclude_round=config.round_id if replay else None)
         server = SecAggServer(config=config, roster=roster, seen_public_keys=seen)
         codec = fixed_point_codec(spec.bounds.update_norm, len(selected), config.bits)
-        return SecAggState(server, codec, Stage.ADVERTISING, ctx.clock.now(), frozenset(selected))
+        return SecAggState(
+            server, codec, SecAggStage.ADVERTISING, ctx.clock.now(), frozenset(selected)
+        )
 
     def open(self, spec: StudySpec, number: int) -> None:
         try:
@@ -199,7 +200,7 @@ class SecAggRound(SecureProtocol):
             state = self._get(spec, row.round)
         except ConflictError:
             return None
-        if state.stage is Stage.ADVERTISING and node not in state.answered:
+        if state.stage is SecAggStage.ADVERTISING and node not in state.answered:
             return self.work_item("train", spec, row, digest)
         return None
 
@@ -209,7 +210,7 @@ class SecAggRound(SecureProtocol):
         if step not in _POSTS:
             raise NotFoundError(f"no SecAgg+ step '{step}'; nodes post {', '.join(_POSTS)}")
         stage, model = _POSTS[step]
-        kind = "advert" if stage is Stage.ADVERTISING else step
+        kind = "advert" if stage is SecAggStage.ADVERTISING else step
         if self._resent(spec, number, node, kind, body):
             return
         state = self._get(spec, number)
@@ -272,7 +273,7 @@ class SecAggRound(SecureProtocol):
         if self._resent(spec, number, node, "masked", payload):
             return
         state = self._get(spec, number)
-        self._check_member(spec, number, state, node, Stage.MASKING, "masked input")
+        self._check_member(spec, number, state, node, SecAggStage.MASKING, "masked input")
 
         def fold(previous: bytes | None) -> None:
             self.ctx.secure.log_secagg(spec.name, number, "masked", node, payload)
@@ -318,16 +319,16 @@ class SecAggRound(SecureProtocol):
         declined = set(ctx.with_status(spec.name, number, NodeStatus.DECLINED))
         if state.members - state.answered - declined and ctx.clock.now() < state.deadline:
             return
-        if state.stage is Stage.UNMASKING:
+        if state.stage is SecAggStage.UNMASKING:
             self.conclude(spec, number)
             return
         before, closing = state.members, state.stage
         with ctx.store.transaction():
             ctx.secure.log_secagg(spec.name, number, _CLOSE, "hub", b"")
             opened = _close(state)
-        if opened is Stage.SHARING:
+        if opened is SecAggStage.SHARING:
             ctx.secure.add_seen_keys(state.server.used_public_keys, state.server.config.round_id)
-        if opened is Stage.UNMASKING:
+        if opened is SecAggStage.UNMASKING:
             self.need_min_nodes(spec, len(state.members), "masked inputs")
         dropped = sorted(before - state.members)
         self.audit_stage(spec.name, number, closing, len(state.members), dropped)
