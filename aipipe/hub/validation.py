@@ -67,11 +67,12 @@ def site_histograms(store: HubStore, spec: StudySpec, version: str) -> list[Cali
 def pooled_report(store: HubStore, spec: StudySpec, version: str) -> ValidationReport | None:
     """The pooled validation of `version`, judged by the study; None when no site released
     one (or the study sets no `validation:`)."""
+    return _pooled(spec, site_histograms(store, spec, version))
+
+
+def _pooled(spec: StudySpec, parts: list[CalibrationHistogram]) -> ValidationReport | None:
     criteria = spec.validation
-    if criteria is None:
-        return None
-    parts = site_histograms(store, spec, version)
-    if not parts:
+    if criteria is None or not parts:
         return None
     counts = np.sum([[h.negatives, h.positives] for h in parts], axis=0)
     return judge(histogram_report(counts, source="dp", epsilon=criteria.epsilon), criteria)
@@ -86,10 +87,11 @@ def validation_card(store: HubStore, version: str) -> dict[str, Any] | None:
     spec = StudySpec.model_validate(json.loads(study["spec"]))
     if spec.validation is None:
         return None
-    report = pooled_report(store, spec, version)
+    parts = site_histograms(store, spec, version)
+    report = _pooled(spec, parts)
     if report is None:
         return {"source": "dp", "sites": 0, "passed": False, "failures": [_no_release(spec)]}
-    return {**report.as_card(), "sites": len(site_histograms(store, spec, version))}
+    return {**report.as_card(), "sites": len(parts)}
 
 
 def servable_version(
