@@ -60,8 +60,8 @@ def train_scorer(workdir: Path) -> Any:
 
     from aipipe.cds import PatientScorer
     from aipipe.models import build_model
+    from aipipe.models.training import train_local
     from aipipe.node.ingest import ingest_files
-    from aipipe.node.training import train_local
     from aipipe.store.node_store import NodeStore
     from aipipe.study.blocks import Privacy, Training
     from aipipe.study.features import extract

@@ -10,7 +10,7 @@ Methods, on the same model, data, optimizer (Adam, lr 1e-3) and number of steps,
   per-sample gradient hooks over a `DataLoader(TensorDataset)`, Poisson sampling.
 - `opacus-ghost`: the same loop with `grad_sample_mode="ghost"` (ghost clipping, two backward
   passes), the fastest exact Opacus mode on these models: shown to justify aipipe's choice.
-- `aipipe`: `aipipe.node.training.train_local` with privacy.mode "dp" (exact one-pass clipping,
+- `aipipe`: `aipipe.models.training.train_local` with privacy.mode "dp" (exact one-pass clipping,
   Opacus' noise, Poisson batches sliced from tensors).
 
 Every timed call is a whole local round as a node runs it (optimizer and privacy setup included),
@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from aipipe.models import build_model
-from aipipe.node.training import train_local
+from aipipe.models.training import train_local
 from aipipe.study.blocks import ModelSpec, Privacy, Training
 
 N = 10_000

@@ -8,7 +8,7 @@ No hub and no HTTP, but the code a deployment runs: each hospital's FHIR NDJSON
 (`init_node`, `open_store`, `ingest_files`) and turned into matrices by
 `aipipe.study.features.extract` with `examples/heart-disease/study.yaml`, which reproduces
 FLamby's preprocessing and its 199/104, 172/89, 30/16, 85/45 split. Training is
-`aipipe.node.training.train_local` / `evaluate` (DP-SGD when `privacy.mode: dp`, σ calibrated
+`aipipe.models.training.train_local` / `evaluate` (DP-SGD when `privacy.mode: dp`, σ calibrated
 by `train_local` so that rounds × local steps stay within ε = 1, δ = 1e-5 at each site, PRV
 accountant), aggregation is `aipipe.aggregation.aggregator_for` with `begin/accumulate/finalize`.
 The two privacy modes run in two processes (`--jobs 2`, the default); nothing else is shared.
@@ -74,9 +74,9 @@ from sklearn.model_selection import train_test_split
 
 from aipipe.aggregation import aggregator_for
 from aipipe.models import arrays_to_model, build_model, weights_to_arrays
+from aipipe.models.training import EvalResult, evaluate, train_local
 from aipipe.node.home import init_node, open_store
 from aipipe.node.ingest import ingest_files
-from aipipe.node.training import EvalResult, evaluate, train_local
 from aipipe.privacy.accountant import epsilon_for
 from aipipe.study.blocks import Aggregation, Training
 from aipipe.study.features import extract

@@ -123,7 +123,7 @@ BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as aipipe's
 
 
 class Task:
-    """aipipe's local step and evaluation (aipipe.node.training) for Linear(13, 1) + BCE with
+    """aipipe's local step and evaluation (aipipe.models.training) for Linear(13, 1) + BCE with
     logits, in float32 numpy: no torch import, so Flower's per-message ClientApp processes
     start as fast as they can."""
 

@@ -31,8 +31,8 @@ from fastapi.testclient import TestClient
 from aipipe.audit import AuditLog
 from aipipe.cds import PatientScorer
 from aipipe.models import build_model
+from aipipe.models.training import train_local
 from aipipe.node.ingest import ingest_files
-from aipipe.node.training import train_local
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.blocks import Privacy, Training

@@ -33,9 +33,9 @@ from httpx import Response
 from pydantic import BaseModel
 
 from aipipe.audit.log import AuditLog
+from aipipe.models.training import TrainResult
 from aipipe.node.client import HubClient
 from aipipe.node.secagg_node import checked_config
-from aipipe.node.training import TrainResult
 from aipipe.node.vault import SecureVault
 from aipipe.node.worker import NodeWorker
 from aipipe.secure.ckks import CkksContext, choose_ckks_params

@@ -16,7 +16,7 @@ import pytest
 from httpx import Response
 
 from aipipe.models import build_model, weights_to_arrays
-from aipipe.node.training import clip_update, train_local
+from aipipe.models.training import clip_update, train_local
 from aipipe.study.spec import MAX_FEATURES, StudySpec
 from tests.e2e_support import frame, sign, signed_update
 from tests.hub_support import STUDY, Arrays, Hub, Node, Round, update

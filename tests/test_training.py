@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from aipipe.models import build_model, weights_to_arrays
-from aipipe.node.training import evaluate, train_local
+from aipipe.models.training import evaluate, train_local
 from aipipe.privacy import epsilon_for
 from aipipe.study.blocks import ModelSpec, Privacy, Training
 

@@ -1,4 +1,4 @@
-"""Torch models for studies, split into body and head, and their safe serialization."""
+"""Torch models for studies (body and head), their local training, and safe serialization."""
 
 from aipipe.models.errors import ModelError, ModelFormatError, ModelMismatchError
 from aipipe.models.serialization import (

@@ -17,7 +17,7 @@ import json
 import secrets
 
 from aipipe.models import build_model
-from aipipe.node.training import EvalResult, evaluate, train_local
+from aipipe.models.training import EvalResult, evaluate, train_local
 from aipipe.privacy.engine import Plan, PrivacyEngine
 from aipipe.privacy.errors import PrivacyError
 from aipipe.privacy.ledger import BudgetLedger

@@ -7,9 +7,9 @@ from __future__ import annotations
 from aipipe.errors import NotFoundError
 from aipipe.models import arrays_to_model, build_model
 from aipipe.models.errors import UnverifiedModelError
+from aipipe.models.training import evaluate
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
 from aipipe.node.site import SiteNode, audit_cohorts, audit_refusal
-from aipipe.node.training import evaluate
 from aipipe.node.validation import Assessment, assess, release_histogram
 from aipipe.privacy.engine import VALIDATION
 from aipipe.privacy.errors import PrivacyError

@@ -52,7 +52,7 @@ from aipipe.wire.secure import (
 )
 
 if TYPE_CHECKING:
-    from aipipe.node.training import TrainResult
+    from aipipe.models.training import TrainResult
     from aipipe.study.spec import StudySpec
 
 

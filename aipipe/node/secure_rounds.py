@@ -33,7 +33,7 @@ from aipipe.wire.secure import (
 from aipipe.wire.tensors import encode_arrays
 
 if TYPE_CHECKING:
-    from aipipe.node.training import TrainResult
+    from aipipe.models.training import TrainResult
     from aipipe.secure.ckks import CkksContext
     from aipipe.study.spec import StudySpec
 

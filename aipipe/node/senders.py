@@ -10,9 +10,9 @@ from types import MappingProxyType
 from typing import ClassVar
 
 from aipipe.errors import StudyError
+from aipipe.models.training import TrainResult
 from aipipe.node import secure_rounds
 from aipipe.node.sending import RoundNode, audit_train, upload
-from aipipe.node.training import TrainResult
 from aipipe.study.spec import StudySpec
 from aipipe.wire import RoundWork, SecureMode
 from aipipe.wire.tensors import encode_arrays

@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 from aipipe.audit.log import AuditLog
 from aipipe.clock import monotonic_deadline
+from aipipe.models.training import TrainResult
 from aipipe.node.client import HubClient
-from aipipe.node.training import TrainResult
 from aipipe.node.vault import SecureVault
 from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution
 from aipipe.secure.errors import SecureAggregationError

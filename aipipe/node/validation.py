@@ -30,9 +30,9 @@ from aipipe.audit.log import AuditLog
 from aipipe.errors import NotFoundError
 from aipipe.models import arrays_to_model, build_model
 from aipipe.models.errors import UnverifiedModelError
+from aipipe.models.training import evaluate
 from aipipe.node.client import HubClient
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
-from aipipe.node.training import evaluate
 from aipipe.privacy.cohorts import Cohort
 from aipipe.privacy.engine import VALIDATION, PrivacyEngine
 from aipipe.store.node_store import NodeStore

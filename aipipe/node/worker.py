@@ -25,6 +25,7 @@ from aipipe.errors import (
     StudyNotApprovedError,
 )
 from aipipe.models import ModelError, arrays_to_model, build_model
+from aipipe.models.training import TrainResult, clip_update, train_local
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
 from aipipe.node.evaluating import evaluate_work
@@ -35,7 +36,6 @@ from aipipe.node.secagg_node import run_secagg
 from aipipe.node.senders import sender_for
 from aipipe.node.site import audit_cohorts, audit_refusal
 from aipipe.node.stats_release import report_stats
-from aipipe.node.training import TrainResult, clip_update, train_local
 from aipipe.node.vault import SecureVault
 from aipipe.privacy.cohorts import DISJOINT, Cohort
 from aipipe.privacy.engine import Plan, PrivacyEngine

@@ -38,6 +38,7 @@ from aipipe.study.blocks import (
     Validation,
 )
 from aipipe.study.cds import CdsSettings
+from aipipe.study.personal import Personalization
 from aipipe.wire import SecureMode
 
 # A study names at most this many features and its matrix has at most this many columns (a
@@ -71,6 +72,7 @@ class StudySpec(StudyBlock):
     min_nodes: int = Field(default=2, ge=1)
     round_deadline_s: float = Field(default=600.0, gt=0)
     cds: CdsSettings | None = None
+    personalization: Personalization | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -172,6 +174,8 @@ class StudySpec(StudyBlock):
             exclude["cds"] = True
         if self.validation is None:
             exclude["validation"] = True
+        if self.personalization is None:
+            exclude["personalization"] = True
         unset = [i for i, f in enumerate(self.features) if f.lookback_days is None]
         if unset:
             exclude["features"] = {i: {"lookback_days"} for i in unset}
