@@ -22,7 +22,12 @@ def audited_extract(
     """Extract `spec`'s features from `store` and record it (patients in the cohort, train and
     test rows; never ids), with `details` added."""
     matrix = extract(store, spec)
-    counts = {"cohort": matrix.cohort, "train": len(matrix.train_ids), "test": len(matrix.test_ids)}
+    counts = {
+        "cohort": matrix.cohort,
+        "train": len(matrix.train_ids),
+        "validation": len(matrix.val_ids),
+        "test": len(matrix.test_ids),
+    }
     audit.append(
         Action.FEATURES_EXTRACT,
         actor=actor,

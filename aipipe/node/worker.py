@@ -247,7 +247,7 @@ class NodeWorker:
         hashed once per extraction, not at every release."""
         if spec.name not in self._cohorts:
             matrix = self.features(spec)
-            patients = self.store.cohort_hashes([*matrix.train_ids, *matrix.test_ids])
+            patients = self.store.cohort_hashes(matrix.ids)
             self._cohorts[spec.name] = Cohort(patients, disjoint=spec.privacy.cohort == DISJOINT)
         return self._cohorts[spec.name]
 

@@ -43,6 +43,7 @@ from aipipe.models import build_model, weights_to_arrays
 from aipipe.models.serialization import Arrays, arrays_to_model
 from aipipe.models.training import EvalResult, TrainResult, evaluate, train_local
 from aipipe.study.blocks import ModelSpec, Privacy, Training
+from aipipe.study.features import FeatureMatrix
 from aipipe.study.personal import Personalization
 
 NO_DP = Privacy(mode="none")
@@ -58,6 +59,12 @@ class SiteData:
     y_fit: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+
+    @classmethod
+    def of(cls, matrix: FeatureMatrix) -> SiteData:
+        """A site's extracted matrices (`x_train` is the fit split when the study carves a
+        validation split out of it)."""
+        return cls(matrix.x_train, matrix.y_train, matrix.x_val, matrix.y_val)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ Steps 1-3 read the store (aipipe.study.raw); 5-6 are the `Preprocessor`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -49,16 +49,27 @@ class FeatureMatrix:
     preprocessor: Preprocessor
     missing: dict[str, float] = field(default_factory=dict)
     unconverted: dict[str, int] = field(default_factory=dict)
+    # The validation split (a study with a `personalization:` block): carved out of the train
+    # split after the preprocessing was fitted on all of it; `x_train` is then the rest.
+    x_val: FloatArray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    y_val: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    val_ids: list[str] = field(default_factory=list)
 
     @property
     def cohort(self) -> int:
-        return len(self.train_ids) + len(self.test_ids)
+        return len(self.train_ids) + len(self.val_ids) + len(self.test_ids)
+
+    @property
+    def ids(self) -> list[str]:
+        """Every patient of the study at this site: train, validation and test."""
+        return [*self.train_ids, *self.val_ids, *self.test_ids]
 
     def summary(self) -> dict[str, object]:
-        labels = np.concatenate([self.y_train, self.y_test])
+        labels = np.concatenate([self.y_train, self.y_val, self.y_test])
         return {
             "cohort": self.cohort,
             "train": len(self.train_ids),
+            "validation": len(self.val_ids),
             "test": len(self.test_ids),
             "prevalence": round(float(labels.mean()), 4) if labels.size else 0.0,
             "patients": self.patients,
@@ -88,7 +99,10 @@ def extract(store: NodeStore, study: StudySpec) -> FeatureMatrix:
         assert split.seed is not None  # the spec refuses `seeded` without one
         stratify = True if split.stratify is None else split.stratify
         indices = split_indices(y, split.test_fraction, split.seed, stratify)
-    return _finish(study, raw, raw.x[keep], y, kept_ids, indices)
+    matrix = _finish(study, raw, raw.x[keep], y, kept_ids, indices)
+    if study.personalization is not None:
+        matrix = carve_validation(store, study, matrix)
+    return matrix
 
 
 def site_preprocessor(store: NodeStore, study: StudySpec) -> Preprocessor:
@@ -138,6 +152,53 @@ def _finish(
         preprocessor=preprocessor,
         missing=raw.missing,
         unconverted=raw.unconverted,
+    )
+
+
+def carve_validation(store: NodeStore, study: StudySpec, matrix: FeatureMatrix) -> FeatureMatrix:
+    """Move `personalization.validation_fraction` of the train split to a validation split,
+    deterministically: by a keyed draw independent of the test split's (the study name with
+    `/validation`, which no study name can be) under `method: keyed`, at least one patient; by
+    FLamby's seeded split of the train rows with seed + 1 under `method: seeded`. Personal
+    checkpoints and hyper-parameters are chosen on it, never on the test split."""
+    assert study.personalization is not None
+    fraction = study.personalization.validation_fraction
+    n = len(matrix.train_ids)
+    if n < 2:
+        raise StudyError(
+            f"study '{study.name}' has {n} train patient(s) at this site: a validation split "
+            "needs at least 2; add patients or remove the `personalization:` block"
+        )
+    split = study.split
+    if split.method == "keyed":
+        draws = np.asarray(store.split_draws(f"{study.name}/validation", matrix.train_ids))
+        in_val = draws < fraction
+        if not in_val.any():
+            in_val[int(np.argmin(draws))] = True
+        fit_idx, val_idx = np.flatnonzero(~in_val), np.flatnonzero(in_val)
+    else:
+        assert split.seed is not None
+        stratify = True if split.stratify is None else split.stratify
+        try:
+            fit_idx, val_idx = split_indices(
+                matrix.y_train.astype(np.float64), fraction, split.seed + 1, stratify
+            )
+        except StudyError:
+            fit_idx = np.arange(0)
+    if len(fit_idx) == 0:
+        raise StudyError(
+            f"study '{study.name}': the validation split took every train patient at this "
+            f"site ({n}); lower personalization.validation_fraction ({fraction})"
+        )
+    ids = matrix.train_ids
+    return replace(
+        matrix,
+        x_train=matrix.x_train[fit_idx],
+        y_train=matrix.y_train[fit_idx],
+        train_ids=[ids[i] for i in fit_idx],
+        x_val=matrix.x_train[val_idx],
+        y_val=matrix.y_train[val_idx],
+        val_ids=[ids[i] for i in val_idx],
     )
 
 
