@@ -69,6 +69,25 @@ def changed(a: Arrays, b: Arrays) -> bool:
     return any(not np.array_equal(a[name], b[name]) for name in a)
 
 
+def replay(
+    personalizer: Personalizer, start: Arrays, data: SiteData, steps: int
+) -> torch.nn.Module:
+    """`steps` plain local steps (seed 3, the personalize calls' seed) from `start`, by hand."""
+    model = arrays_to_model(start, personalizer.build(D, seed=0))
+    if steps:
+        local = personalizer.local_training().model_copy(update={"local_steps": steps})
+        train_local(
+            model,
+            data.x_fit,
+            data.y_fit,
+            training=local,
+            privacy=NO_DP,
+            noise_multiplier=None,
+            seed=3,
+        )
+    return model
+
+
 # -- checkpoint selection (shared by all three) --------------------------------------------
 
 
@@ -106,13 +125,8 @@ def test_finetune_steps_when_local_training_helps_validation() -> None:
     assert personal.validation.loss < global_loss
     assert personal.validation == evaluate(model, data.x_val, data.y_val)
     # The chosen checkpoint is exactly that many plain steps from the global weights.
-    replay = arrays_to_model(start, finetune.build(D, seed=0))
-    steps = int(personal.chosen["steps"])
-    local = finetune.local_training().model_copy(update={"local_steps": steps})
-    train_local(
-        replay, data.x_fit, data.y_fit, training=local, privacy=NO_DP, noise_multiplier=None, seed=3
-    )
-    assert_same(personal.weights, weights_to_arrays(replay))
+    chosen = replay(finetune, start, data, int(personal.chosen["steps"]))
+    assert_same(personal.weights, weights_to_arrays(chosen))
 
 
 def test_finetune_keeps_the_global_model_when_local_training_only_hurts_validation() -> None:
@@ -127,6 +141,27 @@ def test_finetune_keeps_the_global_model_when_local_training_only_hurts_validati
     assert personal.chosen == {"steps": 0}
     assert_same(personal.weights, global_weights)
     assert personal.validation == evaluate(model, data.x_val, data.y_val)
+
+
+def test_finetune_chooses_the_checkpoint_with_the_lowest_validation_loss() -> None:
+    finetune, data = method(FineTuning), site()
+    start = weights_to_arrays(finetune.build(D, seed=0))
+    losses = {}
+    for k in checkpoints(20):  # each checkpoint replayed on its own: k steps from the start
+        losses[k] = evaluate(replay(finetune, start, data, k), data.x_val, data.y_val).loss
+
+    personal = finetune.personalize(finetune.build(D, seed=0), {}, {}, data, seed=3)
+
+    assert personal.chosen == {"steps": min(losses, key=losses.__getitem__)}
+    assert personal.validation.loss == pytest.approx(min(losses.values()), rel=1e-6)
+
+
+def test_an_empty_validation_split_is_refused() -> None:
+    data = site()
+    empty = SiteData(x_fit=data.x_fit, y_fit=data.y_fit, x_val=data.x_val[:0], y_val=data.y_val[:0])
+    finetune = method(FineTuning)
+    with pytest.raises(ValueError, match="validation split is empty"):
+        finetune.personalize(finetune.build(D, seed=0), {}, {}, empty, seed=3)
 
 
 def test_finetune_is_deterministic_given_the_seed() -> None:
@@ -287,17 +322,11 @@ def test_ditto_trains_the_global_model_as_without_personalization() -> None:
 def test_ditto_with_lambda_zero_is_plain_local_training() -> None:
     data = site()
     personal, global_weights = ditto_run(0.0, data)
-    ditto = method(Ditto, lam=0.0)
     steps = int(personal.chosen["steps"])
-    replay = arrays_to_model(global_weights, ditto.build(D, seed=0))
-    local = ditto.local_training().model_copy(update={"local_steps": steps})
-
-    train_local(
-        replay, data.x_fit, data.y_fit, training=local, privacy=NO_DP, noise_multiplier=None, seed=3
-    )
+    local_training = replay(method(Ditto, lam=0.0), global_weights, data, steps)
 
     assert steps == 20  # every step helps on this site: the whole run is chosen
-    assert_same(personal.weights, weights_to_arrays(replay))
+    assert_same(personal.weights, weights_to_arrays(local_training))
     assert_same(personal.carry, personal.weights)
 
 
@@ -318,17 +347,36 @@ def test_ditto_continues_from_the_previous_personal_model() -> None:
     data = site()
     first, global_weights = ditto_run(0.0, data)
     second, _ = ditto_run(0.0, data, carry=first.carry)
-    ditto = method(Ditto, lam=0.0)
-    replay = arrays_to_model(first.carry, ditto.build(D, seed=0))
+    continued = replay(method(Ditto, lam=0.0), first.carry, data, int(second.chosen["steps"]))
+
+    assert changed(first.carry, global_weights)
+    assert_same(second.weights, weights_to_arrays(continued))
+
+
+def test_ditto_anchors_the_proximal_term_at_the_global_model_not_at_the_previous_v() -> None:
+    # The previous v learnt the opposite labels; on this site's data it has far to go.
+    first, global_weights = ditto_run(0.0, site(fit_flip=True, val_flip=True))
+    data = site()
+    second, _ = ditto_run(1.0, data, carry=first.carry)
+    ditto = method(Ditto, lam=1.0)
+    by_hand = arrays_to_model(first.carry, ditto.build(D, seed=0))
     steps = int(second.chosen["steps"])
     local = ditto.local_training().model_copy(update={"local_steps": steps})
 
     train_local(
-        replay, data.x_fit, data.y_fit, training=local, privacy=NO_DP, noise_multiplier=None, seed=3
+        by_hand,
+        data.x_fit,
+        data.y_fit,
+        training=local,
+        privacy=NO_DP,
+        noise_multiplier=None,
+        global_weights=global_weights,
+        proximal_mu=1.0,
+        seed=3,
     )
 
-    assert changed(first.carry, global_weights)
-    assert_same(second.weights, weights_to_arrays(replay))
+    assert steps > 0
+    assert_same(second.weights, weights_to_arrays(by_hand))
 
 
 def test_ditto_pulls_the_personal_model_toward_the_global_one() -> None:

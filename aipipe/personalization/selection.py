@@ -19,10 +19,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aipipe.models.serialization import Arrays, arrays_to_model, weights_to_arrays
-from aipipe.models.training import EvalResult, evaluate, train_local
+from aipipe.models.training import evaluate, train_local
 from aipipe.personalization.base import NO_DP, PersonalModel, SiteData
 from aipipe.study.blocks import Training
 
@@ -54,7 +56,8 @@ def refine_on_validation(
     does not apply: `mu` is the only proximal term.
     """
     start = weights_to_arrays(model)
-    best: tuple[Arrays, EvalResult, int] | None = None
+    x_val, y_val = _tensors(data)
+    best: tuple[Arrays, float, int] | None = None
     for k in checkpoints(training.local_steps):
         arrays_to_model(start, model)
         if k > 0:
@@ -69,13 +72,28 @@ def refine_on_validation(
                 proximal_mu=mu,
                 seed=seed,
             )
-        validation = evaluate(model, data.x_val, data.y_val)
-        if best is None or validation.loss < best[1].loss:
-            best = (weights_to_arrays(model), validation, k)
+        loss = _loss(model, x_val, y_val)
+        if best is None or loss < best[1]:
+            best = (weights_to_arrays(model), loss, k)
     assert best is not None  # checkpoints() always holds 0
-    weights, validation, k = best
+    weights, _, k = best
     arrays_to_model(weights, model)
+    validation = evaluate(model, data.x_val, data.y_val)  # AUC and accuracy: the chosen one only
     return PersonalModel(weights=weights, validation=validation, chosen={"steps": float(k)})
+
+
+def _tensors(data: SiteData) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(data.y_val) == 0:
+        raise ValueError("the validation split is empty: nothing to choose a checkpoint on")
+    x = torch.from_numpy(np.ascontiguousarray(data.x_val, dtype=np.float32))
+    return x, torch.from_numpy(np.ascontiguousarray(data.y_val, dtype=np.float32))
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean validation BCE, as `evaluate` computes it (without its AUC, which costs more)."""
+    model.eval()
+    with torch.no_grad():
+        return F.binary_cross_entropy_with_logits(model(x).squeeze(1), y).item()
 
 
 @contextmanager
