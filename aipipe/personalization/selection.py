@@ -7,10 +7,8 @@ steps/4, steps/2, 3·steps/4 and steps. The checkpoint with the lowest loss wins
 a tie), so 0 steps, the starting weights as they are, is always a candidate and refinement that
 only hurts validation is not kept. The test split is never given, so nothing is chosen on it.
 
-Checkpoint k is `train_local` run for k steps from the same start with the same seed, which is
-exactly the first k steps of the longest run (same shuffles, same optimizer state): the
-trajectory is the one a single run of `steps` steps takes, paid for with 2.5·steps steps of
-the small personal model instead of one pass.
+One run of `steps` steps looks at each checkpoint as it passes (`train_local`'s `after_step`),
+so the refinement costs `steps` steps and five validation losses.
 """
 
 from __future__ import annotations
@@ -55,27 +53,31 @@ def refine_on_validation(
     Only trainable parameters move (freeze a part with `frozen`); the study's `proximal_mu`
     does not apply: `mu` is the only proximal term.
     """
-    start = weights_to_arrays(model)
     x_val, y_val = _tensors(data)
-    best: tuple[Arrays, float, int] | None = None
-    for k in checkpoints(training.local_steps):
-        arrays_to_model(start, model)
-        if k > 0:
-            train_local(
-                model,
-                data.x_fit,
-                data.y_fit,
-                training=training.model_copy(update={"local_steps": k}),
-                privacy=NO_DP,
-                noise_multiplier=None,
-                global_weights=anchor,
-                proximal_mu=mu,
-                seed=seed,
-            )
-        loss = _loss(model, x_val, y_val)
-        if best is None or loss < best[1]:
-            best = (weights_to_arrays(model), loss, k)
-    assert best is not None  # checkpoints() always holds 0
+    wanted = set(checkpoints(training.local_steps))
+    best: tuple[Arrays, float, int] = (weights_to_arrays(model), _loss(model, x_val, y_val), 0)
+
+    def look(step: int) -> None:
+        nonlocal best
+        if step in wanted:
+            loss = _loss(model, x_val, y_val)
+            if loss < best[1]:
+                best = (weights_to_arrays(model), loss, step)
+            model.train()
+
+    if training.local_steps > 0:
+        train_local(
+            model,
+            data.x_fit,
+            data.y_fit,
+            training=training,
+            privacy=NO_DP,
+            noise_multiplier=None,
+            global_weights=anchor,
+            proximal_mu=mu,
+            seed=seed,
+            after_step=look,
+        )
     weights, _, k = best
     arrays_to_model(weights, model)
     validation = evaluate(model, data.x_val, data.y_val)  # AUC and accuracy: the chosen one only
