@@ -139,6 +139,21 @@ def _snapshot_sqlite(source: Path, target: Path) -> None:
         raise StoreError(f"cannot back up the database {source}: {exc}") from exc
 
 
+def _stage(path: Path, copy: Path) -> tuple[Path, int, bool] | None:
+    """A stable copy of `path` to hash and archive (a database through the online backup API,
+    any other file read once), its mode, and whether it is a database; None if it vanished."""
+    copy.unlink(missing_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if _is_sqlite(path):
+            _snapshot_sqlite(path, copy)
+            return copy, mode, True
+        shutil.copyfile(path, copy)
+    except FileNotFoundError:
+        return None
+    return copy, mode, False
+
+
 def _add_file(tar: tarfile.TarFile, name: str, path: Path, mode: int) -> None:
     info = tar.gettarinfo(str(path), arcname=name)
     info.mode, info.uid, info.gid, info.uname, info.gname = mode, 0, 0, "", ""
@@ -171,18 +186,17 @@ def create_backup(home: Path, out: Path, *, kind: Kind) -> BackupResult:
     skipped: list[str] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".aipipe-backup-", dir=out.parent) as tmp:
-        staged = Path(tmp) / "staged.tar"
-        with tarfile.open(staged, "w", format=tarfile.PAX_FORMAT) as tar:
+        members_tar = Path(tmp) / "members.tar"
+        with tarfile.open(members_tar, "w", format=tarfile.PAX_FORMAT) as tar:
             for rel, path in _walk(home):
                 if _skipped(rel):
                     skipped.append(str(rel))
                     continue
-                mode = stat.S_IMODE(path.stat().st_mode)
-                source, sqlite = path, _is_sqlite(path)
-                if sqlite:
-                    source = Path(tmp) / "snapshot.sqlite"
-                    source.unlink(missing_ok=True)
-                    _snapshot_sqlite(path, source)
+                staged = _stage(path, Path(tmp) / "file")
+                if staged is None:  # gone since the walk (a temporary file)
+                    skipped.append(str(rel))
+                    continue
+                source, mode, sqlite = staged
                 entry = BackupEntry(
                     str(rel), mode, source.stat().st_size, file_sha256(source), sqlite
                 )
@@ -196,7 +210,7 @@ def create_backup(home: Path, out: Path, *, kind: Kind) -> BackupResult:
             tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as out_tar,
         ):
             _add_bytes(out_tar, MANIFEST, manifest)
-            with tarfile.open(staged, "r") as members:
+            with tarfile.open(members_tar, "r") as members:
                 for member in members.getmembers():
                     out_tar.addfile(member, members.extractfile(member))
         os.replace(partial, out)

@@ -8,6 +8,7 @@ Each is backed up through the CLI, restored into a fresh path and checked there.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import shutil
@@ -189,6 +190,31 @@ def test_an_archive_with_an_unlisted_file_is_refused(node_home: Path, tmp_path: 
     result = invoke("node", "restore", "--home", tmp_path / "r", "--from", bad)
 
     assert "does not list" in assert_user_error(result, 6)
+
+
+def test_an_archive_naming_a_path_outside_the_home_is_refused(tmp_path: Path) -> None:
+    data = b"ssh-ed25519 AAAA attacker"
+    manifest = {
+        "format": "aipipe-backup/1",
+        "kind": "node",
+        "files": [{"path": "../evil", "mode": "600", "size": len(data),
+                   "sha256": hashlib.sha256(data).hexdigest(), "sqlite": False}],
+    }  # fmt: skip
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        for name, body in (
+            ("MANIFEST.json", json.dumps(manifest).encode()),
+            ("home/../evil", data),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    target = tmp_path / "deep" / "home"
+
+    result = invoke("node", "restore", "--home", target, "--from", bad)
+
+    assert "unsafe path" in assert_user_error(result, 6)
+    assert not (tmp_path / "deep" / "evil").exists() and not target.exists()
 
 
 def test_a_truncated_archive_is_refused(node_home: Path, tmp_path: Path) -> None:
