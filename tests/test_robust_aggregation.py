@@ -100,6 +100,23 @@ def test_a_trim_that_would_leave_nothing_is_refused() -> None:
         trimmed_mean(four, 2)
 
 
+@pytest.mark.parametrize(("name", "knobs"), [("trimmed_mean", {"trim": 1 / 3}), ("median", {})])
+def test_up_to_floor_beta_n_malicious_nodes_cannot_push_a_coordinate_outside_the_honest_range(
+    name: str, knobs: dict[str, float]
+) -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        honest = rng.normal(0.0, 1.0, size=(8, 6))
+        malicious = rng.choice([-1e6, 1e6], size=(4, 6)) * rng.uniform(0, 1, size=(4, 6))
+        updates = [update(*row) for row in np.vstack([malicious, honest])[rng.permutation(12)]]
+        aggregator = make_aggregator(name, **knobs)
+        assert isinstance(aggregator, RobustAggregator)
+
+        result = np.array(aggregate(aggregator, updates))
+
+        assert np.all(result >= honest.min(axis=0)) and np.all(result <= honest.max(axis=0))
+
+
 # -- median --------------------------------------------------------------------------------------
 
 

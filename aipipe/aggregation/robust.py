@@ -134,15 +134,17 @@ def centered_clip(updates: Array, centre: Array, radius: float, iterations: int)
     """Karimireddy et al. 2021: L times, v ← v + (1/n)·Σ_i (x_i − v)·min(1, τ/‖x_i − v‖).
 
     Each update's pull on v is at most τ/n per iteration, whatever its size; the map is
-    non-expansive in v, so replacing one update moves the result by at most 2·L·τ/n.
+    non-expansive in v, so replacing one update moves the result by at most 2·L·τ/n. Written
+    with two matrix-vector products per iteration, ‖x_i − v‖² = ‖x_i‖² − 2⟨x_i, v⟩ + ‖v‖² and
+    Σ_i s_i·(x_i − v) = sᵀX − (Σ_i s_i)·v, so no n × d temporary is made.
     """
     n = updates.shape[0]
     v = np.asarray(centre, dtype=np.float64).copy()
+    squares = np.einsum("ij,ij->i", updates, updates)
     for _ in range(iterations):
-        offsets = updates - v
-        norms = np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
-        scale = np.minimum(1.0, radius / np.maximum(norms, np.finfo(np.float64).tiny))
-        v = v + (scale @ offsets) / n
+        distances = np.sqrt(np.maximum(squares - 2.0 * (updates @ v) + v @ v, 0.0))
+        scale = np.minimum(1.0, radius / np.maximum(distances, np.finfo(np.float64).tiny))
+        v = v + (scale @ updates - scale.sum() * v) / n
     return v
 
 

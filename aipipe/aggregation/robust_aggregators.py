@@ -56,7 +56,7 @@ class RobustAggregator(Aggregator):
     def __init__(self, *, server_lr: float = 1.0) -> None:
         super().__init__()
         self.server_lr = positive_knob("server_lr", server_lr)
-        self._updates: list[Array] = []
+        self._rows: UpdateRows | None = None
         self._counts: list[int] = []
 
     @abstractmethod
@@ -67,32 +67,32 @@ class RobustAggregator(Aggregator):
         """Open a round against `global_weights`; updates collected before are dropped."""
         self._global = {key: arr.copy() for key, arr in _checked_model(global_weights).items()}
         self._sum, self._total = {}, 0
-        self._updates, self._counts = [], []
+        self._rows, self._counts = UpdateRows(self._global), []
 
     def accumulate(self, delta: Mapping[str, Array], num_examples: int) -> None:
         """Keep one node's update; a mismatched or non-finite one is refused and nothing kept."""
         reference = self._open_round()
         n = _checked_count(num_examples, what="num_examples")
         checked = _checked_like(reference, delta, what="update")
-        self._updates.append(flatten(checked, reference))
+        assert self._rows is not None  # begun with the round
+        self._rows.append(checked)
         self._counts.append(n)
         self._total += n
 
     def finalize(self) -> Weights:
         """Close the round: x + η·Δ_robust. A refused step leaves the round open as it was."""
         reference = self._open_round()
-        if not self._updates:
+        if self._rows is None or not self._counts:
             raise AggregationError(
                 f"{self.name}: finalize() with no accepted update in this round; "
                 "accumulate at least one"
             )
-        robust = self.robust_delta(np.stack(self._updates))
+        robust = self.robust_delta(self._rows.matrix())
         with np.errstate(over="ignore", invalid="ignore"):  # refused just below, not warned
             new_global = self.server_step(reference, unflatten(robust, reference))
         refuse_non_finite(self.name, new_global)
         self.stepped(robust)
-        self._global, self._sum, self._total = None, {}, 0
-        self._updates, self._counts = [], []
+        self._close()
         return new_global
 
     def stepped(self, robust: Array) -> None:
@@ -116,13 +116,10 @@ class RobustAggregator(Aggregator):
 
     def get_state(self) -> dict[str, Array]:
         state = dict(self.optimizer_state())
-        if self._global is not None:
-            size = sum(int(arr.size) for arr in self._global.values())
+        if self._global is not None and self._rows is not None:
             for key, arr in self._global.items():
                 state[_ROUND_GLOBAL + key] = arr.copy()
-            state[_ROUND_UPDATES] = (
-                np.stack(self._updates) if self._updates else np.zeros((0, size), np.float64)
-            )
+            state[_ROUND_UPDATES] = self._rows.matrix().copy()
             # float64: the tensor codec the hub stores state with carries floats only
             state[_ROUND_COUNTS] = np.array(self._counts, dtype=np.float64)
         return state
@@ -146,10 +143,10 @@ class RobustAggregator(Aggregator):
                 f"{unknown or 'none'}); fail the round and open a new one"
             )
         self.begin(global_weights)
-        assert self._global is not None
+        assert self._rows is not None
         updates = np.asarray(state[_ROUND_UPDATES], dtype=np.float64)
         counts = np.asarray(state[_ROUND_COUNTS]).reshape(-1)
-        size = sum(int(arr.size) for arr in self._global.values())
+        size = self._rows.width
         if updates.ndim != 2 or updates.shape != (len(counts), size):
             raise AggregationError(
                 f"saved {self.name} round holds updates of shape {updates.shape} for "
@@ -158,13 +155,52 @@ class RobustAggregator(Aggregator):
         whole = np.all(np.isfinite(counts)) and np.all(counts >= 1) and np.all(counts % 1 == 0)
         if not np.all(np.isfinite(updates)) or not whole:
             raise AggregationError(f"saved {self.name} round holds a non-finite update or count")
-        self._updates = [row.copy() for row in updates]
+        for row in updates:
+            self._rows.append_flat(row)
         self._counts = [int(c) for c in counts]
         self._total = sum(self._counts)
 
     def _close(self) -> None:
         self._global, self._sum, self._total = None, {}, 0
-        self._updates, self._counts = [], []
+        self._rows, self._counts = None, []
+
+
+class UpdateRows:
+    """A round's updates as the rows of one float64 matrix, flattened in sorted name order.
+
+    Each update is converted straight into its row (one pass, no temporary), and the matrix the
+    rules read is a view of the rows filled so far, so finalize copies nothing to stack them.
+    """
+
+    def __init__(self, like: Mapping[str, Array]) -> None:
+        self._slices: dict[str, tuple[int, int]] = {}
+        start = 0
+        for key in sorted(like):
+            self._slices[key] = (start, start + int(np.asarray(like[key]).size))
+            start += int(np.asarray(like[key]).size)
+        self.width = start
+        self._data = np.empty((0, start), dtype=np.float64)
+        self._count = 0
+
+    def append(self, update: Mapping[str, Array]) -> None:
+        row = self._next_row()
+        for key, (start, stop) in self._slices.items():
+            row[start:stop] = np.asarray(update[key]).reshape(-1)
+
+    def append_flat(self, vector: Array) -> None:
+        self._next_row()[:] = vector
+
+    def matrix(self) -> Array:
+        return self._data[: self._count]
+
+    def _next_row(self) -> Array:
+        if self._count == len(self._data):  # grow by doubling: O(1) amortised per update
+            grown = np.empty((max(16, 2 * len(self._data)), self.width), dtype=np.float64)
+            grown[: self._count] = self._data[: self._count]
+            self._data = grown
+        self._count += 1
+        row: Array = self._data[self._count - 1]
+        return row
 
 
 class TrimmedMean(RobustAggregator):
