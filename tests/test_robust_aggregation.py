@@ -28,7 +28,7 @@ from aipipe.aggregation import (
     robust_reference,
     update_scores,
 )
-from aipipe.aggregation.robust import krum_scores, trimmed_mean
+from aipipe.aggregation.robust import krum_scores, sorted_rows, trimmed_mean
 from aipipe.errors import StudyError
 from aipipe.hub import secure as hub_secure
 from aipipe.study.blocks import Aggregation
@@ -115,6 +115,24 @@ def test_up_to_floor_beta_n_malicious_nodes_cannot_push_a_coordinate_outside_the
         result = np.array(aggregate(aggregator, updates))
 
         assert np.all(result >= honest.min(axis=0)) and np.all(result <= honest.max(axis=0))
+
+
+@pytest.mark.parametrize("n", range(1, 17))
+def test_the_sorting_network_sorts_every_zero_one_input_so_it_sorts_everything(n: int) -> None:
+    # Knuth's 0-1 principle: a comparator network that sorts all 2^n inputs of 0s and 1s sorts
+    # every input. Each column is one of the 2^n inputs.
+    columns = (np.arange(2**n)[None, :] >> np.arange(n)[:, None]) & 1
+
+    ordered = np.stack(sorted_rows(columns.astype(np.float64)))
+
+    assert np.array_equal(ordered, np.sort(columns, axis=0))
+
+
+@pytest.mark.parametrize("n", [17, 31, 32, 33, 50])
+def test_sorted_rows_match_numpy_past_the_exhaustive_sizes(n: int) -> None:
+    updates = np.random.default_rng(n).normal(size=(n, 257))
+
+    assert np.array_equal(np.stack(sorted_rows(updates)), np.sort(updates, axis=0))
 
 
 # -- median --------------------------------------------------------------------------------------
