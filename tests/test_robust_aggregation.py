@@ -28,7 +28,12 @@ from aipipe.aggregation import (
     robust_reference,
     update_scores,
 )
-from aipipe.aggregation.robust import krum_scores, sorted_rows, trimmed_mean
+from aipipe.aggregation.robust import (
+    krum_scores,
+    order_statistics,
+    sorted_rows,
+    trimmed_mean,
+)
 from aipipe.errors import StudyError
 from aipipe.hub import secure as hub_secure
 from aipipe.study.blocks import Aggregation
@@ -133,6 +138,16 @@ def test_sorted_rows_match_numpy_past_the_exhaustive_sizes(n: int) -> None:
     updates = np.random.default_rng(n).normal(size=(n, 257))
 
     assert np.array_equal(np.stack(sorted_rows(updates)), np.sort(updates, axis=0))
+
+
+@pytest.mark.parametrize("n", [2, 5, 12, 13, 32, 40])
+def test_order_statistics_of_the_middle_ranks_match_a_full_sort(n: int) -> None:
+    updates = np.random.default_rng(n).integers(-3, 4, size=(n, 301)).astype(np.float64)
+    ordered = np.sort(updates, axis=0)
+
+    for ranks in [(n // 2,), (n // 2 - 1, n // 2), tuple(range(n // 4, n - n // 4)), (0, n - 1)]:
+        selected = order_statistics(updates, ranks)
+        assert np.array_equal(np.stack(selected), ordered[list(ranks)])
 
 
 # -- median --------------------------------------------------------------------------------------
