@@ -207,6 +207,16 @@ def test_krum_refuses_fewer_than_2f_plus_3_updates_naming_n_f_and_the_fix() -> N
     assert "lower `byzantine` to at most 0" in message and "min_nodes" in message
 
 
+def test_krum_can_say_before_any_round_whether_a_study_min_nodes_is_enough() -> None:
+    Krum(byzantine=1, multi=3).check_round_size(5)  # 5 ≥ 2·1 + 3 and 3 ≤ 5 − 1
+    with pytest.raises(AggregationError, match="got n=4"):
+        Krum(byzantine=1).check_round_size(4)
+    with pytest.raises(AggregationError, match="lower `multi` or raise the study's min_nodes"):
+        Krum(byzantine=1, multi=5).check_round_size(5)
+    for name in ("trimmed_mean", "median", "centered_clip"):
+        robust(name).check_round_size(1)
+
+
 @pytest.mark.parametrize(("knob", "value"), [("byzantine", -1), ("multi", 0), ("multi", 1.5)])
 def test_krum_knobs_are_validated_on_entry(knob: str, value: Any) -> None:
     with pytest.raises(AggregationError, match=knob):

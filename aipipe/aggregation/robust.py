@@ -177,15 +177,25 @@ def krum_scores(updates: Array, byzantine: int) -> Array:
     updates are refused with the count, f and what to change.
     """
     n = updates.shape[0]
+    check_krum_round(n, byzantine, 1)
+    distances = pairwise_squared_distances(updates)
+    np.fill_diagonal(distances, np.inf)  # a row is not its own neighbour
+    nearest = np.sort(distances, axis=1)[:, : n - byzantine - 2]
+    return _f64(nearest.sum(axis=1))
+
+
+def check_krum_round(n: int, byzantine: int, multi: int) -> None:
+    """Refuse a (multi-)Krum round of n updates unless n ≥ 2f + 3 and 1 ≤ m ≤ n − f."""
     if byzantine < 0 or n < 2 * byzantine + 3:
         raise AggregationError(
             f"krum with byzantine f={byzantine} needs n ≥ 2f + 3 = {2 * byzantine + 3} updates, "
             f"got n={n}; {_krum_fix(n)}"
         )
-    distances = pairwise_squared_distances(updates)
-    np.fill_diagonal(distances, np.inf)  # a row is not its own neighbour
-    nearest = np.sort(distances, axis=1)[:, : n - byzantine - 2]
-    return _f64(nearest.sum(axis=1))
+    if not 1 <= multi <= n - byzantine:
+        raise AggregationError(
+            f"multi-krum keeps m={multi} of n={n} updates with f={byzantine}, but needs "
+            f"1 ≤ m ≤ n − f = {n - byzantine}; lower `multi` or raise the study's min_nodes"
+        )
 
 
 def krum_select(updates: Array, byzantine: int, multi: int) -> list[int]:
@@ -195,13 +205,8 @@ def krum_select(updates: Array, byzantine: int, multi: int) -> list[int]:
     m ≤ n − f, refused past that. The sort is stable, so equal scores keep row order: the
     update accumulated first wins a tie, which makes the choice deterministic.
     """
-    n = updates.shape[0]
+    check_krum_round(updates.shape[0], byzantine, multi)
     scores = krum_scores(updates, byzantine)
-    if not 1 <= multi <= n - byzantine:
-        raise AggregationError(
-            f"multi-krum keeps m={multi} of n={n} updates with f={byzantine}, but needs "
-            f"1 ≤ m ≤ n − f = {n - byzantine}; lower `multi` or wait for more nodes"
-        )
     order = np.argsort(scores, kind="stable")
     return [int(i) for i in order[:multi]]
 

@@ -35,6 +35,7 @@ from aipipe.aggregation.fedavg import positive_knob
 from aipipe.aggregation.maths import fedavg_step
 from aipipe.aggregation.robust import (
     centered_clip,
+    check_krum_round,
     coordinate_median,
     flatten,
     krum_select,
@@ -97,6 +98,10 @@ class RobustAggregator(Aggregator):
 
     def stepped(self, robust: Array) -> None:
         """Called with the round's robust delta once the step is usable (server state hook)."""
+
+    def check_round_size(self, n: int) -> None:
+        """Refuse, before any round, a rule that n updates could not satisfy (e.g. a study's
+        `min_nodes`, the fewest updates a round may close with); most rules take any n ≥ 1."""
 
     def from_sum(
         self,
@@ -248,6 +253,9 @@ class Krum(RobustAggregator):
         super().__init__(server_lr=server_lr)
         self.byzantine = count_knob("byzantine", byzantine, minimum=0)
         self.multi = count_knob("multi", multi, minimum=1)
+
+    def check_round_size(self, n: int) -> None:
+        check_krum_round(n, self.byzantine, self.multi)
 
     def robust_delta(self, updates: Array) -> Array:
         chosen = krum_select(updates, self.byzantine, self.multi)
