@@ -78,3 +78,16 @@ def test_centered_clip_carries_its_centre_to_the_next_round_through_the_store(
     for first, second in zip(moves[0].values(), moves[1].values(), strict=True):
         np.testing.assert_allclose(first, 0.5 / np.sqrt(d), rtol=1e-5)
         np.testing.assert_allclose(second, 1.0 / np.sqrt(d), rtol=1e-5)
+
+
+def test_a_krum_study_whose_min_nodes_cannot_satisfy_krum_is_refused_at_publish(
+    tmp_path: Path,
+) -> None:
+    krum = {**STUDY, "name": "krum", "min_nodes": 4, "aggregation": {"name": "krum",
+            "byzantine": 1}}  # fmt: skip
+    with running_hub(tmp_path / "hub") as hub:
+        response = hub.client.post("/v1/studies", json={"spec": krum}, headers=hub.admin)
+        assert response.status_code == 422, response.text
+        assert "2f + 3 = 5" in response.json()["detail"]
+        assert "min_nodes" in response.json()["detail"]
+        hub.publish({**krum, "min_nodes": 5})

@@ -99,10 +99,6 @@ class RobustAggregator(Aggregator):
     def stepped(self, robust: Array) -> None:
         """Called with the round's robust delta once the step is usable (server state hook)."""
 
-    def check_round_size(self, n: int) -> None:
-        """Refuse, before any round, a rule that n updates could not satisfy (e.g. a study's
-        `min_nodes`, the fewest updates a round may close with); most rules take any n ≥ 1."""
-
     def from_sum(
         self,
         global_weights: Mapping[str, Array],
