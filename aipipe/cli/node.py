@@ -59,8 +59,9 @@ def init(
     hub_ca_file: Path = typer.Option(
         None,
         "--hub-ca",
-        help="PEM file of the CA that signs the hub's certificate, when it is the consortium's "
-        "own: copied into the home and trusted (with the public CAs) on every call to the hub.",
+        help="PEM file of the CA that signs the hub's certificate, for a token that pins none "
+        "(a hub whose hub.yaml has no tls_ca): copied into the home and trusted (with the "
+        "public CAs) on every call to the hub. A token's pinned CA replaces it.",
     ),
     smart_client_id: str = typer.Option(
         None,

@@ -7,14 +7,21 @@ the app in `aipipe.hub.app`, which opens the home on its own; `serve` runs it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from aipipe.audit.log import AuditLog
+from aipipe.hub.certs import create_consortium_tls, pinned_ca
+from aipipe.hub.certs import rotate as rotate_tls
 from aipipe.hub.enrolment import issue_token, token_expiry
 from aipipe.hub.home import HubPaths, init_hub, load_hub, served_url
+from aipipe.pki import DEFAULT_NAMES, fingerprint, server_names
 from aipipe.secure.identity import Identity
 from aipipe.store.hub_store import HubStore
 
@@ -42,10 +49,31 @@ class Hub:
         return cls(load_hub(home))
 
     @classmethod
-    def init(cls, home: Path, name: str, *, force: bool = False) -> tuple[Hub, str]:
-        """Create a hub home; return it and the admin token (shown once, kept only hashed)."""
+    def init(
+        cls, home: Path, name: str, *, force: bool = False, tls_names: Sequence[str] = DEFAULT_NAMES
+    ) -> tuple[Hub, str]:
+        """Create a hub home with its consortium CA and a TLS certificate for `tls_names`;
+        return it and the admin token (shown once, kept only hashed)."""
         paths, token = init_hub(home, name, force=force)
+        create_consortium_tls(paths, tls_names)
         return cls(paths), token
+
+    def rotate_tls(self, names: Sequence[str] | None = None) -> x509.Certificate:
+        """A new hub certificate from the consortium CA (`hub serve` uses it once restarted)."""
+        issued = rotate_tls(self.paths, names)
+        self.audit.append(
+            "admin",
+            actor="admin",
+            resource="hub/tls",
+            details={"op": "tls-rotate", "names": server_names(issued.cert),
+                     "not_after": issued.cert.not_valid_after_utc.isoformat()},
+        )  # fmt: skip
+        return issued.cert
+
+    def ca_fingerprint(self) -> str | None:
+        """SHA-256 of the CA enrolment tokens pin (None if the home has none)."""
+        ca = pinned_ca(self.paths)
+        return None if ca is None else fingerprint(ca)
 
     @property
     def name(self) -> str:
@@ -96,8 +124,12 @@ class Hub:
         """A one-time enrolment token carrying `url` (default: where `serve` serves); with
         `replace` it re-enrols an enrolled node. Audited by `issue_token`."""
         hub_url = url or served_url(self.paths)
+        ca = pinned_ca(self.paths)
+        ca_der = None if ca is None else ca.public_bytes(Encoding.DER)
         store, audit = self.store, self.audit
-        token = issue_token(store, audit, node, hub_url, ttl_s=ttl_s, replace=replace)
+        token = issue_token(
+            store, audit, node, hub_url, ttl_s=ttl_s, replace=replace, ca_der=ca_der
+        )
         return IssuedToken(node, token, token_expiry(store, node))
 
     def nodes(self) -> list[dict[str, Any]]:
