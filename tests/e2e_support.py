@@ -267,6 +267,14 @@ def hub_ca(home: Path) -> Path | None:
     return None if config.get("tls_ca") is None else home / config["tls_ca"]
 
 
+def without_tls(home: Path) -> Path:
+    """The hub home as homes were before issue 15: hub.yaml names no certificate."""
+    config = yaml.safe_load((home / "hub.yaml").read_text())
+    config |= {"tls_cert": None, "tls_key": None, "tls_ca": None}
+    (home / "hub.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return home
+
+
 def hub_verify(home: Path) -> ssl.SSLContext | bool:
     """What httpx verifies the hub at `home` with: its consortium CA alone (as nodes do)."""
     ca = hub_ca(home)

@@ -31,13 +31,21 @@ from typer.testing import CliRunner
 from aipipe.cli.app import app as cli
 from aipipe.errors import TlsVerifyError
 from aipipe.hub.certs import load_ca
-from aipipe.hub.home import init_hub, load_hub
+from aipipe.hub.home import init_hub
 from aipipe.node.home import hub_client
 from aipipe.pki import Issued, fingerprint, issue_server_cert, load_cert, make_ca
 from aipipe.settings import load_node_config, save_node_config
 from aipipe.tls import client_context
 from aipipe.wire import EnrolToken
-from tests.e2e_support import Hub, ProcessGroup, aipipe, aipipe_json, restart_hub, start_hub
+from tests.e2e_support import (
+    Hub,
+    ProcessGroup,
+    aipipe,
+    aipipe_json,
+    restart_hub,
+    start_hub,
+    without_tls,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -54,10 +62,6 @@ class Consortium:
     @property
     def url(self) -> str:
         return self.hub[-1].url
-
-
-def _ca(home: Path) -> Issued:
-    return load_ca(load_hub(home))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +135,7 @@ def test_the_hub_serves_tls_1_3_and_refuses_a_client_capped_at_tls_1_2(
 
 
 def test_an_old_hub_home_without_a_certificate_is_told_how_to_make_one(tmp_path: Path) -> None:
-    init_hub(tmp_path / "hub", "old")  # hub.yaml without tls_cert, as before issue 15
+    without_tls(init_hub(tmp_path / "hub", "old")[0].home)
 
     result = CliRunner().invoke(cli, ["hub", "serve", "--home", str(tmp_path / "hub"),
                                       "--port", "0"])  # fmt: skip
@@ -162,7 +166,7 @@ def test_the_enrolment_token_pins_the_consortium_ca(consortium: Consortium) -> N
     token = EnrolToken.decode(issued["token"])
     ca = load_cert(consortium.ca_pem.read_bytes(), "ca")
 
-    assert token.ca_sha256 == fingerprint(ca)
+    assert token.ca_sha256 == fingerprint(ca) == issued["ca_sha256"]
     assert load_cert(token.ca_der(), "pinned") == ca
 
 
@@ -251,7 +255,7 @@ def test_an_expired_hub_certificate_is_refused_as_expired(
     consortium: Consortium, tmp_path: Path
 ) -> None:
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
-    stale = issue_server_cert(_ca(consortium.hub_home), ["127.0.0.1"], valid_from=long_ago)
+    stale = issue_server_cert(load_ca(consortium.hub_home), ["127.0.0.1"], valid_from=long_ago)
     with impostor(stale, tmp_path) as url:
         message = _node_call_refused(consortium, url)
 
@@ -261,7 +265,7 @@ def test_an_expired_hub_certificate_is_refused_as_expired(
 def test_a_certificate_for_another_host_is_refused_as_hostname_mismatch(
     consortium: Consortium, tmp_path: Path
 ) -> None:
-    elsewhere = issue_server_cert(_ca(consortium.hub_home), ["other.example.org"])
+    elsewhere = issue_server_cert(load_ca(consortium.hub_home), ["other.example.org"])
     with impostor(elsewhere, tmp_path) as url:
         message = _node_call_refused(consortium, url)
 
@@ -309,8 +313,11 @@ def test_a_token_pinning_another_ca_enrols_nothing_and_sends_no_secret(
     nodes = aipipe_json("hub", "nodes", "--home", consortium.hub_home, "--json")
     assert "west" not in {n["name"] for n in nodes}
     # the secret never reached the hub: the genuine token still enrols
-    aipipe("node", "init", "--home", consortium.root / "west", "--name", "west", "--force",
-           env={"AIPIPE_ENROL_TOKEN": issued["token"]})  # fmt: skip
+    west = consortium.root / "west"
+    genuine = {"AIPIPE_ENROL_TOKEN": issued["token"]}
+    enrolled = aipipe_json("node", "init", "--home", west, "--name", "west", "--force", "--json",
+                           env=genuine)  # fmt: skip
+    assert enrolled["hub_ca_sha256"] == token.ca_sha256
 
 
 # -- rotation ------------------------------------------------------------------------------------

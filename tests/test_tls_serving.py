@@ -32,6 +32,7 @@ from tests.e2e_support import (
     aipipe_in_process,
     aipipe_json,
     wait_until,
+    without_tls,
     write_test_study,
 )
 
@@ -157,7 +158,7 @@ def test_a_node_with_an_unpinned_token_and_no_hub_ca_refuses_naming_the_certific
 
 
 def test_the_hub_refuses_plain_http_on_an_address_other_hosts_can_reach(tmp_path: Path) -> None:
-    init_hub(tmp_path / "hub", "plain")
+    without_tls(init_hub(tmp_path / "hub", "plain")[0].home)  # a home from before issue 15
 
     result = aipipe("hub", "serve", "--home", tmp_path / "hub", "--host", "0.0.0.0",
                     "--port", "0", check=False, timeout_s=60)  # fmt: skip

@@ -88,9 +88,11 @@ def enrol_token(
     ttl_s = parse_ttl(ttl)
     with Hub.open(home) as hub:
         issued = hub.enrol_token(node, url=url, ttl_s=ttl_s, replace=replace)
+        ca_sha256 = hub.ca_fingerprint()
     token, expires_at = issued.token, issued.expires_at
     if as_json:
-        emit_json({"node": node, "token": token, "expires_at": expires_at, "replace": replace})
+        emit_json({"node": node, "token": token, "expires_at": expires_at, "replace": replace,
+                   "ca_sha256": ca_sha256})  # fmt: skip
     else:
         err_console.print(f"token for {node} expires at {expires_at}")
         typer.echo(token)

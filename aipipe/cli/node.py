@@ -28,6 +28,7 @@ from aipipe.cli.node_render import (
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.errors import ConfigError
 from aipipe.fhir.server import DEFAULT_TYPES
+from aipipe.node.home import pinned_fingerprint
 from aipipe.node.ingest import IngestReport, total_bytes
 from aipipe.node.node import Node
 from aipipe.tls import client_context, require_tls_off_loopback, scheme, server_tls
@@ -97,6 +98,8 @@ def init(
         "identity_key": str(paths.identity_key),
         "audit_log": str(paths.audit_log),
     }
+    if paths.config.hub_ca_pinned:  # the CA the token pinned: compare with `hub init`'s
+        info["hub_ca_sha256"] = pinned_fingerprint(paths)
     if as_json:
         emit_json({**info, "smart_jwks": jwks})
         return

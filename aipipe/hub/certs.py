@@ -8,7 +8,8 @@ rotation (`aipipe hub tls rotate`), and the CA an enrolment token pins.
 
 Rotation issues a new hub certificate from the same CA and replaces the two tls-* files; nodes
 pin the CA, not the certificate, so they keep working once `hub serve` restarts. A new CA
-(`--new-ca`) is not built: every node would have to re-enrol.
+(`--new-ca`) is not built: every node would have to re-enrol. hub.yaml names the files
+(`tls_cert`, `tls_key`, `tls_ca`); `aipipe.hub.home` and `aipipe.hub.hub` keep it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from aipipe.errors import ConfigError
-from aipipe.hub.home import HubPaths, save_hub_config
 from aipipe.pki import (
     DEFAULT_NAMES,
     Issued,
@@ -40,53 +40,42 @@ TLS_CERT = "tls-cert.pem"
 TLS_KEY = "tls-key.pem"
 
 
-def create_consortium_tls(paths: HubPaths, names: Sequence[str] = DEFAULT_NAMES) -> Issued:
-    """Make the consortium CA and a hub certificate for `names`; point hub.yaml at them."""
-    ca = make_ca(paths.config.name)
-    write_private(paths.home / CA_KEY, ca.key_pem(), what="consortium CA key")
-    write_private(paths.home / CA_CERT, ca.cert_pem(), what="consortium CA certificate")
-    paths.config.tls_ca = CA_CERT
-    return _install(paths, ca, names)
+def create_consortium_tls(
+    home: Path, consortium: str, names: Sequence[str] = DEFAULT_NAMES
+) -> Issued:
+    """Write the consortium CA and a hub certificate for `names` into `home`."""
+    ca = make_ca(consortium)
+    write_private(home / CA_KEY, ca.key_pem(), what="consortium CA key")
+    write_private(home / CA_CERT, ca.cert_pem(), what="consortium CA certificate")
+    return install_hub_cert(home, ca, names)
 
 
-def rotate(paths: HubPaths, names: Sequence[str] | None = None) -> Issued:
-    """A new hub certificate from the home's CA, for `names` (default: the current
-    certificate's names); a home without a CA (made before there was one) gets one."""
-    if not (paths.home / CA_KEY).is_file():
-        if paths.config.tls_cert is not None:
-            raise ConfigError(
-                f"hub.yaml tls_cert is {paths.config.tls_cert}, a certificate this hub did not "
-                f"issue ({paths.home / CA_KEY} is missing): renew it with the CA that signed it, "
-                "or remove tls_cert, tls_key and tls_ca from hub.yaml to let this command make a "
-                "consortium CA"
-            )
-        return create_consortium_tls(paths, names or DEFAULT_NAMES)
-    ca = load_ca(paths)
-    return _install(paths, ca, names or _current_names(paths))
+def has_ca(home: Path) -> bool:
+    return (home / CA_KEY).is_file() and (home / CA_CERT).is_file()
 
 
-def load_ca(paths: HubPaths) -> Issued:
-    cert = load_cert((paths.home / CA_CERT).read_bytes(), str(paths.home / CA_CERT))
-    raw = read_private(paths.home / CA_KEY, what="consortium CA key")
+def load_ca(home: Path) -> Issued:
+    """The consortium CA of the hub home (certificate and key)."""
+    cert = load_cert((home / CA_CERT).read_bytes(), str(home / CA_CERT))
+    raw = read_private(home / CA_KEY, what="consortium CA key")
     key = serialization.load_pem_private_key(raw, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ConfigError(f"{paths.home / CA_KEY} is not the EC key of the consortium CA")
+        raise ConfigError(f"{home / CA_KEY} is not the EC key of the consortium CA")
     return Issued(cert, key)
 
 
-def _current_names(paths: HubPaths) -> list[str]:
-    path = paths.home / TLS_CERT
+def current_names(home: Path) -> list[str]:
+    """The names the home's hub certificate is for (default names if it has none)."""
+    path = home / TLS_CERT
     names = server_names(load_cert(path.read_bytes(), str(path))) if path.is_file() else []
     return names or list(DEFAULT_NAMES)
 
 
-def _install(paths: HubPaths, ca: Issued, names: Sequence[str]) -> Issued:
-    """Issue, write tls-cert.pem/tls-key.pem (each replaced atomically), save hub.yaml."""
+def install_hub_cert(home: Path, ca: Issued, names: Sequence[str]) -> Issued:
+    """Issue a hub certificate for `names`; replace tls-cert.pem/tls-key.pem atomically."""
     issued = issue_server_cert(ca, names)
-    _replace(paths.home / TLS_KEY, issued.key_pem(), "hub TLS key")
-    _replace(paths.home / TLS_CERT, issued.cert_pem(), "hub TLS certificate")
-    paths.config.tls_cert, paths.config.tls_key = TLS_CERT, TLS_KEY
-    save_hub_config(paths.home, paths.config)
+    _replace(home / TLS_KEY, issued.key_pem(), "hub TLS key")
+    _replace(home / TLS_CERT, issued.cert_pem(), "hub TLS certificate")
     return issued
 
 
@@ -96,16 +85,14 @@ def _replace(path: Path, data: bytes, what: str) -> None:
     os.replace(tmp, path)
 
 
-def pinned_ca(paths: HubPaths) -> x509.Certificate | None:
+def pinned_ca(home: Path, tls_ca: str | None, tls_cert: str | None) -> x509.Certificate | None:
     """The CA enrolment tokens pin: hub.yaml's tls_ca, which must have signed tls_cert (a node
-    pinning it could not verify the hub otherwise). None for a home without tls_ca."""
-    config = paths.config
-    if config.tls_ca is None or config.tls_cert is None:
+    pinning it could not verify the hub otherwise). None for a home without both."""
+    if tls_ca is None or tls_cert is None:
         return None
-    ca_path = paths.home / config.tls_ca
+    ca_path, served = home / tls_ca, home / tls_cert
     try:
         ca = load_cert(ca_path.read_bytes(), f"hub.yaml tls_ca ({ca_path})")
-        served = paths.home / config.tls_cert
         cert = load_cert(served.read_bytes(), f"hub.yaml tls_cert ({served})")
     except OSError as exc:
         raise ConfigError(f"cannot read the hub's CA or certificate: {exc}") from exc

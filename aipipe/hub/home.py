@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from aipipe.errors import ConfigError, NodeExistsError, NodeNotFoundError
 from aipipe.fhir.base_url import ServerBase
+from aipipe.hub.certs import CA_CERT, TLS_CERT, TLS_KEY, create_consortium_tls
+from aipipe.pki import DEFAULT_NAMES
 from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
 from aipipe.store.hub_nodes import secret_hash
@@ -106,13 +109,23 @@ class HubPaths:
         )
 
 
-def init_hub(home: Path, name: str, *, force: bool = False) -> tuple[HubPaths, str]:
-    """Create a hub home; return it and the admin token (shown once, stored only hashed)."""
+def init_hub(
+    home: Path, name: str, *, force: bool = False, tls_names: Sequence[str] = DEFAULT_NAMES
+) -> tuple[HubPaths, str]:
+    """Create a hub home with its consortium CA and a hub certificate for `tls_names`; return
+    it and the admin token (shown once, stored only hashed)."""
     if (home / HUB_CONFIG).exists() and not force:
         raise NodeExistsError(f"a hub already exists at {home}; use --force to start over")
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     home.chmod(0o700)
-    config = HubConfig(name=name, created=datetime.now(UTC).isoformat(timespec="seconds"))
+    create_consortium_tls(home, name, tls_names)
+    config = HubConfig(
+        name=name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        tls_cert=TLS_CERT,
+        tls_key=TLS_KEY,
+        tls_ca=CA_CERT,
+    )
     save_hub_config(home, config)
     paths = HubPaths(home, config)
     Identity.generate().save(paths.identity_key)

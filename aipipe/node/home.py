@@ -30,7 +30,7 @@ from aipipe.errors import ConfigError, IdentityError, NodeExistsError
 from aipipe.fhir.smart_key import SmartKey
 from aipipe.node.client import HubClient
 from aipipe.node.vault import SecureVault
-from aipipe.pki import load_cert
+from aipipe.pki import fingerprint, load_cert
 from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
 from aipipe.settings import NODE_CONFIG, NodeConfig, NodePaths, load_node_config, save_node_config
@@ -193,6 +193,12 @@ def pin_hub_ca(paths: NodePaths, ca_der: bytes) -> None:
     write_private(paths.home / HUB_CA, ca.public_bytes(Encoding.PEM), what="hub CA")
     paths.config.hub_ca, paths.config.hub_ca_pinned = HUB_CA, True
     save_node_config(paths.home, paths.config)
+
+
+def pinned_fingerprint(paths: NodePaths) -> str:
+    """SHA-256 of the CA this node pins (hub-ca.pem), to compare with `hub init`'s."""
+    path = paths.home / (paths.config.hub_ca or HUB_CA)
+    return fingerprint(load_cert(path.read_bytes(), str(path)))
 
 
 def hub_ca(paths: NodePaths) -> Path | None:
