@@ -41,13 +41,16 @@ from tests.e2e_support import (
     Hub,
     ProcessGroup,
     aipipe,
+    aipipe_in_process,
     aipipe_json,
     restart_hub,
     start_hub,
     without_tls,
+    write_test_study,
 )
 
 pytestmark = pytest.mark.e2e
+HEART = Path(__file__).resolve().parents[1] / "examples" / "heart-disease"
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
     group = ProcessGroup(root / "logs")
     try:
         home = root / "hub"
-        aipipe("hub", "init", "--home", home, "--json")
+        (root / "admin.json").write_text(aipipe("hub", "init", "--home", home, "--json").stdout)
         hub = start_hub(group, home)
         token = aipipe_json("hub", "enrol-token", "--home", home, "--node", "east", "--json")
         aipipe("node", "init", "--home", root / "east", "--name", "east",
@@ -318,6 +321,35 @@ def test_a_token_pinning_another_ca_enrols_nothing_and_sends_no_secret(
     enrolled = aipipe_json("node", "init", "--home", west, "--name", "west", "--force", "--json",
                            env=genuine)  # fmt: skip
     assert enrolled["hub_ca_sha256"] == token.ca_sha256
+
+
+# -- a whole round over HTTPS --------------------------------------------------------------------
+
+
+def test_a_node_enrols_and_trains_a_plaintext_round_over_https(consortium: Consortium) -> None:
+    """Real `hub serve` and `node start` processes; the node's only trust is the token's CA."""
+    home, study = consortium.root / "south", "tls-round"
+    token = aipipe_json("hub", "enrol-token", "--home", consortium.hub_home, "--node", "south",
+                        "--json")["token"]  # fmt: skip
+    aipipe("node", "init", "--home", home, "--name", "south", env={"AIPIPE_ENROL_TOKEN": token})
+    aipipe("node", "ingest", "--home", home, HEART / "fhir" / "switzerland")
+    spec = write_test_study(consortium.root / "round.yaml", name=study, deadline_s=120,
+                            secure={"min_nodes": 1, "secure": "none"})  # fmt: skip
+    admin_token = json.loads((consortium.root / "admin.json").read_text())["admin_token"]
+    admin = {"AIPIPE_HUB_URL": consortium.url, "AIPIPE_TOKEN": admin_token,
+             "AIPIPE_HUB_CA": str(consortium.ca_pem)}  # fmt: skip
+    aipipe("study", "publish", spec, "--json", env=admin)
+    aipipe_in_process("node", "approve", study, "--home", home, "--json")
+    daemon = consortium.group.start("south", "node", "start", "--home", home, "--poll", "1")
+
+    aipipe("train", "round", "--study", study, "--wait", env=admin, timeout_s=300)
+
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    info = httpx.get(f"{consortium.url}/v1/studies/{study}/rounds/1", headers=headers,
+                     verify=_trusting(consortium.ca_pem), timeout=30).json()  # fmt: skip
+    assert info["state"] == "closed" and info["result_version"], (info, daemon.log_tail())
+    assert load_node_config(home).config.hub_ca_pinned
+    assert daemon.running(), daemon.log_tail()
 
 
 # -- rotation ------------------------------------------------------------------------------------
