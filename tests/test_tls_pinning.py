@@ -45,6 +45,8 @@ from tests.e2e_support import (
     aipipe_json,
     restart_hub,
     start_hub,
+    utc_stamp,
+    wait_until,
     without_tls,
     write_test_study,
 )
@@ -340,14 +342,23 @@ def test_a_node_enrols_and_trains_a_plaintext_round_over_https(consortium: Conso
              "AIPIPE_HUB_CA": str(consortium.ca_pem)}  # fmt: skip
     aipipe("study", "publish", spec, "--json", env=admin)
     aipipe_in_process("node", "approve", study, "--home", home, "--json")
-    daemon = consortium.group.start("south", "node", "start", "--home", home, "--poll", "1")
-
-    aipipe("train", "round", "--study", study, "--wait", env=admin, timeout_s=300)
-
     headers = {"Authorization": f"Bearer {admin_token}"}
-    info = httpx.get(f"{consortium.url}/v1/studies/{study}/rounds/1", headers=headers,
-                     verify=_trusting(consortium.ca_pem), timeout=30).json()  # fmt: skip
+    hub = httpx.Client(base_url=consortium.url, headers=headers,
+                       verify=_trusting(consortium.ca_pem), timeout=30)  # fmt: skip
+    since = utc_stamp()
+    daemon = consortium.group.start("south", "node", "start", "--home", home, "--poll", "1")
+    polled = lambda: any(n["name"] == "south" and (n["last_seen"] or "") > since  # noqa: E731
+                         for n in hub.get("/v1/nodes").json())  # fmt: skip
+    wait_until(polled, what="south to poll the hub over HTTPS", context=daemon.log_tail)
+
+    # east and west are enrolled but run no daemon: the round closes at its deadline with south
+    aipipe("train", "round", "--study", study, "--deadline", "20", "--wait", env=admin,
+           timeout_s=300)  # fmt: skip
+
+    info = hub.get(f"/v1/studies/{study}/rounds/1").json()
+    hub.close()
     assert info["state"] == "closed" and info["result_version"], (info, daemon.log_tail())
+    assert "south" in info["reported"], info
     assert load_node_config(home).config.hub_ca_pinned
     assert daemon.running(), daemon.log_tail()
 
