@@ -210,3 +210,33 @@ def test_evaluate_has_no_auc_when_only_one_class_is_present() -> None:
     result = evaluate(build_model(LOGISTIC, 5), X, np.ones(10, dtype=np.float32))
 
     assert result.auc is None
+
+
+def test_after_step_sees_every_step_of_a_run_at_the_weights_of_that_step() -> None:
+    X, y = separable()
+    training = Training(local_steps=6, batch_size=32, lr=0.1, optimizer="sgd")
+    seen: dict[int, dict[str, np.ndarray]] = {}
+    model = build_model(LOGISTIC, 5, seed=1)
+    train_local(model, X, y, training=training, privacy=NO_DP, noise_multiplier=None, seed=3,
+                after_step=lambda k: seen.setdefault(k, weights_to_arrays(model)))  # fmt: skip
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6]
+    short = build_model(LOGISTIC, 5, seed=1)
+    three = training.model_copy(update={"local_steps": 3})
+    train_local(short, X, y, training=three, privacy=NO_DP, noise_multiplier=None, seed=3)
+    for name, value in weights_to_arrays(short).items():
+        np.testing.assert_array_equal(seen[3][name], value)
+
+
+def test_after_step_is_refused_under_dp() -> None:
+    X, y = separable()
+    with pytest.raises(ValueError, match="without DP"):
+        train_local(
+            build_model(LOGISTIC, 5),
+            X,
+            y,
+            training=Training(local_steps=2),
+            privacy=DP,
+            noise_multiplier=1.0,
+            seed=0,
+            after_step=lambda k: None,
+        )

@@ -15,7 +15,7 @@ and NOT covered by ε, so it stays on the node.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -68,6 +68,7 @@ class _Round:
     mu: float
     anchor: Mapping[str, torch.Tensor]
     generator: torch.Generator
+    after_step: Callable[[int], None] | None = None
 
 
 def train_local(
@@ -81,6 +82,7 @@ def train_local(
     global_weights: Mapping[str, np.ndarray] | None = None,
     proximal_mu: float | None = None,
     seed: int,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place for one round on (X, y) and describe the update.
 
@@ -88,7 +90,8 @@ def train_local(
     (`training.rounds × training.local_steps` steps) stays within `privacy.epsilon`.
     `proximal_mu=None` takes `training.proximal_mu`; μ > 0 adds FedProx' μ/2‖w − w_g‖² (Li et
     al. 2020) anchored at `global_weights`, or at the starting weights when none are given.
-    Results are deterministic given `seed`.
+    Results are deterministic given `seed`. `after_step(k)` is called after the k-th step of
+    training without DP (personal refinement looks at its checkpoints that way, in one run).
     """
     features, labels = _tensors(X, y)
     start = weights_to_arrays(model)
@@ -104,6 +107,7 @@ def train_local(
         mu=mu,
         anchor=_anchor(model, reference) if mu > 0 else {},
         generator=torch.Generator().manual_seed(seed),
+        after_step=after_step,
     )
     sigma = q = epsilon = None
     if privacy.mode == "none":
@@ -111,6 +115,8 @@ def train_local(
             raise ValueError("a noise multiplier was given but privacy.mode is 'none'")
         loss = _train_plain(run)
     else:
+        if after_step is not None:
+            raise ValueError("after_step is for training without DP: a DP step is one release")
         plan = PrivacyEngine.plan_local(training, privacy, len(labels), noise_multiplier)
         loss = _train_private(run, plan, privacy.clip)
         sigma, q, epsilon = plan.noise_multiplier, plan.sample_rate, plan.epsilon
@@ -168,7 +174,7 @@ def _train_plain(run: _Round) -> float:
     n, batch = len(run.labels), min(run.training.batch_size, len(run.labels))
     order = torch.randperm(n, generator=run.generator)
     cursor, total, seen = 0, 0.0, 0
-    for _ in range(run.training.local_steps):
+    for step in range(run.training.local_steps):
         if cursor + batch > n:  # a fresh shuffle per epoch: sampling without replacement
             order, cursor = torch.randperm(n, generator=run.generator), 0
         idx = order[cursor : cursor + batch]
@@ -181,6 +187,8 @@ def _train_plain(run: _Round) -> float:
             proximal_gradient(run.model, run.anchor, run.mu)
         run.optimizer.step()
         total, seen = total + loss.item() * len(idx), seen + len(idx)
+        if run.after_step is not None:
+            run.after_step(step + 1)
     return total / seen
 
 

@@ -7,12 +7,15 @@ from types import MappingProxyType
 
 from aipipe.errors import StudyError
 from aipipe.personalization.base import Personalizer
+from aipipe.personalization.ditto import Ditto
+from aipipe.personalization.fenda import Fenda
+from aipipe.personalization.finetune import FineTuning
 from aipipe.personalization.none import NoPersonalization
 from aipipe.study.personal import Personalization
 from aipipe.study.spec import StudySpec
 
 PERSONALIZERS: Mapping[str, type[Personalizer]] = MappingProxyType(
-    {cls.name: cls for cls in (NoPersonalization,)}
+    {cls.name: cls for cls in (NoPersonalization, FineTuning, Fenda, Ditto)}
 )
 """Every method a study may name in `personalization.method`."""
 

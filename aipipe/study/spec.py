@@ -112,6 +112,19 @@ class StudySpec(StudyBlock):
             raise ValueError("population `age` needs a reference_date (age on that day)")
         return self
 
+    @model_validator(mode="after")
+    def _personal_split(self) -> StudySpec:
+        # fedper federates the body, fenda a feature extractor: a logistic model has neither
+        # (an identity body), so nothing would be federated.
+        method = self.personalization.method if self.personalization is not None else "none"
+        if method in ("fedper", "fenda") and (self.model.kind != "mlp" or not self.model.hidden):
+            raise ValueError(
+                f"personalization method '{method}' federates the model's hidden layers, and "
+                f"model kind '{self.model.kind}' has none, so nothing would be federated; use "
+                "model kind: mlp with hidden layers (e.g. hidden: [32])"
+            )
+        return self
+
     def cds_settings(self) -> CdsSettings:
         """The study's `cds:` block, or the defaults when it has none."""
         return self.cds or CdsSettings()
