@@ -66,6 +66,7 @@ from personalization_report import (
     summarise,
     targets,
 )
+from pydantic import ValidationError
 from rich.console import Console
 
 from aipipe.aggregation import aggregator_for
@@ -88,7 +89,6 @@ from aipipe.study.personal import Personalization
 from aipipe.study.spec import StudySpec, load_study
 
 VALIDATION_FRACTION = 0.2
-NEEDS_BODY = ("fedper", "fenda")  # logistic's body is the identity: nothing to federate
 MLP = ModelSpec(kind="mlp", hidden=[16])
 
 # Shared training per privacy mode: the study's DP setting (examples/heart-disease/study.yaml,
@@ -110,12 +110,13 @@ TRAINING: dict[bool, list[tuple[Training, float]]] = {
 # not named here). `steps` is the most a refinement tries (it picks fewer on validation).
 PERSONAL: dict[str, list[dict[str, Any]]] = {
     "none": [{}],
-    "finetune": [{"steps": 20, "lr": 0.1}, {"steps": 20, "lr": 0.5}],
-    "ditto": [{"lam": 0.01}, {"lam": 0.1}, {"lam": 1.0}],
+    "finetune": [{"steps": 20, "lr": 0.1}, {"steps": 20, "lr": 0.5}, {"steps": 50, "lr": 0.5}],
+    "ditto": [{"lam": 0.001}, {"lam": 0.01}, {"lam": 0.1}, {"lam": 1.0}],
     "fedper": [{}],
     "fenda": [{"local_hidden": [8]}, {"local_hidden": [16]}],
 }
-MODELS: dict[str, list[ModelSpec]] = {"logistic": [ModelSpec()], "mlp": [MLP]}
+# The MLP's hidden width: a candidate where it is the method's only knob.
+WIDTHS: dict[str, list[list[int]]] = {"fedper": [[16], [32]]}
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -173,8 +174,9 @@ class Candidate:
         }
 
 
-def strategies() -> list[Strategy]:
-    """solo and global on both families, then every registered method but `none`."""
+def strategies(study: StudySpec) -> list[Strategy]:
+    """solo and global on both families, then every registered method but `none`: on the
+    study's logistic model where a study may name it with one, and on the MLP."""
     out = [
         Strategy("solo", "none", "logistic", federated=False),
         Strategy("global", "none", "logistic"),
@@ -182,16 +184,27 @@ def strategies() -> list[Strategy]:
         Strategy("global (mlp)", "none", "mlp"),
     ]
     for name in sorted(set(PERSONALIZERS) - {"none"}):
-        if name not in NEEDS_BODY:
+        if takes_logistic(study, name):
             out.append(Strategy(name, name, "logistic"))
         out.append(Strategy(f"{name} (mlp)", name, "mlp"))
     return out
 
 
+def takes_logistic(study: StudySpec, method: str) -> bool:
+    """Whether a study may name `method` with a logistic model (fedper and fenda federate
+    hidden layers, which it lacks: the study is refused)."""
+    strategy = Strategy(method, method, "logistic")
+    try:
+        spec_for(study, strategy, candidates(strategy, False, quick=True)[0], dp=False)
+    except ValidationError:
+        return False
+    return True
+
+
 def candidates(strategy: Strategy, dp: bool, quick: bool) -> list[Candidate]:
     out = [
         Candidate(model, training, clip, personal)
-        for model in MODELS[strategy.family]
+        for model in models(strategy)
         for training, clip in TRAINING[dp][: None if strategy.method == "none" else 1]
         for personal in PERSONAL.get(strategy.method, [{}])
     ]
@@ -199,6 +212,12 @@ def candidates(strategy: Strategy, dp: bool, quick: bool) -> list[Candidate]:
         first = out[0]
         return [Candidate(first.model, _quick(first.training), first.clip, first.personal)]
     return out
+
+
+def models(strategy: Strategy) -> list[ModelSpec]:
+    if strategy.family == "logistic":
+        return [ModelSpec()]
+    return [ModelSpec(kind="mlp", hidden=h) for h in WIDTHS.get(strategy.method, [MLP.hidden])]
 
 
 def _quick(training: Training) -> Training:
@@ -216,12 +235,12 @@ def spec_for(study: StudySpec, strategy: Strategy, candidate: Candidate, dp: boo
             "statistics_epsilon": 0.0,
         }
     )
-    block = Personalization(
-        method=strategy.method,  # type: ignore[arg-type]  # a registered name
-        validation_fraction=VALIDATION_FRACTION,
+    block = {
+        "method": strategy.method,
+        "validation_fraction": VALIDATION_FRACTION,
         **candidate.personal,
-    )
-    return study.model_copy(
+    }
+    spec = study.model_copy(
         update={
             "model": candidate.model,
             "training": candidate.training,
@@ -230,6 +249,7 @@ def spec_for(study: StudySpec, strategy: Strategy, candidate: Candidate, dp: boo
             "personalization": block,
         }
     )
+    return StudySpec.model_validate(spec.model_dump())  # what a hub would accept
 
 
 # -- one run: the node's round loop, in-process ------------------------------------------------
@@ -508,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     costs: dict[tuple[str, bool], dict[str, Any]] = {}
     seconds: dict[tuple[str, bool], dict[str, float]] = {}
     for dp in (False, True):
-        for strategy in strategies():
+        for strategy in strategies(study):
             began, cpu_began = time.perf_counter(), time.process_time()
             outcome = select(sites, study, strategy, dp, seeds, args.quick)
             outcomes[(strategy.label, dp)] = outcome
