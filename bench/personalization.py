@@ -567,6 +567,19 @@ def main(argv: list[str] | None = None) -> None:
         "seeds": seeds,
         "privacy": {"epsilon_per_site": EPSILON, "delta": DELTA, "accountant": "prv"},
         "validation_fraction": VALIDATION_FRACTION,
+        "candidate_grid": {
+            "training_and_clip": {
+                "dp" if dp else "none": [
+                    {**t.model_dump(exclude={"proximal_mu"}), "clip": c} for t, c in grid
+                ]
+                for dp, grid in TRAINING.items()
+            },
+            "personalization": PERSONAL,
+            "mlp_hidden": {"default": MLP.hidden, **WIDTHS},
+            "selection": "best mean validation accuracy over seeds and sites, ties to the "
+            "lower validation loss; solo and global try every training setting, a method the "
+            "first of its mode with each of its own candidates",
+        },
         "methods_registered": sorted(PERSONALIZERS),
         "data": data_record(sites),
         "targets": met,

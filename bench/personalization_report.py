@@ -72,6 +72,7 @@ def render_main(summaries: Mapping[tuple[str, bool], Mapping[str, Any]]) -> Tabl
     for mode in ("no DP", "ε = 1"):
         for what in ("accuracy", "AUC (4)", "AUC (no CH)"):
             table.add_column(f"{what}, {mode}", justify="right")
+    table.add_column("ε spent (max site)", justify="right")
     labels = list(dict.fromkeys(label for label, _ in summaries))
     for label in labels:
         cells = []
@@ -82,9 +83,11 @@ def render_main(summaries: Mapping[tuple[str, bool], Mapping[str, Any]]) -> Tabl
                 _cell(s, "auc_mean_std"),
                 _cell(s, "auc_without_switzerland_mean_std"),
             ]
+        spent = (summaries.get((label, True)) or {}).get("max_epsilon")
+        cells.append("" if spent is None else f"{spent:.3f}")
         table.add_row(label, *cells, end_section=label == labels[-1])
     for name, value in ANCHORS.items():
-        table.add_row(f"[dim]{name} (published)[/dim]", f"{value:.3f}", "", "", "", "", "")
+        table.add_row(f"[dim]{name} (published)[/dim]", f"{value:.3f}", *[""] * 6)
     return table
 
 
