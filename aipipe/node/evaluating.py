@@ -1,16 +1,20 @@
 """What a node does with an evaluate work item: evaluate a round's result on its test split if
 the result's lineage verifies, keep the numbers here, and send the hub an acknowledgement —
-with the study's DP validation histogram, charged before it leaves, if the study asks for one."""
+with the study's DP validation histogram, charged before it leaves, if the study asks for one.
+When the study personalizes, the node also makes its personal model from the verified version
+and keeps it (`aipipe.node.personal`); nothing of it is in the acknowledgement."""
 
 from __future__ import annotations
 
 from aipipe.errors import NotFoundError
-from aipipe.models import arrays_to_model, build_model
+from aipipe.models import arrays_to_model
 from aipipe.models.errors import UnverifiedModelError
 from aipipe.models.training import evaluate
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
+from aipipe.node.personal import make_personal, personalizes
 from aipipe.node.site import SiteNode, audit_cohorts, audit_refusal
 from aipipe.node.validation import Assessment, assess, release_histogram
+from aipipe.personalization import personalizer_for
 from aipipe.privacy.engine import VALIDATION
 from aipipe.privacy.errors import PrivacyError
 from aipipe.study.spec import StudySpec
@@ -34,13 +38,17 @@ def evaluate_work(node: SiteNode, spec: StudySpec, item: EvaluateWork) -> str:
         audit_refusal(node, "evaluate", spec, item.round, exc)
         node.client.report(EvalReport(version=version))
         return f"refused to evaluate {version[:12]}: {exc}"
-    matrix = node.features(spec)
-    model = arrays_to_model(decode_arrays(raw), build_model(spec.model, len(matrix.columns)))
+    matrix, weights = node.features(spec), decode_arrays(raw)
+    # Every tensor of the method's architecture (FENDA's too): the hub keeps them all.
+    model = arrays_to_model(weights, personalizer_for(spec).build(len(matrix.columns)))
     result = evaluate(model, matrix.x_test, matrix.y_test)
     assessment = assess(spec, model, matrix)  # calibration too; exact, kept here
     card = assessment.report.as_card()
     lineage.save(LocalEvaluation(spec.name, version, item.round, **result.__dict__,
                                  validation=card))  # fmt: skip
+    if personalizes(spec):  # the site's own model: kept here, never sent
+        make_personal(node.store, node.audit, node.name, spec, item.round, version, weights,
+                      matrix)  # fmt: skip
     calibration = _release_validation(node, spec, item.round, assessment)
     released = "nothing" if calibration is None else f"{VALIDATION} histogram (DP)"
     node.audit.append(
