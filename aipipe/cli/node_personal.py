@@ -15,7 +15,6 @@ from rich.table import Table
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.errors import ConfigError
 from aipipe.node.node import Node
-from aipipe.node.personal_report import export_personal, personal_report
 
 app = typer.Typer(
     help="This site's personal models of a study (kept on the node; never sent to the hub).",
@@ -38,6 +37,8 @@ def show(
     numbers are never used to choose), and the ε the study has spent at this site."""
     if ctx.invoked_subcommand is not None:
         return
+    from aipipe.node.personal_report import personal_report  # imports torch: only when needed
+
     if home is None or study is None:
         raise ConfigError("aipipe node personal needs --home and --study")
     with Node.open(home) as node:
@@ -91,6 +92,8 @@ def export(
     """Write the served personal model as safetensors. Refused without --allow-phi-derived: a
     personal model is derived from patients' data without DP noise and must not leave the
     hospital unless the site decides so. Audited either way."""
+    from aipipe.node.personal_report import export_personal  # imports torch
+
     with Node.open(home) as node:
         digest = export_personal(node.store, node.audit, node.name, study, out,
                                  allow_phi_derived=allow_phi_derived)  # fmt: skip
