@@ -32,6 +32,7 @@ from aipipe.node.lineage import ModelLineage
 from aipipe.node.node import Node
 from aipipe.node.personal import PersonalModels, served_personal
 from aipipe.node.predict import predict_cohort
+from aipipe.personalization import registry
 from aipipe.secure.identity import Identity
 from aipipe.settings import NodePaths
 from aipipe.store.node_store import NodeStore
@@ -45,6 +46,7 @@ from tests.hub_support import Hub, running_hub
 from tests.personal_support import (
     FHIR_DIR,
     NAME,
+    StandInFinetune,
     personal_study,
     save_personal,
     shifted,
@@ -308,3 +310,26 @@ def test_a_personalizing_study_without_a_personal_model_is_not_served(
     finally:
         store.close()
     assert ModelLineage(federation.nodes["basel"].store.db).evaluation(NAME, federation.version)
+
+
+class _Failing(StandInFinetune):
+    def personalize(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError("no validation rows at this site")
+
+
+def test_a_personalization_that_fails_is_audited_and_the_hub_still_gets_its_report(
+    federation: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry, "PERSONALIZERS", {**registry.PERSONALIZERS, "finetune": _Failing})
+    hub = federation.hub
+    assert hub.post_round(NAME).status_code == 200
+    _work(federation.nodes, "train")
+    version = hub.client.get(f"/v1/studies/{NAME}", headers=hub.admin).json()["current_version"]
+    _work(federation.nodes, "evaluate")
+
+    sent = hub.client.get(f"/v1/models/{version}", headers=hub.admin).json()["metrics"]
+    assert set(sent) == {"cleveland", "basel"}  # acknowledged, as without personalization
+    for node in federation.nodes.values():
+        assert PersonalModels(node.store.db).get(NAME, version) is None
+        refused = _events(node, "personal.model")[-1]
+        assert refused.outcome == "refused" and "no validation rows" in refused.details["reason"]
