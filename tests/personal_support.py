@@ -1,26 +1,17 @@
-"""What the personal-model tests share: the heart-disease study made to personalize, a stand-in
-`finetune` where the method is not registered yet, and personal models saved through the store.
-
-The stand-in is only used when `aipipe.personalization.PERSONALIZERS` has no `finetune` (the
-methods land in their own modules): it fine-tunes the global model on the fit split for the
-block's `steps`, as FLamby's FedAvgFineTuning does, and reports its validation numbers. These
-tests are about where the personal model is kept, chosen and used, not about the method.
-"""
+"""What the personal-model tests share: the heart-disease study made to personalize (with the
+real `finetune`) and personal models saved through the store. These tests are about where the
+personal model is kept, chosen and used, not about the method."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
-import pytest
-from torch import nn
 
 from aipipe.models import Arrays
-from aipipe.models.training import EvalResult, evaluate, train_local
+from aipipe.models.training import EvalResult
 from aipipe.node.personal import PersonalModels, StoredPersonal
-from aipipe.personalization import Personalizer, PersonalModel, SiteData, registry
-from aipipe.personalization.base import NO_DP
+from aipipe.personalization import PersonalModel
 from aipipe.study.spec import StudySpec, load_study
 from tests.cds_support import ROOT
 
@@ -36,33 +27,6 @@ def personal_study(**overrides: Any) -> dict[str, Any]:
     spec["training"] = {**spec["training"], "rounds": 2}
     spec.update(overrides)
     return spec
-
-
-class StandInFinetune(Personalizer):
-    name: ClassVar[str] = "finetune"
-
-    def personalize(
-        self, model: nn.Module, state: Arrays, carry: Arrays, data: SiteData, *, seed: int
-    ) -> PersonalModel:
-        result = train_local(model, data.x_fit, data.y_fit, training=self.local_training(),
-                             privacy=NO_DP, noise_multiplier=None, seed=seed)  # fmt: skip
-        return PersonalModel(
-            weights=result.weights,
-            validation=evaluate(model, data.x_val, data.y_val),
-            chosen={"steps": float(self.settings.steps)},
-        )
-
-
-def with_finetune() -> Iterator[None]:
-    """Register the stand-in while a test runs, where no `finetune` is registered."""
-    if "finetune" in registry.PERSONALIZERS:
-        yield
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            registry, "PERSONALIZERS", {**registry.PERSONALIZERS, "finetune": StandInFinetune}
-        )
-        yield
 
 
 def save_personal(

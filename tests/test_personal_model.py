@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from aipipe.node.node import Node
 from aipipe.node.personal import PersonalModels, served_personal
 from aipipe.node.predict import predict_cohort
 from aipipe.personalization import registry
+from aipipe.personalization.finetune import FineTuning
 from aipipe.secure.identity import Identity
 from aipipe.settings import NodePaths
 from aipipe.store.node_store import NodeStore
@@ -46,11 +47,9 @@ from tests.hub_support import Hub, running_hub
 from tests.personal_support import (
     FHIR_DIR,
     NAME,
-    StandInFinetune,
     personal_study,
     save_personal,
     shifted,
-    with_finetune,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -94,7 +93,6 @@ def _work(nodes: dict[str, Node], kind: str) -> None:
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("personal")
     with ExitStack() as stack:
-        stack.enter_context(contextmanager(with_finetune)())
         hub = stack.enter_context(running_hub(root / "hub"))
         study = hub.publish(personal_study())
         nodes, homes = {}, {}
@@ -138,7 +136,8 @@ def test_evaluating_a_result_keeps_a_personal_model_with_its_version_and_audits_
     [event] = [e for e in _events(node, "personal.model") if e.details["version"] == mine.version]
     assert event.details == {"study": NAME, "version": federation.version,
                              "sha256": mine.sha256, "method": "finetune",
-                             "chosen": {"steps": 20.0}}  # fmt: skip
+                             "chosen": mine.chosen}  # fmt: skip
+    assert 0 < mine.chosen["steps"] <= 20  # a DP global model: fine-tuning on site data helps
 
 
 def test_nothing_of_the_personal_model_reaches_the_hub(federation: Federation) -> None:
@@ -312,7 +311,7 @@ def test_a_personalizing_study_without_a_personal_model_is_not_served(
     assert ModelLineage(federation.nodes["basel"].store.db).evaluation(NAME, federation.version)
 
 
-class _Failing(StandInFinetune):
+class _Failing(FineTuning):
     def personalize(self, *args: Any, **kwargs: Any) -> Any:
         raise ValueError("no validation rows at this site")
 
