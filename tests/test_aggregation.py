@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -321,7 +321,9 @@ def test_aggregation_errors_are_aipipe_errors() -> None:
 
 
 def test_the_registry_names_every_aggregator_a_study_may_ask_for() -> None:
-    assert set(AGGREGATORS) == {"fedavg", "fedprox", "fedadam", "fedyogi"}
+    robust = {"trimmed_mean", "median", "krum", "centered_clip"}
+    assert set(AGGREGATORS) == {"fedavg", "fedprox", "fedadam", "fedyogi"} | robust
+    assert set(AGGREGATORS) == set(get_args(Aggregation.model_fields["name"].annotation))
 
 
 def test_an_unknown_aggregator_name_lists_the_known_ones() -> None:

@@ -115,6 +115,10 @@ class Aggregator(ABC):
         (`refuse_non_finite`), so a refused step leaves the aggregator as it was.
         """
 
+    def check_round_size(self, n: int) -> None:  # noqa: B027 (a hook: most take any n)
+        """Refuse, before any round, a rule that n updates could not satisfy (the hub asks with
+        a study's `min_nodes`, the fewest updates a round may close with); most take any n ≥ 1."""
+
     # -- persistence ---------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Array]:

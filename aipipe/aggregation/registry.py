@@ -11,12 +11,25 @@ from aipipe.aggregation.base import AggregationError, Aggregator
 from aipipe.aggregation.fedavg import FedAvg
 from aipipe.aggregation.fedopt import FedAdam, FedYogi
 from aipipe.aggregation.fedprox import FedProx
+from aipipe.aggregation.robust_aggregators import CenteredClip, CoordinateMedian, Krum, TrimmedMean
 
 if TYPE_CHECKING:
     from aipipe.study.blocks import Aggregation
 
 AGGREGATORS: Mapping[str, type[Aggregator]] = MappingProxyType(
-    {cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi)}
+    {
+        cls.name: cls
+        for cls in (
+            FedAvg,
+            FedProx,
+            FedAdam,
+            FedYogi,
+            TrimmedMean,
+            CoordinateMedian,
+            Krum,
+            CenteredClip,
+        )
+    }
 )
 """Every aggregator a study may name in `aggregation.name`."""
 
@@ -41,7 +54,8 @@ def aggregator_for(spec: Aggregation, proximal_mu: float) -> Aggregator:
     """The aggregator a study's `aggregation` block (and `training.proximal_mu`) asks for.
 
     Each class gets only the knobs it takes: FedAvg ignores β1, β2 and τ, which the study
-    schema always carries with defaults.
+    schema always carries with defaults. The robust knobs (trim, byzantine, multi, clip_radius,
+    iterations) are None unless the study sets them, which takes the aggregator's default.
     """
     offered: dict[str, float | None] = {
         "server_lr": spec.server_lr,
@@ -49,6 +63,11 @@ def aggregator_for(spec: Aggregation, proximal_mu: float) -> Aggregator:
         "beta2": spec.beta2,
         "tau": spec.tau,
         "proximal_mu": proximal_mu,
+        "trim": spec.trim,
+        "byzantine": spec.byzantine,
+        "multi": spec.multi,
+        "clip_radius": spec.clip_radius,
+        "iterations": spec.iterations,
     }
     cls = AGGREGATORS.get(spec.name)
     accepted = knob_names(cls) if cls is not None else ()

@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from aipipe.cli import node_personal
 from aipipe.cli.node_render import (
     check_anything_stored,
     print_jwks,
@@ -38,6 +39,7 @@ app = typer.Typer(
 
 HOME = typer.Option(..., "--home", help="The node home directory.")
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+app.add_typer(node_personal.app, name="personal")
 
 
 @app.command()
@@ -260,7 +262,8 @@ def predict(
     ),
     as_json: bool = JSON,
 ) -> None:
-    """Score this site's patients with the study's current federated model.
+    """Score this site's patients with the study's current federated model (the site's personal
+    model when the study personalizes: `aipipe node personal`).
 
     Patients are scored as of now (or --as-of): every Observation dated up to that day counts,
     age is taken then. With --write-back each score becomes a RiskAssessment (status final,

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
+from aipipe.aggregation import AggregationError, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import (
     AipipeError,
@@ -122,6 +123,12 @@ class HubService:
         if self.store.study(spec.name) is not None:
             raise ConflictError(f"study '{spec.name}' is already published; give a new name")
         self.protocols.for_spec(spec).check_spec(spec)
+        try:
+            aggregator_for(spec.aggregation, spec.training.proximal_mu).check_round_size(
+                spec.min_nodes
+            )
+        except AggregationError as exc:
+            raise StudyError(f"study '{spec.name}': {exc}") from exc
         arrays = weights_to_arrays(build_model(spec.model, len(spec.columns()), seed=0))
         blob = self.store.put_blob(encode_arrays(arrays))
         version = version_id(spec.name, 0, None, blob)

@@ -263,13 +263,57 @@ class Privacy(StudyBlock):
         return self.epsilon / 10 if self.statistics_epsilon is None else self.statistics_epsilon
 
 
+ROBUST_KNOBS: dict[str, tuple[str, ...]] = {
+    "trim": ("trimmed_mean",),
+    "byzantine": ("krum",),
+    "multi": ("krum",),
+    "clip_radius": ("centered_clip",),
+    "iterations": ("centered_clip",),
+}
+"""The robust aggregators' knobs and the aggregators that take each (aipipe.aggregation)."""
+
+
 class Aggregation(StudyBlock):
-    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    """The hub's server rule. The robust ones (trimmed_mean, median, krum, centered_clip) need
+    every update on its own, so they run only with `secure: none`; their knobs, None unless
+    set (the aggregator's default then): `trim` β per side (default 0.2), Krum's `byzantine` f
+    (default 1) and `multi` m (default 1), centred clipping's `clip_radius` τ (default 1.0) and
+    `iterations` L (default 1)."""
+
+    name: Literal[
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "trimmed_mean",
+        "median",
+        "krum",
+        "centered_clip",
+    ] = "fedavg"
     # None takes the aggregator's own default: 1.0 for FedAvg/FedProx, 0.01 for FedAdam/Yogi.
     server_lr: float | None = Field(default=None, gt=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0)
+    trim: float | None = Field(default=None, ge=0, lt=0.5)
+    byzantine: int | None = Field(default=None, ge=0, le=10**6)
+    multi: int | None = Field(default=None, ge=1, le=10**6)
+    clip_radius: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    iterations: int | None = Field(default=None, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> Aggregation:
+        for knob, takers in ROBUST_KNOBS.items():
+            if getattr(self, knob) is not None and self.name not in takers:
+                raise ValueError(
+                    f"aggregation `{knob}` applies to {' and '.join(takers)}, not to "
+                    f"'{self.name}'; remove it or change `name`"
+                )
+        return self
+
+    def unset_knobs(self) -> set[str]:
+        """The robust knobs left unset, which a study's digest leaves out (older studies)."""
+        return {knob for knob in ROBUST_KNOBS if getattr(self, knob) is None}
 
 
 class Bounds(StudyBlock):

@@ -192,6 +192,8 @@ class StudySpec(StudyBlock):
         unset = [i for i, f in enumerate(self.features) if f.lookback_days is None]
         if unset:
             exclude["features"] = {i: {"lookback_days"} for i in unset}
+        if knobs := self.aggregation.unset_knobs():
+            exclude["aggregation"] = knobs
         canonical = self.model_dump_json(exclude_none=False, exclude=exclude).encode()
         return hashlib.sha256(canonical).hexdigest()
 
