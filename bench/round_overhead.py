@@ -893,6 +893,7 @@ def environment(flwr_version: str) -> dict[str, Any]:
         "flwr": flwr_version,
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # torch's intra-op threads
         "machine": platform.machine(),
         "platform": platform.platform(),
         "processor": platform.processor(),
