@@ -72,7 +72,8 @@ def show(
     token: str = TOKEN,
     as_json: bool = JSON,
 ) -> None:
-    """Show one version's lineage: parent, contributors (n, ε), aggregator, metrics."""
+    """Show one version's lineage: parent, contributors (n, ε; with `detection`, each update's
+    scores, flag and the node's reputation), updates left out, aggregator, metrics."""
     with client(hub, token) as hub_client:
         version = resolve_version(hub_client, version)
         info = hub_client.model(version)
@@ -82,21 +83,26 @@ def show(
     console.print(
         kv_table(
             f"model {version[:12]}",
-            {k: v for k, v in info.items() if k not in ("contributors", "metrics", "validation")},
+            {k: v for k, v in info.items() if k not in _TABLES},
         )
     )
     _show_validation(info.get("validation"))
     for title, rows in (
         ("contributors", info["contributors"]),
+        ("excluded (flagged by detection)", info.get("excluded", [])),
         ("metrics", [{"node": k, **_flat(v)} for k, v in info["metrics"].items()]),
     ):
         if rows:
+            columns = list(dict.fromkeys(k for row in rows for k in row))
             table = Table(title=title, title_justify="left")
-            for column in rows[0]:
+            for column in columns:
                 table.add_column(column)
             for row in rows:
-                table.add_row(*(str(v) for v in row.values()))
+                table.add_row(*(str(row.get(c, "")) for c in columns))
             console.print(table)
+
+
+_TABLES = ("contributors", "excluded", "metrics", "validation")
 
 
 def _flat(report: dict[str, object]) -> dict[str, object]:
