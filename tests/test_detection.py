@@ -21,11 +21,13 @@ import pytest
 
 from aipipe.aggregation import aggregator_for
 from aipipe.audit.log import AuditLog
+from aipipe.cli import model as model_cli
 from aipipe.errors import StudyError
 from aipipe.hub.detection import reference, robust_z, score_updates
 from aipipe.hub.home import HubPaths
 from aipipe.hub.hub import Hub as HubHome
 from aipipe.hub.service import HubService
+from aipipe.node.client import HubClient
 from aipipe.secure.identity import Identity
 from aipipe.study.spec import StudySpec, parse_study
 from tests.cli_support import invoke
@@ -311,3 +313,33 @@ def test_hub_nodes_shows_reputation_and_readmit_restores_it(tmp_path: Path) -> N
 
     unknown = invoke("hub", "readmit", "--home", home, "--node", "nobody")
     assert unknown.exit_code != 0 and "no node 'nobody'" in unknown.stderr
+
+
+def test_model_show_lists_each_contributors_scores_and_the_update_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with federation(tmp_path, detection_study()) as (hub, nodes, study):
+        at, _ = run_round(hub, study, nodes)
+        version = hub.round(at)["result_version"]
+
+        def client(url: str, token: str) -> HubClient:
+            return HubClient(url, token=token, transport=hub.client._transport)
+
+        monkeypatch.setattr(model_cli, "client", client)
+        args = ("--hub", "http://testserver", "--token", hub.admin_token)
+        shown = invoke("model", "show", version[:12], *args)
+        assert shown.exit_code == 0, shown.output
+        assert "screening (detection)" in shown.stdout
+        rows = {line.split()[1]: line.split() for line in shown.stdout.splitlines() if "│" in line}
+        assert rows[ATTACKER][-6:] == ["yes", "│", "yes", "│", "0.5", "│"]  # flag, out, rep
+        assert rows["alpha"][-6:] == ["no", "│", "no", "│", "1", "│"]
+        as_json = json.loads(invoke("model", "show", version[:12], "--json", *args).stdout)
+        assert as_json["excluded"][0]["node"] == ATTACKER
+
+        # a node sees its own scores only, as it sees only its own n and ε
+        path = f"/v1/models/{version}"
+        own = hub.client.get(path, headers=nodes[ATTACKER].headers).json()
+        assert [e["node"] for e in own["excluded"]] == [ATTACKER]
+        other = hub.client.get(path, headers=nodes["alpha"].headers).json()
+        assert other["excluded"] == []
+        assert {c["node"]: set(c) for c in other["contributors"]}["bravo"] == {"node"}

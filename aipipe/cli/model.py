@@ -87,9 +87,13 @@ def show(
         )
     )
     _show_validation(info.get("validation"))
+    contributors, excluded = info["contributors"], info.get("excluded", [])
     for title, rows in (
-        ("contributors", info["contributors"]),
-        ("excluded (flagged by detection)", info.get("excluded", [])),
+        ("contributors", [_without(c, _SCORES) for c in contributors]),
+        (
+            "screening (detection)",
+            [_screening(c) for c in contributors + excluded if _SCORES & set(c)],
+        ),
         ("metrics", [{"node": k, **_flat(v)} for k, v in info["metrics"].items()]),
     ):
         if rows:
@@ -103,6 +107,43 @@ def show(
 
 
 _TABLES = ("contributors", "excluded", "metrics", "validation")
+_SCORES = {
+    "distance",
+    "norm",
+    "cosine",
+    "z_distance",
+    "z_norm",
+    "flagged",
+    "excluded",
+    "reputation",
+}
+
+
+def _without(row: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in keys}
+
+
+def _screening(row: dict[str, Any]) -> dict[str, Any]:
+    """One update's scores in its round (`detection`), and its node's reputation after it."""
+    names = {
+        "distance": "dist",
+        "z_distance": "z dist",
+        "z_norm": "z norm",
+        "flagged": "flag",
+        "excluded": "out",
+        "reputation": "rep",
+    }
+    scores = {names.get(k, k): _cell(v) for k, v in row.items() if k in _SCORES}
+    return {"node": row["node"], **scores}
+
+
+def _cell(value: object) -> str:
+    """A table cell: floats to 3 significant digits (scores, norms), flags as yes / no."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
 
 
 def _flat(report: dict[str, object]) -> dict[str, object]:
