@@ -165,6 +165,38 @@ def test_without_exclude_the_scaled_update_is_kept_but_flagged(tmp_path: Path) -
         assert model["excluded"] == []
 
 
+def test_a_round_whose_every_update_is_flagged_keeps_them_all_and_says_so(
+    tmp_path: Path,
+) -> None:
+    # [head.bias, head.weight] of four nodes, each past a tiny threshold in distance or norm (with
+    # an odd count the median update is never flagged; with four, two by each score can be)
+    vectors = [[1.0, 2.0, 2.0], [-2.0, 3.0, -2.0], [-3.0, 2.0, -1.0], [0.0, -2.0, 1.0]]
+    with federation(tmp_path, detection_study(threshold=0.01, exclude=True)) as (hub, nodes, study):
+        at = hub.open_round(study)
+        deltas: dict[str, Arrays] = {}
+        for name, (b, w0, w1) in zip(HONEST, vectors, strict=True):
+            deltas[name] = {
+                "head.bias": np.array([b], dtype=np.float32),
+                "head.weight": np.array([[w0, w1]], dtype=np.float32),
+            }
+            hub.upload(nodes[name], at, update(nodes[name], at, deltas[name], n=N[name]))
+        declined = hub.client.post(
+            f"{at.path}/decline",
+            json={"reason": "sits this one out"},
+            headers=nodes[ATTACKER].headers,
+        )
+        assert declined.status_code == 200, declined.text
+        info = hub.round(at)
+        assert info["state"] == "closed", info
+        events = flagged_events(hub)
+        assert sorted(e["node"] for e in events) == sorted(HONEST)
+        assert all(e["excluded"] is False for e in events)
+        assert all("every update was flagged" in e["kept_because"] for e in events)
+        want = expected(at, deltas, list(HONEST))
+        new = hub.weights(info["result_version"])
+        assert all(np.allclose(new[k], want[k], atol=1e-6) for k in want)
+
+
 def test_a_study_without_detection_flags_nothing(tmp_path: Path) -> None:
     plain = {**STUDY, "name": "unscreened", "min_nodes": 3}
     with federation(tmp_path, plain) as (hub, nodes, study):
