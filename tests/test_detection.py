@@ -215,6 +215,8 @@ def test_a_node_under_the_floor_is_not_selected_until_readmitted(tmp_path: Path)
     study_raw = detection_study(reputation_decay=0.5, reputation_floor=0.6)
     with federation(tmp_path, study_raw) as (hub, nodes, study):
         run_round(hub, study, nodes)
+        listed = hub.client.get("/v1/nodes", headers=hub.admin).json()
+        assert {n["name"]: n["reputation"] for n in listed}[ATTACKER] == 0.5
         second = hub.open_round(study)
         assert hub.round(second)["selected"] == sorted(HONEST)
         (excluded,) = [dict(e.details) for e in hub.events("node.excluded")]
