@@ -112,6 +112,20 @@ def test_a_lone_outlier_among_equal_updates_is_flagged_and_equal_ones_never_are(
     assert not any(s.flagged for s in score_updates(same, threshold=3.5))
 
 
+def test_honest_updates_a_few_percent_apart_are_not_flagged_however_small_their_mad() -> None:
+    # three real DP updates of an e2e round (norms 0.1117, 0.1041, 0.1027): MAD 0.0014 made the
+    # longest one a 3.8 z-score outlier, 9 % longer than the others
+    rng = np.random.default_rng(3)
+    direction = rng.standard_normal(14)
+    direction /= np.linalg.norm(direction)
+    vectors = [
+        norm * direction + 0.004 * rng.standard_normal(14) for norm in (0.1117, 0.1041, 0.1027)
+    ]
+    assert not any(s.flagged for s in score_updates(vectors, threshold=3.5))
+    scaled = score_updates([*vectors, 10 * vectors[0]], threshold=3.5)
+    assert [s.flagged for s in scaled] == [False, False, False, True]
+
+
 def test_a_sign_flipped_update_is_far_from_the_reference_and_points_away() -> None:
     rng = np.random.default_rng(0)
     honest = [0.02 + 0.004 * rng.standard_normal(50) for _ in range(4)]
