@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aipipe.aggregation import AggregationError, Aggregator, aggregator_for
@@ -33,12 +33,14 @@ def version_id(study: str, number: int, parent: str | None, weights_digest: str)
 class RoundSum:
     """What a finished round hands to the study's server step: its contributors and Σn, and
     either the decoded secure sum Σn·Δ (`weighted_sum`) or the study's aggregator with the
-    round folded into it (`folded`: begin and accumulate done, finalize not yet)."""
+    round folded into it (`folded`: begin and accumulate done, finalize not yet); `excluded`
+    the updates a study's `detection` left out of it, with their scores."""
 
     contributors: list[dict[str, Any]]
     total_examples: int
     weighted_sum: Arrays | None = None
     folded: Aggregator | None = None
+    excluded: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ModelRegistry:
@@ -76,6 +78,8 @@ class ModelRegistry:
             "contributors": contributors,
             "total_examples": total_examples,
         }
+        if result.excluded:
+            lineage["excluded"] = result.excluded
         state = aggregator.optimizer_state()
         with self.store.transaction():  # model, study head and round move together
             self.store.add_model(
@@ -111,6 +115,7 @@ class ModelRegistry:
             created_at=row["created_at"],
             aggregator=row["aggregator"],
             contributors=lineage.get("contributors", []),
+            excluded=lineage.get("excluded", []),
             metrics=self.store.metrics(version),
             validation=validation_card(self.store, version),
         )
