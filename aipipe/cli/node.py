@@ -6,7 +6,7 @@ import functools
 import json
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 from rich.progress import (
@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from aipipe.cli.attack import enable_attack, parse_attack
 from aipipe.cli.node_render import (
     check_anything_stored,
     print_jwks,
@@ -31,9 +32,6 @@ from aipipe.fhir.server import DEFAULT_TYPES
 from aipipe.node.ingest import IngestReport, total_bytes
 from aipipe.node.node import Node
 from aipipe.tls import client_context, require_tls_off_loopback, scheme, server_tls
-
-if TYPE_CHECKING:
-    from aipipe.attacks import Attack
 
 app = typer.Typer(
     help="Run an institution's node: set up, ingest FHIR data, status.", no_args_is_help=True
@@ -243,22 +241,13 @@ def start(
     attack: str = typer.Option(None, "--attack", hidden=True, help="Test harness: NAME[:PARAM]."),
 ) -> None:
     """Run the node daemon: poll the hub, train and evaluate, until SIGTERM (or --once)."""
+    poison = parse_attack(attack) if attack else None
     with Node.open(home) as node:
         log = functools.partial(err_console.log, f"[{node.name}]")
-        poison = enable_attack(node, attack) if attack else None
+        if poison is not None:
+            enable_attack(node, poison)
         done = node.daemon(log, poll_wait_s=poll, attack=poison).run(once=once)
     err_console.log(f"[{node.name}] stopped after {done} work items")
-
-
-def enable_attack(node: Node, spec: str) -> Attack:
-    """A poisoning node (aipipe.attacks, issue 14's test harness): warned and audited here."""
-    from aipipe.attacks import parse_attack  # imports torch
-
-    attack = parse_attack(spec)
-    err_console.print(f"[bold red]WARNING: node {node.name} is MALICIOUS: attack {spec}; "
-                      "for tests and benchmarks only, never with real studies[/]")  # fmt: skip
-    node.audit.append("attack.enabled", actor=node.name, details=attack.describe())
-    return attack
 
 
 @app.command()
