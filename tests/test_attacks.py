@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -167,3 +168,68 @@ def test_parse_attack_refuses_bad_specs(text: str, message: str) -> None:
 
 def test_flat_norm_spans_every_array() -> None:
     assert flat_norm({"a": np.array([3.0]), "b": np.array([4.0])}) == math.sqrt(25.0)
+
+
+# -- the worker's call site --------------------------------------------------------------------
+
+
+class _Weights:
+    """The one HubClient call `_local_update` makes: the round's base model."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def model_weights(self, version: str) -> bytes:
+        return self.blob
+
+
+def _worker_update(attack: str | None, update_norm: float = 10.0) -> TrainResult:
+    """One `_local_update` of full-batch SGD without DP: the same Δ whatever the seed."""
+    from aipipe.models import build_model, weights_to_arrays
+    from aipipe.node.worker import NodeWorker
+    from aipipe.study.features import FeatureMatrix
+    from aipipe.study.preprocessing import Preprocessor
+    from aipipe.study.spec import load_study
+    from aipipe.wire import RoundWork
+    from aipipe.wire.tensors import encode_arrays
+    from tests.e2e_support import EXAMPLE_STUDY
+
+    spec = load_study(EXAMPLE_STUDY)
+    spec = spec.model_copy(
+        update={
+            "privacy": spec.privacy.model_copy(update={"mode": "none"}),
+            "training": spec.training.model_copy(update={"batch_size": 64, "local_steps": 3}),
+            "bounds": spec.bounds.model_copy(update={"update_norm": update_norm}),
+        }
+    )
+    columns = spec.columns()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, len(columns)))
+    y = (rng.random(64) > 0.5).astype(np.float64)
+    matrix = FeatureMatrix(columns, x, y, x, y, [], [], 64, Preprocessor({}, None, None))
+    blob = encode_arrays(weights_to_arrays(build_model(spec.model, len(columns), seed=0)))
+    client: Any = _Weights(blob)
+    worker = NodeWorker("h1", store=None, client=client, identity=None, audit=None)  # type: ignore[arg-type]
+    worker.attack = parse_attack(attack) if attack else None
+    item = RoundWork(
+        kind="train", study=spec.name, round=1, version="0" * 64, study_digest="0" * 64
+    )
+    return worker._local_update(spec, item, matrix, sigma=None)
+
+
+def test_a_sign_flipping_worker_sends_minus_its_honest_update() -> None:
+    honest, flipped = _worker_update(None), _worker_update("sign_flip")
+    assert honest.update_norm > 0.01
+    for key in honest.delta:
+        np.testing.assert_allclose(flipped.delta[key], -honest.delta[key], atol=1e-6)
+        start = honest.weights[key] - honest.delta[key]
+        np.testing.assert_allclose(flipped.weights[key], start + flipped.delta[key], atol=1e-6)
+
+
+def test_a_scaling_worker_still_clips_to_the_bound_unless_it_skips_its_clip() -> None:
+    honest = _worker_update(None, update_norm=1e6)
+    bound = honest.update_norm * 3  # ×100 would be 100 times the honest norm
+    clipped = _worker_update("scale:100", update_norm=bound)
+    assert clipped.update_norm == pytest.approx(bound, rel=1e-5)
+    unclipped = _worker_update("scale_unclipped:100", update_norm=bound)
+    assert unclipped.update_norm == pytest.approx(100 * honest.update_norm, rel=1e-4)
