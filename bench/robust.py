@@ -1,7 +1,7 @@
 """Benchmark: malicious institutions on Fed-Heart-Disease (issue 14), every attack × aggregator.
 
     .venv/bin/python bench/robust.py                # 5 seeds, every attack and aggregator
-    .venv/bin/python bench/robust.py --quick        # 1 seed, 3 attacks: a smoke run (< 1 min)
+    .venv/bin/python bench/robust.py --quick        # 1 seed, 3 attacks: a smoke run (~20 s of CPU)
     .venv/bin/python bench/robust.py --dp           # the same with DP-SGD at ε = 1 per site
 
 In-process, no hub and no HTTP, like `bench/flamby_heart.py`, whose `load_sites` reads each
@@ -24,9 +24,10 @@ hub refuses it (the attacker drops out); under SecAgg+ the attacker puts k·Δ c
 codec's per-coordinate range ±max(1, update_norm) in its masked input (the hub cannot see one
 input; `check_sum` bounds only the sum), the strongest input a protocol-following node can mask.
 
-Aggregators: every name in `aipipe.aggregation.AGGREGATORS` at run time (knob `byzantine` = the
-number of attackers where an aggregator takes it; other knobs at their defaults). One that
-refuses the setting (Krum with n < 2f + 3) is reported as refused with its message.
+Aggregators: every name in `aipipe.aggregation.AGGREGATORS` at run time, told the grid's
+attacker count f where it takes a knob for it (`byzantine` = f, `multi` = n − f, `trim` = f/n;
+the same in the runs without attackers), other knobs at their defaults. One that refuses the
+setting (Krum with n < 2f + 3) is reported as refused with its message.
 
 Secure aggregation: the hub learns Σx of x = [r, r·clip(Δ)] (`aipipe.secure.encoding`), here
 encoded with the study's fixed-point codec, summed mod 2^32, decoded, checked (`check_sum`) and
@@ -39,7 +40,8 @@ success rate (non-target test rows with the trigger predicted as the target clas
 hospitals; also for clean runs: the trigger's natural effect), and the flagging's precision and
 recall over every (round, update) the hub received. Flags: `aipipe.hub.detection` when present,
 else a robust z-score: d_i = ‖Δ_i − coordinate-wise median‖, z_i = 0.6745·(d_i − med d)/MAD(d),
-flagged when z_i > 3.5 (Iglewicz and Hoaglin's modified z-score).
+flagged when z_i > 3.5 (Iglewicz and Hoaglin's modified z-score). Flags are measured, not acted
+on: every update the hub accepts is aggregated.
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -145,20 +149,27 @@ def whole(sites: Sequence[Site]) -> list[Part]:
 # -- aggregators and detection --------------------------------------------------------------
 
 
-def aggregator(name: str, byzantine: int) -> Aggregator:
-    """The registered aggregator with `byzantine` = f where it takes that knob."""
-    knobs = {"byzantine": byzantine} if "byzantine" in knob_names(AGGREGATORS[name]) else {}
-    return make_aggregator(name, **knobs)
+def aggregator(name: str, n: int, f: int) -> Aggregator:
+    """The registered aggregator, told the attackers' count where it takes a knob for it:
+    `byzantine` = f and `multi` = n − f (Blanchard et al.'s multi-Krum), `trim` = f/n per side
+    (the share a trimmed mean must cut to drop every attacker); every other knob at its default.
+    """
+    offered = {"byzantine": f, "multi": n - f, "trim": f / n}
+    accepted = knob_names(AGGREGATORS[name])
+    return make_aggregator(name, **{k: v for k, v in offered.items() if k in accepted})
 
 
 def _detector() -> tuple[str, Callable[[list[np.ndarray]], list[bool]]]:
-    """`aipipe.hub.detection`'s flagging when the module exists, else the robust z-score."""
+    """`aipipe.hub.detection.score_updates` (issue 14's hub flagging) when the module exists,
+    at the study's default threshold; else this script's robust z-score of distance alone."""
     if importlib.util.find_spec("aipipe.hub.detection") is not None:
         module = importlib.import_module("aipipe.hub.detection")
-        for name in ("flag_updates", "flags", "flagged"):
-            if callable(getattr(module, name, None)):
-                return f"aipipe.hub.detection.{name}", getattr(module, name)
-    return "median/MAD robust z-score (bench)", robust_flags
+        score = getattr(module, "score_updates", None)
+        if callable(score):
+            return "aipipe.hub.detection.score_updates (threshold 3.5)", lambda vectors: [
+                s.flagged for s in score(vectors, Z_THRESHOLD)
+            ]
+    return "median/MAD robust z-score of distance (bench)", robust_flags
 
 
 def robust_flags(updates: list[np.ndarray]) -> list[bool]:
@@ -246,7 +257,7 @@ def plain_round(
     for i, r in enumerate(results):
         n = min(r.num_examples, spec.bounds.max_examples)
         try:
-            check_bounds(spec.bounds, SimpleNamespace(num_examples=n, update_norm=r.update_norm))  # type: ignore[arg-type]
+            check_bounds(spec.bounds, SimpleNamespace(num_examples=n, update_norm=r.update_norm))
         except UpdateRejectedError:
             run.refused_updates += 1
             continue
@@ -309,6 +320,7 @@ class Scenario:
     attack: str | None
     attackers: frozenset[int]
     aggregator: str
+    tolerate: int  # attackers the aggregator is set up for, in clean runs too
     secure: bool = False
 
 
@@ -329,7 +341,7 @@ def run_one(
     detect: Callable[[list[np.ndarray]], list[bool]],
 ) -> Run:
     parts, attackers = scenario.parts, set(scenario.attackers)
-    agg = aggregator(scenario.aggregator, len(attackers))
+    agg = aggregator(scenario.aggregator, len(parts), scenario.tolerate)
     attack = make_attack(scenario.attack, len(parts), max(len(attackers), 1))
     mu = float(getattr(agg, "proximal_mu", 0.0))
     weights = weights_to_arrays(build_model(spec.model, parts[0].x.shape[1], seed=seed))
@@ -383,10 +395,10 @@ def scenarios(
     for attack in (None, *attacks):
         who = chosen if attack else frozenset()
         for name in AGGREGATORS:
-            out[(grid, attack or "none", name, "plain")] = Scenario(parts, attack, who, name)
-        out[(grid, attack or "none", "fedavg", "secagg")] = Scenario(
-            parts, attack, who, "fedavg", True
-        )
+            plain = Scenario(parts, attack, who, name, len(chosen))
+            out[(grid, attack or "none", name, "plain")] = plain
+        secure = Scenario(parts, attack, who, "fedavg", len(chosen), secure=True)
+        out[(grid, attack or "none", "fedavg", "secagg")] = secure
     return out
 
 
@@ -562,12 +574,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--study", type=Path, default=EXAMPLE / "study.yaml")
     parser.add_argument("--fhir", type=Path, default=EXAMPLE / "fhir")
     parser.add_argument(
-        "--out", type=Path, default=None, help="default bench/results/robust[-dp][-quick].json"
+        "--out",
+        type=Path,
+        default=None,
+        help="default bench/results/robust[-dp].json, or $TMPDIR/robust[-dp]-quick.json",
     )
     args = parser.parse_args(argv)
-    if args.out is None:
-        suffix = ("-dp" if args.dp else "") + ("-quick" if args.quick else "")
-        args.out = Path(f"bench/results/robust{suffix}.json")
+    if args.out is None:  # a smoke run must not overwrite the full run's figures
+        name = "robust" + ("-dp" if args.dp else "")
+        quick = Path(tempfile.gettempdir()) / f"{name}-quick.json"
+        args.out = quick if args.quick else Path(f"bench/results/{name}.json")
     return args
 
 
@@ -602,19 +618,20 @@ def main(argv: list[str] | None = None) -> None:
     met = targets(summary, attacks)
     console.print_json(json.dumps(met))
     runtime = time.perf_counter() - started
-    console.print(f"runtime {runtime:.0f} s")
+    console.print(f"runtime {runtime:.0f} s, CPU {time.process_time():.0f} s")
     parts = split_parts(sites, PARTS)
     report = {
         "benchmark": "robust",
         "command": shlex.join([".venv/bin/python", "bench/robust.py", *sys.argv[1:]]),
         "runtime_s": runtime,
-        "machine": info,
+        "cpu_s": time.process_time(),  # the load-independent cost (one thread)
+        "machine": {**info, "loadavg_at_end": os.getloadavg()},
         "seeds": seeds,
         "dp": args.dp,
         "training": spec.training.model_dump(),
         "bounds": spec.bounds.model_dump(),
         "aggregators": list(AGGREGATORS),
-        "attacks": {a: make_attack(a, len(parts), len(parts) // 3).describe() for a in attacks},  # type: ignore[union-attr]
+        "attacks": {a: make_attack(a, len(parts), len(parts) // 3).describe() for a in attacks},
         "detection": {"method": detector, "z_threshold": Z_THRESHOLD},
         "sites_12": {p.name: len(p.y) for p in parts},
         "attackers_12_by_seed": {
