@@ -6,6 +6,11 @@
     result = attack.run(train, x, y, update_norm, rng)
 
 No study enables an attack; a node runs one only under the hidden `aipipe node start --attack`.
+The worker applies it at its one training call site, before clipping and signing, in every
+`secure:` mode; it is tested with plaintext studies (under SecAgg+ and CKKS `contribution()`
+clips the update again, so `scale_unclipped` is clipped there). A data-level attack under DP
+trains on its changed rows with the σ planned for its real ones: the attacker's own ledger is
+not what these attacks are about.
 """
 
 from __future__ import annotations
