@@ -17,6 +17,9 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from aipipe.attacks import Attack
 from aipipe.audit.log import AuditLog
 from aipipe.errors import (
     AipipeError,
@@ -77,6 +80,7 @@ class NodeWorker:
     _weights: dict[str, Arrays] = field(default_factory=dict)
     # (study, round) → the mechanism planned for it, charged with its bytes just before they leave
     _planned: dict[tuple[str, int], Plan] = field(default_factory=dict)
+    attack: Attack | None = None  # a poisoning node, for tests and benchmarks (aipipe.attacks)
 
     def handle(self, item: EvaluateWork | RoundWork) -> str:
         """Do one work item; return a one-line summary for logs (counts only, no PHI)."""
@@ -276,18 +280,26 @@ class NodeWorker:
     ) -> TrainResult:
         global_weights = self.base_weights(item.version)
         model = arrays_to_model(global_weights, build_model(spec.model, len(matrix.columns)))
-        # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
-        # anyone who can recompute it can subtract the noise from the update.
-        result = train_local(
-            model,
-            matrix.x_train,
-            matrix.y_train,
-            training=spec.training,
-            privacy=spec.privacy,
-            noise_multiplier=sigma,
-            global_weights=global_weights,
-            seed=secrets.randbits(63),
-        )
+
+        def train(x: np.ndarray, y: np.ndarray) -> TrainResult:
+            # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
+            # anyone who can recompute it can subtract the noise from the update.
+            return train_local(
+                model,
+                x,
+                y,
+                training=spec.training,
+                privacy=spec.privacy,
+                noise_multiplier=sigma,
+                global_weights=global_weights,
+                seed=secrets.randbits(63),
+            )
+
+        if self.attack is not None:  # the test/benchmark harness: `node start --attack` only
+            rng = np.random.default_rng(secrets.randbits(63))
+            bound = spec.bounds.update_norm
+            return self.attack.run(train, matrix.x_train, matrix.y_train, bound, rng)
+        result = train(matrix.x_train, matrix.y_train)
         return clip_update(result, spec.bounds.update_norm)  # the hub refuses longer updates
 
     def signed_header(
