@@ -93,10 +93,13 @@ class Personalizer(ABC):
     override `build` (another architecture), `shared` (keep a part local) and `personalize`
     (refine locally). `global_predicts` is False when the global model alone is no predictor
     (its head or local extractor never trained): the hub then serves no CDS for the study.
+    `requires_body` is True when the method federates the body only: `personalizer_for`
+    refuses it with `model.kind: logistic`, whose identity body leaves nothing to federate.
     """
 
     name: ClassVar[str]
     global_predicts: ClassVar[bool] = True
+    requires_body: ClassVar[bool] = False  # refused with `model.kind: logistic` (no body)
 
     def __init__(
         self, *, model: ModelSpec, settings: Personalization, training: Training, privacy: Privacy

@@ -7,12 +7,13 @@ from types import MappingProxyType
 
 from aipipe.errors import StudyError
 from aipipe.personalization.base import Personalizer
+from aipipe.personalization.fedper import FedPer
 from aipipe.personalization.none import NoPersonalization
 from aipipe.study.personal import Personalization
 from aipipe.study.spec import StudySpec
 
 PERSONALIZERS: Mapping[str, type[Personalizer]] = MappingProxyType(
-    {cls.name: cls for cls in (NoPersonalization,)}
+    {cls.name: cls for cls in (NoPersonalization, FedPer)}
 )
 """Every method a study may name in `personalization.method`."""
 
@@ -27,4 +28,10 @@ def personalizer_for(spec: StudySpec) -> Personalizer:
         raise StudyError(
             f"study '{spec.name}' names personalization method '{settings.method}'; known: {known}"
         ) from None
+    if cls.requires_body and spec.model.kind == "logistic":
+        raise StudyError(
+            f"study '{spec.name}' personalizes with '{settings.method}', which federates the "
+            "model's body and keeps its head local, but model.kind: logistic has no body (the "
+            "whole model is the head): use model.kind: mlp with hidden layers, e.g. hidden: [16]"
+        )
     return cls(model=spec.model, settings=settings, training=spec.training, privacy=spec.privacy)

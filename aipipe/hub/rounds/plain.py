@@ -26,6 +26,7 @@ from aipipe.hub.models import RoundSum
 from aipipe.hub.rounds.context import NodeStatus
 from aipipe.hub.rounds.protocol import RoundProtocol
 from aipipe.hub.updates import verified_update
+from aipipe.personalization.parts import shared_part
 from aipipe.store.hub_rounds import RoundRow
 from aipipe.study.spec import StudySpec
 from aipipe.wire import RoundState, RoundWork, SecureMode, UpdateHeader
@@ -90,11 +91,12 @@ class PlainRound(RoundProtocol):
         return keep
 
     def _resumed(self, spec: StudySpec, number: int, state: bytes | None) -> Aggregator:
-        """The study's aggregator with this round's fold so far (begun on the base model)."""
+        """The study's aggregator with this round's fold so far (begun on the base model's
+        shared part)."""
         aggregator = self.ctx.aggregator(spec)
         if state is None:
             base = self.ctx.round_row(spec.name, number).base_version
-            aggregator.begin(decode_arrays(self.ctx.models.weights(base)))
+            aggregator.begin(shared_part(spec, decode_arrays(self.ctx.models.weights(base))))
         else:
             aggregator.set_state(decode_arrays(state))
         return aggregator
@@ -143,7 +145,8 @@ class PlainRound(RoundProtocol):
         ]
         aggregator = self.ctx.aggregator(spec)
         if aggregator.requires_individual_updates:
-            aggregator.begin(decode_arrays(self.ctx.models.weights(row.base_version)))
+            base = decode_arrays(self.ctx.models.weights(row.base_version))
+            aggregator.begin(shared_part(spec, base))
             for n in reported:
                 delta = decode_arrays(self.ctx.store.blob(n["payload_sha256"]))
                 aggregator.accumulate(delta, int(n["num_examples"]))
