@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch import nn
 
 from aipipe.errors import StudyError
 from aipipe.models import arrays_to_model, weights_to_arrays
@@ -36,6 +37,10 @@ def site(n: int = 200, d: int = 5, seed: int = 0) -> SiteData:
     x = rng.normal(size=(n, d)).astype(np.float32)
     y = (x @ rng.normal(size=d) > 0).astype(np.float32)
     return SiteData(x[:160], y[:160], x[160:], y[160:])
+
+
+def head_of(model: nn.Module) -> np.ndarray:
+    return model.state_dict()["head.weight"].numpy().copy()
 
 
 def heart_spec(**model: object) -> StudySpec:
@@ -99,9 +104,9 @@ def test_under_dp_the_head_moves_only_inside_the_dp_sgd_steps(
     real_step = DPSGD.step
 
     def spied(self: DPSGD, *args: object, **kwargs: object) -> object:
-        before = model.head.weight.detach().numpy().copy()
+        before = head_of(model)
         out = real_step(self, *args, **kwargs)  # type: ignore[arg-type]
-        heads.append((before, model.head.weight.detach().numpy().copy()))
+        heads.append((before, head_of(model)))
         return out
 
     monkeypatch.setattr(DPSGD, "step", spied)
