@@ -40,7 +40,7 @@ def site(n: int = 200, d: int = 5, seed: int = 0) -> SiteData:
 
 
 def head_of(model: nn.Module) -> np.ndarray:
-    return model.state_dict()["head.weight"].numpy().copy()
+    return np.array(model.state_dict()["head.weight"].numpy(), copy=True)
 
 
 def heart_spec(**model: object) -> StudySpec:
