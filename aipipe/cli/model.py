@@ -82,9 +82,10 @@ def show(
     console.print(
         kv_table(
             f"model {version[:12]}",
-            {k: v for k, v in info.items() if k not in ("contributors", "metrics", "validation")},
+            {k: v for k, v in info.items() if k not in _OWN_SECTIONS},
         )
     )
+    _show_personalization(info.get("personalization"))
     _show_validation(info.get("validation"))
     for title, rows in (
         ("contributors", info["contributors"]),
@@ -102,6 +103,20 @@ def show(
 def _flat(report: dict[str, object]) -> dict[str, object]:
     """A node's report without its histogram (the validation table shows the pooled one)."""
     return {k: ("DP histogram" if k == "calibration" and v else v) for k, v in report.items()}
+
+
+_OWN_SECTIONS = ("contributors", "metrics", "validation", "personalization")
+
+
+def _show_personalization(card: dict[str, Any] | None) -> None:
+    """The study's personalization method, what the hub federates and what stays at nodes."""
+    if card is None:
+        return
+    console.print(
+        f"personalization: {card['method']}; the hub federates "
+        f"{', '.join(card['shared']) or 'nothing'}; each node keeps "
+        f"{', '.join(card['local']) or 'nothing'} (never sent); hub CDS: {card['hub_cds']}"
+    )
 
 
 def _show_validation(card: dict[str, Any] | None) -> None:

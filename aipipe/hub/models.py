@@ -16,6 +16,7 @@ from typing import Any
 from aipipe.aggregation import AggregationError, Aggregator, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import NotFoundError
+from aipipe.hub.personal import personalization_card
 from aipipe.hub.validation import validation_card
 from aipipe.personalization.parts import shared_part, with_shared
 from aipipe.store.hub_rounds import RoundRow
@@ -115,7 +116,14 @@ class ModelRegistry:
             contributors=lineage.get("contributors", []),
             metrics=self.store.metrics(version),
             validation=validation_card(self.store, version),
+            personalization=self._personalization(row["study"]),
         )
+
+    def _personalization(self, study: str) -> dict[str, Any] | None:
+        row = self.store.study(study)
+        if row is None:
+            return None
+        return personalization_card(StudySpec.model_validate(json.loads(row["spec"])))
 
     def weights(self, version: str) -> bytes:
         row = self.store.model(version)

@@ -301,3 +301,5 @@ class ModelVersionInfo(Wire):
     metrics: dict[str, dict[str, Any]]
     # The pooled validation of the sites' DP histograms (`aipipe.hub.validation`), if any.
     validation: dict[str, Any] | None = None
+    # The study's personalization method and which tensors are federated (`aipipe.hub.personal`).
+    personalization: dict[str, Any] | None = None
