@@ -240,7 +240,8 @@ def test_the_node_keeps_its_head_across_rounds_and_a_reopened_store(tmp_path: Pa
         first = PersonalStates(worker.store.db).latest(spec.name, "fedper")
         assert first is not None and sorted(first.tensors) == HEAD
         planted = {k: np.full_like(v, 0.75) for k, v in first.tensors.items()}
-        PersonalStates(worker.store.db).keep(spec.name, 1, "b" * 64, "fedper", planted)
+        states = PersonalStates(worker.store.db)
+        planted_sha = states.keep(spec.name, 1, "b" * 64, "fedper", planted)
         _round(worker, _still(spec), 2)  # starts from round 1's state
     store = NodeStore.open(tmp_path / "n" / "store.sqlite", b"")  # the node restarted
     try:
@@ -253,6 +254,8 @@ def test_the_node_keeps_its_head_across_rounds_and_a_reopened_store(tmp_path: Pa
     with AuditLog.open(tmp_path / "n" / "audit.sqlite", None) as log:
         events = [e for e in log.events() if e.action == "personal.state"]
     assert [e.details["round"] for e in events] == [1, 2]
+    assert events[0].details["started_from"] is None  # the hub's public head
+    assert events[1].details["started_from"] == planted_sha
     assert events[-1].details["sha256"] == second.sha256
     assert all("tensors" not in e.details for e in events)
     with node_worker(tmp_path / "again", "n", identity, client) as fresh:

@@ -6,7 +6,8 @@ returns beside the shared update (`RoundOutput.state`) is kept here, one row per
 the global version the round started from, the method, the tensors as safetensors bytes
 (`aipipe.wire.tensors`, never a pickle), their sha256 and the time. The next round starts from
 the latest state of an earlier round; a restarted node finds it in its store. The node's audit
-log records each state kept (`personal.state`: round, base version, method, sha256; no values).
+log records each state kept (`personal.state`: round, base version, method, its sha256 and the
+sha256 of the state the round started from; no values).
 
 Why the local part costs no ε of its own. Under `privacy.mode: dp` the local part is updated
 only by the DP-SGD steps that make the shared update (one clipped, noised step over every
@@ -118,13 +119,16 @@ def keep_state(
     base_version: str,
     method: str,
     state: Arrays,
+    started_from: str | None,
 ) -> str:
-    """Keep a round's local training state and audit it (sha256 and round, no values)."""
+    """Keep a round's local training state and audit it: round, base version, method, its
+    sha256 and that of the state the round started from (None: the public init); no values."""
     digest = PersonalStates(db).keep(study, number, base_version, method, state)
+    details = {"round": number, "base_version": base_version, "method": method}
     audit.append(
         "personal.state",
         actor=actor,
         resource=f"study/{study}",
-        details={"round": number, "base_version": base_version, "method": method, "sha256": digest},
+        details={**details, "sha256": digest, "started_from": started_from},
     )
     return digest

@@ -79,8 +79,11 @@ class NodeWorker:
     _weights: dict[str, Arrays] = field(default_factory=dict)
     # (study, round) → the mechanism planned for it, charged with its bytes just before they leave
     _planned: dict[tuple[str, int], Plan] = field(default_factory=dict)
-    # (study, round) → (base version, method, local training state), kept once it is charged
-    _states: dict[tuple[str, int], tuple[str, str, Arrays]] = field(default_factory=dict)
+    # (study, round) → (base version, method, local state, sha256 of the one it started from),
+    # kept once the round is charged
+    _states: dict[tuple[str, int], tuple[str, str, Arrays, str | None]] = field(
+        default_factory=dict
+    )
 
     def handle(self, item: EvaluateWork | RoundWork) -> str:
         """Do one work item; return a one-line summary for logs (counts only, no PHI)."""
@@ -248,7 +251,7 @@ class NodeWorker:
         found = self._states.pop((spec.name, number), None)
         if found is None or not found[2]:
             return  # no local part: every tensor is shared
-        base, method, state = found
+        base, method, state, started_from = found
         keep_state(
             self.store.db,
             self.audit,
@@ -258,6 +261,7 @@ class NodeWorker:
             base_version=base,
             method=method,
             state=state,
+            started_from=started_from,
         )
 
     def privacy(self) -> PrivacyEngine:
@@ -315,7 +319,8 @@ class NodeWorker:
             noise_multiplier=sigma,
             seed=secrets.randbits(63),
         )
-        self._states[(spec.name, item.round)] = (item.version, method.name, out.state)
+        started_from = None if kept is None else kept.sha256
+        self._states[(spec.name, item.round)] = (item.version, method.name, out.state, started_from)
         return clip_update(out.result, spec.bounds.update_norm)  # the hub refuses longer updates
 
     def signed_header(
