@@ -24,12 +24,13 @@ from aipipe.node.personal_state import PersonalStates
 from aipipe.node.sending import base_layout
 from aipipe.node.worker import NodeWorker
 from aipipe.personalization.parts import initial_weights
+from aipipe.privacy.ledger import BudgetLedger
 from aipipe.secure.identity import Identity
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix
 from aipipe.study.preprocessing import Preprocessor
 from aipipe.study.spec import StudySpec
-from aipipe.wire import RoundWork
+from aipipe.wire import RoundWork, UpdateReceipt
 from aipipe.wire.tensors import encode_arrays
 from tests.hub_support import Arrays, Hub, Round, update
 from tests.secure_rounds_support import (
@@ -266,3 +267,42 @@ def test_the_node_keeps_its_head_across_rounds_and_a_reopened_store(tmp_path: Pa
         assert third is not None and third.round == 3
         np.testing.assert_allclose(third.tensors["head.bias"], planted["head.bias"], atol=1e-6)
         fresh.store.close()
+
+
+class _Hub(_Weights):
+    """`HubClient` as a DP round's training and upload use it: weights in, frames recorded."""
+
+    def __init__(self, weights: Arrays) -> None:
+        super().__init__(weights)
+        self.frames: list[bytes] = []
+
+    def upload(self, study: str, number: int, frame: bytes) -> UpdateReceipt:
+        self.frames.append(frame)
+        return UpdateReceipt(accepted=True, round_state="collecting")
+
+
+def test_a_round_offered_again_sends_the_same_bytes_and_leaves_the_state_alone(
+    tmp_path: Path,
+) -> None:
+    privacy = {"mode": "dp", "epsilon": 1.0, "delta": 1e-5, "clip": 0.5, "accountant": "rdp"}
+    training = {"rounds": 2, "local_steps": 2, "batch_size": 16, "lr": 0.05}  # σ in a blink
+    raw = fedper_spec("resend-fedper", privacy=privacy, training=training)
+    spec = StudySpec.model_validate(raw)
+    hub = _Hub(initial_weights(spec))
+    with node_worker(tmp_path / "n", "n", Identity.generate(), hub) as worker:
+        worker.store.approve(spec.name, spec.digest(), spec.model_dump_json())
+        BudgetLedger(worker.store.db).set_budget(spec.name, epsilon=1.0, delta=1e-5)
+        worker._features[spec.name] = _matrix(spec)
+        item = _item(spec, 1)
+
+        worker._train(spec, item)
+        first = PersonalStates(worker.store.db).latest(spec.name, "fedper")
+        summary = worker._train(spec, item)  # the hub offers the round again
+
+        again = PersonalStates(worker.store.db).latest(spec.name, "fedper")
+        assert "sent the same update again" in summary
+        assert len(hub.frames) == 2 and hub.frames[0] == hub.frames[1]
+        assert first is not None and again is not None
+        assert (again.round, again.sha256, again.time) == (first.round, first.sha256, first.time)
+        kept = [e for e in worker.audit.events() if e.action == "personal.state"]
+        assert len(kept) == 1
