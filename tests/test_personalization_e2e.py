@@ -24,7 +24,7 @@ import pytest
 
 from aipipe.personalization import PERSONALIZERS
 from aipipe.wire.tensors import Arrays, decode_arrays
-from tests.e2e_support import Federation, node_audit_events
+from tests.e2e_support import Federation, aipipe_in_process, node_audit_events
 
 pytestmark = pytest.mark.e2e
 
@@ -132,6 +132,11 @@ def test_every_round_closes_with_the_shared_part_only(story: Story) -> None:
     card = model["personalization"]
     assert card["method"] == story.method
     assert set(card["shared"]).isdisjoint(card["local"])
+    shown = aipipe_in_process(
+        "model", "show", model["version"], "--hub", story.fed.hub.url,
+        "--token", story.fed.admin_token,
+    )  # fmt: skip
+    assert f"personalization: {story.method}; the hub federates" in " ".join(shown.stdout.split())
 
 
 def test_each_node_kept_its_state_for_each_round_it_took_part_in(story: Story) -> None:
