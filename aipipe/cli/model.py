@@ -86,6 +86,7 @@ def show(
             {k: v for k, v in info.items() if k not in _TABLES},
         )
     )
+    _show_personalization(info.get("personalization"))
     _show_validation(info.get("validation"))
     contributors, excluded = info["contributors"], info.get("excluded", [])
     for title, rows in (
@@ -106,7 +107,7 @@ def show(
             console.print(table)
 
 
-_TABLES = ("contributors", "excluded", "metrics", "validation")
+_TABLES = ("contributors", "excluded", "metrics", "validation", "personalization")
 _SCORES = {
     "distance",
     "norm",
@@ -149,6 +150,17 @@ def _cell(value: object) -> str:
 def _flat(report: dict[str, object]) -> dict[str, object]:
     """A node's report without its histogram (the validation table shows the pooled one)."""
     return {k: ("DP histogram" if k == "calibration" and v else v) for k, v in report.items()}
+
+
+def _show_personalization(card: dict[str, Any] | None) -> None:
+    """The study's personalization method, what the hub federates and what stays at nodes."""
+    if card is None:
+        return
+    console.print(
+        f"personalization: {card['method']}; the hub federates "
+        f"{', '.join(card['shared']) or 'nothing'}; each node keeps "
+        f"{', '.join(card['local']) or 'nothing'} (never sent); hub CDS: {card['hub_cds']}"
+    )
 
 
 def _show_validation(card: dict[str, Any] | None) -> None:

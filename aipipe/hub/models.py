@@ -16,7 +16,9 @@ from typing import Any
 from aipipe.aggregation import AggregationError, Aggregator, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import NotFoundError
+from aipipe.hub.personal import personalization_card
 from aipipe.hub.validation import validation_card
+from aipipe.personalization.parts import shared_part, with_shared
 from aipipe.store.hub_rounds import RoundRow
 from aipipe.store.hub_store import HubStore
 from aipipe.study.spec import StudySpec
@@ -53,7 +55,8 @@ class ModelRegistry:
         study_row = self.store.study(row.study)
         base = self.store.model(row.base_version)
         assert study_row is not None and base is not None
-        global_weights = decode_arrays(self.store.blob(base["blob"]))
+        base_weights = decode_arrays(self.store.blob(base["blob"]))
+        global_weights = shared_part(spec, base_weights)  # all of them, unless personalized
         aggregator = result.folded or aggregator_for(spec.aggregation, spec.training.proximal_mu)
         if study_row["optimizer_state"]:
             aggregator.load_optimizer_state(decode_arrays(study_row["optimizer_state"]))
@@ -66,7 +69,7 @@ class ModelRegistry:
         except AggregationError as exc:
             self.store.set_round_state(row.study, row.round, RoundState.FAILED, reason=str(exc))
             return
-        blob = self.store.put_blob(encode_arrays(new))
+        blob = self.store.put_blob(encode_arrays(with_shared(base_weights, new)))
         version = version_id(row.study, row.round, row.base_version, blob)
         lineage = {
             "study": row.study,
@@ -118,7 +121,14 @@ class ModelRegistry:
             excluded=lineage.get("excluded", []),
             metrics=self.store.metrics(version),
             validation=validation_card(self.store, version),
+            personalization=self._personalization(row["study"]),
         )
+
+    def _personalization(self, study: str) -> dict[str, Any] | None:
+        row = self.store.study(study)
+        if row is None:
+            return None
+        return personalization_card(StudySpec.model_validate(json.loads(row["spec"])))
 
     def weights(self, version: str) -> bytes:
         row = self.store.model(version)

@@ -303,3 +303,5 @@ class ModelVersionInfo(Wire):
     excluded: list[dict[str, Any]] = Field(default_factory=list)
     # The pooled validation of the sites' DP histograms (`aipipe.hub.validation`), if any.
     validation: dict[str, Any] | None = None
+    # The study's personalization method and which tensors are federated (`aipipe.hub.personal`).
+    personalization: dict[str, Any] | None = None

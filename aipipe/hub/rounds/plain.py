@@ -29,6 +29,7 @@ from aipipe.hub.rounds.context import NodeStatus
 from aipipe.hub.rounds.protocol import RoundProtocol
 from aipipe.hub.rounds.screening import admitted, screen
 from aipipe.hub.updates import verified_update
+from aipipe.personalization.parts import shared_part
 from aipipe.store.hub_rounds import RoundRow
 from aipipe.study.spec import StudySpec
 from aipipe.wire import RoundState, RoundWork, SecureMode, UpdateHeader
@@ -101,11 +102,12 @@ class PlainRound(RoundProtocol):
         return keep
 
     def _resumed(self, spec: StudySpec, number: int, state: bytes | None) -> Aggregator:
-        """The study's aggregator with this round's fold so far (begun on the base model)."""
+        """The study's aggregator with this round's fold so far (begun on the base model's
+        shared part)."""
         aggregator = self.ctx.aggregator(spec)
         if state is None:
             base = self.ctx.round_row(spec.name, number).base_version
-            aggregator.begin(decode_arrays(self.ctx.models.weights(base)))
+            aggregator.begin(shared_part(spec, decode_arrays(self.ctx.models.weights(base))))
         else:
             aggregator.set_state(decode_arrays(state))
         return aggregator
@@ -166,7 +168,8 @@ class PlainRound(RoundProtocol):
             contributors = [c for c in scored if not c["excluded"]]
             left_out = [c for c in scored if c["excluded"]]
         aggregator = self.ctx.aggregator(spec)
-        aggregator.begin(decode_arrays(self.ctx.models.weights(row.base_version)))
+        base = decode_arrays(self.ctx.models.weights(row.base_version))
+        aggregator.begin(shared_part(spec, base))
         for c in contributors:
             aggregator.accumulate(deltas[c["node"]], int(c["n"]))
         total = sum(int(c["n"]) for c in contributors)
