@@ -19,6 +19,7 @@ from rich.progress import (
 )
 
 from aipipe.cli import node_personal
+from aipipe.cli.attack import enable_attack, parse_attack
 from aipipe.cli.node_render import (
     check_anything_stored,
     print_jwks,
@@ -239,11 +240,15 @@ def start(
     poll: float = typer.Option(
         10.0, "--poll", min=0.0, max=60.0, help="Long-poll wait in seconds."
     ),
+    attack: str = typer.Option(None, "--attack", hidden=True, help="Test harness: NAME[:PARAM]."),
 ) -> None:
     """Run the node daemon: poll the hub, train and evaluate, until SIGTERM (or --once)."""
+    poison = parse_attack(attack) if attack else None
     with Node.open(home) as node:
         log = functools.partial(err_console.log, f"[{node.name}]")
-        done = node.daemon(log, poll_wait_s=poll).run(once=once)
+        if poison is not None:
+            enable_attack(node, poison)
+        done = node.daemon(log, poll_wait_s=poll, attack=poison).run(once=once)
     err_console.log(f"[{node.name}] stopped after {done} work items")
 
 

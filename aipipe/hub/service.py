@@ -33,7 +33,7 @@ from aipipe.hub.rounds.protocol import RoundProtocol
 from aipipe.hub.rounds.registry import Protocols
 from aipipe.hub.secure import SecureRounds
 from aipipe.hub.validation import check_report
-from aipipe.models import build_model, weights_to_arrays
+from aipipe.personalization.parts import initial_weights
 from aipipe.secure.identity import Identity
 from aipipe.store.hub_nodes import secret_hash
 from aipipe.store.hub_rounds import RoundRow
@@ -129,7 +129,7 @@ class HubService:
             )
         except AggregationError as exc:
             raise StudyError(f"study '{spec.name}': {exc}") from exc
-        arrays = weights_to_arrays(build_model(spec.model, len(spec.columns()), seed=0))
+        arrays = initial_weights(spec)  # every tensor; only the shared ones ever change
         blob = self.store.put_blob(encode_arrays(arrays))
         version = version_id(spec.name, 0, None, blob)
         self.store.add_model(

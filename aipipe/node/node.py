@@ -49,6 +49,7 @@ from aipipe.study.spec import StudySpec
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from aipipe.attacks import Attack
     from aipipe.cds import FhirAccess, JwtPolicy
     from aipipe.node.daemon import Daemon
     from aipipe.node.predict import Prediction
@@ -359,8 +360,9 @@ class Node:
                             link_key=load_link_key(self.paths.cds_link_key),
                             link_lifetime_s=link_lifetime_s)  # fmt: skip
 
-    def worker(self, log: Log) -> NodeWorker:
-        """The worker that does the hub's work items for this node."""
+    def worker(self, log: Log, attack: Attack | None = None) -> NodeWorker:
+        """The worker that does the hub's work items for this node (poisoning its updates with
+        `attack`: the test/benchmark harness of `aipipe.attacks`, never a study's setting)."""
         from aipipe.node.worker import NodeWorker  # imports torch: only when needed
 
         store, audit = self.store, self.audit
@@ -373,10 +375,13 @@ class Node:
             allow_non_private=self.paths.config.allow_non_private,
             vault=self.vault,
             log=log,
+            attack=attack,
         )
 
-    def daemon(self, log: Log, *, poll_wait_s: float = 10.0) -> Daemon:
+    def daemon(
+        self, log: Log, *, poll_wait_s: float = 10.0, attack: Attack | None = None
+    ) -> Daemon:
         """The daemon that long-polls the hub and runs `worker`, until stopped."""
         from aipipe.node.daemon import Daemon  # imports torch: only when needed
 
-        return Daemon(self.worker(log), log, poll_wait_s=poll_wait_s)
+        return Daemon(self.worker(log, attack), log, poll_wait_s=poll_wait_s)

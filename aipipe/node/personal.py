@@ -39,6 +39,7 @@ from aipipe.cds.cards import PERSONAL_PREFIX
 from aipipe.errors import ConfigError
 from aipipe.models import Arrays, arrays_to_model
 from aipipe.models.training import EvalResult, evaluate
+from aipipe.node.personal_state import PersonalStates
 from aipipe.personalization import PersonalModel, SiteData, personalizer_for
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix
@@ -185,16 +186,6 @@ def _stored(row: Mapping[str, Any]) -> StoredPersonal:
     )
 
 
-def training_state(store: NodeStore, study: str) -> Arrays:
-    """The node's latest local training state for `study` (FedPer's head, FENDA's local
-    extractor and head), as its rounds keep it.
-
-    TODO(merge): read it from `aipipe.node.personal_state` (p13hub); until that lands every
-    method starts its personal model from the global weights alone."""
-    del store, study
-    return {}
-
-
 def make_personal(
     store: NodeStore,
     audit: AuditLog,
@@ -218,7 +209,10 @@ def make_personal(
     model = arrays_to_model(weights, method.build(len(matrix.columns)))
     previous = kept.latest(spec.name)
     carry = previous.carry if previous is not None else {}
-    state = training_state(store, spec.name)
+    # The local training state of the round that made `version` (or the latest before it):
+    # FedPer's head, FENDA's local extractor and head; empty for the other methods.
+    trained = PersonalStates(store.db).latest(spec.name, method.name, before=number + 1)
+    state = trained.tensors if trained is not None else {}
     personal = method.personalize(
         model, state, carry, SiteData.of(matrix), seed=secrets.randbits(63)
     )

@@ -22,7 +22,7 @@ async def enrol(body: EnrolRequest, service: Svc) -> EnrolResponse:
 
 
 @router.get("/v1/nodes")
-async def nodes(service: Svc, _: Admin) -> list[dict[str, str | None]]:
+async def nodes(service: Svc, _: Admin) -> list[dict[str, str | float | None]]:
     return [
         {
             "name": r["name"],
@@ -30,6 +30,7 @@ async def nodes(service: Svc, _: Admin) -> list[dict[str, str | None]]:
             "enrolled_at": r["enrolled_at"],
             "last_seen": r["last_seen"],
             "public_key": r["public_key"],
+            "reputation": service.store.reputation(r["name"]),  # 1 until `detection` screens it
         }
         for r in service.store.nodes()
     ]
