@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from flamby_heart import DELTA, EPSILON, EXAMPLE, SITES, _seed, machine
 from personalization_report import (
+    markdown,
     render_cost,
     render_main,
     render_sites,
@@ -492,6 +493,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 rounds, 1 candidate")
     parser.add_argument("--timing-repeats", type=int, default=2, help="runs per cost pair (2)")
     parser.add_argument(
+        "--markdown", type=Path, help="print a results file's tables as markdown, run nothing"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -506,6 +510,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())), end="")
+        return
     started, cpu_started = time.perf_counter(), time.process_time()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # Opacus' secure-RNG notice, PRV's overflow warnings

@@ -203,3 +203,80 @@ def targets(
         ],
     }
     return out
+
+
+# -- markdown for docs/BENCHMARKS.md, from a results file ---------------------------------------
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """Tables (a), (b) and (c) of a results file as markdown: the docs quote the JSON as is."""
+    rows = {(r["strategy"], r["dp"]): r for r in report["results"]}
+    labels = list(dict.fromkeys(label for label, _ in rows))
+    lines = [
+        "| strategy | chosen (no DP) | accuracy, no DP | AUC (4) | AUC (no CH) "
+        "| chosen (ε = 1) | accuracy, ε = 1 | AUC (4) | AUC (no CH) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        cells = [label]
+        for dp in (False, True):
+            r = rows.get((label, dp))
+            if r is None:
+                cells += ["", "", "", ""]
+                continue
+            s = r["summary"]
+            cells += [
+                _chosen(r["chosen"]),
+                _cell(s),
+                _cell(s, "auc_mean_std"),
+                _cell(s, "auc_without_switzerland_mean_std"),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, value in ANCHORS.items():
+        lines.append(f"| {name} (published) | | {value:.3f} | | | | | | |")
+    lines += ["", "| strategy | DP | " + " | ".join(SITES) + " | all 4 |", "|---|---|"]
+    lines[-1] += "---|" * (len(SITES) + 1)
+    wins = site_wins({key: r["summary"] for key, r in rows.items()})
+    for dp in (False, True):
+        for label in labels:
+            r = rows.get((label, dp))
+            if r is None:
+                continue
+            win = wins.get(f"{label}|{'dp' if dp else 'none'}")
+            cells = []
+            for name in SITES:
+                value = f"{r['summary']['per_site_accuracy'][name]:.3f}"
+                if win is not None:
+                    value += " ✓" if win["sites"][name]["met"] else " ✗"
+                cells.append(value)
+            verdict = "" if win is None else ("✓" if win["all_met"] else "✗")
+            lines.append(
+                f"| {label} | {'ε = 1' if dp else '–'} | " + " | ".join(cells) + f" | {verdict} |"
+            )
+    lines += [
+        "",
+        "| strategy | DP | train_round + personalize (ms) | personalize (ms) | none (ms) "
+        "| ratio (wall) | ratio (CPU) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (label, dp), r in rows.items():
+        c = r.get("cost")
+        if c is None:
+            continue
+        m = c["method"]
+        lines.append(
+            f"| {label} | {'ε = 1' if dp else '–'} | {1000 * m['wall_s']:.1f} "
+            f"| {1000 * m['personalize_wall_s']:.1f} | {1000 * c['none']['wall_s']:.1f} "
+            f"| {c['ratio']:.2f}× | {c['ratio_cpu']:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _chosen(chosen: Mapping[str, Any]) -> str:
+    t = chosen["training"]
+    parts = [f"{t['rounds']}×{t['local_steps']} lr {t['lr']:g}"]
+    names = {"lr": "personal lr", "lam": "λ", "steps": "steps ≤", "local_hidden": "local"}
+    parts += [f"{names.get(k, k)} {v}" for k, v in chosen["personalization"].items()]
+    if chosen["model"]["kind"] == "mlp":
+        parts.append(f"hidden {chosen['model']['hidden']}")
+    return ", ".join(parts)
