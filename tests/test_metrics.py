@@ -16,7 +16,7 @@ from prometheus_client.samples import Sample
 
 from aipipe.hub.metrics import REFUSAL_CATEGORIES, refusal_category
 from tests.e2e_support import frame, sign, signed_update
-from tests.hub_support import STUDY, Hub, Node, Round, running_hub
+from tests.hub_support import STUDY, Hub, Node, Round, running_hub, update
 
 EPSILON = {"alpha": 0.75, "bravo": 1.25}
 
@@ -119,6 +119,27 @@ def test_a_refused_update_counts_under_its_category_only(ran: Hub) -> None:
     assert all(value(families, "aipipe_updates_refused_total", category=c) == 0 for c in others)
 
 
+def test_the_hubs_own_refusals_land_in_their_categories(hub: Hub) -> None:
+    alpha, _ = hub.enrol("alpha"), hub.enrol("bravo")
+    at = hub.open_round(hub.publish())
+    good = update(alpha, at)
+    refused = {
+        "signature": hub.upload(alpha, at, update(alpha, at, signed=False)),
+        "bounds": hub.upload(alpha, at, update(alpha, at, n=10**6)),
+        "stale": hub.upload(alpha, at, update(alpha, at, base_version="0" * 64)),
+        "malformed": hub.upload(alpha, at, good, content_type="application/json"),
+    }
+    assert hub.upload(alpha, at, good).is_success
+    refused["duplicate"] = hub.upload(alpha, at, good)
+    assert all(r.status_code == 409 for r in refused.values()), [r.text for r in refused.values()]
+
+    families = samples(hub)
+
+    for category in REFUSAL_CATEGORIES:
+        expected = 0 if category == "protocol" else 1
+        assert value(families, "aipipe_updates_refused_total", category=category) == expected
+
+
 def test_a_concluded_round_observes_each_stage_once(ran: Hub) -> None:
     families = samples(ran)
 
@@ -167,8 +188,10 @@ def test_the_exposition_carries_no_reason_text_token_or_patient(ran: Hub) -> Non
     assert "alpha" in text  # a node's name is the one node-level detail (ε per site)
 
 
-def test_metrics_need_the_admin_token(ran: Hub) -> None:
+def test_metrics_need_the_admin_token_and_speak_the_text_format(ran: Hub) -> None:
     assert ran.client.get("/metrics").status_code == 401
+    scraped = ran.client.get("/metrics", headers=ran.admin)
+    assert scraped.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from aipipe.errors import ConflictError
+from aipipe.hub.metrics import CONTENT_TYPE
 from aipipe.hub.routes.deps import Admin, Anyone, Node, Notify, Svc, binary
 from aipipe.wire import EvalReport, ModelVersionInfo
 
@@ -43,4 +43,4 @@ async def metrics(
 @router.get("/metrics", responses=binary("text/plain"))
 async def prometheus(service: Svc, _: Admin) -> Response:
     """Prometheus' text format (`aipipe.hub.metrics`), for the admin token."""
-    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
