@@ -163,17 +163,20 @@ class StoreCollector(Collector):
         accepted = CounterMetricFamily(
             "aipipe_updates_accepted", "Updates the hub accepted into rounds, every study."
         )
-        accepted.add_metric([], _scalar(conn, "SELECT count(*) FROM round_nodes WHERE status = ?"))
+        reported = conn.execute("SELECT count(*) FROM round_nodes WHERE status = 'reported'")
+        accepted.add_metric([], float(reported.fetchone()[0]))
         yield accepted
         yield _gauge(
             "aipipe_epsilon_spent",
             "Cumulative ε each site stated for a study in its latest plaintext update header "
             "(the node's own privacy accounting). Secure studies (secagg, ckks) report none.",
             ["study", "site"],
+            # One indexed look-up (round_nodes_by_site) per study and enrolled node.
             conn.execute(
-                "SELECT study, node, epsilon FROM round_nodes AS r WHERE epsilon IS NOT NULL AND "
-                "round = (SELECT max(round) FROM round_nodes WHERE study = r.study AND "
-                "node = r.node AND epsilon IS NOT NULL)"
+                "SELECT study, node, epsilon FROM (SELECT s.name AS study, n.name AS node, "
+                "(SELECT epsilon FROM round_nodes WHERE study = s.name AND node = n.name AND "
+                "epsilon IS NOT NULL ORDER BY round DESC LIMIT 1) AS epsilon "
+                "FROM studies AS s CROSS JOIN nodes AS n) WHERE epsilon IS NOT NULL"
             ),
         )
         yield from self._queues(conn)
@@ -196,7 +199,8 @@ class StoreCollector(Collector):
             "Nodes selected for a round taking updates that have neither reported nor declined.",
             ["study", "round"],
             conn.execute(
-                "SELECT n.study, n.round, count(*) FROM round_nodes AS n JOIN rounds AS r "
+                # from the few rounds taking updates to their nodes, never the other way
+                "SELECT n.study, n.round, count(*) FROM rounds AS r CROSS JOIN round_nodes AS n "
                 "ON r.study = n.study AND r.round = n.round WHERE r.state IN (?, ?) AND "
                 "n.status = 'selected' GROUP BY n.study, n.round",
                 active,
@@ -212,10 +216,6 @@ def _gauge(
         *values, value = tuple(row)
         gauge.add_metric([str(v) for v in values], float(value))
     return gauge
-
-
-def _scalar(conn: sqlite3.Connection, sql: str) -> float:
-    return float(conn.execute(sql, ("reported",)).fetchone()[0])
 
 
 # -- readiness --------------------------------------------------------------------------------
