@@ -58,12 +58,14 @@ REFUSAL_CATEGORIES = (*(name for name, _ in _CATEGORY_MARKERS), "protocol")
 """Every category of `aipipe_updates_refused_total`; `protocol` is any other refusal (a secure
 round's step out of turn, unusable keys, a refused decrypted sum)."""
 
-# Round stages last seconds (a loopback test) to days (a consortium's deadline).
-STAGE_BUCKETS_S = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 7 * 86400.0)
+# Aggregating takes milliseconds to minutes (CKKS, a large model); collecting, seconds (a
+# loopback test) to days (a consortium's deadline).
+STAGE_BUCKETS_S = (0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+                   604800.0)  # fmt: skip
+CDS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # What `generate_latest` writes (names here need no escaping, so it is also valid 1.0.0 text);
 # spelled out because newer clients' CONTENT_TYPE_LATEST says 1.0.0, older scrapers know 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-CDS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def refusal_category(reason: str) -> str:
