@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS feature_stats (
 CREATE TABLE IF NOT EXISTS metrics (
     version TEXT NOT NULL, node TEXT NOT NULL, report TEXT NOT NULL, at TEXT NOT NULL,
     PRIMARY KEY (version, node));
+-- a site's latest round in a study, looked up at every /metrics scrape (aipipe.hub.metrics)
+CREATE INDEX IF NOT EXISTS round_nodes_by_site ON round_nodes (study, node, round);
 """
 
 _TOKEN_COLUMNS = {"expires_at": "TEXT", "replaces": "INTEGER NOT NULL DEFAULT 0"}
