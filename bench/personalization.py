@@ -15,8 +15,9 @@ Strategies, each without DP and at ε = 1, δ = 1e-5 per site for the whole stud
 - global: FedAvg of the study (method `none`): each site serves the global version with its
   best validation loss;
 - every method in `aipipe.personalization.PERSONALIZERS` at run time, on the study's logistic
-  model and/or a small MLP (`fedper` and `fenda` need a hidden layer: logistic's body is the
-  identity; `solo`/`global` on the MLP are shown too, for reference).
+  model and/or an MLP with one hidden layer of 16 (`fedper` and `fenda` need a hidden layer:
+  logistic's body is the identity, the study refuses them). Each personalized row is compared
+  with solo and global on its own model (and, in the JSON, on either model).
 
 The round loop mirrors the node: per round each site calls `method.train_round` with the σ the
 `PrivacyEngine` plans for rounds × local steps at that site (`plan_local`), clips the shared Δ
