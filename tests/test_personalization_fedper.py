@@ -13,6 +13,7 @@ from torch import nn
 
 from aipipe.errors import StudyError
 from aipipe.models import arrays_to_model, weights_to_arrays
+from aipipe.models.training import evaluate
 from aipipe.personalization import PERSONALIZERS, SiteData, personalizer_for
 from aipipe.personalization.fedper import FedPer
 from aipipe.privacy.dpsgd import DPSGD
@@ -140,3 +141,37 @@ def test_the_global_model_keeps_its_head_at_the_seeded_init() -> None:
     assert set(v0) == {"body.0.weight", "body.0.bias", "head.weight", "head.bias"}
     again = arrays_to_model(v0, method.build(n))
     assert all(np.array_equal(a, v0[k]) for k, a in weights_to_arrays(again).items())
+
+
+def test_personalize_refines_the_head_only_with_the_body_as_published() -> None:
+    method = fedper(DP)
+    model = method.build(5, seed=0)
+    body = {k: v for k, v in weights_to_arrays(model).items() if k.startswith("body.")}
+    state = method.train_round(model, {}, site(), noise_multiplier=3.0, seed=1).state
+    published = method.build(5, seed=0)  # the hub's version: this body, its seeded head
+
+    personal = method.personalize(published, state, {}, site(), seed=2)
+
+    for name, value in body.items():
+        np.testing.assert_array_equal(personal.weights[name], value)
+    steps = personal.chosen["steps"]
+    assert steps in (0.0, 5.0, 10.0, 15.0, 20.0)
+    if steps > 0:  # refined without noise from the DP head, and the state is not written back
+        assert not np.allclose(personal.weights["head.weight"], state["head.weight"])
+    else:
+        np.testing.assert_array_equal(personal.weights["head.weight"], state["head.weight"])
+
+
+def test_refining_a_noisy_head_helps_validation() -> None:
+    """Under heavy DP noise the trained head is poor; the noise-free refinement on the fit split
+    must lower the validation loss, or keep the head as it was (0 steps)."""
+    method = fedper(DP)
+    state = method.train_round(method.build(5, seed=0), {}, site(), noise_multiplier=8.0,
+                               seed=1).state  # fmt: skip
+    as_trained = arrays_to_model(state, method.build(5, seed=0), strict=False)
+    before = evaluate(as_trained, site().x_val, site().y_val).loss
+
+    personal = method.personalize(method.build(5, seed=0), state, {}, site(), seed=2)
+
+    assert personal.validation.loss <= before
+    assert personal.chosen["steps"] > 0

@@ -240,9 +240,19 @@ def start(
     poll: float = typer.Option(
         10.0, "--poll", min=0.0, max=60.0, help="Long-poll wait in seconds."
     ),
+    threads: int = typer.Option(
+        1, "--threads", min=1, max=256, help="Torch threads; 1 suits a study's small models."
+    ),
     attack: str = typer.Option(None, "--attack", hidden=True, help="Test harness: NAME[:PARAM]."),
 ) -> None:
-    """Run the node daemon: poll the hub, train and evaluate, until SIGTERM (or --once)."""
+    """Run the node daemon: poll the hub, train and evaluate, until SIGTERM (or --once).
+
+    --threads: a study's models are small and its batches a few rows, where torch's threads
+    cost more than they save (bench/round_overhead.py: a personalized round took 3.99× a plain
+    one with torch's default threads on 2 cores, 1.25× with one); raise it for wide MLPs."""
+    import torch  # not at module level: `aipipe --help` imports no torch
+
+    torch.set_num_threads(threads)
     poison = parse_attack(attack) if attack else None
     with Node.open(home) as node:
         log = functools.partial(err_console.log, f"[{node.name}]")
