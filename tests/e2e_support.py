@@ -458,13 +458,15 @@ class Federation:
         deadline_s: float = 60.0,
         study: str = "e2e-heart",
         hub_config: Mapping[str, Any] | None = None,
+        study_fields: Mapping[str, Any] | None = None,
     ) -> Iterator[Federation]:
         """A hub and one node per site that enrolled, ingested its hospital's FHIR files and
-        approved the published study. `hub_config` is merged into the hub's hub.yaml before it
-        starts. Everything started is stopped on exit, also when the set-up fails half-way."""
+        approved the published study (the test study with `study_fields`, as `publish` takes
+        them). `hub_config` is merged into the hub's hub.yaml before it starts. Everything
+        started is stopped on exit, also when the set-up fails half-way."""
         group = ProcessGroup(root / "logs")
         try:
-            yield cls._set_up(root, group, sites, deadline_s, study, hub_config or {})
+            yield cls._set_up(root, group, sites, deadline_s, study, hub_config or {}, study_fields)
         finally:
             group.stop()
 
@@ -477,6 +479,7 @@ class Federation:
         deadline_s: float,
         study: str,
         hub_config: Mapping[str, Any],
+        study_fields: Mapping[str, Any] | None,
     ) -> Federation:
         hub_home = root / "hub"
         token = aipipe_json("hub", "init", "--home", hub_home, "--name", "e2e", "--json")
@@ -490,7 +493,9 @@ class Federation:
             hub=hub,
             admin_token=token["admin_token"],
             study=study,
-            study_file=write_test_study(root / "study.yaml", name=study, deadline_s=deadline_s),
+            study_file=write_test_study(
+                root / "study.yaml", name=study, deadline_s=deadline_s, secure=study_fields
+            ),
             nodes={site: root / site for site in sites},
         )
         with ThreadPoolExecutor(max_workers=len(sites) + 1) as pool:

@@ -59,7 +59,10 @@ SITES = ("cleveland", "hungarian", "switzerland", "va")
 METHOD = "fedper"
 CLEAR, MASKED = f"{METHOD}-clear", f"{METHOD}-secagg"
 ROUND_S = 120.0
-POLL_S = 0.2  # the daemons' long-poll wait: a short one ends an idle poll soon after SIGTERM
+# The daemons' long-poll wait (`node start --poll`): the hub answers a poll as soon as there is
+# work, and SIGTERM ends an idle one, so a long wait costs no latency, where a short one costs
+# a request per node every POLL_S on two busy cores.
+POLL_S = 5.0
 RESTARTED = "hungarian"  # also the node whose CDS service is called
 
 
@@ -164,10 +167,14 @@ def cds_ready(server: Started, base: str) -> bool:
 def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
     root = tmp_path_factory.mktemp("personal")
     hub_config = {"cds_allow_unauthenticated": True}  # loopback only: the hub's CDS is asked
-    with Federation.running(root, sites=SITES, deadline_s=ROUND_S, hub_config=hub_config) as fed:
-        fed.publish(CLEAR, deadline_s=ROUND_S, secure=personal_fields("none"))
-        fed.publish(MASKED, deadline_s=ROUND_S, secure=personal_fields("secagg"))
-        fed.start_daemons(*SITES, poll_s=POLL_S)
+    with Federation.running(
+        root, sites=SITES, deadline_s=ROUND_S, study=CLEAR, study_fields=personal_fields("none"),
+        hub_config=hub_config,
+    ) as fed:  # fmt: skip
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the daemons start while it publishes
+            started = pool.submit(fed.start_daemons, *SITES, poll_s=POLL_S)
+            fed.publish(MASKED, deadline_s=ROUND_S, secure=personal_fields("secagg"))
+            started.result()
         rounds: dict[str, dict[str, Any]] = {}
         for study in (CLEAR, MASKED):  # both at once: the nodes work through them in turn
             fed.open_round(study=study)
