@@ -136,6 +136,17 @@ def test_honest_updates_a_few_percent_apart_are_not_flagged_however_small_their_
     assert flags([*vectors, 10 * vectors[0]]) == [False, False, False, True]
 
 
+def test_a_small_sites_long_honest_update_is_not_flagged_but_a_scaled_one_is() -> None:
+    # Fed-Heart-Disease in 12 sites: a 10-row Swiss site's honest update reaches 1.9 × the
+    # round's median norm while the others sit within ±30 %: the MAD (0.15) alone scored it 4
+    rng = np.random.default_rng(5)
+    direction = np.ones(14) / np.sqrt(14)
+    norms = (0.7, 0.8, 0.9, 1.0, 1.0, 1.1, 1.2, 1.9)
+    vectors = [n * direction + 0.02 * rng.standard_normal(14) for n in norms]
+    assert not any(flags(vectors))
+    assert flags([*vectors, 10 * vectors[3]]) == [False] * 8 + [True]
+
+
 def test_a_sign_flipped_update_is_far_from_the_reference_and_points_away() -> None:
     rng = np.random.default_rng(0)
     honest = [0.02 + 0.004 * rng.standard_normal(50) for _ in range(4)]
