@@ -38,9 +38,10 @@ f updates out already) also runs as
 `NAME+detect`: the study's `detection:` block at its defaults acting as the hub acts on it
 (`aipipe.hub.rounds.screening`): per round `aipipe.hub.detection.score_updates` flags updates,
 the flagged ones are left out (unless every one is), each scored node's reputation moves by
-`updated_reputation` (decay 0.5), and a node under the floor (0.5: flagged in two rounds running)
-is no longer selected; no admin readmits it within the run. `centered_clip@0.25` is centred
-clipping with `clip_radius` 0.25, under every honest update's norm: a server-side norm bound.
+`updated_reputation` (decay 0.5), and a node under the floor (0.5) is no longer selected: a
+flag halves r, which clean rounds bring back towards 1 only asymptotically, so at these defaults
+a node's second flag shuts it out; no admin readmits it within the run. `centered_clip@0.25` is
+centred clipping with `clip_radius` 0.25, under every honest update's norm: a server-side bound.
 
 Secure aggregation: the hub learns Σx of x = [r, r·clip(Δ)] (`aipipe.secure.encoding`), here
 encoded with the study's fixed-point codec, summed mod 2^32, decoded, checked (`check_sum`) and

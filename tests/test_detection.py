@@ -191,15 +191,18 @@ def test_heterogeneous_honest_sites_are_not_flagged_for_their_direction() -> Non
     assert max(s.z_direction for s in scores) < 3.5
 
 
-def test_noise_of_an_ordinary_norm_is_flagged_among_agreeing_sites() -> None:
-    # a Gaussian update scaled to the median site's norm: nothing but its direction gives it away
+def test_noise_of_an_ordinary_norm_is_flagged_by_its_distance_among_consistent_sites() -> None:
+    # a Gaussian update scaled to the median site's norm, among sites that agree in direction
+    # and step: its norm is ordinary, its direction (cosine ≈ 0) is no opposite, its distance
+    # to the median gives it away
     rng = np.random.default_rng(4)
-    honest = aligned_sites(rng)
+    direction = np.ones(20) / np.sqrt(20)
+    honest = [n * direction + 0.01 * rng.standard_normal(20) for n in (0.9, 0.95, 1.0, 1.05, 1.1)]
     noise = rng.standard_normal(20)
     noise *= np.linalg.norm(honest[2]) / np.linalg.norm(noise)
     scores = score_updates(deltas_of([*honest, noise]), threshold=3.5)
     assert [s.flagged for s in scores] == [False] * 5 + [True]
-    assert abs(scores[-1].cosine) < 0.6 and scores[-1].z_direction > 3.5
+    assert abs(scores[-1].cosine) < 0.6 and scores[-1].z_norm < 3.5 < scores[-1].z_distance
 
 
 # -- a round with one scaled update ---------------------------------------------------------------
