@@ -4,6 +4,7 @@
     .venv/bin/python bench/robust.py --quick        # 1 seed, 5 attacks: a smoke run
     .venv/bin/python bench/robust.py --dp           # the same with DP-SGD at ε = 1 per site
     .venv/bin/python bench/robust.py --every-aggregator   # also FedProx, FedAdam, FedYogi
+    .venv/bin/python bench/robust.py --update-norm 1 --attacks backdoor:0.5,sign_flip
 
 In-process, no hub and no HTTP, like `bench/flamby_heart.py`, whose `load_sites` reads each
 hospital's FHIR NDJSON through a node store and `extract` (FLamby's split and preprocessing).
@@ -691,7 +692,14 @@ def render(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 3 attacks")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 5 attacks")
+    parser.add_argument("--attacks", default=None, help="comma-separated subset of the attacks")
+    parser.add_argument(
+        "--update-norm",
+        type=float,
+        default=None,
+        help="replaces the study's bounds.update_norm (nodes clip to it, the hub refuses more)",
+    )
     parser.add_argument("--dp", action="store_true", help="DP-SGD at ε = 1 per site")
     parser.add_argument(
         "--every-aggregator",
@@ -704,11 +712,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=None,
-        help="default bench/results/robust[-dp].json, or $TMPDIR/robust[-dp]-quick.json",
+        help="default bench/results/robust[-dp][-update-norm-X].json, or "
+        "$TMPDIR/robust[-dp]-quick.json",
     )
     args = parser.parse_args(argv)
     if args.out is None:  # a smoke run must not overwrite the full run's figures
         name = "robust" + ("-dp" if args.dp else "")
+        if args.update_norm is not None:
+            name += f"-update-norm-{args.update_norm:g}"
         quick = Path(tempfile.gettempdir()) / f"{name}-quick.json"
         args.out = quick if args.quick else Path(f"bench/results/{name}.json")
     return args
@@ -732,8 +743,13 @@ def main(argv: list[str] | None = None) -> None:
     info = machine(threads=1)
     seeds = list(range(1 if args.quick else args.seeds))
     attacks = QUICK_ATTACKS if args.quick else ATTACKS
+    if args.attacks:
+        attacks = tuple(a for a in args.attacks.split(",") if a)
     console = Console(width=220)
     spec = study_for(args.study, args.dp)
+    if args.update_norm is not None:
+        bounds = spec.bounds.model_copy(update={"update_norm": args.update_norm})
+        spec = spec.model_copy(update={"bounds": bounds})
     sites = load_sites(spec, args.fhir)
     names = strategies(args.every_aggregator)
     console.print(f"strategies: {', '.join(names)}; detection: {DETECTION.model_dump()}")
