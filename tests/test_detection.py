@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from aipipe.aggregation import aggregator_for
+from aipipe.aggregation.anomaly import robust_reference, update_scores
 from aipipe.audit.log import AuditLog
 from aipipe.cli import model as model_cli
 from aipipe.errors import StudyError
-from aipipe.hub.detection import reference, robust_z, score_updates
+from aipipe.hub.detection import robust_z, score_updates
 from aipipe.hub.home import HubPaths
 from aipipe.hub.hub import Hub as HubHome
 from aipipe.hub.service import HubService
@@ -94,9 +95,20 @@ def flagged_events(hub: Hub) -> list[dict[str, Any]]:
 # -- the pure scoring -----------------------------------------------------------------------------
 
 
-def test_the_reference_is_the_coordinate_wise_median() -> None:
+def deltas_of(vectors: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    return [{"w": v} for v in vectors]
+
+
+def flags(vectors: list[np.ndarray], threshold: float = 3.5) -> list[bool]:
+    return [s.flagged for s in score_updates(deltas_of(vectors), threshold)]
+
+
+def test_the_geometry_is_the_aggregation_anomaly_modules() -> None:
     vectors = [np.array([1.0, 10.0]), np.array([2.0, -5.0]), np.array([100.0, 0.0])]
-    assert reference(vectors).tolist() == [2.0, 0.0]
+    scores = score_updates(deltas_of(vectors), threshold=3.5)
+    want = update_scores(deltas_of(vectors), robust_reference(deltas_of(vectors)))
+    assert [(s.distance, s.norm, s.cosine) for s in scores] == [tuple(w) for w in want]
+    assert robust_reference(deltas_of(vectors))["w"].tolist() == [2.0, 0.0]
 
 
 def test_the_robust_z_score_is_the_deviation_over_1_4826_mad() -> None:
@@ -107,9 +119,8 @@ def test_the_robust_z_score_is_the_deviation_over_1_4826_mad() -> None:
 
 def test_a_lone_outlier_among_equal_updates_is_flagged_and_equal_ones_never_are() -> None:
     same = [np.array([0.1, 0.1])] * 4
-    scores = score_updates([*same, np.array([1.0, 1.0])], threshold=3.5)
-    assert [s.flagged for s in scores] == [False] * 4 + [True]  # MAD 0: mean |x − med| scale
-    assert not any(s.flagged for s in score_updates(same, threshold=3.5))
+    assert flags([*same, np.array([1.0, 1.0])]) == [False] * 4 + [True]  # MAD 0: mean |x − med|
+    assert not any(flags(same))
 
 
 def test_honest_updates_a_few_percent_apart_are_not_flagged_however_small_their_mad() -> None:
@@ -121,17 +132,77 @@ def test_honest_updates_a_few_percent_apart_are_not_flagged_however_small_their_
     vectors = [
         norm * direction + 0.004 * rng.standard_normal(14) for norm in (0.1117, 0.1041, 0.1027)
     ]
-    assert not any(s.flagged for s in score_updates(vectors, threshold=3.5))
-    scaled = score_updates([*vectors, 10 * vectors[0]], threshold=3.5)
-    assert [s.flagged for s in scaled] == [False, False, False, True]
+    assert not any(flags(vectors))
+    assert flags([*vectors, 10 * vectors[0]]) == [False, False, False, True]
+
+
+def test_a_small_sites_long_honest_update_is_not_flagged_but_a_scaled_one_is() -> None:
+    # Fed-Heart-Disease in 12 sites: a 10-row Swiss site's honest update reaches 1.9 × the
+    # round's median norm while the others sit within ±30 %: the MAD (0.15) alone scored it 4
+    rng = np.random.default_rng(5)
+    direction = np.ones(14) / np.sqrt(14)
+    norms = (0.7, 0.8, 0.9, 1.0, 1.0, 1.1, 1.2, 1.9)
+    vectors = [n * direction + 0.02 * rng.standard_normal(14) for n in norms]
+    assert not any(flags(vectors))
+    assert flags([*vectors, 10 * vectors[3]]) == [False] * 8 + [True]
 
 
 def test_a_sign_flipped_update_is_far_from_the_reference_and_points_away() -> None:
     rng = np.random.default_rng(0)
     honest = [0.02 + 0.004 * rng.standard_normal(50) for _ in range(4)]
-    scores = score_updates([*honest, -honest[0]], threshold=3.5)
+    scores = score_updates(deltas_of([*honest, -honest[0]]), threshold=3.5)
     assert [s.flagged for s in scores] == [False] * 4 + [True]
     assert scores[-1].cosine < -0.9 < 0.9 < min(s.cosine for s in scores[:4])
+
+
+def aligned_sites(rng: np.random.Generator) -> list[np.ndarray]:
+    """Five honest sites that agree on the direction but not on the step: norms 0.4 to 1.6."""
+    direction = np.ones(20) / np.sqrt(20)
+    return [n * direction + 0.01 * rng.standard_normal(20) for n in (0.4, 0.7, 1.0, 1.3, 1.6)]
+
+
+def test_a_short_sign_flipped_update_is_flagged_by_its_direction_alone() -> None:
+    # −0.3 × the median site: its distance (1.3) and norm (0.3) are ordinary among sites whose
+    # steps differ this much, but it points against every one of them
+    honest = aligned_sites(np.random.default_rng(1))
+    flipped = -0.3 * honest[2]
+    scores = score_updates(deltas_of([*honest, flipped]), threshold=3.5)
+    assert [s.flagged for s in scores] == [False] * 5 + [True]
+    attacker = scores[-1]
+    assert attacker.z_distance < 3.5 and attacker.z_norm < 3.5 < attacker.z_direction
+    assert attacker.cosine < -0.99
+
+
+def test_an_ipm_update_against_agreeing_sites_is_flagged() -> None:
+    # inner-product manipulation (Xie et al. 2020): −ε · the mean of the honest updates, ε = 0.5
+    honest = aligned_sites(np.random.default_rng(2))
+    ipm = -0.5 * np.mean(honest, axis=0)
+    assert flags([*honest, ipm]) == [False] * 5 + [True]
+
+
+def test_heterogeneous_honest_sites_are_not_flagged_for_their_direction() -> None:
+    # non-IID sites (cosines to the median from about −0.6 to +1, as on Fed-Heart-Disease):
+    # directions spread this widely are no outliers, though a "cosine < 0" floor flags two
+    angles = np.radians([-120.0, -60.0, -25.0, 0.0, 20.0, 50.0, 80.0, 125.0])
+    vectors = [np.array([np.cos(a), np.sin(a)]) for a in angles]
+    scores = score_updates(deltas_of(vectors), threshold=3.5)
+    assert sum(s.cosine < 0 for s in scores) >= 2
+    assert not any(s.flagged for s in scores)
+    assert max(s.z_direction for s in scores) < 3.5
+
+
+def test_noise_of_an_ordinary_norm_is_flagged_by_its_distance_among_consistent_sites() -> None:
+    # a Gaussian update scaled to the median site's norm, among sites that agree in direction
+    # and step: its norm is ordinary, its direction (cosine ≈ 0) is no opposite, its distance
+    # to the median gives it away
+    rng = np.random.default_rng(4)
+    direction = np.ones(20) / np.sqrt(20)
+    honest = [n * direction + 0.01 * rng.standard_normal(20) for n in (0.9, 0.95, 1.0, 1.05, 1.1)]
+    noise = rng.standard_normal(20)
+    noise *= np.linalg.norm(honest[2]) / np.linalg.norm(noise)
+    scores = score_updates(deltas_of([*honest, noise]), threshold=3.5)
+    assert [s.flagged for s in scores] == [False] * 5 + [True]
+    assert abs(scores[-1].cosine) < 0.6 and scores[-1].z_norm < 3.5 < scores[-1].z_distance
 
 
 # -- a round with one scaled update ---------------------------------------------------------------

@@ -9,12 +9,13 @@ malicious institution, and how a node's reputation keeps a repeat offender out o
 
 Per round the hub takes the coordinate-wise median of the deltas as the reference and scores
 each update by its distance to the reference, its norm and its cosine to the reference
-(`aipipe.hub.detection`). An update is flagged when the robust z-score of its distance or of its
-norm, (x − median) / (1.4826 · MAD) over the round's updates (the scale at least a tenth of
-their median norm), exceeds `threshold` (3.5: Iglewicz and Hoaglin's rule for outliers); only
-large values count, and a round's updates are never all left out. Only plaintext studies can
-screen: under `secure: secagg | ckks` the hub never sees a single update, so a study with both
-is refused.
+(`aipipe.aggregation.anomaly`). An update is flagged when the robust z-score of its distance, of
+its norm or of its direction (1 − cosine), (x − median) / (1.4826 · MAD) over the round's
+updates, exceeds `threshold` (3.5: Iglewicz and Hoaglin's rule for outliers); the scale is at
+least 0.3 × the median norm for distance and norm, 0.1 for 1 − cosine (`aipipe.hub.detection`
+says why). Only large values count, and a round's updates are never all left out. Only
+plaintext studies can screen: under `secure: secagg | ckks` the hub never sees a single update,
+so a study with both is refused.
 """
 
 from __future__ import annotations

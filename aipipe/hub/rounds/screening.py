@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 
-from aipipe.hub.detection import flatten, score_updates, updated_reputation
+from aipipe.hub.detection import score_updates, updated_reputation
 from aipipe.hub.rounds.context import RoundContext
 from aipipe.store.hub_reputation import Verdicts
 from aipipe.study.detection import Detection
@@ -30,7 +30,7 @@ def screen(
     """Per node: its update's scores, `flagged`, `excluded` and its reputation after the round."""
     detection = _detection(spec)
     nodes = sorted(deltas)
-    scores = score_updates([flatten(deltas[n]) for n in nodes], detection.threshold)
+    scores = score_updates([deltas[n] for n in nodes], detection.threshold)
     flagged = [s.flagged for s in scores]
     leave_out = detection.exclude and not all(flagged)
     verdicts: Verdicts = {
