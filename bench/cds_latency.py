@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/cds_latency.py            # 2000 requests per level, 3 rounds
     .venv/bin/python bench/cds_latency.py --quick    # 300 requests per level, 1 round, no JSON
+    .venv/bin/python bench/cds_latency.py --tls      # and the same service over HTTPS
 
 A uvicorn server (one worker, in a child process: the load generator must not share its GIL)
 serves `cds_router` with a logistic model trained on Cleveland's heart data (`train_local`, no
@@ -12,7 +13,11 @@ AsyncClient) posts patient-view requests with full prefetch for Cleveland's pati
 concurrency 1, 16 and 64, the contenders alternating within each round; it reports p50, p95,
 p99 latency, requests/s, each throughput as a share of the floor's, and the CPU time per request
 of the server (all its threads, from /proc) and of the client: shares of a loaded machine's CPU
-move with its load, CPU per request much less.
+move with its load, CPU per request much less. With `--tls` a second server child serves the
+same app over HTTPS (`aipipe.tls.ServerTls`, a throwaway P-256 CA and certificate; the client
+verifies it, TLS 1.3 negotiated) and "cds-tls" runs alternating with the plain contenders, so
+its figures are against plain HTTP in the same run. Each simulated client keeps its connection
+(as an EHR's CDS client does), so the handshake is paid once per client, not per request.
 Targets: p99 < 50 ms at 64 concurrent clients; throughput ≥ 50% of the floor.
 
 Also timed, in process: JWT verification (ES384, RS384) per call, which this run leaves off.
@@ -27,6 +32,7 @@ import os
 import platform
 import shlex
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -49,6 +55,7 @@ VERSION = "b3c4" * 16
 KEY = b"bench-cds-pseudonym-key-32-bytes"
 LEVELS = (1, 16, 64)
 CONTENDERS = ("floor", "cds", "cds-no-audit")
+TLS_CONTENDER = "cds-tls"
 
 
 # -- the server (child process) ---------------------------------------------------------------
@@ -123,9 +130,59 @@ def build_app(audit_path: Path) -> FastAPI:
     return app
 
 
-def serve(port_file: Path, audit_path: Path) -> None:
+def make_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway P-256 CA and a server certificate it signs for 127.0.0.1: (ca, cert, key)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def certificate(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), True)
+        )
+        if not ca:
+            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("bench CA", ca_key, "bench CA", ca_key, True)
+    cert = certificate("127.0.0.1", key, "bench CA", ca_key, False)
+    paths = (directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def serve(port_file: Path, audit_path: Path, tls_dir: Path | None) -> None:
     import uvicorn
 
+    from aipipe.tls import ServerTls
+
+    tls: dict[str, Any] = {}
+    if tls_dir is not None:
+        cert = ServerTls(tls_dir / "server.pem", tls_dir / "server.key", "bench")
+        tls = cert.uvicorn_options()
     app = build_app(audit_path)
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket says TCP (proto 0 does not), and without it Nagle holds each response's
@@ -135,7 +192,7 @@ def serve(port_file: Path, audit_path: Path) -> None:
     sock.bind(("127.0.0.1", 0))
     port_file.write_text(str(sock.getsockname()[1]))
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=60
+        app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=60, **tls
     )
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -171,7 +228,12 @@ def prefetch_bodies(limit: int | None = None) -> list[dict[str, Any]]:
 
 
 async def load(
-    base: str, path: str, bodies: list[bytes], total: int, concurrency: int
+    base: str,
+    path: str,
+    bodies: list[bytes],
+    total: int,
+    concurrency: int,
+    verify: ssl.SSLContext | bool = True,
 ) -> dict[str, Any]:
     """`total` POSTs from `concurrency` clients, each sending its next request when the last
     is answered (a closed loop). One AsyncClient per simulated client: a single pooled client
@@ -183,7 +245,7 @@ async def load(
 
     async def worker() -> None:
         nonlocal next_index, failures
-        async with httpx.AsyncClient(base_url=base, timeout=60.0) as client:
+        async with httpx.AsyncClient(base_url=base, timeout=60.0, verify=verify) as client:
             while next_index < total:
                 body = bodies[next_index % len(bodies)]
                 next_index += 1
@@ -251,27 +313,27 @@ def jwt_costs(calls: int = 300) -> dict[str, float]:
 # -- driver -----------------------------------------------------------------------------------
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    workdir: Path, verify: ssl.SSLContext | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The server child; over HTTPS with the certificate in `workdir` when `verify` is given."""
+    workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port"
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "--serve",
-            str(port_file),
-            "--audit",
-            str(workdir / "audit.sqlite"),
-        ],
-        cwd=ROOT,
-    )
+    command = [sys.executable, __file__, "--serve", str(port_file)]
+    command += ["--audit", str(workdir / "audit.sqlite")]
+    if verify is not None:
+        command += ["--tls-dir", str(workdir)]
+    child = subprocess.Popen(command, cwd=ROOT)
+    scheme = "http" if verify is None else "https"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if child.poll() is not None:
             raise SystemExit(f"the server exited with {child.returncode}")
         if port_file.exists() and port_file.read_text():
-            base = f"http://127.0.0.1:{port_file.read_text()}"
+            base = f"{scheme}://127.0.0.1:{port_file.read_text()}"
             try:
-                if httpx.get(base + "/cds-services", timeout=2).status_code == 200:
+                answer = httpx.get(base + "/cds-services", timeout=2, verify=verify or True)
+                if answer.status_code == 200:
                     return child, base
             except httpx.HTTPError:
                 pass
@@ -282,22 +344,37 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     bodies = [json.dumps(b).encode() for b in prefetch_bodies()]
-    runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in CONTENDERS}
+    contenders = contenders_of(args)
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in contenders}
     paths = {
         "floor": "/floor",
         "cds": f"/cds-services/{SERVICE}",
         "cds-no-audit": f"/no-audit/cds-services/{SERVICE}",
+        TLS_CONTENDER: f"/cds-services/{SERVICE}",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        child, base = start_server(Path(tmp))
+        verify: dict[str, ssl.SSLContext | bool] = dict.fromkeys(contenders, True)
+        servers = {"http": start_server(Path(tmp) / "http")}
+        if args.tls:
+            (Path(tmp) / "https").mkdir()
+            ca, _, _ = make_certificate(Path(tmp) / "https")
+            trusting = ssl.create_default_context(cafile=str(ca))
+            verify[TLS_CONTENDER] = trusting
+            servers["https"] = start_server(Path(tmp) / "https", trusting)
+            args.tls_version = negotiated(servers["https"][1], trusting)
+        where = {n: servers["https" if n == TLS_CONTENDER else "http"] for n in contenders}
         try:
-            for name in CONTENDERS:  # warm-up: imports, first scorer store, connections
-                asyncio.run(load(base, paths[name], bodies, 200, 16))
+            for name in contenders:  # warm-up: imports, first scorer store, connections
+                base = where[name][1]
+                asyncio.run(load(base, paths[name], bodies, 200, 16, verify[name]))
             for _ in range(args.rounds):
                 for level in LEVELS:
-                    for name in CONTENDERS:
+                    for name in contenders:
+                        child, base = where[name]
                         server, client = _cpu_seconds(child.pid), time.process_time()
-                        figures = asyncio.run(load(base, paths[name], bodies, args.requests, level))
+                        figures = asyncio.run(
+                            load(base, paths[name], bodies, args.requests, level, verify[name])
+                        )
                         figures["server_cpu_ms"] = (
                             (_cpu_seconds(child.pid) - server) / args.requests * 1e3
                         )
@@ -306,9 +383,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                         runs[name].setdefault(level, []).append(figures)
         finally:
-            child.terminate()
-            child.wait(timeout=30)
+            for child, _ in servers.values():
+                child.terminate()
+                child.wait(timeout=30)
     return runs
+
+
+def negotiated(base: str, context: ssl.SSLContext) -> str:
+    """The TLS version the client and the HTTPS server agree on."""
+    port = int(base.rsplit(":", 1)[1])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        return str(tls.version())
+
+
+def contenders_of(args: argparse.Namespace) -> tuple[str, ...]:
+    return (*CONTENDERS, TLS_CONTENDER) if args.tls else CONTENDERS
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -325,12 +417,15 @@ def summarise(runs: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[str
                 key: statistics.median(r[key] for r in runs[name][level])
                 for key in ("rps", "p50_ms", "p95_ms", "p99_ms", "server_cpu_ms", "client_cpu_ms")
             }
-            for name in CONTENDERS
+            for name in runs
         }
         failures = {name: sum(r["failures"] for r in runs[name][level]) for name in runs}
-        for name in CONTENDERS:
+        for name in runs:
             share = medians[name]["rps"] / medians["floor"]["rps"]
             row = {"contender": name, "concurrency": level, **medians[name]}
+            if name == TLS_CONTENDER:  # against plain HTTP in the same run
+                row["p50_over_plain"] = medians[name]["p50_ms"] / medians["cds"]["p50_ms"]
+                row["rps_over_plain"] = medians[name]["rps"] / medians["cds"]["rps"]
             rows.append(row | {"failures": failures[name], "share_of_floor": share})
     return rows
 
@@ -356,21 +451,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=2000, help="requests per level and run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all levels")
     parser.add_argument("--quick", action="store_true", help="300 requests, 1 round")
+    parser.add_argument("--tls", action="store_true", help="add the service over HTTPS")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--audit", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.rounds = 300, 1
+    args.tls_version = None
     if args.out is None and not args.quick:  # a smoke run writes nothing unless asked to
-        args.out = ROOT / "bench" / "results" / "cds_latency.json"
+        name = "cds_latency-tls.json" if args.tls else "cds_latency.json"
+        args.out = ROOT / "bench" / "results" / name
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.serve is not None:
-        serve(args.serve, args.audit)
+        serve(args.serve, args.audit, args.tls_dir)
         return
     runs = run(args)
     rows = summarise(runs)
@@ -392,6 +491,14 @@ def main(argv: list[str] | None = None) -> None:
         f"RS384 {costs['RS384_verify_us']:.0f} µs"
     )
     print("targets:", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in targets.items()))
+    if args.tls:
+        print(f"HTTPS: {args.tls_version} ({ssl.OPENSSL_VERSION}), one connection per client")
+    for row in rows:
+        if row["contender"] == TLS_CONTENDER:
+            print(
+                f"HTTPS ÷ plain HTTP at {row['concurrency']:>2} clients: p50 "
+                f"{row['p50_over_plain']:.2f}×, throughput {row['rps_over_plain']:.2f}×"
+            )
     result = {
         "benchmark": "cds_latency",
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
@@ -407,6 +514,9 @@ def main(argv: list[str] | None = None) -> None:
         "targets": targets,
         "floor_mean_latency_ms_at_64": bound_ms,
         "jwt": costs,
+        "tls": {"negotiated": args.tls_version, "openssl": ssl.OPENSSL_VERSION}
+        if args.tls
+        else None,
         "runs": {name: {str(k): v for k, v in levels.items()} for name, levels in runs.items()},
     }
     if args.out is not None:

@@ -4,6 +4,7 @@
     .venv/bin/python bench/round_overhead.py --quick     # 6 rounds × 1 repeat: a smoke run
     .venv/bin/python bench/round_overhead.py --engines aipipe,flower-legacy --privacy none
     .venv/bin/python bench/round_overhead.py --report bench/results/round_overhead.json
+    .venv/bin/python bench/round_overhead.py --engines aipipe --personalization finetune
 
 Writes bench/results/round_overhead.json (`-quick`, `-dp` suffixes for those runs). Flower lives
 in its own venv, .cache/flwr-venv (git-ignored), made with `python -m venv` and
@@ -20,6 +21,11 @@ clients do that maths in float32 numpy (equal to torch's Adam step to ~1e-9), so
 import torch: that favours Flower, whose Deployment Engine starts a process per message.
 
 Engines, every process on 127.0.0.1, all started afresh for every repeat:
+
+- `aipipe-personal` (with `--personalization M`): the same study with a `personalization:`
+  block naming M (validation_fraction 0.2, the block's defaults; fedper and fenda on an MLP
+  with one hidden layer of 16), published beside the plain one: each node personalizes every
+  new version as it evaluates it. Its ratio to `aipipe` (the plaintext round) is printed.
 
 - `aipipe`: `aipipe hub serve` + 4 × `aipipe node start --poll P` daemons, then the user's
   command, `aipipe train run --study S --rounds N`. Times come from the hub's own store:
@@ -97,6 +103,10 @@ ENGINES = (
     "flower-deployment",
 )
 FLOWER_ENGINES = ("flower-legacy", "flower-deployment")
+# `--personalization M`: the same study with a `personalization:` block naming M, published
+# beside the plain one and run as this engine, alternated with `aipipe` (the plaintext round).
+PERSONAL_ENGINE = "aipipe-personal"
+PERSONAL_MLP = [16]  # fedper and fenda federate hidden layers: an MLP for them
 # What-ifs: (processes patched, code run before the CLI).
 WHAT_IFS = {
     "plain": ((), ""),  # no process patched: `start_hub` serves plain HTTP
@@ -461,6 +471,7 @@ class AipipeSite:
     token: str
     port: int
     study_yaml: Path
+    personal_yaml: Path | None = None  # the personalized study, with --personalization
 
 
 def aipipe(*args: str, env: dict[str, str] | None = None) -> str:
@@ -478,26 +489,45 @@ def patched(what_ifs: list[str], process: str) -> list[str]:
     return [sys.executable, "-c", "\n".join(lines)]
 
 
-def study_yaml(work: Path, rounds: int, privacy: str) -> Path:
+def study_yaml(work: Path, rounds: int, privacy: str, personalization: str | None = None) -> Path:
     spec = yaml.safe_load((DATA / "study.yaml").read_text())
-    spec["name"] = STUDY
+    spec["name"] = STUDY if personalization is None else personal_study(personalization)
     # The step both engines run (the Flower clients' `Task.fit`): one Adam step at lr 1e-3 on a
     # batch of 4, FLamby's constants; the shipped study itself trains with SGD at lr 0.5.
     spec["training"].update(local_steps=1, rounds=rounds, optimizer="adam", lr=1e-3, batch_size=4)
     if privacy == "none":
         spec["privacy"] = {"mode": "none"}
     spec["round_deadline_s"] = 120
-    path = work / "study.yaml"
+    if personalization is not None:
+        spec["personalization"] = {"method": personalization, "validation_fraction": 0.2}
+        if personalization in ("fedper", "fenda"):
+            spec["model"] = {"kind": "mlp", "hidden": PERSONAL_MLP}
+    path = work / ("study.yaml" if personalization is None else "study-personal.yaml")
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
-def setup_aipipe(work: Path, rounds: int, privacy: str) -> AipipeSite:
-    """Hub, 4 enrolled nodes with their own FHIR data, the study published and approved."""
+def personal_study(method: str) -> str:
+    return f"{STUDY}-{method}"
+
+
+def setup_aipipe(
+    work: Path, rounds: int, privacy: str, personalization: str | None = None
+) -> AipipeSite:
+    """Hub, 4 enrolled nodes with their own FHIR data, the study (and with `personalization`
+    the personalized one) published and approved."""
     hub_home = work / "hub"
     token = json.loads(aipipe("hub", "init", "--home", str(hub_home), "--name", "bench", "--json"))
+    personal = None
+    if personalization is not None:
+        personal = study_yaml(work, rounds, privacy, personalization)
     site = AipipeSite(
-        work, hub_home, token["admin_token"], free_port(), study_yaml(work, rounds, privacy)
+        work,
+        hub_home,
+        token["admin_token"],
+        free_port(),
+        study_yaml(work, rounds, privacy),
+        personal,
     )
     env = {**os.environ, "AIPIPE_TOKEN": site.token, "AIPIPE_HUB_CA": str(hub_ca(site))}
     with processes(work) as group:
@@ -513,9 +543,13 @@ def setup_aipipe(work: Path, rounds: int, privacy: str) -> AipipeSite:
                 config = work / name / "node.yaml"
                 raw = yaml.safe_load(config.read_text())
                 config.write_text(yaml.safe_dump({**raw, "allow_non_private": True}))
-        aipipe("study", "publish", str(site.study_yaml), "--json", env=env)
-        for name in SITES:
-            aipipe("node", "approve", STUDY, "--home", str(work / name), "--json", env=env)
+        studies = {STUDY: site.study_yaml}
+        if personalization is not None and personal is not None:
+            studies[personal_study(personalization)] = personal
+        for study, path in studies.items():
+            aipipe("study", "publish", str(path), "--json", env=env)
+            for name in SITES:
+                aipipe("node", "approve", study, "--home", str(work / name), "--json", env=env)
     return site
 
 
@@ -572,7 +606,9 @@ def export_site_data(site: AipipeSite, out: Path) -> dict[str, Path]:
     return paths
 
 
-def run_aipipe(site: AipipeSite, args: argparse.Namespace, what_ifs: list[str]) -> dict:
+def run_aipipe(
+    site: AipipeSite, args: argparse.Namespace, what_ifs: list[str], study: str = STUDY
+) -> dict:
     rounds, poll = args.rounds, args.poll
     env = {**os.environ, "AIPIPE_TOKEN": site.token, "AIPIPE_HUB_CA": str(hub_ca(site))}
     with processes(site.work) as group:
@@ -583,7 +619,7 @@ def run_aipipe(site: AipipeSite, args: argparse.Namespace, what_ifs: list[str]) 
             command = ["node", "start", "--home", str(site.work / name), "--poll", str(poll)]
             group.start(name, patched(what_ifs, "node") + command)
         wait_until(lambda: nodes_polling(env, since), "4 node daemons polling the hub")
-        command = ["train", "run", "--study", STUDY, "--rounds", str(rounds), "--json"]
+        command = ["train", "run", "--study", study, "--rounds", str(rounds), "--json"]
         began = time.monotonic()
         out = subprocess.run(
             patched(what_ifs, "cli") + command,
@@ -595,7 +631,7 @@ def run_aipipe(site: AipipeSite, args: argparse.Namespace, what_ifs: list[str]) 
         wall = time.monotonic() - began
     if out.returncode != 0:
         sys.exit(f"aipipe train run failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    timeline = hub_timeline(site.hub_home / "hub.sqlite", since)
+    timeline = hub_timeline(site.hub_home / "hub.sqlite", since, study)
     if len(timeline) != rounds or any(r["state"] != "closed" for r in timeline.values()):
         sys.exit(f"aipipe ran {len(timeline)} of {rounds} rounds, not all closed; see its logs")
     return {"rounds": timeline, "command_wall_s": wall}
@@ -616,21 +652,22 @@ def _ts(stamp: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
 
 
-def hub_timeline(db: Path, since: str) -> dict[str, dict[str, Any]]:
-    """Rounds opened after `since`: opened, closed, each update's and evaluation's arrival."""
+def hub_timeline(db: Path, since: str, study: str = STUDY) -> dict[str, dict[str, Any]]:
+    """Rounds of `study` opened after `since`: opened, closed, each update's and evaluation's
+    arrival."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         timeline: dict[str, dict[str, Any]] = {}
         query = "SELECT round FROM rounds WHERE study = ? AND opened_at > ? ORDER BY round"
-        for (number,) in conn.execute(query, (STUDY, since)).fetchall():
+        for (number,) in conn.execute(query, (study, since)).fetchall():
             opened, closed, version, state = conn.execute(
                 "SELECT opened_at, closed_at, result_version, state FROM rounds "
                 "WHERE study = ? AND round = ?",
-                (STUDY, number),
+                (study, number),
             ).fetchone()
             updates = conn.execute(
                 "SELECT at FROM round_nodes WHERE study = ? AND round = ? AND status = 'reported'",
-                (STUDY, number),
+                (study, number),
             ).fetchall()
             evals = conn.execute("SELECT at FROM metrics WHERE version = ?", (version,)).fetchall()
             timeline[str(number)] = {
@@ -810,6 +847,12 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
             medians = {k: statistics.median(v) for k, v in parts.items()}
             summary[engine]["breakdown_median_s"] = medians
             summary[engine]["train_run_wall_s"] = [run["command_wall_s"] for run in runs]
+    if "aipipe" in summary and PERSONAL_ENGINE in summary:
+        row, base = summary[PERSONAL_ENGINE], summary["aipipe"]
+        row["ratio_to_aipipe"] = {
+            key: row[f"{key}_median_s"] / base[f"{key}_median_s"]
+            for key in ("cycle", "closed", "metrics")
+        }
     for row in summary.values():
         for flower in FLOWER_ENGINES:
             if flower in summary:
@@ -880,6 +923,7 @@ def environment(flwr_version: str) -> dict[str, Any]:
         "flwr": flwr_version,
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # torch's intra-op threads
         "machine": platform.machine(),
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -893,6 +937,11 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated")
     parser.add_argument("--poll", type=float, default=10.0, help="node start --poll (seconds)")
     parser.add_argument("--privacy", choices=("none", "dp"), default="none")
+    parser.add_argument(
+        "--personalization",
+        default=None,
+        help=f"a method: adds engine {PERSONAL_ENGINE}, the study personalized with it",
+    )
     parser.add_argument("--flwr", default="1.42.0", help="Flower version for its own venv")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--quick", action="store_true", help="6 rounds, 1 repeat")
@@ -906,6 +955,10 @@ def main() -> None:
     if args.quick:
         args.rounds, args.repeats = 6, 1
     engines = [e for e in args.engines.split(",") if e]
+    if args.personalization is not None and PERSONAL_ENGINE not in engines:
+        engines.append(PERSONAL_ENGINE)
+    if PERSONAL_ENGINE in engines and args.personalization is None:
+        parser.error(f"engine {PERSONAL_ENGINE} needs --personalization METHOD")
     unknown = {e for e in engines if e not in FLOWER_ENGINES and not is_aipipe(e)}
     if unknown or args.rounds < 3:
         parser.error(f"unknown engines {sorted(unknown)} or --rounds < 3")
@@ -925,11 +978,23 @@ def report(path: Path) -> None:
     console.print(table(summary))
     if any(is_aipipe(engine) for engine in summary):
         console.print(breakdown_table(summary))
+    print_personal(summary)
     payload["summary"] = summary
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
+def print_personal(summary: dict[str, dict[str, Any]]) -> None:
+    ratio = summary.get(PERSONAL_ENGINE, {}).get("ratio_to_aipipe")
+    if ratio is not None:
+        console.print(
+            f"{PERSONAL_ENGINE} ÷ aipipe (medians): cycle {ratio['cycle']:.2f}×, "
+            f"closed {ratio['closed']:.2f}×, +eval {ratio['metrics']:.2f}×"
+        )
+
+
 def is_aipipe(engine: str) -> bool:
+    if engine == PERSONAL_ENGINE:
+        return True
     head, *what_ifs = engine.split("+")
     return head == "aipipe" and all(w in WHAT_IFS for w in what_ifs)
 
@@ -937,7 +1002,7 @@ def is_aipipe(engine: str) -> bool:
 def run_all(args: argparse.Namespace, engines: list[str], work: Path) -> None:
     total_rounds = args.rounds * args.repeats * len(engines) + 10
     console.rule(f"setup in {work}")
-    site = setup_aipipe(work / "aipipe", total_rounds, args.privacy)
+    site = setup_aipipe(work / "aipipe", total_rounds, args.privacy, args.personalization)
     data = export_site_data(site, work)
     python = flower_python(args.flwr) if set(engines) & set(FLOWER_ENGINES) else None
     app = write_flower_app(work, args.flwr)
@@ -946,7 +1011,9 @@ def run_all(args: argparse.Namespace, engines: list[str], work: Path) -> None:
         order = engines[repeat % len(engines) :] + engines[: repeat % len(engines)]
         for engine in order:
             began = time.monotonic()
-            if is_aipipe(engine):
+            if engine == PERSONAL_ENGINE:
+                run = run_aipipe(site, args, [], personal_study(args.personalization))
+            elif is_aipipe(engine):
                 run = run_aipipe(site, args, engine.split("+")[1:])
             elif engine == "flower-legacy":
                 assert python is not None
@@ -963,6 +1030,7 @@ def run_all(args: argparse.Namespace, engines: list[str], work: Path) -> None:
     console.print(table(summary))
     if any(is_aipipe(engine) for engine in engines):
         console.print(breakdown_table(summary))
+    print_personal(summary)
     write_results(args, engines, summary, results, total_rounds)
 
 
@@ -976,6 +1044,8 @@ def write_results(
     name = "round_overhead-quick" if args.quick else "round_overhead"
     if args.privacy == "dp":
         name += "-dp"
+    if args.personalization is not None:
+        name += f"-personal-{args.personalization}"
     path = ROOT / "bench" / "results" / f"{name}.json"
     payload = {
         "benchmark": "round_overhead",
@@ -991,6 +1061,7 @@ def write_results(
             "optimizer": "adam",
             "lr": 0.001,
             "privacy": args.privacy,
+            "personalization": args.personalization,
             "node_poll_s": args.poll,
             "study_rounds_declared": study_rounds,
             "excluded": "process start-up, setup, Flower's wait for its clients, round 1 of "

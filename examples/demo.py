@@ -6,7 +6,8 @@ sends its update masked with SecAgg+ (`--secure secagg`, the default) or encrypt
 (`--secure ckks`): the hub learns only the sum of the updates, and versions every model. At the
 end: a per-round table, each
 site's test accuracy/AUC for the federated model beside the same site training alone under the
-same privacy terms, ε spent per site, the final model version, and a verified audit export.
+same privacy terms and, with `--personalize METHOD`, the site's personal model (kept on its
+node), ε spent per site, the final model version, and a verified audit export.
 
 The solo baseline is benchmark-only: it runs on the public UCI data outside the sites' ledgers
 (a real node charges it to its site ledger: `train_alone(..., ledger=...)`), and so were the
@@ -25,11 +26,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
 from rich.console import Console
 from rich.table import Table
+
+from aipipe.study.personal import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "heart-disease"
@@ -79,6 +83,14 @@ def main() -> None:
         default="secagg",
         help="how updates reach the hub: SecAgg+ masks (default), CKKS ciphertexts, or in clear",
     )
+    parser.add_argument(
+        "--personalize",
+        choices=METHODS,
+        default="ditto",
+        help="the study's personalization method: each site also keeps a model of its own "
+        "(README, 'Personalization'); default ditto, the best at ε = 1 on the shipped "
+        "logistic study in bench/personalization.py; none: the global model only",
+    )
     args = parser.parse_args()
     work: Path = args.workdir
     shutil.rmtree(work, ignore_errors=True)
@@ -86,7 +98,7 @@ def main() -> None:
     started = time.monotonic()
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        run(work, args.rounds, args.secure, processes)
+        run(work, args.rounds, args.secure, args.personalize, processes)
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -98,20 +110,27 @@ def main() -> None:
     console.print(f"\ndemo finished in {time.monotonic() - started:.0f} s; files in {work}")
 
 
-def secure_study(work: Path, mode: str) -> Path:
-    """The shipped study with `secure: <mode>`: the only change the consortium makes."""
+def secure_study(work: Path, mode: str, personalize: str = "none") -> Path:
+    """The shipped study with `secure: <mode>` (and a `personalization:` block when a method is
+    named): the only changes the consortium makes."""
     raw = yaml.safe_load((DATA / "study.yaml").read_text())
     raw["secure"] = mode
+    if personalize != "none":
+        raw["personalization"] = {"method": personalize}
     path = work / "study.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
 def run(
-    work: Path, rounds: int | None, secure: str, processes: list[subprocess.Popen[bytes]]
+    work: Path,
+    rounds: int | None,
+    secure: str,
+    personalize: str,
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     hub_home = work / "hub"
-    study_file = secure_study(work, secure)
+    study_file = secure_study(work, secure, personalize)
     console.rule("1. hub")
     token = json.loads(aipipe("hub", "init", "--home", str(hub_home), "--name", "heart", "--json"))[
         "admin_token"
@@ -194,17 +213,21 @@ def report(work: Path, study: str) -> None:
     console.rule("5. results")
     table = Table(
         title=f"test split per site (read from each node's home; the hub gets no metrics): "
-        f"federated model {final['version'][:12]} beside the site training alone (solo) under "
-        "the same ε; solo is benchmark-only: public data, not charged",
+        f"federated model {final['version'][:12]} (global) beside the site training alone "
+        "(solo) under the same ε and the site's personal model (personalized: the one with the "
+        "lowest validation loss; kept on the node); solo is benchmark-only: public data, not "
+        "charged",
         title_justify="left",
     )
     columns = (
         "site",
         "n",
-        "fed acc",
-        "fed AUC",
+        "global acc",
+        "global AUC",
         "solo acc",
         "solo AUC",
+        "personal acc",
+        "personal AUC",
         "ε spent",
         "share",
         "site ε",
@@ -223,7 +246,8 @@ def report(work: Path, study: str) -> None:
         finally:
             store.close()
         budget = json.loads(aipipe("privacy", "status", "--home", str(work / site), "--json"))
-        spent = next((b for b in budget["studies"] if b["study"] == study), {})
+        spent: dict[str, Any] = next((b for b in budget["studies"] if b["study"] == study), {})
+        personal = _served_personal(work / site, study)
         site_spent = (budget["site"] or {}).get("spent")
         table.add_row(
             site,
@@ -232,6 +256,8 @@ def report(work: Path, study: str) -> None:
             _fmt(metrics.get("auc")),
             _fmt(alone.accuracy),
             _fmt(alone.auc),
+            _fmt(personal.get("personal_test_accuracy")),
+            _fmt(personal.get("personal_test_auc")),
             _fmt(spent.get("spent")),
             _fmt(spent.get("epsilon_budget")),
             _fmt(site_spent),
@@ -248,6 +274,12 @@ def report(work: Path, study: str) -> None:
         f"hub audit trail: {verified['events']} events, chain verified; "
         f"FHIR AuditEvent export at {export}"
     )
+
+
+def _served_personal(home: Path, study: str) -> dict[str, Any]:
+    """The site's served personal model as `aipipe node personal` lists it ({} without one)."""
+    listed = json.loads(aipipe("node", "personal", "--home", str(home), "--study", study, "--json"))
+    return next((m for m in listed["models"] if m["served"]), {})
 
 
 def _fmt(value: object) -> str:

@@ -488,13 +488,16 @@ class Federation:
         sites: tuple[str, ...] = SITES,
         deadline_s: float = 60.0,
         study: str = "e2e-heart",
+        hub_config: Mapping[str, Any] | None = None,
+        study_fields: Mapping[str, Any] | None = None,
     ) -> Iterator[Federation]:
         """A hub and one node per site that enrolled, ingested its hospital's FHIR files and
-        approved the published study. Everything started is stopped on exit, also when the
-        set-up fails half-way."""
+        approved the published study (the test study with `study_fields`, as `publish` takes
+        them). `hub_config` is merged into the hub's hub.yaml before it starts. Everything
+        started is stopped on exit, also when the set-up fails half-way."""
         group = ProcessGroup(root / "logs")
         try:
-            yield cls._set_up(root, group, sites, deadline_s, study)
+            yield cls._set_up(root, group, sites, deadline_s, study, hub_config or {}, study_fields)
         finally:
             group.stop()
 
@@ -506,9 +509,14 @@ class Federation:
         sites: tuple[str, ...],
         deadline_s: float,
         study: str,
+        hub_config: Mapping[str, Any],
+        study_fields: Mapping[str, Any] | None,
     ) -> Federation:
         hub_home = root / "hub"
         token = aipipe_json("hub", "init", "--home", hub_home, "--name", "e2e", "--json")
+        if hub_config:
+            config = yaml.safe_load((hub_home / "hub.yaml").read_text()) | dict(hub_config)
+            (hub_home / "hub.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         hub = start_hub(group, hub_home)
         fed = cls(
             root=root,
@@ -516,7 +524,9 @@ class Federation:
             hub=hub,
             admin_token=token["admin_token"],
             study=study,
-            study_file=write_test_study(root / "study.yaml", name=study, deadline_s=deadline_s),
+            study_file=write_test_study(
+                root / "study.yaml", name=study, deadline_s=deadline_s, secure=study_fields
+            ),
             nodes={site: root / site for site in sites},
         )
         with ThreadPoolExecutor(max_workers=len(sites) + 1) as pool:

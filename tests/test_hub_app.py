@@ -401,7 +401,7 @@ def test_metrics_are_prometheus_text_with_the_node_count(hub: Hub, pair: tuple[N
     assert response.headers["content-type"].startswith("text/plain")
     lines = response.text.splitlines()
     assert "# TYPE aipipe_nodes gauge" in lines
-    assert "aipipe_nodes 2" in lines
+    assert 'aipipe_nodes{state="active"} 2.0' in lines
 
 
 def test_openapi_lists_every_v1_route(hub: Hub) -> None:

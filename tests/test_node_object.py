@@ -65,6 +65,7 @@ def test_extract_through_the_node_audits_it_with_counts_only(home: Path) -> None
     assert event.details == {  # counts as the worker records them, and what was extracted
         "cohort": matrix.cohort,
         "train": len(matrix.train_ids),
+        "validation": len(matrix.val_ids),
         "test": len(matrix.test_ids),
         "digest": spec.digest(),
         "approved": False,

@@ -369,7 +369,7 @@ def test_a_node_that_died_before_masking_charges_its_retrained_input_once(
             secagg_round(worker, spec, item, _train, 0.5, sigma=8.0)
         assert BudgetLedger(worker.store.db).entries(spec.name) == []
     with restarted_node(home, identity, hub, spec) as (worker, trained):
-        rows = SimpleNamespace(y_train=[0] * 10_000, train_ids=["p1"], test_ids=["p2"])
+        rows = SimpleNamespace(y_train=[0] * 10_000, ids=["p1", "p2"])
         worker.features = lambda _: rows  # type: ignore[method-assign]
         worker.resume_secure_rounds()
         (entry,) = BudgetLedger(worker.store.db).entries(spec.name)

@@ -30,6 +30,7 @@ IDENTIFIER_SYSTEM = "https://aipipe.dev/fhir/NamingSystem/risk-assessment"
 """RiskAssessment.identifier: one value per (study, patient), see `assessment_identifier`."""
 OUTCOME_SYSTEM = "https://aipipe.dev/fhir/CodeSystem/study-outcome"
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
+PERSONAL_PREFIX = "personal-"  # a site's personal model: "personal-<sha256[:16]>-<global version>"
 TOPIC = Coding(
     system="https://aipipe.dev/fhir/CodeSystem/cds-topic",
     code="risk-prediction",
@@ -85,7 +86,9 @@ class ModelSource:
 
     def card_source(self) -> Source:
         return Source(
-            label=f"aipipe {self.study} model {self.model_version[:12]}", url=self.url, topic=TOPIC
+            label=f"aipipe {self.study} model {short_version(self.model_version)}",
+            url=self.url,
+            topic=TOPIC,
         )
 
     def links(self) -> list[Link] | None:
@@ -93,7 +96,8 @@ class ModelSource:
             return None
         return [
             Link(
-                label=f"Model card: version {self.model_version[:12]}, lineage, validation",
+                label=f"Model card: version {short_version(self.model_version)}, lineage, "
+                "validation",
                 url=self.url,
                 type="absolute",
             )
@@ -116,6 +120,21 @@ def occurrence_text(occurrence: date | datetime) -> str:
         return occurrence.isoformat()
     when = occurrence.astimezone(UTC) if occurrence.tzinfo else occurrence.replace(tzinfo=UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def short_version(model_version: str) -> str:
+    """A version as a card shows it: 12 characters, or a personal model's prefix and 16."""
+    return model_version[: 25 if model_version.startswith(PERSONAL_PREFIX) else 12]
+
+
+def _model_display(study: str, model_version: str) -> str:
+    if model_version.startswith(PERSONAL_PREFIX):
+        derived = model_version.rsplit("-", 1)[-1]
+        return (
+            f"this site's personal model for {study} ({short_version(model_version)}), "
+            f"derived from federated version {derived[:12]}"
+        )
+    return f"aipipe federated model for {study}, version {model_version[:12]}"
 
 
 def build_risk_assessment(
@@ -160,7 +179,7 @@ def build_risk_assessment(
                 {
                     "system": MODEL_SYSTEM,
                     "code": model_version,
-                    "display": f"aipipe federated model for {study}, version {model_version[:12]}",
+                    "display": _model_display(study, model_version),
                 }
             ]
         },
@@ -277,7 +296,7 @@ def _detail(
     values = {v.name: v for v in result.values}
     lines = [
         f"**{_md(source.label)} risk: {_percent(probability)}** ({level.word}), "
-        f"model {_md(source.study)} version `{result.model_version[:12]}`.",
+        f"model {_md(source.study)} version `{short_version(result.model_version)}`.",
         "",
         "| What drove the score | Value | Effect |",
         "|---|---|---|",

@@ -49,6 +49,9 @@ class ModelCard(BaseModel):
     inputs: list[dict[str, Any]]
     thresholds: dict[str, float]
     validation: dict[str, Any] | None = None
+    # A site's personal model (served by its node): sha256, method, the global version it was
+    # derived from, what was chosen on the validation split. None for a federated model.
+    personal: dict[str, Any] | None = None
 
 
 def card_url(base: str, service_id: str, version: str) -> str:
@@ -91,6 +94,7 @@ def model_card(entry: ServiceEntry, version: str | None = None) -> ModelCard | N
         inputs=[*_features(entry), *({"name": d, "demographic": True} for d in study.demographics)],
         thresholds=entry.settings.thresholds(),
         validation=_validation(steps[index]),
+        personal=_personal(steps[index]),
     )
 
 
@@ -98,8 +102,14 @@ def _validation(step: LineageStep) -> dict[str, Any] | None:
     return None if step.validation is None else dict(step.validation)
 
 
+def _personal(step: LineageStep) -> dict[str, Any] | None:
+    return None if step.personal is None else dict(step.personal)
+
+
 def _step(step: LineageStep) -> dict[str, Any]:
-    return {k: v for k, v in vars(step).items() if v is not None and k != "validation"}
+    return {
+        k: v for k, v in vars(step).items() if v is not None and k not in ("validation", "personal")
+    }
 
 
 def _features(entry: ServiceEntry) -> list[dict[str, Any]]:
@@ -153,6 +163,7 @@ def render_html(card: ModelCard) -> str:
             row("Inputs", inputs),
             row("Thresholds", thresholds),
             row("Validation", validation),
+            *([row("Personal model", card.personal)] if card.personal else []),
         ]
     )
     title = html.escape(card.title)

@@ -38,6 +38,7 @@ class LineageStep:
     created_at: str | None = None
     sites: int | None = None  # how many sites contributed to the round, where known
     validation: Mapping[str, Any] | None = None  # `ValidationReport.as_card()`, where known
+    personal: Mapping[str, Any] | None = None  # a site's personal model: what it is, how chosen
 
 
 @dataclass(frozen=True)

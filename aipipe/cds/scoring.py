@@ -30,7 +30,8 @@ from numpy.typing import NDArray
 from aipipe.cds import evidence
 from aipipe.cds.evidence import CodeSet, ObsRow
 from aipipe.fhir.mapping import MappedResource, ResourceRejected, map_resource
-from aipipe.models import arrays_to_model, build_model
+from aipipe.models import arrays_to_model
+from aipipe.personalization import personalizer_for
 from aipipe.store.node_store import NodeStore
 from aipipe.store.schema import migrate
 from aipipe.study.population import window_start
@@ -112,7 +113,9 @@ class PatientScorer:
                     f"preprocessor {name} has shape {array.shape}; study '{study.name}' has "
                     f"{len(columns)} columns"
                 )
-        model = arrays_to_model(weights, build_model(study.model, len(columns)))
+        # The study's architecture as its personalization method builds it (FENDA's two
+        # extractors), so a site's personal model loads as the global one does.
+        model = arrays_to_model(weights, personalizer_for(study).build(len(columns)))
         model.eval()
         self.study = study
         self.model_version = model_version
@@ -129,7 +132,7 @@ class PatientScorer:
         # pass costs ~300 µs. The torch model above still checked the weights.
         self._linear = (
             (np.asarray(weights["head.weight"], np.float64)[0], float(weights["head.bias"][0]))
-            if study.model.kind == "logistic"
+            if study.model.kind == "logistic" and set(weights) == {"head.weight", "head.bias"}
             else None
         )
         self._pool: queue.SimpleQueue[NodeStore] = queue.SimpleQueue()

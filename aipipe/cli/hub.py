@@ -1,4 +1,5 @@
-"""`aipipe hub`: set up and run a consortium's hub, issue enrolment tokens, list nodes."""
+"""`aipipe hub`: set up and run a consortium's hub, issue enrolment tokens, list and readmit
+nodes."""
 
 from __future__ import annotations
 
@@ -135,10 +136,28 @@ def nodes(home: Path = HOME, as_json: bool = JSON) -> None:
         console.print(kv_table("nodes", {"enrolled": 0}))
         return
     table = Table(title="nodes", title_justify="left")
-    for column in ("name", "state", "enrolled_at", "last_seen"):
+    for column in ("name", "state", "enrolled_at", "last_seen", "reputation", "flags"):
         table.add_column(column)
     for row in rows:
         table.add_row(
-            *(str(row[c] or "never") for c in ("name", "state", "enrolled_at", "last_seen"))
+            *(str(row[c] or "never") for c in ("name", "state", "enrolled_at", "last_seen")),
+            f"{row['reputation']:.3g}",
+            str(row["flags"]),
         )
     console.print(table)
+
+
+@app.command()
+def readmit(
+    home: Path = HOME,
+    node: str = typer.Option(..., "--node", help="The node to readmit, e.g. 'cleveland'."),
+    as_json: bool = JSON,
+) -> None:
+    """Readmit a node that studies with `detection` left out for its low reputation: its
+    reputation goes back to 1 (audited as node.readmitted)."""
+    with Hub.open(home) as hub:
+        previous = hub.readmit(node)
+    if as_json:
+        emit_json({"node": node, "previous": previous, "reputation": 1.0})
+        return
+    console.print(f"[green]✓[/] {node} readmitted: reputation {previous:.3g} → 1")

@@ -72,7 +72,8 @@ def show(
     token: str = TOKEN,
     as_json: bool = JSON,
 ) -> None:
-    """Show one version's lineage: parent, contributors (n, ε), aggregator, metrics."""
+    """Show one version's lineage: parent, contributors (n, ε; with `detection`, each update's
+    scores, flag and the node's reputation), updates left out, aggregator, metrics."""
     with client(hub, token) as hub_client:
         version = resolve_version(hub_client, version)
         info = hub_client.model(version)
@@ -82,26 +83,84 @@ def show(
     console.print(
         kv_table(
             f"model {version[:12]}",
-            {k: v for k, v in info.items() if k not in ("contributors", "metrics", "validation")},
+            {k: v for k, v in info.items() if k not in _TABLES},
         )
     )
+    _show_personalization(info.get("personalization"))
     _show_validation(info.get("validation"))
+    contributors, excluded = info["contributors"], info.get("excluded", [])
     for title, rows in (
-        ("contributors", info["contributors"]),
+        ("contributors", [_without(c, _SCORES) for c in contributors]),
+        (
+            "screening (detection)",
+            [_screening(c) for c in contributors + excluded if _SCORES & set(c)],
+        ),
         ("metrics", [{"node": k, **_flat(v)} for k, v in info["metrics"].items()]),
     ):
         if rows:
+            columns = list(dict.fromkeys(k for row in rows for k in row))
             table = Table(title=title, title_justify="left")
-            for column in rows[0]:
+            for column in columns:
                 table.add_column(column)
             for row in rows:
-                table.add_row(*(str(v) for v in row.values()))
+                table.add_row(*(str(row.get(c, "")) for c in columns))
             console.print(table)
+
+
+_TABLES = ("contributors", "excluded", "metrics", "validation", "personalization")
+_SCORES = {
+    "distance",
+    "norm",
+    "cosine",
+    "z_distance",
+    "z_norm",
+    "flagged",
+    "excluded",
+    "reputation",
+}
+
+
+def _without(row: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in keys}
+
+
+def _screening(row: dict[str, Any]) -> dict[str, Any]:
+    """One update's scores in its round (`detection`), and its node's reputation after it."""
+    names = {
+        "distance": "dist",
+        "z_distance": "z dist",
+        "z_norm": "z norm",
+        "flagged": "flag",
+        "excluded": "out",
+        "reputation": "rep",
+    }
+    scores = {names.get(k, k): _cell(v) for k, v in row.items() if k in _SCORES}
+    return {"node": row["node"], **scores}
+
+
+def _cell(value: object) -> str:
+    """A table cell: floats to 3 significant digits (scores, norms), flags as yes / no."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
 
 
 def _flat(report: dict[str, object]) -> dict[str, object]:
     """A node's report without its histogram (the validation table shows the pooled one)."""
     return {k: ("DP histogram" if k == "calibration" and v else v) for k, v in report.items()}
+
+
+def _show_personalization(card: dict[str, Any] | None) -> None:
+    """The study's personalization method, what the hub federates and what stays at nodes."""
+    if card is None:
+        return
+    console.print(
+        f"personalization: {card['method']}; the hub federates "
+        f"{', '.join(card['shared']) or 'nothing'}; each node keeps "
+        f"{', '.join(card['local']) or 'nothing'} (never sent); hub CDS: {card['hub_cds']}"
+    )
 
 
 def _show_validation(card: dict[str, Any] | None) -> None:

@@ -83,8 +83,11 @@ class Access:
         contributors = [
             c if c.get("node") == who.name else {"node": c.get("node")} for c in info.contributors
         ]
+        excluded = [c for c in info.excluded if c.get("node") == who.name]
         metrics = {k: v for k, v in info.metrics.items() if k == who.name}
-        return info.model_copy(update={"contributors": contributors, "metrics": metrics})
+        return info.model_copy(
+            update={"contributors": contributors, "excluded": excluded, "metrics": metrics}
+        )
 
     def weights(self, who: Principal, version: str) -> bytes:
         self.model(who, version)

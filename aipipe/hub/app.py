@@ -27,6 +27,7 @@ from aipipe.hub.audit_head import AuditHeadMiddleware
 from aipipe.hub.cds import HubCdsProvider, hub_fhir_access
 from aipipe.hub.home import HubPaths
 from aipipe.hub.limits import RequestGuard, Scope
+from aipipe.hub.metrics import CdsLatency, HubMetrics
 from aipipe.hub.openapi import CDS_RESPONSES, ERROR_RESPONSES, add_docs, validation_error
 from aipipe.hub.routes import ROUTERS
 from aipipe.hub.routes.deps import Changes
@@ -38,13 +39,15 @@ TICK_S = 0.5
 
 def create_app(paths: HubPaths) -> FastAPI:
     """The ASGI app for one hub home."""
+    metrics = HubMetrics()  # this app's own registry: never shared with another app
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         identity = Identity.load(paths.identity_key)
         store = paths.open_store()
         audit = AuditLog.open(paths.audit_log, identity, owner=f"hub/{paths.config.name}")
-        service = HubService(paths, store, audit, identity)
+        service = HubService(paths, store, audit, identity, metrics)
+        metrics.watch(store)
         app.state.service = service
         app.state.audit = audit  # its latest signed head goes out on every response
         app.state.changes = changes = Changes()
@@ -55,6 +58,7 @@ def create_app(paths: HubPaths) -> FastAPI:
             yield
         finally:
             ticker.cancel()
+            metrics.unwatch()
             audit.close()  # signs the head: nothing after the last checkpoint is left unsigned
             store.close()
 
@@ -68,6 +72,7 @@ def create_app(paths: HubPaths) -> FastAPI:
         openapi_url=None,  # served by add_docs
     )
     app.add_middleware(AuditHeadMiddleware)
+    app.add_middleware(CdsLatency, metrics=metrics)
 
     @app.exception_handler(AipipeError)
     async def _aipipe_error(request: Request, exc: AipipeError) -> JSONResponse:

@@ -1,6 +1,7 @@
 """The hub's CDS Hooks provider: the current model version of every study that has closed a
 round, scored with the sites' pooled train preprocessing (`pooled_preprocessor`), derived from
-their DP-noised sums; a study that releases no statistics is served at the nodes only.
+their DP-noised sums; a study that releases no statistics, or whose global model alone predicts
+nothing (a personalized study, `aipipe.hub.personal`), is served at the nodes only.
 
 Scorers are built once per (study, version) and rebuilt when a new round closes.
 """
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from aipipe.cds import FhirAccess, LineageStep, PatientScorer, ServiceEntry, service_entries
 from aipipe.errors import ConfigError, StudyError
 from aipipe.hub.home import HubPaths
+from aipipe.hub.personal import withheld_reason
 from aipipe.hub.service import HubService
 from aipipe.hub.validation import servable_version, validation_card
 from aipipe.privacy.statistics import NoisedSums, moments, pool
@@ -135,7 +137,11 @@ class HubCdsProvider:
         if kept is not None and kept[0] == (current, stamp):
             version, reason = kept[1]
         else:
-            version, reason = servable_version(self._service.store, spec, current)
+            personalized = withheld_reason(spec)  # the global model alone predicts nothing
+            if personalized is not None:
+                version, reason = None, personalized
+            else:
+                version, reason = servable_version(self._service.store, spec, current)
             self._decided[study] = ((current, stamp), (version, reason))
         if version != current and self.withheld.get(study, ("", ""))[0] != current:
             self.withheld[study] = (str(current), reason)

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from aipipe.audit.log import AuditLog
-from aipipe.errors import ConfigError
+from aipipe.errors import ConfigError, NotFoundError
 from aipipe.hub.certs import (
     CA_CERT,
     TLS_CERT,
@@ -33,6 +33,7 @@ from aipipe.hub.enrolment import issue_token, token_expiry
 from aipipe.hub.home import HubPaths, init_hub, load_hub, save_hub_config, served_url
 from aipipe.pki import DEFAULT_NAMES, fingerprint, server_names
 from aipipe.secure.identity import Identity
+from aipipe.store.hub_reputation import INITIAL_REPUTATION
 from aipipe.store.hub_store import HubStore
 
 
@@ -160,9 +161,31 @@ class Hub:
         return IssuedToken(node, token, token_expiry(store, node))
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Enrolled nodes with their state, when they enrolled and were last seen."""
+        """Enrolled nodes with their state, when they enrolled and were last seen, and their
+        reputation (1 until a study's `detection` screens them) and how often they were flagged."""
         keys = ("name", "state", "enrolled_at", "last_seen")
-        return [{key: row[key] for key in keys} for row in self.store.nodes()]
+        reputations = self.store.reputations()
+        clean = {"reputation": INITIAL_REPUTATION, "flags": 0, "screened": 0}
+        return [
+            {**{key: row[key] for key in keys}, **reputations.get(row["name"], clean)}
+            for row in self.store.nodes()
+        ]
+
+    def readmit(self, node: str) -> float:
+        """Give a node its full reputation back (1), so that studies with `detection` select
+        it again; audited as node.readmitted. Returns the reputation it had."""
+        if not self.store.is_enrolled(node):
+            raise NotFoundError(
+                f"no node '{node}' is enrolled at this hub; `aipipe hub nodes` lists them"
+            )
+        previous = self.store.reset_reputation(node, INITIAL_REPUTATION)
+        self.audit.append(
+            "node.readmitted",
+            actor="admin",
+            resource=f"node/{node}",
+            details={"previous": round(previous, 6), "reputation": INITIAL_REPUTATION},
+        )
+        return previous
 
     def serve(self, host: str, port: int, *, insecure_http: bool = False) -> None:
         """Serve the hub's HTTP API until interrupted (the app opens the home on its own)."""

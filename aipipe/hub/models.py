@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aipipe.aggregation import AggregationError, Aggregator, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import NotFoundError
+from aipipe.hub.personal import personalization_card
 from aipipe.hub.validation import validation_card
+from aipipe.personalization.parts import shared_part, with_shared
 from aipipe.store.hub_rounds import RoundRow
 from aipipe.store.hub_store import HubStore
 from aipipe.study.spec import StudySpec
@@ -33,12 +35,14 @@ def version_id(study: str, number: int, parent: str | None, weights_digest: str)
 class RoundSum:
     """What a finished round hands to the study's server step: its contributors and Σn, and
     either the decoded secure sum Σn·Δ (`weighted_sum`) or the study's aggregator with the
-    round folded into it (`folded`: begin and accumulate done, finalize not yet)."""
+    round folded into it (`folded`: begin and accumulate done, finalize not yet); `excluded`
+    the updates a study's `detection` left out of it, with their scores."""
 
     contributors: list[dict[str, Any]]
     total_examples: int
     weighted_sum: Arrays | None = None
     folded: Aggregator | None = None
+    excluded: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ModelRegistry:
@@ -51,7 +55,8 @@ class ModelRegistry:
         study_row = self.store.study(row.study)
         base = self.store.model(row.base_version)
         assert study_row is not None and base is not None
-        global_weights = decode_arrays(self.store.blob(base["blob"]))
+        base_weights = decode_arrays(self.store.blob(base["blob"]))
+        global_weights = shared_part(spec, base_weights)  # all of them, unless personalized
         aggregator = result.folded or aggregator_for(spec.aggregation, spec.training.proximal_mu)
         if study_row["optimizer_state"]:
             aggregator.load_optimizer_state(decode_arrays(study_row["optimizer_state"]))
@@ -64,7 +69,7 @@ class ModelRegistry:
         except AggregationError as exc:
             self.store.set_round_state(row.study, row.round, RoundState.FAILED, reason=str(exc))
             return
-        blob = self.store.put_blob(encode_arrays(new))
+        blob = self.store.put_blob(encode_arrays(with_shared(base_weights, new)))
         version = version_id(row.study, row.round, row.base_version, blob)
         lineage = {
             "study": row.study,
@@ -76,6 +81,8 @@ class ModelRegistry:
             "contributors": contributors,
             "total_examples": total_examples,
         }
+        if result.excluded:
+            lineage["excluded"] = result.excluded
         state = aggregator.optimizer_state()
         with self.store.transaction():  # model, study head and round move together
             self.store.add_model(
@@ -111,9 +118,17 @@ class ModelRegistry:
             created_at=row["created_at"],
             aggregator=row["aggregator"],
             contributors=lineage.get("contributors", []),
+            excluded=lineage.get("excluded", []),
             metrics=self.store.metrics(version),
             validation=validation_card(self.store, version),
+            personalization=self._personalization(row["study"]),
         )
+
+    def _personalization(self, study: str) -> dict[str, Any] | None:
+        row = self.store.study(study)
+        if row is None:
+            return None
+        return personalization_card(StudySpec.model_validate(json.loads(row["spec"])))
 
     def weights(self, version: str) -> bytes:
         row = self.store.model(version)

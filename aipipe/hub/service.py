@@ -27,13 +27,14 @@ from aipipe.errors import (
 from aipipe.hub.access import Access, Principal
 from aipipe.hub.enrolment import refusal
 from aipipe.hub.home import HubPaths
+from aipipe.hub.metrics import HubMetrics
 from aipipe.hub.models import ModelRegistry, version_id
 from aipipe.hub.rounds.context import NodeStatus, RoundContext
 from aipipe.hub.rounds.protocol import RoundProtocol
 from aipipe.hub.rounds.registry import Protocols
 from aipipe.hub.secure import SecureRounds
 from aipipe.hub.validation import check_report
-from aipipe.models import build_model, weights_to_arrays
+from aipipe.personalization.parts import initial_weights
 from aipipe.secure.identity import Identity
 from aipipe.store.hub_nodes import secret_hash
 from aipipe.store.hub_rounds import RoundRow
@@ -58,13 +59,24 @@ from aipipe.wire.tensors import encode_arrays
 
 
 class HubService:
-    def __init__(self, paths: HubPaths, store: HubStore, audit: AuditLog, identity: Identity):
+    def __init__(
+        self,
+        paths: HubPaths,
+        store: HubStore,
+        audit: AuditLog,
+        identity: Identity,
+        metrics: HubMetrics | None = None,
+    ):
         self.paths = paths
         self.store = store
         self.audit = audit
         self.identity = identity
         self.models = ModelRegistry(store, audit)
-        self._rounds = RoundContext(store, SecureStore(store.conn), audit, self.models, self.spec)
+        secure = SecureStore(store.conn)
+        self.metrics = metrics or HubMetrics()
+        self._rounds = RoundContext(
+            store, secure, audit, self.models, self.spec, metrics=self.metrics
+        )
         self.protocols = Protocols(self._rounds)
         self.secure = SecureRounds(store, self._rounds.secure, self.protocols)
         self.access = Access(self._rounds, self)
@@ -129,7 +141,7 @@ class HubService:
             )
         except AggregationError as exc:
             raise StudyError(f"study '{spec.name}': {exc}") from exc
-        arrays = weights_to_arrays(build_model(spec.model, len(spec.columns()), seed=0))
+        arrays = initial_weights(spec)  # every tensor; only the shared ones ever change
         blob = self.store.put_blob(encode_arrays(arrays))
         version = version_id(spec.name, 0, None, blob)
         self.store.add_model(
@@ -324,26 +336,3 @@ class HubService:
         if state is not None and state.active:
             spec, protocol = self._protocol(study)
             protocol.advance(spec, number)
-
-    # -- models ------------------------------------------------------------------------------
-
-    def prometheus_text(self) -> str:
-        """Counts for Prometheus' text format; no node-level or patient-level data."""
-        conn = self.store.conn
-        lines = [
-            "# TYPE aipipe_nodes gauge",
-            f"aipipe_nodes {len(self.store.nodes())}",
-            "# TYPE aipipe_rounds gauge",
-        ]
-        for state, count in conn.execute("SELECT state, count(*) FROM rounds GROUP BY state"):
-            lines.append(f'aipipe_rounds{{state="{state}"}} {count}')
-        reported = conn.execute(
-            "SELECT count(*) FROM round_nodes WHERE status = 'reported'"
-        ).fetchone()[0]
-        lines += [
-            "# TYPE aipipe_updates_accepted_total counter",
-            f"aipipe_updates_accepted_total {reported}",
-            "# TYPE aipipe_model_versions gauge",
-            f"aipipe_model_versions {len(self.store.models())}",
-        ]
-        return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from aipipe.errors import SignatureError, UpdateRejectedError
 from aipipe.hub.rounds.context import RoundContext
+from aipipe.personalization.parts import shared_part
 from aipipe.secure.identity import verify_signature
 from aipipe.study.blocks import Bounds
 from aipipe.wire import FrameError, SecureMode, UpdateHeader, unpack_frame
@@ -26,7 +27,8 @@ def verified_update(
     """A plaintext update's header, payload and delta, checked against the round's base model."""
     header, payload = verified_header(ctx, node, study, number, body, secure=SecureMode.NONE)
     row = ctx.round_row(study, number)  # verified_header checked it exists
-    delta = _checked_delta(ctx, row.base_version, payload)
+    base = shared_part(ctx.spec(study), decode_arrays(ctx.models.weights(row.base_version)))
+    delta = _checked_delta(base, payload)
     check_norm(header, delta)
     check_bounds(ctx.spec(study).bounds, header)
     return header, payload, delta
@@ -84,14 +86,14 @@ def _check_signature(ctx: RoundContext, node: str, header: UpdateHeader) -> None
         raise UpdateRejectedError("update signature does not verify with the node's key") from exc
 
 
-def _checked_delta(ctx: RoundContext, base_version: str, payload: bytes) -> Arrays:
+def _checked_delta(base: Arrays, payload: bytes) -> Arrays:
+    """The update's tensors: exactly the base model's shared ones (`base`), finite, in shape."""
     try:
         delta = decode_arrays(payload)
     except TensorDecodeError as exc:
         raise UpdateRejectedError(str(exc)) from exc
-    base = decode_arrays(ctx.models.weights(base_version))
     if set(delta) != set(base):
-        raise UpdateRejectedError("update tensors do not match the model's parameters")
+        raise UpdateRejectedError(_names_problem(sorted(delta), sorted(base)))
     for key, value in delta.items():
         if value.shape != base[key].shape:
             raise UpdateRejectedError(
@@ -100,6 +102,22 @@ def _checked_delta(ctx: RoundContext, base_version: str, payload: bytes) -> Arra
         if not np.all(np.isfinite(value)):
             raise UpdateRejectedError(f"tensor '{key}' holds NaN or infinity")
     return delta
+
+
+def _names_problem(sent: list[str], shared: list[str]) -> str:
+    """Why an update's tensor names are refused: what it carries beyond the study's shared
+    tensors (a personalized study's local part never leaves a node) and what it lacks."""
+    unexpected = [name for name in sent if name not in shared]
+    missing = [name for name in shared if name not in sent]
+    parts = []
+    if unexpected:
+        parts.append(f"carries tensors that are not shared: {', '.join(unexpected[:20])}")
+    if missing:
+        parts.append(f"lacks shared tensors: {', '.join(missing[:20])}")
+    return (
+        f"update tensors do not match the study's shared parameters: {'; '.join(parts)} "
+        "(only the shared part of a personalized model is sent; is the node's aipipe current?)"
+    )
 
 
 def check_norm(header: UpdateHeader, delta: Arrays) -> None:

@@ -1,6 +1,7 @@
 """`aipipe node serve-cds`: the CDS Hooks service inside the hospital, for deployments that keep
-PHI on site. It serves the study's current federated model with this site's own preprocessing;
-CDS calls land in the node's audit log under pseudonyms."""
+PHI on site. It serves the study's current federated model with this site's own preprocessing,
+or, when the study personalizes, the site's personal model (`aipipe.node.personal`; the hub's
+own CDS keeps the global one); CDS calls land in the node's audit log under pseudonyms."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from aipipe.cds import (
 from aipipe.cds.links import DEFAULT_LIFETIME_S
 from aipipe.errors import AipipeError, ConfigError
 from aipipe.node.client import HubClient
+from aipipe.node.personal import StoredPersonal, personalizes, served_personal
 from aipipe.node.validation import require_servable
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import site_preprocessor
@@ -50,6 +52,12 @@ def node_cds_app(
         if approval is None:
             raise ConfigError(f"study '{name}' is not approved here; run: aipipe node approve")
         spec = StudySpec.model_validate(json.loads(approval[1]))
+        if personalizes(spec):  # the site's own model: chosen on validation, gated on test
+            mine = served_personal(store, spec, audit=audit, actor=actor, use="cds")
+            scorers.append(PatientScorer(spec, mine.weights, site_preprocessor(store, spec),
+                                         mine.label))  # fmt: skip
+            lineages[name] = [personal_step(mine), *hub_lineage(client, name, mine.version)]
+            continue
         version = client.study(name).current_version
         if version is None:
             raise ConfigError(f"study '{name}' has no model yet")
@@ -72,6 +80,16 @@ def node_cds_app(
                                   allow_unauthenticated=allow_unauthenticated,
                                   link_key=link_key, link_lifetime_s=link_lifetime_s))  # fmt: skip
     return app
+
+
+def personal_step(mine: StoredPersonal) -> LineageStep:
+    """A site's personal model as the head of its lineage: its parent is the global version it
+    was derived from; its validation is the node's own, on this site's test split."""
+    return LineageStep(
+        version=mine.label, round=mine.round, parent=mine.version,
+        aggregator=f"personal:{mine.method}", created_at=mine.created,
+        validation=mine.report, personal=mine.describe(),
+    )  # fmt: skip
 
 
 def hub_lineage(client: HubClient, study: str, version: str) -> list[LineageStep]:

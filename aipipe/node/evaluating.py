@@ -1,18 +1,23 @@
 """What a node does with an evaluate work item: evaluate a round's result on its test split if
 the result's lineage verifies, keep the numbers here, and send the hub an acknowledgement —
-with the study's DP validation histogram, charged before it leaves, if the study asks for one."""
+with the study's DP validation histogram, charged before it leaves, if the study asks for one.
+When the study personalizes, the node also makes its personal model from the verified version
+and keeps it (`aipipe.node.personal`); nothing of it is in the acknowledgement."""
 
 from __future__ import annotations
 
-from aipipe.errors import NotFoundError
-from aipipe.models import arrays_to_model, build_model
+from aipipe.errors import AipipeError, NotFoundError
+from aipipe.models import Arrays, arrays_to_model
 from aipipe.models.errors import UnverifiedModelError
 from aipipe.models.training import evaluate
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
+from aipipe.node.personal import ACTION, make_personal, personalizes
 from aipipe.node.site import SiteNode, audit_cohorts, audit_refusal
 from aipipe.node.validation import Assessment, assess, release_histogram
+from aipipe.personalization import personalizer_for
 from aipipe.privacy.engine import VALIDATION
 from aipipe.privacy.errors import PrivacyError
+from aipipe.study.features import FeatureMatrix
 from aipipe.study.spec import StudySpec
 from aipipe.wire import EvalReport, EvaluateWork
 from aipipe.wire.messages import CalibrationHistogram
@@ -34,8 +39,9 @@ def evaluate_work(node: SiteNode, spec: StudySpec, item: EvaluateWork) -> str:
         audit_refusal(node, "evaluate", spec, item.round, exc)
         node.client.report(EvalReport(version=version))
         return f"refused to evaluate {version[:12]}: {exc}"
-    matrix = node.features(spec)
-    model = arrays_to_model(decode_arrays(raw), build_model(spec.model, len(matrix.columns)))
+    matrix, weights = node.features(spec), decode_arrays(raw)
+    # Every tensor of the method's architecture (FENDA's too): the hub keeps them all.
+    model = arrays_to_model(weights, personalizer_for(spec).build(len(matrix.columns)))
     result = evaluate(model, matrix.x_test, matrix.y_test)
     assessment = assess(spec, model, matrix)  # calibration too; exact, kept here
     card = assessment.report.as_card()
@@ -50,7 +56,26 @@ def evaluate_work(node: SiteNode, spec: StudySpec, item: EvaluateWork) -> str:
         details={"study": spec.name, "round": item.round, "released": released},
     )
     node.client.report(EvalReport(version=version, calibration=calibration))
-    return f"evaluated {version[:12]} (kept on this node): accuracy={result.accuracy:.3f}"
+    mine = _personalize(node, spec, item.round, version, weights, matrix)
+    return f"evaluated {version[:12]} (kept on this node): accuracy={result.accuracy:.3f}{mine}"
+
+
+def _personalize(
+    node: SiteNode, spec: StudySpec, number: int, version: str, weights: Arrays,
+    matrix: FeatureMatrix,
+) -> str:  # fmt: skip
+    """The site's own model from the verified version, when the study personalizes: kept here,
+    never sent (after the acknowledgement, which it cannot change). A failure is audited and
+    leaves the site serving its earlier personal models."""
+    if not personalizes(spec):
+        return ""
+    try:
+        mine = make_personal(node.store, node.audit, node.name, spec, number, version, weights,
+                             matrix)  # fmt: skip
+    except (AipipeError, ValueError, RuntimeError) as exc:
+        audit_refusal(node, ACTION, spec, number, exc)
+        return f"; no personal model: {exc}"
+    return f"; personal model {mine.sha256[:12]} (kept on this node)"
 
 
 def _release_validation(

@@ -49,6 +49,7 @@ from aipipe.study.spec import StudySpec
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from aipipe.attacks import Attack
     from aipipe.cds import FhirAccess, JwtPolicy
     from aipipe.node.daemon import Daemon
     from aipipe.node.predict import Prediction
@@ -297,24 +298,29 @@ class Node:
     def predict(
         self, study: str, *, as_of: date | None = None, write_back_to: str | None = None
     ) -> Scores:
-        """Score this site's patients with the study's current model, once it meets the study's
-        validation minimum here; with `write_back_to` (a FHIR base URL) write each score as a
-        RiskAssessment. Audited as predict (or writeback), and the gate as its own event."""
+        """Score this site's patients with the study's current model (the site's personal
+        model when the study personalizes), once it meets the study's validation minimum
+        here; with `write_back_to` (a FHIR base URL) write each score as a RiskAssessment.
+        Audited as predict (or writeback), and the gate as its own event."""
+        from aipipe.node.personal import personalizes, served_personal
         from aipipe.node.predict import predict_cohort  # imports torch
         from aipipe.node.predict import write_back as send
         from aipipe.node.validation import require_servable
         from aipipe.wire.tensors import decode_arrays
 
         spec = self.approved_spec(study)
-        version = self.hub.study(study).current_version
-        if version is None:
-            raise ConfigError(f"study '{study}' has no model yet")
-        raw = self.hub.model_weights(version)
         use = "writeback" if write_back_to else "predict"
-        require_servable(self.store, self.hub, spec, version, raw, audit=self.audit,
-                         actor=self.name, use=use)  # fmt: skip
+        if personalizes(spec):  # the site's own model, chosen on validation, gated on test
+            mine = served_personal(self.store, spec, audit=self.audit, actor=self.name, use=use)
+            weights, version = mine.weights, mine.label
+        else:
+            version = self._current_version(study)
+            raw = self.hub.model_weights(version)
+            require_servable(self.store, self.hub, spec, version, raw, audit=self.audit,
+                             actor=self.name, use=use)  # fmt: skip
+            weights = decode_arrays(raw)
         predictions = predict_cohort(
-            self.store, spec, decode_arrays(raw), version, now=datetime.now(UTC), as_of=as_of
+            self.store, spec, weights, version, now=datetime.now(UTC), as_of=as_of
         )
         written = 0
         if write_back_to:
@@ -326,6 +332,12 @@ class Node:
             "as_of": as_of.isoformat() if as_of else "now",
         })  # fmt: skip
         return scores
+
+    def _current_version(self, study: str) -> str:
+        version = self.hub.study(study).current_version
+        if version is None:
+            raise ConfigError(f"study '{study}' has no model yet")
+        return version
 
     def cds_app(
         self,
@@ -348,8 +360,9 @@ class Node:
                             link_key=load_link_key(self.paths.cds_link_key),
                             link_lifetime_s=link_lifetime_s)  # fmt: skip
 
-    def worker(self, log: Log) -> NodeWorker:
-        """The worker that does the hub's work items for this node."""
+    def worker(self, log: Log, attack: Attack | None = None) -> NodeWorker:
+        """The worker that does the hub's work items for this node (poisoning its updates with
+        `attack`: the test/benchmark harness of `aipipe.attacks`, never a study's setting)."""
         from aipipe.node.worker import NodeWorker  # imports torch: only when needed
 
         store, audit = self.store, self.audit
@@ -362,10 +375,13 @@ class Node:
             allow_non_private=self.paths.config.allow_non_private,
             vault=self.vault,
             log=log,
+            attack=attack,
         )
 
-    def daemon(self, log: Log, *, poll_wait_s: float = 10.0) -> Daemon:
+    def daemon(
+        self, log: Log, *, poll_wait_s: float = 10.0, attack: Attack | None = None
+    ) -> Daemon:
         """The daemon that long-polls the hub and runs `worker`, until stopped."""
         from aipipe.node.daemon import Daemon  # imports torch: only when needed
 
-        return Daemon(self.worker(log), log, poll_wait_s=poll_wait_s)
+        return Daemon(self.worker(log, attack), log, poll_wait_s=poll_wait_s)

@@ -188,7 +188,7 @@ class _Round:
     def _protocol(self) -> SecAggClient:
         """The round's protocol client: new (keys made, advert sealed) or restored."""
         worker, spec, state = self.worker, self.spec, self.state
-        layout = base_layout(worker, state.item)
+        layout = base_layout(worker, spec, state.item)
         with self._step():
             if state.config is None:
                 message = worker.client.secagg_config(state.study, state.number)
@@ -220,7 +220,7 @@ class _Round:
     def _mask(self, protocol: SecAggClient) -> None:
         worker, spec, state = self.worker, self.spec, self.state
         forwarded = self._wait("forwarded-shares", SecAggForwarded)
-        layout = base_layout(worker, state.item)
+        layout = base_layout(worker, spec, state.item)
         x = recorded_contribution(worker, spec, state.item, self.train(), layout, state.epsilon)
         clients = len(protocol.config.clients)
         codec = fixed_point_codec(spec.bounds.update_norm, clients, protocol.config.bits)

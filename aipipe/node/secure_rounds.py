@@ -178,7 +178,7 @@ def ckks_round(
     epsilon: float | None,
 ) -> str:
     context = study_context(worker, spec)
-    layout = base_layout(worker, item)
+    layout = base_layout(worker, spec, item)
     x = recorded_contribution(worker, spec, item, train(), layout, epsilon)
     payload = context.encrypt(x).to_bytes()
     receipt = upload(worker, spec, item, payload, epsilon)  # charged before it leaves

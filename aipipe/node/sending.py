@@ -16,6 +16,7 @@ from aipipe.clock import monotonic_deadline
 from aipipe.models.training import TrainResult
 from aipipe.node.client import HubClient
 from aipipe.node.vault import SecureVault
+from aipipe.personalization.parts import shared_part
 from aipipe.secure.encoding import FloatArray, UpdateLayout, contribution
 from aipipe.secure.errors import SecureAggregationError
 from aipipe.secure.identity import Identity
@@ -109,8 +110,9 @@ def round_deadline(item: RoundWork) -> float:
     return monotonic_deadline(item.deadline)
 
 
-def base_layout(worker: RoundNode, item: RoundWork) -> UpdateLayout:
-    return UpdateLayout.of(worker.base_weights(item.version))
+def base_layout(worker: RoundNode, spec: StudySpec, item: RoundWork) -> UpdateLayout:
+    """The contribution's layout: the round's base model, its shared tensors only."""
+    return UpdateLayout.of(shared_part(spec, worker.base_weights(item.version)))
 
 
 def recorded_contribution(

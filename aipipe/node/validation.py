@@ -28,11 +28,12 @@ from torch import nn
 
 from aipipe.audit.log import AuditLog
 from aipipe.errors import NotFoundError
-from aipipe.models import arrays_to_model, build_model
+from aipipe.models import arrays_to_model
 from aipipe.models.errors import UnverifiedModelError
 from aipipe.models.training import evaluate
 from aipipe.node.client import HubClient
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
+from aipipe.personalization import personalizer_for
 from aipipe.privacy.cohorts import Cohort
 from aipipe.privacy.engine import VALIDATION, PrivacyEngine
 from aipipe.store.node_store import NodeStore
@@ -163,7 +164,8 @@ def _evaluate_now(
     announced = client.round(spec.name, number).result_version
     lineage.verify(spec.name, number, version, announced, weights)
     matrix = features(spec)
-    model = arrays_to_model(decode_arrays(weights), build_model(spec.model, len(matrix.columns)))
+    built = personalizer_for(spec).build(len(matrix.columns))  # the method's architecture
+    model = arrays_to_model(decode_arrays(weights), built)
     assessment = assess(spec, model, matrix)
     result = evaluate(model, matrix.x_test, matrix.y_test)
     card = assessment.report.as_card()

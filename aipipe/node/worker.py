@@ -15,8 +15,11 @@ import hashlib
 import json
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
+
+from aipipe.attacks import Attack
 from aipipe.audit.log import AuditLog
 from aipipe.errors import (
     AipipeError,
@@ -24,19 +27,21 @@ from aipipe.errors import (
     StudyError,
     StudyNotApprovedError,
 )
-from aipipe.models import ModelError, arrays_to_model, build_model
-from aipipe.models.training import TrainResult, clip_update, train_local
+from aipipe.models import ModelError, arrays_to_model
+from aipipe.models.training import TrainResult, clip_update
 from aipipe.node import secure_rounds
 from aipipe.node.client import HubClient
 from aipipe.node.evaluating import evaluate_work
 from aipipe.node.extraction import audited_extract
 from aipipe.node.lineage import ModelLineage
+from aipipe.node.personal_state import PersonalStates, keep_state
 from aipipe.node.round_state import RoundStates
 from aipipe.node.secagg_node import run_secagg
 from aipipe.node.senders import sender_for
 from aipipe.node.site import audit_cohorts, audit_refusal
 from aipipe.node.stats_release import report_stats
 from aipipe.node.vault import SecureVault
+from aipipe.personalization import SiteData, personalizer_for
 from aipipe.privacy.cohorts import DISJOINT, Cohort
 from aipipe.privacy.engine import Plan, PrivacyEngine
 from aipipe.privacy.errors import BudgetExhaustedError, PrivacyError, RoundAlreadyReleasedError
@@ -77,6 +82,12 @@ class NodeWorker:
     _weights: dict[str, Arrays] = field(default_factory=dict)
     # (study, round) → the mechanism planned for it, charged with its bytes just before they leave
     _planned: dict[tuple[str, int], Plan] = field(default_factory=dict)
+    attack: Attack | None = None  # a poisoning node, for tests and benchmarks (aipipe.attacks)
+    # (study, round) → (base version, method, local state, sha256 of the one it started from),
+    # kept once the round is charged
+    _states: dict[tuple[str, int], tuple[str, str, Arrays, str | None]] = field(
+        default_factory=dict
+    )
 
     def handle(self, item: EvaluateWork | RoundWork) -> str:
         """Do one work item; return a one-line summary for logs (counts only, no PHI)."""
@@ -226,17 +237,36 @@ class NodeWorker:
         the round again (not under SecAgg+, whose masks are bound to one run's keys). Raises
         `BudgetExhaustedError` if the budget went meanwhile: then nothing leaves."""
         planned = self._planned.pop((spec.name, item.round), None)
-        if planned is None:
-            return  # no DP, so nothing is charged (the node allows `privacy: none`)
-        engine = self.privacy()
-        before = engine.ledger.groups()
-        engine.charge(
-            planned,
-            frame,
-            keep=SecureMode(spec.secure) is not SecureMode.SECAGG,
-            cohort=self.cohort(spec),
+        if planned is not None:  # None: no DP, nothing is charged (the node allows it)
+            engine = self.privacy()
+            before = engine.ledger.groups()
+            engine.charge(
+                planned,
+                frame,
+                keep=SecureMode(spec.secure) is not SecureMode.SECAGG,
+                cohort=self.cohort(spec),
+            )
+            audit_cohorts(self, before, engine.ledger.groups())
+        self._keep_state(spec, item.round)
+
+    def _keep_state(self, spec: StudySpec, number: int) -> None:
+        """Keep the local training state of a round whose update is charged and leaving: a
+        round that never leaves leaves no state for the next to start from."""
+        found = self._states.pop((spec.name, number), None)
+        if found is None or not found[2]:
+            return  # no local part: every tensor is shared
+        base, method, state, started_from = found
+        keep_state(
+            self.store.db,
+            self.audit,
+            self.name,
+            study=spec.name,
+            number=number,
+            base_version=base,
+            method=method,
+            state=state,
+            started_from=started_from,
         )
-        audit_cohorts(self, before, engine.ledger.groups())
 
     def privacy(self) -> PrivacyEngine:
         """The site's privacy engine: plans and charges releases against its ledger."""
@@ -274,20 +304,37 @@ class NodeWorker:
     def _local_update(
         self, spec: StudySpec, item: RoundWork, matrix: FeatureMatrix, sigma: float | None
     ) -> TrainResult:
-        global_weights = self.base_weights(item.version)
-        model = arrays_to_model(global_weights, build_model(spec.model, len(matrix.columns)))
-        # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
-        # anyone who can recompute it can subtract the noise from the update.
-        result = train_local(
-            model,
-            matrix.x_train,
-            matrix.y_train,
-            training=spec.training,
-            privacy=spec.privacy,
-            noise_multiplier=sigma,
-            global_weights=global_weights,
-            seed=secrets.randbits(63),
-        )
+        """Train the global version with the site's local training state (a personalized
+        study's local part; `aipipe.node.personal_state`); the shared part's update, clipped.
+        The new state waits for the round's charge (`charge_release`) to be kept."""
+        method = personalizer_for(spec)
+        model = method.build(len(matrix.columns))
+        arrays_to_model(self.base_weights(item.version), model)
+        kept = None
+        if method.local(model):  # a personalized study: the site's own part, from its store
+            states = PersonalStates(self.store.db)
+            kept = states.latest(spec.name, method.name, before=item.round)
+        data = SiteData.of(matrix)
+
+        def train(x: np.ndarray, y: np.ndarray) -> TrainResult:
+            # The seed drives Poisson sampling and the DP noise: it must be secret and fresh, or
+            # anyone who can recompute it can subtract the noise from the update.
+            out = method.train_round(
+                model,
+                {} if kept is None else kept.tensors,
+                replace(data, x_fit=x, y_fit=y),
+                noise_multiplier=sigma,
+                seed=secrets.randbits(63),
+            )
+            started = None if kept is None else kept.sha256
+            self._states[(spec.name, item.round)] = (item.version, method.name, out.state, started)
+            return out.result
+
+        if self.attack is not None:  # the test/benchmark harness: `node start --attack` only
+            rng = np.random.default_rng(secrets.randbits(63))
+            bound = spec.bounds.update_norm
+            return self.attack.run(train, matrix.x_train, matrix.y_train, bound, rng)
+        result = train(matrix.x_train, matrix.y_train)
         return clip_update(result, spec.bounds.update_norm)  # the hub refuses longer updates
 
     def signed_header(

@@ -8,6 +8,7 @@ from types import MappingProxyType
 from aipipe.errors import StudyError
 from aipipe.personalization.base import Personalizer
 from aipipe.personalization.ditto import Ditto
+from aipipe.personalization.fedper import FedPer
 from aipipe.personalization.fenda import Fenda
 from aipipe.personalization.finetune import FineTuning
 from aipipe.personalization.none import NoPersonalization
@@ -15,7 +16,7 @@ from aipipe.study.personal import Personalization
 from aipipe.study.spec import StudySpec
 
 PERSONALIZERS: Mapping[str, type[Personalizer]] = MappingProxyType(
-    {cls.name: cls for cls in (NoPersonalization, FineTuning, Fenda, Ditto)}
+    {cls.name: cls for cls in (NoPersonalization, FineTuning, FedPer, Fenda, Ditto)}
 )
 """Every method a study may name in `personalization.method`."""
 

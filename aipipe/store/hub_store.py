@@ -6,7 +6,8 @@ holds the schema of every table, opening the store, and its ``meta`` key-value t
 tables' operations live in three parts that `HubStore` is made of: `NodeTables`
 (``hub_nodes.py``: enrolment tokens and nodes), `RoundTables` (``hub_rounds.py``: studies,
 rounds and the updates they accepted) and `ModelTables` (``hub_models.py``: model blobs and
-versions, metrics, feature statistics).
+versions, metrics, feature statistics); `ReputationTables` (``hub_reputation.py``) adds the
+screening of plaintext rounds: each update's scores and each node's reputation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from aipipe.errors import StoreError
 from aipipe.store.hub_models import ModelTables
 from aipipe.store.hub_nodes import NodeTables
+from aipipe.store.hub_reputation import SCHEMA as REPUTATION_SCHEMA
+from aipipe.store.hub_reputation import ReputationTables
 from aipipe.store.hub_rounds import RoundTables
 from aipipe.store.sqlite import private_db
 
@@ -54,6 +57,8 @@ CREATE TABLE IF NOT EXISTS feature_stats (
 CREATE TABLE IF NOT EXISTS metrics (
     version TEXT NOT NULL, node TEXT NOT NULL, report TEXT NOT NULL, at TEXT NOT NULL,
     PRIMARY KEY (version, node));
+-- a site's latest round in a study, looked up at every /metrics scrape (aipipe.hub.metrics)
+CREATE INDEX IF NOT EXISTS round_nodes_by_site ON round_nodes (study, node, round);
 """
 
 _TOKEN_COLUMNS = {"expires_at": "TEXT", "replaces": "INTEGER NOT NULL DEFAULT 0"}
@@ -67,7 +72,7 @@ def _add_token_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE enrol_tokens ADD COLUMN {column} {kind}")
 
 
-class HubStore(NodeTables, RoundTables, ModelTables):
+class HubStore(NodeTables, RoundTables, ModelTables, ReputationTables):
     """The hub's state: one SQLite connection (`open` creates the tables) and the blob directory."""
 
     def __init__(self, conn: sqlite3.Connection, blob_dir: Path) -> None:
@@ -83,6 +88,7 @@ class HubStore(NodeTables, RoundTables, ModelTables):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.executescript(_SCHEMA)
+            conn.executescript(REPUTATION_SCHEMA)
             _add_token_columns(conn)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open hub store {path}: {exc}") from exc

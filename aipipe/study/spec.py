@@ -38,6 +38,7 @@ from aipipe.study.blocks import (
     Validation,
 )
 from aipipe.study.cds import CdsSettings
+from aipipe.study.detection import Detection
 from aipipe.study.personal import Personalization
 from aipipe.wire import SecureMode
 
@@ -73,6 +74,7 @@ class StudySpec(StudyBlock):
     round_deadline_s: float = Field(default=600.0, gt=0)
     cds: CdsSettings | None = None
     personalization: Personalization | None = None
+    detection: Detection | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -110,6 +112,12 @@ class StudySpec(StudyBlock):
             raise ValueError("demographics 'age' needs a reference_date (age on that day)")
         if self.population is not None and self.population.age and self.reference_date is None:
             raise ValueError("population `age` needs a reference_date (age on that day)")
+        if self.detection is not None and self.secure != SecureMode.NONE:
+            raise ValueError(
+                f"`detection` screens each update on its own, which secure: {self.secure} "
+                "hides from the hub; drop the `detection` block (the bounds' update_norm still "
+                "limits each node) or publish with secure: none"
+            )
         return self
 
     @model_validator(mode="after")
@@ -189,6 +197,8 @@ class StudySpec(StudyBlock):
             exclude["validation"] = True
         if self.personalization is None:
             exclude["personalization"] = True
+        if self.detection is None:
+            exclude["detection"] = True
         unset = [i for i, f in enumerate(self.features) if f.lookback_days is None]
         if unset:
             exclude["features"] = {i: {"lookback_days"} for i in unset}

@@ -319,5 +319,9 @@ class ModelVersionInfo(Wire):
     aggregator: str
     contributors: list[dict[str, Any]]
     metrics: dict[str, dict[str, Any]]
+    # Updates a study's `detection` flagged and left out of this version, with their scores.
+    excluded: list[dict[str, Any]] = Field(default_factory=list)
     # The pooled validation of the sites' DP histograms (`aipipe.hub.validation`), if any.
     validation: dict[str, Any] | None = None
+    # The study's personalization method and which tensors are federated (`aipipe.hub.personal`).
+    personalization: dict[str, Any] | None = None

@@ -176,7 +176,7 @@ class CkksRound(SecureProtocol):
         if self.stage(study, number) != CkksStage.COLLECTING:
             self.ctx.refuse(node, study, number, "the round is not collecting ciphertexts")
         context = self.public_context(study)
-        size = self.layout(self.ctx.round_row(study, number).base_version).size
+        size = self.layout(spec, self.ctx.round_row(study, number).base_version).size
         try:
             vector = EncryptedVector.from_bytes(payload)
         except SecureAggregationError as exc:

@@ -18,6 +18,7 @@ from aipipe import clock
 from aipipe.aggregation import Aggregator, aggregator_for
 from aipipe.audit.log import AuditLog
 from aipipe.errors import ConflictError, UpdateRejectedError
+from aipipe.hub.metrics import HubMetrics
 from aipipe.hub.models import ModelRegistry
 from aipipe.store.hub_rounds import RoundRow
 from aipipe.store.hub_store import HubStore
@@ -68,6 +69,7 @@ class RoundContext:
     spec: Callable[[str], StudySpec]
     clock: Clock = field(default_factory=Clock)
     aggregator: Callable[[StudySpec], Aggregator] = _study_aggregator
+    metrics: HubMetrics = field(default_factory=HubMetrics)  # this process's instruments
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -99,6 +101,7 @@ class RoundContext:
 
     def refuse(self, node: str, study: str, number: int, reason: str) -> NoReturn:
         """Audit and raise the refusal of an update or protocol message."""
+        self.metrics.refusal(reason)
         self.audit.append(
             "update.refused",
             actor=node,

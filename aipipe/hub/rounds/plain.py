@@ -6,6 +6,8 @@ that records the update), accumulates the delta, and its new state replaces the 
 restarted mid-round resumes the fold from the store. An aggregator that needs every update on
 its own (`requires_individual_updates`) gets each payload kept as a content-addressed blob,
 referenced by the round's record of that node (`payload_sha256`), and sees them all at the end.
+So does every aggregator of a study with a `detection:` block: at the end the round's updates are
+scored (`aipipe.hub.rounds.screening`), and those it flags are left out when the study says so.
 
     open ──first update──▶ collecting ──all reported, or deadline with ≥ min_nodes──▶ aggregating
       │                        │                                                        │
@@ -25,7 +27,9 @@ from aipipe.errors import SignatureError, UpdateRejectedError
 from aipipe.hub.models import RoundSum
 from aipipe.hub.rounds.context import NodeStatus
 from aipipe.hub.rounds.protocol import RoundProtocol
+from aipipe.hub.rounds.screening import admitted, screen
 from aipipe.hub.updates import verified_update
+from aipipe.personalization.parts import shared_part
 from aipipe.store.hub_rounds import RoundRow
 from aipipe.study.spec import StudySpec
 from aipipe.wire import RoundState, RoundWork, SecureMode, UpdateHeader
@@ -37,6 +41,10 @@ Fold = Callable[[bytes | None], bytes | None]
 
 class PlainRound(RoundProtocol):
     mode = SecureMode.NONE
+
+    def eligible(self, spec: StudySpec, nodes: list[str]) -> list[str]:
+        """Under `detection`, a node whose reputation fell under the floor is not selected."""
+        return admitted(self.ctx, spec, nodes)
 
     def open(self, spec: StudySpec, number: int) -> None:
         """Nothing beyond the store's round: the first update begins the aggregator's fold."""
@@ -53,7 +61,7 @@ class PlainRound(RoundProtocol):
         except (UpdateRejectedError, SignatureError) as exc:
             self.ctx.refuse(node, spec.name, number, str(exc))
         fold: Fold
-        if self.ctx.aggregator(spec).requires_individual_updates:
+        if self._keeps_payloads(spec):
             fold = self._kept(payload)
         else:
             fold = self._folded(spec, number, header, delta)
@@ -82,6 +90,10 @@ class PlainRound(RoundProtocol):
 
         return fold
 
+    def _keeps_payloads(self, spec: StudySpec) -> bool:
+        """Every update kept on its own, to be read at the end, instead of folded as it comes."""
+        return spec.detection is not None or self.ctx.aggregator(spec).requires_individual_updates
+
     def _kept(self, payload: bytes) -> Fold:
         def keep(previous: bytes | None) -> None:
             self.ctx.store.put_blob(payload)  # addressed by sha256 = the header's payload_sha256
@@ -90,11 +102,12 @@ class PlainRound(RoundProtocol):
         return keep
 
     def _resumed(self, spec: StudySpec, number: int, state: bytes | None) -> Aggregator:
-        """The study's aggregator with this round's fold so far (begun on the base model)."""
+        """The study's aggregator with this round's fold so far (begun on the base model's
+        shared part)."""
         aggregator = self.ctx.aggregator(spec)
         if state is None:
             base = self.ctx.round_row(spec.name, number).base_version
-            aggregator.begin(decode_arrays(self.ctx.models.weights(base)))
+            aggregator.begin(shared_part(spec, decode_arrays(self.ctx.models.weights(base))))
         else:
             aggregator.set_state(decode_arrays(state))
         return aggregator
@@ -141,15 +154,26 @@ class PlainRound(RoundProtocol):
             }
             for n in reported
         ]
-        aggregator = self.ctx.aggregator(spec)
-        if aggregator.requires_individual_updates:
-            aggregator.begin(decode_arrays(self.ctx.models.weights(row.base_version)))
-            for n in reported:
-                delta = decode_arrays(self.ctx.store.blob(n["payload_sha256"]))
-                aggregator.accumulate(delta, int(n["num_examples"]))
-        else:
+        if not self._keeps_payloads(spec):
             aggregator = self._resumed(spec, number, row.sum_blob)
-        return RoundSum(contributors, row.total_examples, folded=aggregator)
+            return RoundSum(contributors, row.total_examples, folded=aggregator)
+        deltas = {
+            str(n["node"]): decode_arrays(self.ctx.store.blob(n["payload_sha256"]))
+            for n in reported
+        }
+        left_out: list[dict[str, Any]] = []
+        if spec.detection is not None:
+            verdicts = screen(self.ctx, spec, number, deltas)
+            scored = [{**c, **verdicts[c["node"]]} for c in contributors]
+            contributors = [c for c in scored if not c["excluded"]]
+            left_out = [c for c in scored if c["excluded"]]
+        aggregator = self.ctx.aggregator(spec)
+        base = decode_arrays(self.ctx.models.weights(row.base_version))
+        aggregator.begin(shared_part(spec, base))
+        for c in contributors:
+            aggregator.accumulate(deltas[c["node"]], int(c["n"]))
+        total = sum(int(c["n"]) for c in contributors)
+        return RoundSum(contributors, total, folded=aggregator, excluded=left_out)
 
 
 def _as_float(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

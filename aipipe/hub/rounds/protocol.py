@@ -65,11 +65,15 @@ class RoundProtocol(ABC):
 
     def conclude(self, spec: StudySpec, number: int) -> None:
         """Finish the round and hand its sum to the study's server step."""
+        aggregated = self.ctx.metrics.concluding(
+            self.ctx.store, spec.name, number, self.ctx.clock.now()
+        )
         result = self.finish(spec, number)
         if result is None:
             return
         self.ctx.store.set_round_state(spec.name, number, RoundState.AGGREGATING)
         self.ctx.models.publish(self.ctx.round_row(spec.name, number), spec, result)
+        aggregated()
 
     def work_item(
         self,

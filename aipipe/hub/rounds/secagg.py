@@ -136,7 +136,7 @@ class SecAggRound(SecureProtocol):
         row = ctx.round_row(spec.name, number)
         selected = self.selected(spec.name, number)
         config = round_config(
-            spec, number, row.base_version, selected, self.layout(row.base_version).size
+            spec, number, row.base_version, selected, self.layout(spec, row.base_version).size
         )
         roster = {r["name"]: bytes.fromhex(r["public_key"]) for r in ctx.store.nodes()}
         seen = ctx.secure.seen_keys(exclude_round=config.round_id if replay else None)

@@ -21,6 +21,7 @@ from aipipe.hub.models import RoundSum
 from aipipe.hub.rounds.context import StageEnd
 from aipipe.hub.rounds.protocol import RoundProtocol
 from aipipe.hub.updates import verified_header
+from aipipe.personalization.parts import shared_part
 from aipipe.secure.encoding import FloatArray, UpdateLayout, check_sum, mean_from_sum
 from aipipe.secure.errors import SecAggRoundFailedError, SecureAggregationError
 from aipipe.study.spec import StudySpec
@@ -86,8 +87,10 @@ class SecureProtocol(RoundProtocol):
                 "the sum is not unmasked"
             )
 
-    def layout(self, base_version: str) -> UpdateLayout:
-        return UpdateLayout.of(decode_arrays(self.ctx.models.weights(base_version)))
+    def layout(self, spec: StudySpec, base_version: str) -> UpdateLayout:
+        """The contribution vector's layout: the base model's shared tensors only."""
+        base = decode_arrays(self.ctx.models.weights(base_version))
+        return UpdateLayout.of(shared_part(spec, base))
 
     def selected(self, study: str, number: int) -> list[str]:
         return list(self.ctx.statuses(study, number))
@@ -129,7 +132,7 @@ class SecureProtocol(RoundProtocol):
             check_sum(total, len(contributors), spec.bounds.update_norm, SUM_TOLERANCE)
             weighted, examples = mean_from_sum(
                 np.asarray(total, dtype=np.float64),
-                layout=self.layout(row.base_version),
+                layout=self.layout(spec, row.base_version),
                 max_examples=spec.bounds.max_examples,
             )
         except SecureAggregationError as exc:

@@ -4,9 +4,10 @@ counters."""
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import Response
 
 from aipipe.errors import ConflictError
+from aipipe.hub.metrics import CONTENT_TYPE
 from aipipe.hub.routes.deps import Admin, Anyone, Node, Notify, Svc, binary
 from aipipe.wire import EvalReport, ModelVersionInfo
 
@@ -40,5 +41,6 @@ async def metrics(
 
 
 @router.get("/metrics", responses=binary("text/plain"))
-async def prometheus(service: Svc, _: Admin) -> PlainTextResponse:
-    return PlainTextResponse(service.prometheus_text())
+async def prometheus(service: Svc, _: Admin) -> Response:
+    """Prometheus' text format (`aipipe.hub.metrics`), for the admin token."""
+    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)

@@ -1,19 +1,48 @@
-"""Health, enrolment, and the admin's list of nodes."""
+"""Health (liveness and readiness), enrolment, and the admin's list of nodes."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from aipipe import __version__
+from aipipe.hub.metrics import unready_reason
 from aipipe.hub.routes.deps import Admin, Svc
 from aipipe.wire import EnrolRequest, EnrolResponse
 
 router = APIRouter()
 
 
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    version: str
+
+
+class NotReady(BaseModel):
+    status: Literal["unready"] = "unready"
+    reason: str
+
+
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
+    """Liveness: the process answers (it reads nothing)."""
     return {"status": "ok", "version": __version__}
+
+
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    responses={503: {"model": NotReady, "description": "Not ready to serve, and why"}},
+)
+async def readyz(service: Svc) -> JSONResponse:
+    """Readiness: the store answers a query and the audit log is open and writable."""
+    reason = unready_reason(service.store, service.audit)
+    if reason is not None:
+        return JSONResponse(NotReady(reason=reason).model_dump(), status_code=503)
+    return JSONResponse(Ready(version=__version__).model_dump())
 
 
 @router.post("/v1/enrol")
@@ -22,7 +51,7 @@ async def enrol(body: EnrolRequest, service: Svc) -> EnrolResponse:
 
 
 @router.get("/v1/nodes")
-async def nodes(service: Svc, _: Admin) -> list[dict[str, str | None]]:
+async def nodes(service: Svc, _: Admin) -> list[dict[str, str | float | None]]:
     return [
         {
             "name": r["name"],
@@ -30,6 +59,7 @@ async def nodes(service: Svc, _: Admin) -> list[dict[str, str | None]]:
             "enrolled_at": r["enrolled_at"],
             "last_seen": r["last_seen"],
             "public_key": r["public_key"],
+            "reputation": service.store.reputation(r["name"]),  # 1 until `detection` screens it
         }
         for r in service.store.nodes()
     ]
