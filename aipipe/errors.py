@@ -7,7 +7,8 @@ they enter (``raise FhirServerError(...) from exc``), never logged and re-raised
     AipipeError                   exit 1, HTTP 400 unless a class below says otherwise
     ├── ConfigError               bad settings, node home missing or already there
     │   ├── NodeExistsError
-    │   └── NodeNotFoundError
+    │   ├── NodeNotFoundError
+    │   └── TlsVerifyError        the hub's certificate did not verify (expired, unknown CA, …)
     ├── StudyError                (422) study YAML invalid or unusable on this node's data
     ├── SourceError               an input path that cannot be read at all
     ├── FhirServerError           a FHIR server unreachable or answering with errors
@@ -62,6 +63,11 @@ class NodeExistsError(ConfigError):
 
 class NodeNotFoundError(ConfigError):
     """A command names a node home that has not been initialised."""
+
+
+class TlsVerifyError(ConfigError):
+    """The hub's TLS certificate did not verify against the CA the node pins (expired, signed
+    by another CA, issued for another host) or the TLS handshake failed: not retried."""
 
 
 class StudyError(AipipeError):

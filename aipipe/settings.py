@@ -30,6 +30,8 @@ class NodeConfig(BaseModel):
     audit_log: str = "audit.sqlite"
     hub_url: str | None = None
     hub_ca: str | None = None  # PEM of the CA that signs the hub's certificate (node init --hub-ca)
+    # True when hub_ca came pinned in the enrolment token: the hub is verified against it alone.
+    hub_ca_pinned: bool = False
     allow_non_private: bool = False
     smart_client_id: str | None = None
     smart_key: str = "smart.key"

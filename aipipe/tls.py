@@ -1,14 +1,17 @@
 """TLS for what aipipe serves (the hub, `node serve-cds`) and for a node's calls to its hub.
 
-Serving: a certificate chain and its key (PEM) become an `ssl.SSLContext` that accepts TLS 1.2
-and newer only, with Python's default cipher choice (forward-secret AEAD suites). Plain HTTP is
-allowed on a loopback address (tests, a demo, a TLS-terminating proxy on the same machine); on
-any other address it is refused unless the operator says `--insecure-http` (CDS Hooks 2.0:
-"the scheme MUST be https when production data is exchanged").
+Serving: a certificate chain and its key (PEM) become an `ssl.SSLContext` that accepts TLS 1.3
+only for the hub (`HUB_MIN_VERSION`), TLS 1.2 and newer for `node serve-cds` (EHR clients), with
+Python's default cipher choice (forward-secret AEAD suites). `node serve-cds` serves plain HTTP
+on a loopback address, and elsewhere only if the operator says `--insecure-http`; `hub serve`
+serves plain HTTP only with `--insecure-http` on a loopback address (CDS Hooks 2.0: "the scheme
+MUST be https when production data is exchanged").
 
-Calling the hub: `hub_transport(ca_bundle)` verifies the hub's certificate against the usual
-public CAs plus the consortium's own CA (`node init --hub-ca`); verification cannot be turned
-off, and a certificate that does not verify is a `ConfigError` naming the problem, not an
+Calling the hub: `HubTransport(ca_bundle, only=True)` (a node whose token pinned the
+consortium CA) verifies the hub's certificate against that CA alone, TLS 1.3, hostname
+checked; without `only` (the admin CLI's AIPIPE_HUB_CA, `node init --hub-ca`) against the
+public CAs plus `ca_bundle`. Verification cannot be turned off, and a certificate that does not
+verify is a `TlsVerifyError` naming the reason (expired, unknown CA, hostname mismatch), not an
 "unreachable hub" that is retried.
 """
 
@@ -24,9 +27,10 @@ from typing import Any
 import certifi
 import httpx
 
-from aipipe.errors import ConfigError
+from aipipe.errors import ConfigError, TlsVerifyError
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
+HUB_MIN_VERSION = ssl.TLSVersion.TLSv1_3
 
 
 def is_loopback(host: str) -> bool:
@@ -45,6 +49,7 @@ class ServerTls:
     cert: Path
     key: Path
     setting: str  # how the operator named them, for error messages
+    minimum: ssl.TLSVersion = MIN_VERSION
 
     def context(self) -> ssl.SSLContext:
         for path in (self.cert, self.key):
@@ -54,7 +59,7 @@ class ServerTls:
                     "certificate chain and its private key"
                 )
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = MIN_VERSION
+        context.minimum_version = self.minimum
         try:
             context.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as exc:
@@ -75,13 +80,15 @@ class ServerTls:
         return {"ssl_context_factory": factory}
 
 
-def server_tls(cert: Path | None, key: Path | None, setting: str) -> ServerTls | None:
+def server_tls(
+    cert: Path | None, key: Path | None, setting: str, minimum: ssl.TLSVersion = MIN_VERSION
+) -> ServerTls | None:
     """Both files or neither: a certificate without its key (or the reverse) is a ConfigError."""
     if cert is None and key is None:
         return None
     if cert is None or key is None:
         raise ConfigError(f"{setting}: give both the certificate and its key, not one of them")
-    tls = ServerTls(cert, key, setting)
+    tls = ServerTls(cert, key, setting, minimum)
     tls.context()  # unreadable or mismatched files fail here, before anything listens
     return tls
 
@@ -101,14 +108,39 @@ def require_tls_off_loopback(
     )
 
 
+def require_hub_tls(home: Path, host: str, tls: ServerTls | None, *, insecure_http: bool) -> None:
+    """`hub serve` serves HTTPS; plain HTTP only with `insecure_http` on a loopback address."""
+    if tls is None and not insecure_http:
+        raise ConfigError(
+            f"hub.yaml at {home} names no TLS certificate (tls_cert/tls_key), so the hub would "
+            f"serve plain HTTP; make the consortium CA and a certificate with: aipipe hub tls "
+            f"rotate --home {home} --tls-name <host nodes use>, or pass --insecure-http for "
+            "development on a loopback address"
+        )
+    if insecure_http and not is_loopback(host):
+        shown = host if len(host) <= 64 else host[:63] + "…"
+        raise ConfigError(
+            f"--insecure-http serves plain HTTP on a loopback address only, not {shown!r}: "
+            "tokens and patient data would cross the network unencrypted; serve HTTPS "
+            "(hub.yaml tls_cert/tls_key, `aipipe hub tls rotate`), or bind to 127.0.0.1 "
+            "behind a TLS-terminating proxy on the same machine"
+        )
+
+
 def scheme(tls: ServerTls | None) -> str:
     return "http" if tls is None else "https"
 
 
-def client_context(ca_bundle: Path | None) -> ssl.SSLContext:
-    """Verify servers against the public CAs plus `ca_bundle`'s (a consortium's own CA)."""
-    context = ssl.create_default_context(cafile=certifi.where())
-    context.minimum_version = MIN_VERSION
+def client_context(ca_bundle: Path | None, *, only: bool = False) -> ssl.SSLContext:
+    """Verify servers against the public CAs plus `ca_bundle`'s (a consortium's own CA); with
+    `only`, against `ca_bundle` alone (the CA an enrolment token pinned), TLS 1.3."""
+    if only and ca_bundle is None:
+        raise ConfigError("a pinned hub CA needs its file; re-enrol the node with a new token")
+    if only:  # no default trust store: PROTOCOL_TLS_CLIENT verifies, hostname checked
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    else:
+        context = ssl.create_default_context(cafile=certifi.where())
+    context.minimum_version = HUB_MIN_VERSION if only else MIN_VERSION
     if ca_bundle is not None:
         try:
             context.load_verify_locations(cafile=ca_bundle)
@@ -125,9 +157,10 @@ class HubTransport(httpx.BaseTransport):
     failure becomes a ConfigError that says so (a hub that is down is still a TransportError,
     which the client retries)."""
 
-    def __init__(self, ca_bundle: Path | None) -> None:
-        self._inner = httpx.HTTPTransport(verify=client_context(ca_bundle))
+    def __init__(self, ca_bundle: Path | None, *, only: bool = False) -> None:
+        self._inner = httpx.HTTPTransport(verify=client_context(ca_bundle, only=only))
         self._ca_bundle = ca_bundle
+        self._only = only
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         try:
@@ -136,9 +169,18 @@ class HubTransport(httpx.BaseTransport):
             problem = _tls_problem(exc)
             if problem is None:
                 raise
-            raise ConfigError(self._explain(str(request.url.copy_with(path="/")), problem)) from exc
+            url = str(request.url.copy_with(path="/"))
+            raise TlsVerifyError(self._explain(url, problem)) from exc
 
     def _explain(self, url: str, problem: str) -> str:
+        if self._only:
+            return (
+                f"TLS to the hub at {url} failed: {problem} (trusted: only the consortium CA "
+                f"pinned at enrolment, {self._ca_bundle}); the node will not talk to this "
+                "server: if the hub's certificate was renewed, renew it from the same CA "
+                "(`aipipe hub tls rotate`); if the consortium changed its CA, re-enrol the node "
+                "with a new token"
+            )
         trusted = (
             f"the public CAs and {self._ca_bundle}"
             if self._ca_bundle
@@ -154,12 +196,32 @@ class HubTransport(httpx.BaseTransport):
         self._inner.close()
 
 
+# OpenSSL's X509_V_ERR_* codes → the reason in words.
+_EXPIRED = {9: "not yet valid", 10: "expired"}
+_UNKNOWN_CA = {2, 18, 19, 20, 21}
+_HOSTNAME = {62, 64}
+
+
+def _verify_reason(error: ssl.SSLCertVerificationError) -> str:
+    code = error.verify_code
+    if code in _EXPIRED:
+        return f"certificate {_EXPIRED[code]}"
+    if code in _UNKNOWN_CA:
+        return "unknown CA: the certificate is not signed by a trusted CA"
+    if code in _HOSTNAME:
+        return "hostname mismatch: the certificate does not name the host in the hub URL"
+    return "certificate rejected"
+
+
 def _tls_problem(exc: BaseException) -> str | None:
     """What TLS said, if a TLS failure is behind `exc` (walking its causes)."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLCertVerificationError):
-            return f"the hub's certificate did not verify: {seen.verify_message}"
+            return (
+                f"the hub's certificate did not verify: {_verify_reason(seen)} "
+                f"({seen.verify_message})"
+            )
         if isinstance(seen, ssl.SSLError):
             return f"the TLS handshake failed: {seen.reason or seen}"
         seen = seen.__cause__ or seen.__context__

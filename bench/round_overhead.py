@@ -30,6 +30,10 @@ Engines, every process on 127.0.0.1, all started afresh for every repeat:
 - `aipipe`: `aipipe hub serve` + 4 × `aipipe node start --poll P` daemons, then the user's
   command, `aipipe train run --study S --rounds N`. Times come from the hub's own store:
   `rounds.opened_at`, `rounds.closed_at` and `metrics.at` (microsecond UTC stamps).
+- `aipipe+plain`: the same over plain HTTP (`hub serve --insecure-http` on loopback, the nodes'
+  hub URL switched to http://): what TLS 1.3 costs a round is `aipipe` against it, same run.
+  `aipipe` itself is HTTPS (the hub's certificate from `hub init`'s consortium CA, pinned by
+  the nodes through their enrolment tokens), as deployed.
 - `aipipe+audit`: a what-if that sizes the audit log's cost, not a product: the hub's and
   nodes' audit logs at `PRAGMA synchronous=NORMAL` (no fsync per append; a durability trade).
   The earlier what-ifs (`nodelay`: TCP_NODELAY on the hub's socket; `poll`/`step`: the 0.5 s
@@ -68,6 +72,7 @@ import platform
 import signal
 import socket
 import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
@@ -92,6 +97,7 @@ FLWR_VENV = ROOT / ".cache" / "flwr-venv"
 STUDY = "round-overhead"
 ENGINES = (
     "aipipe",
+    "aipipe+plain",
     "aipipe+audit",
     "flower-legacy",
     "flower-deployment",
@@ -103,6 +109,7 @@ PERSONAL_ENGINE = "aipipe-personal"
 PERSONAL_MLP = [16]  # fedper and fenda federate hidden layers: an MLP for them
 # What-ifs: (processes patched, code run before the CLI).
 WHAT_IFS = {
+    "plain": ((), ""),  # no process patched: `start_hub` serves plain HTTP
     "audit": (
         ("hub", "node"),
         "import aipipe.audit.log as m; connect = m.connect; "
@@ -522,7 +529,7 @@ def setup_aipipe(
         study_yaml(work, rounds, privacy),
         personal,
     )
-    env = {**os.environ, "AIPIPE_TOKEN": site.token}
+    env = {**os.environ, "AIPIPE_TOKEN": site.token, "AIPIPE_HUB_CA": str(hub_ca(site))}
     with processes(work) as group:
         url = start_hub(group, site, [])
         env["AIPIPE_HUB_URL"] = url
@@ -546,12 +553,33 @@ def setup_aipipe(
     return site
 
 
+def hub_ca(site: AipipeSite) -> Path:
+    return site.hub_home / "ca-cert.pem"  # the consortium CA `hub init` made
+
+
+def hub_verify(env: dict[str, str]) -> ssl.SSLContext | bool:
+    return ssl.create_default_context(cafile=env["AIPIPE_HUB_CA"])
+
+
 def start_hub(group: Processes, site: AipipeSite, what_ifs: list[str]) -> str:
+    """`hub serve`: HTTPS, or plain HTTP on loopback with the `plain` what-if; the URL."""
     args = ["hub", "serve", "--home", str(site.hub_home), "--port", str(site.port)]
-    group.start("hub", patched(what_ifs, "hub") + args)
-    url = f"http://127.0.0.1:{site.port}"
-    wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, "the hub")
+    plain = "plain" in what_ifs
+    group.start("hub", patched(what_ifs, "hub") + args + (["--insecure-http"] if plain else []))
+    url = f"{'http' if plain else 'https'}://127.0.0.1:{site.port}"
+    trust = ssl.create_default_context(cafile=str(hub_ca(site)))
+    wait_until(
+        lambda: httpx.get(f"{url}/healthz", timeout=2, verify=trust).status_code == 200, "the hub"
+    )
     return url
+
+
+def point_nodes(site: AipipeSite, url: str) -> None:
+    """Each node's hub URL (node.yaml) to `url`: https, or http for the `plain` what-if."""
+    for name in SITES:
+        config = site.work / name / "node.yaml"
+        raw = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**raw, "hub_url": url}, sort_keys=False))
 
 
 def export_site_data(site: AipipeSite, out: Path) -> dict[str, Path]:
@@ -582,9 +610,10 @@ def run_aipipe(
     site: AipipeSite, args: argparse.Namespace, what_ifs: list[str], study: str = STUDY
 ) -> dict:
     rounds, poll = args.rounds, args.poll
-    env = {**os.environ, "AIPIPE_TOKEN": site.token}
+    env = {**os.environ, "AIPIPE_TOKEN": site.token, "AIPIPE_HUB_CA": str(hub_ca(site))}
     with processes(site.work) as group:
         env["AIPIPE_HUB_URL"] = start_hub(group, site, what_ifs)
+        point_nodes(site, env["AIPIPE_HUB_URL"])
         since = utc_now()
         for name in SITES:
             command = ["node", "start", "--home", str(site.work / name), "--poll", str(poll)]
@@ -610,7 +639,8 @@ def run_aipipe(
 
 def nodes_polling(env: dict[str, str], since: str) -> bool:
     headers = {"Authorization": f"Bearer {env['AIPIPE_TOKEN']}"}
-    nodes = httpx.get(f"{env['AIPIPE_HUB_URL']}/v1/nodes", headers=headers, timeout=2).json()
+    url = f"{env['AIPIPE_HUB_URL']}/v1/nodes"
+    nodes = httpx.get(url, headers=headers, timeout=2, verify=hub_verify(env)).json()
     return sum(1 for n in nodes if (n["last_seen"] or "") > since) == len(SITES)
 
 

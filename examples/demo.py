@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -62,8 +63,9 @@ def wait_for_hub(home: Path, timeout_s: float = 60.0) -> str:
         serve = home / "serve.json"
         if serve.exists():
             url = str(json.loads(serve.read_text())["url"])
+            trust = ssl.create_default_context(cafile=str(home / "ca-cert.pem"))  # `hub init`'s CA
             try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/healthz", timeout=2, verify=trust).status_code == 200:
                     return url
             except httpx.TransportError:
                 pass
@@ -140,6 +142,7 @@ def run(
     console.print(f"hub serving at {url}")
     os.environ["AIPIPE_HUB_URL"] = url
     os.environ["AIPIPE_TOKEN"] = token  # read by the CLI; kept off command lines and logs
+    os.environ["AIPIPE_HUB_CA"] = str(hub_home / "ca-cert.pem")  # nodes get it in their token
     console.rule("2. nodes: enrol and ingest their own FHIR data")
     for site in SITES:
         enrol = json.loads(

@@ -20,6 +20,7 @@ import os
 import secrets
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -250,6 +251,35 @@ class Hub:
     url: str
     process: Started
 
+    @property
+    def ca(self) -> Path | None:
+        return hub_ca(self.home)
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return hub_verify(self.home)
+
+
+def hub_ca(home: Path) -> Path | None:
+    """The consortium CA `hub init` made (hub.yaml tls_ca), which signs the hub's certificate;
+    None for a home without one."""
+    config = yaml.safe_load((home / "hub.yaml").read_text())
+    return None if config.get("tls_ca") is None else home / config["tls_ca"]
+
+
+def without_tls(home: Path) -> Path:
+    """The hub home as homes were before issue 15: hub.yaml names no certificate."""
+    config = yaml.safe_load((home / "hub.yaml").read_text())
+    config |= {"tls_cert": None, "tls_key": None, "tls_ca": None}
+    (home / "hub.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return home
+
+
+def hub_verify(home: Path) -> ssl.SSLContext | bool:
+    """What httpx verifies the hub at `home` with: its consortium CA alone (as nodes do)."""
+    ca = hub_ca(home)
+    return True if ca is None else ssl.create_default_context(cafile=str(ca))
+
 
 def _serving_url(home: Path, process: Started) -> str | None:
     """The URL once `serve.json` names this very process and /healthz answers 200."""
@@ -265,7 +295,8 @@ def _serving_url(home: Path, process: Started) -> str | None:
     if info.get("pid") != process.pid:  # a SIGKILLed hub leaves its serve.json behind
         return None
     try:
-        healthy = httpx.get(f"{info['url']}/healthz", timeout=2).status_code == 200
+        response = httpx.get(f"{info['url']}/healthz", timeout=2, verify=hub_verify(home))
+        healthy = response.status_code == 200
     except httpx.TransportError:
         return None
     return str(info["url"]) if healthy else None
@@ -535,13 +566,16 @@ class Federation:
 
     @property
     def admin_env(self) -> dict[str, str]:
-        return {"AIPIPE_HUB_URL": self.hub.url, "AIPIPE_TOKEN": self.admin_token}
+        env = {"AIPIPE_HUB_URL": self.hub.url, "AIPIPE_TOKEN": self.admin_token}
+        ca = self.hub.ca
+        return env if ca is None else {**env, "AIPIPE_HUB_CA": str(ca)}
 
     def admin(self) -> httpx.Client:
         return httpx.Client(
             base_url=self.hub.url,
             headers={"Authorization": f"Bearer {self.admin_token}"},
             timeout=30,
+            verify=self.hub.verify,
         )
 
     def get(self, path: str, **params: str) -> Any:

@@ -80,7 +80,8 @@ def test_a_sign_flipping_node_sends_minus_its_update_and_audits_the_attack(
     try:
         token = aipipe_json("hub", "init", "--home", tmp_path / "hub", "--name", "e2e", "--json")
         hub = start_hub(group, tmp_path / "hub")
-        admin = {"AIPIPE_HUB_URL": hub.url, "AIPIPE_TOKEN": token["admin_token"]}
+        admin = {"AIPIPE_HUB_URL": hub.url, "AIPIPE_TOKEN": token["admin_token"],
+                 "AIPIPE_HUB_CA": str(hub.ca)}  # fmt: skip
         homes = {site: tmp_path / site for site in (ATTACKER, HONEST)}
 
         def enrol(site: str) -> None:
@@ -96,7 +97,8 @@ def test_a_sign_flipping_node_sends_minus_its_update_and_audits_the_attack(
         for home in homes.values():
             aipipe_in_process("node", "approve", raw["name"], "--home", home, "--json")
         headers = {"Authorization": f"Bearer {token['admin_token']}"}
-        with httpx.Client(base_url=hub.url, headers=headers, timeout=30) as client:
+        with httpx.Client(base_url=hub.url, headers=headers, timeout=30,
+                          verify=hub.verify) as client:  # fmt: skip
             opened = client.post(f"/v1/studies/{raw['name']}/rounds", json={}).json()
             base = decode_arrays(client.get(f"/v1/models/{opened['base_version']}/weights").content)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class Trained:
     root: Path
     client: Signer  # the CDS client hub.yaml registers
     ehr: HttpsFhir  # the fhirServer hub.yaml allows
+    verify: ssl.SSLContext | bool  # trusts the hub's consortium CA (its HTTPS)
 
     def headers(self, endpoint: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.client.token(aud=self.url + endpoint)}"}
@@ -94,7 +96,7 @@ def trained_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
         token = aipipe_json("hub", "init", "--home", root / "hub", "--json")["admin_token"]
         _secure_cds(root / "hub", root, ehr.base_url, client)
         hub = start_hub(group, root / "hub")
-        admin = {"AIPIPE_HUB_URL": hub.url, "AIPIPE_TOKEN": token}
+        admin = {"AIPIPE_HUB_URL": hub.url, "AIPIPE_TOKEN": token, "AIPIPE_HUB_CA": str(hub.ca)}
         for index, site in enumerate(("east", "west")):
             home = root / site
             enrol = aipipe_json("hub", "enrol-token", "--home", root / "hub", "--node", site,
@@ -108,18 +110,20 @@ def trained_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
             group.start(site, "node", "start", "--home", root / site, "--poll", "1")
         aipipe("train", "run", "--study", raw["name"], "--rounds", "2", "--json", env=admin,
                timeout_s=300)  # fmt: skip
-        yield Trained(hub.url, raw["name"], bundles[0], root, client, ehr)
+        yield Trained(hub.url, raw["name"], bundles[0], root, client, ehr, hub.verify)
 
 
 def test_discovery_lists_the_trained_study_on_every_hook(trained_hub: Trained) -> None:
     url, study = trained_hub.url, trained_hub.study
     headers = trained_hub.headers("/cds-services")
 
-    services = httpx.get(f"{url}/cds-services", headers=headers, timeout=30).json()["services"]
+    verify = trained_hub.verify
+    got = httpx.get(f"{url}/cds-services", headers=headers, timeout=30, verify=verify)
+    services = got.json()["services"]
 
     hooks = {s["hook"] for s in services if s["id"].startswith(study)}
     assert hooks == {"patient-view", "order-select", "medication-prescribe"}
-    assert httpx.get(f"{url}/cds-services", timeout=30).status_code == 401
+    assert httpx.get(f"{url}/cds-services", timeout=30, verify=verify).status_code == 401
 
 
 def _patient_view(bundle: Path) -> dict[str, Any]:
@@ -146,7 +150,11 @@ def test_patient_view_for_a_synthea_patient_returns_a_well_formed_risk_card(
     patient = request["prefetch"]["patient"]
 
     response = httpx.post(
-        trained_hub.url + endpoint, json=request, headers=trained_hub.headers(endpoint), timeout=60
+        trained_hub.url + endpoint,
+        json=request,
+        headers=trained_hub.headers(endpoint),
+        timeout=60,
+        verify=trained_hub.verify,
     )
 
     assert response.status_code == 200, response.text
@@ -169,7 +177,10 @@ def test_the_hub_needs_a_client_jwt(trained_hub: Trained) -> None:
     endpoint = f"/cds-services/{trained_hub.study}-patient-view"
 
     response = httpx.post(
-        trained_hub.url + endpoint, json=_patient_view(trained_hub.bundle), timeout=60
+        trained_hub.url + endpoint,
+        json=_patient_view(trained_hub.bundle),
+        timeout=60,
+        verify=trained_hub.verify,
     )
 
     assert response.status_code == 401
@@ -181,7 +192,11 @@ def _without_prefetch(trained_hub: Trained, fhir_server: str) -> httpx.Response:
     del request["prefetch"]
     request["fhirServer"] = fhir_server
     return httpx.post(
-        trained_hub.url + endpoint, json=request, headers=trained_hub.headers(endpoint), timeout=60
+        trained_hub.url + endpoint,
+        json=request,
+        headers=trained_hub.headers(endpoint),
+        timeout=60,
+        verify=trained_hub.verify,
     )
 
 

@@ -421,6 +421,7 @@ class Attacker:
             content=body,
             headers={**self.keys[node].headers, **FRAME_HEADERS},
             timeout=30,
+            verify=self.fed.hub.verify,
         )
 
     def refusal_reasons(self, at: OpenRound, out: Path) -> list[str]:

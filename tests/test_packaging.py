@@ -191,8 +191,9 @@ def test_the_hub_init_container_makes_a_tls_home_once_and_keeps_the_token_off_th
         "/etc/aipipe/tls/tls.crt",
         "/etc/aipipe/tls/tls.key",
     )
+    assert config.tls_ca == "/etc/aipipe/hub-ca/hub-ca.pem"  # the CA enrolment tokens pin
     mounted = {m["mountPath"] for m in pod_spec("aipipe-hub")["containers"][0]["volumeMounts"]}
-    assert "/etc/aipipe/tls" in mounted
+    assert {"/etc/aipipe/tls", "/etc/aipipe/hub-ca"} <= mounted
 
     token_file.unlink()
     again = run_script(init["args"][0], tmp_path)
@@ -206,6 +207,8 @@ def test_the_compose_hub_init_sets_the_secrets_as_tls_files(tmp_path: Path) -> N
     config = load_hub(tmp_path / "volume" / "hub").config
     assert config.tls_cert == "/run/secrets/hub_tls_cert"
     assert config.tls_key == "/run/secrets/hub_tls_key"
+    assert config.tls_ca == "/run/secrets/hub_ca"
+    assert "hub_ca" in compose()["services"]["hub"]["secrets"]
 
 
 def test_the_node_init_container_refuses_to_start_without_a_token(tmp_path: Path) -> None:

@@ -266,7 +266,10 @@ def label(row: dict[str, Any]) -> str:
 # -- the tests ---------------------------------------------------------------------------------
 
 
-def test_every_round_closes_with_the_shared_part_only(story: Story) -> None:
+def test_every_round_closes_with_the_shared_part_only(
+    story: Story, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIPIPE_HUB_CA", str(story.fed.hub.ca))  # the hub's HTTPS
     for key, info in story.rounds.items():
         assert info["state"] == "closed", (key, info["reason"])
     with story.fed.admin() as client:
@@ -426,12 +429,13 @@ def test_the_nodes_cds_card_carries_its_personal_models_probability(story: Story
 
 
 def test_the_hubs_own_cds_withholds_the_study(story: Story) -> None:
-    hub = story.fed.hub.url
-    discovery = httpx.get(f"{hub}/cds-services", timeout=30)
+    hub, verify = story.fed.hub.url, story.fed.hub.verify
+    discovery = httpx.get(f"{hub}/cds-services", timeout=30, verify=verify)
     assert discovery.status_code == 200, discovery.text
     served = {s["id"] for s in discovery.json()["services"]}
     assert not any(s.startswith((CLEAR, MASKED)) for s in served), served
-    refused = httpx.post(f"{hub}/cds-services/{CLEAR}-patient-view", timeout=30, json={
+    endpoint = f"{hub}/cds-services/{CLEAR}-patient-view"
+    refused = httpx.post(endpoint, timeout=30, verify=verify, json={
         "hook": "patient-view", "hookInstance": "0b9e3c57-61a4-4f0e-8d2a-7c5e1f4b3a90",
         "context": {"userId": "Practitioner/example", "patientId": "hungarian-0001"},
     })  # fmt: skip

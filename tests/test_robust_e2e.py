@@ -115,6 +115,7 @@ def attack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attack]:
             content=body,
             headers={**keys.headers, **FRAME_HEADERS},
             timeout=30,
+            verify=fed.hub.verify,
         )
         assert response.status_code == 200, response.text
         first = fed.wait_for_round(first["round"], "closed", "failed", study=STUDY, timeout_s=120)

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from aipipe.cli.app import app as cli
 from aipipe.hub.home import init_hub
+from aipipe.wire import EnrolToken
 from tests.cds_net import HttpsFhir, LocalCa, https_fhir, make_ca
 from tests.cds_support import Fhir, cleveland_records, hook_request
 from tests.e2e_support import (
@@ -31,6 +32,7 @@ from tests.e2e_support import (
     aipipe_in_process,
     aipipe_json,
     wait_until,
+    without_tls,
     write_test_study,
 )
 
@@ -75,8 +77,10 @@ def _serve_hub_over_tls(root: Path, ca: LocalCa, group: ProcessGroup) -> tuple[P
     token = aipipe_json("hub", "init", "--home", home, "--json")["admin_token"]
     shutil.copy(ca.cert_pem, home / "tls-cert.pem")
     shutil.copy(ca.key_pem, home / "tls-key.pem")
+    shutil.copy(ca.ca_pem, home / "test-ca.pem")
     config = yaml.safe_load((home / "hub.yaml").read_text())
-    config |= {"tls_cert": "tls-cert.pem", "tls_key": "tls-key.pem"}  # relative to the home
+    # the test CA's certificate instead of the one `hub init` made: tokens pin the test CA
+    config |= {"tls_cert": "tls-cert.pem", "tls_key": "tls-key.pem", "tls_ca": "test-ca.pem"}
     (home / "hub.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     process = group.start("hub", "hub", "serve", "--home", home, "--port", "0")
     url = wait_until(lambda: _hub_url(home, process, ca), what="hub over TLS",
@@ -137,13 +141,15 @@ def test_a_node_with_the_hub_ca_enrols_and_calls_the_hub_over_https(tls_hub: Tls
     assert east["last_seen"] is not None  # `node approve` read the study over TLS
 
 
-def test_a_node_without_the_hub_ca_refuses_naming_the_certificate_problem(
+def test_a_node_with_an_unpinned_token_and_no_hub_ca_refuses_naming_the_certificate_problem(
     tls_hub: TlsHub,
 ) -> None:
     enrol = aipipe_json("hub", "enrol-token", "--home", tls_hub.home, "--node", "west", "--json")
+    pinned = EnrolToken.decode(enrol["token"])
+    unpinned = pinned.model_copy(update={"ca_cert": None, "ca_sha256": None})  # an old token
 
     result = aipipe("node", "init", "--home", tls_hub.root / "west", "--name", "west",
-                    env={"AIPIPE_ENROL_TOKEN": enrol["token"]}, check=False)  # fmt: skip
+                    env={"AIPIPE_ENROL_TOKEN": unpinned.encode()}, check=False)  # fmt: skip
 
     assert result.returncode == 2, result.stderr
     message = " ".join(result.stderr.split())
@@ -152,7 +158,7 @@ def test_a_node_without_the_hub_ca_refuses_naming_the_certificate_problem(
 
 
 def test_the_hub_refuses_plain_http_on_an_address_other_hosts_can_reach(tmp_path: Path) -> None:
-    init_hub(tmp_path / "hub", "plain")
+    without_tls(init_hub(tmp_path / "hub", "plain")[0].home)  # a home from before issue 15
 
     result = aipipe("hub", "serve", "--home", tmp_path / "hub", "--host", "0.0.0.0",
                     "--port", "0", check=False, timeout_s=60)  # fmt: skip

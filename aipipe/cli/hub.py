@@ -12,9 +12,16 @@ from aipipe.cli.options import JSON
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.hub.enrolment import parse_ttl
 from aipipe.hub.hub import Hub
+from aipipe.pki import DEFAULT_NAMES, server_names
 
 app = typer.Typer(help="Run a consortium's hub: init, serve, enrol nodes.", no_args_is_help=True)
+tls_app = typer.Typer(help="The hub's TLS certificate (consortium CA).", no_args_is_help=True)
+app.add_typer(tls_app, name="tls")
 HOME = typer.Option(..., "--home", help="The hub home directory.")
+TLS_NAMES_HELP = (
+    "A DNS name or IP address nodes use to reach the hub (repeatable), put in the hub "
+    "certificate's subjectAltName"
+)
 
 
 @app.command()
@@ -22,14 +29,20 @@ def init(
     home: Path = HOME,
     name: str = typer.Option("hub", "--name", help="The consortium hub's name."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing hub home."),
+    tls_names: list[str] = typer.Option(
+        list(DEFAULT_NAMES), "--tls-name", help=TLS_NAMES_HELP + "; default localhost, 127.0.0.1."
+    ),
     as_json: bool = JSON,
 ) -> None:
-    """Create a hub home and print the admin token (shown once; keep it secret)."""
-    _, token = Hub.init(home, name, force=force)
+    """Create a hub home, its consortium CA and TLS certificate, and print the admin token
+    (shown once; keep it secret). Enrolment tokens pin the CA's SHA-256 fingerprint."""
+    hub, token = Hub.init(home, name, force=force, tls_names=tls_names)
+    ca_sha256 = hub.ca_fingerprint()
     if as_json:
-        emit_json({"home": str(home), "admin_token": token})
+        emit_json({"home": str(home), "admin_token": token, "ca_sha256": ca_sha256})
         return
     console.print(f"[green]✓[/] hub [bold]{name}[/] created at {home}")
+    console.print(f"consortium CA SHA-256 (enrolment tokens pin it): {ca_sha256}")
     console.print("admin token (shown once, store it in a secret manager):")
     typer.echo(token)
 
@@ -42,13 +55,13 @@ def serve(
     insecure_http: bool = typer.Option(
         False,
         "--insecure-http",
-        help="Serve plain HTTP on a non-loopback --host (only behind a TLS-terminating proxy).",
+        help="Serve plain HTTP instead of HTTPS: development on a loopback --host only.",
     ),
 ) -> None:
     """Serve the hub's HTTP API until interrupted. Writes <home>/serve.json with its URL.
 
-    HTTPS with hub.yaml's tls_cert and tls_key (PEM files, relative to the home); without them
-    only on a loopback --host, unless --insecure-http."""
+    HTTPS (TLS 1.3) with hub.yaml's tls_cert and tls_key (made by `hub init`, renewed by
+    `hub tls rotate`); plain HTTP only with --insecure-http on a loopback --host."""
     hub = Hub.open(home)
     err_console.log(f"hub {hub.name} serving from {home}")
     hub.serve(host, port, insecure_http=insecure_http)
@@ -76,12 +89,39 @@ def enrol_token(
     ttl_s = parse_ttl(ttl)
     with Hub.open(home) as hub:
         issued = hub.enrol_token(node, url=url, ttl_s=ttl_s, replace=replace)
+        ca_sha256 = hub.ca_fingerprint()
     token, expires_at = issued.token, issued.expires_at
     if as_json:
-        emit_json({"node": node, "token": token, "expires_at": expires_at, "replace": replace})
+        emit_json({"node": node, "token": token, "expires_at": expires_at, "replace": replace,
+                   "ca_sha256": ca_sha256})  # fmt: skip
     else:
         err_console.print(f"token for {node} expires at {expires_at}")
         typer.echo(token)
+
+
+@tls_app.command("rotate")
+def tls_rotate(
+    home: Path = HOME,
+    tls_names: list[str] = typer.Option(
+        None, "--tls-name", help=TLS_NAMES_HELP + "; default: the current certificate's names."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Issue a new hub certificate from the consortium CA (nodes pin the CA, so they keep
+    working); restart `hub serve` to use it. A home without a CA gets one."""
+    with Hub.open(home) as hub:
+        cert = hub.rotate_tls(tls_names or None)
+        info = {
+            "tls_cert": str(home / (hub.paths.config.tls_cert or "")),
+            "names": server_names(cert),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "ca_sha256": hub.ca_fingerprint(),
+        }
+    if as_json:
+        emit_json(info)
+        return
+    console.print("[green]✓[/] new hub certificate; restart `aipipe hub serve` to use it")
+    console.print(kv_table("hub TLS", {k: str(v) for k, v in info.items()}))
 
 
 @app.command()

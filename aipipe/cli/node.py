@@ -30,6 +30,7 @@ from aipipe.cli.node_render import (
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.errors import ConfigError
 from aipipe.fhir.server import DEFAULT_TYPES
+from aipipe.node.home import pinned_fingerprint
 from aipipe.node.ingest import IngestReport, total_bytes
 from aipipe.node.node import Node
 from aipipe.tls import client_context, require_tls_off_loopback, scheme, server_tls
@@ -62,8 +63,9 @@ def init(
     hub_ca_file: Path = typer.Option(
         None,
         "--hub-ca",
-        help="PEM file of the CA that signs the hub's certificate, when it is the consortium's "
-        "own: copied into the home and trusted (with the public CAs) on every call to the hub.",
+        help="PEM file of the CA that signs the hub's certificate, for a token that pins none "
+        "(a hub whose hub.yaml has no tls_ca): copied into the home and trusted (with the "
+        "public CAs) on every call to the hub. A token's pinned CA replaces it.",
     ),
     smart_client_id: str = typer.Option(
         None,
@@ -99,6 +101,8 @@ def init(
         "identity_key": str(paths.identity_key),
         "audit_log": str(paths.audit_log),
     }
+    if paths.config.hub_ca_pinned:  # the CA the token pinned: compare with `hub init`'s
+        info["hub_ca_sha256"] = pinned_fingerprint(paths)
     if as_json:
         emit_json({**info, "smart_jwks": jwks})
         return

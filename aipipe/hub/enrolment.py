@@ -7,6 +7,8 @@ revokes the old credential, so it is an explicit admin action, audited at issue 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import secrets
 
@@ -58,8 +60,10 @@ def issue_token(
     *,
     ttl_s: float = DEFAULT_TOKEN_TTL_S,
     replace: bool = False,
+    ca_der: bytes | None = None,
 ) -> str:
-    """A token carrying the hub URL and a secret; only its hash is kept at the hub."""
+    """A token carrying the hub URL, a secret and the CA the node is to pin (`ca_der`, the
+    consortium CA's certificate, with its SHA-256); only the secret's hash is kept at the hub."""
     check_node_name(node)
     if not 0 < ttl_s <= MAX_TTL_S:
         raise ConfigError(f"a token lifetime must be within 30 days, not {ttl_s:g} s")
@@ -70,7 +74,11 @@ def issue_token(
             f"its credential. If that is meant: aipipe hub enrol-token --node {node} --replace"
         )
     expires_at = clock.plus(clock.utc_now(), ttl_s)
-    token = EnrolToken(hub_url=hub_url, node=node, secret=secrets.token_urlsafe(32))
+    pin = {} if ca_der is None else {
+        "ca_sha256": hashlib.sha256(ca_der).hexdigest(),
+        "ca_cert": base64.b64encode(ca_der).decode(),
+    }  # fmt: skip
+    token = EnrolToken(hub_url=hub_url, node=node, secret=secrets.token_urlsafe(32), **pin)
     store.add_enrol_token(node, token.secret, expires_at=expires_at, replaces=replace)
     audit.append(
         "admin",
@@ -81,6 +89,7 @@ def issue_token(
             "expires_at": expires_at,
             "replace": replace,
             "enrolled": enrolled,
+            "ca_sha256": pin.get("ca_sha256"),
         },
     )
     return token.encode()

@@ -8,6 +8,8 @@
 <home>/audit.sqlite    hash-chained audit log
 <home>/serve.json      written by `hub serve` once it listens: {"url", "pid"} (https with TLS)
 <home>/serve.lock      held (flock) by the one `hub serve` of this home while it runs
+<home>/ca-cert.pem     the consortium CA (`hub init`); ca-key.pem its key, never leaves the home
+<home>/tls-cert.pem    the hub's TLS certificate, signed by it; tls-key.pem its key
 
 The home is 0700 and every file in it 0600.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from aipipe.errors import ConfigError, NodeExistsError, NodeNotFoundError
 from aipipe.fhir.base_url import ServerBase
+from aipipe.hub.certs import CA_CERT, TLS_CERT, TLS_KEY, create_consortium_tls
+from aipipe.pki import DEFAULT_NAMES
 from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
 from aipipe.store.hub_nodes import secret_hash
 from aipipe.store.hub_store import HubStore
-from aipipe.tls import ServerTls, server_tls
+from aipipe.tls import HUB_MIN_VERSION, ServerTls, server_tls
 
 HUB_CONFIG = "hub.yaml"
 SERVE_INFO = "serve.json"
@@ -53,10 +58,14 @@ class HubConfig(BaseModel):
     cds_fhir_servers: list[str] = Field(default_factory=list)
     # PEM file of extra CAs for those servers (relative to the home); verification stays on.
     cds_fhir_ca_bundle: str | None = None
-    # PEM certificate chain and key (relative to the home) `hub serve` serves HTTPS with;
-    # without them it serves plain HTTP on a loopback address only (or with --insecure-http).
+    # PEM certificate chain and key (relative to the home) `hub serve` serves HTTPS with
+    # (`hub init` makes them, `hub tls rotate` renews them); without them it serves nothing,
+    # or plain HTTP on a loopback address with --insecure-http.
     tls_cert: str | None = None
     tls_key: str | None = None
+    # PEM of the CA that signed tls_cert: enrolment tokens carry it and its SHA-256, and
+    # nodes trust only it (aipipe.hub.certs). `hub init` makes it (ca-cert.pem).
+    tls_ca: str | None = None
     # Serve /docs (Swagger UI, assets from the hub) and /openapi.json to anyone; else
     # /openapi.json needs the admin token and there is no /docs.
     api_docs: bool = False
@@ -96,18 +105,28 @@ class HubPaths:
             None if cert is None else self.home / cert,
             None if key is None else self.home / key,
             "hub.yaml tls_cert/tls_key",
+            HUB_MIN_VERSION,
         )
 
 
-def init_hub(home: Path, name: str, *, force: bool = False) -> tuple[HubPaths, str]:
-    """Create a hub home; return it and the admin token (shown once, stored only hashed)."""
+def init_hub(
+    home: Path, name: str, *, force: bool = False, tls_names: Sequence[str] = DEFAULT_NAMES
+) -> tuple[HubPaths, str]:
+    """Create a hub home with its consortium CA and a hub certificate for `tls_names`; return
+    it and the admin token (shown once, stored only hashed)."""
     if (home / HUB_CONFIG).exists() and not force:
         raise NodeExistsError(f"a hub already exists at {home}; use --force to start over")
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     home.chmod(0o700)
-    config = HubConfig(name=name, created=datetime.now(UTC).isoformat(timespec="seconds"))
-    text = yaml.safe_dump(config.model_dump(), sort_keys=False)
-    write_private(home / HUB_CONFIG, text.encode(), what="hub config")
+    create_consortium_tls(home, name, tls_names)
+    config = HubConfig(
+        name=name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        tls_cert=TLS_CERT,
+        tls_key=TLS_KEY,
+        tls_ca=CA_CERT,
+    )
+    save_hub_config(home, config)
     paths = HubPaths(home, config)
     Identity.generate().save(paths.identity_key)
     token = "aipipe-admin." + secrets.token_urlsafe(32)
@@ -117,6 +136,11 @@ def init_hub(home: Path, name: str, *, force: bool = False) -> tuple[HubPaths, s
     finally:
         store.close()
     return paths, token
+
+
+def save_hub_config(home: Path, config: HubConfig) -> None:
+    text = yaml.safe_dump(config.model_dump(), sort_keys=False)
+    write_private(home / HUB_CONFIG, text.encode(), what="hub config")
 
 
 def load_hub(home: Path) -> HubPaths:

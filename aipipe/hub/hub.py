@@ -7,15 +7,31 @@ the app in `aipipe.hub.app`, which opens the home on its own; `serve` runs it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from aipipe.audit.log import AuditLog
-from aipipe.errors import NotFoundError
+from aipipe.errors import ConfigError, NotFoundError
+from aipipe.hub.certs import (
+    CA_CERT,
+    TLS_CERT,
+    TLS_KEY,
+    create_consortium_tls,
+    current_names,
+    has_ca,
+    install_hub_cert,
+    load_ca,
+    pinned_ca,
+)
 from aipipe.hub.enrolment import issue_token, token_expiry
-from aipipe.hub.home import HubPaths, init_hub, load_hub, served_url
+from aipipe.hub.home import HubPaths, init_hub, load_hub, save_hub_config, served_url
+from aipipe.pki import DEFAULT_NAMES, fingerprint, server_names
 from aipipe.secure.identity import Identity
 from aipipe.store.hub_reputation import INITIAL_REPUTATION
 from aipipe.store.hub_store import HubStore
@@ -44,10 +60,48 @@ class Hub:
         return cls(load_hub(home))
 
     @classmethod
-    def init(cls, home: Path, name: str, *, force: bool = False) -> tuple[Hub, str]:
-        """Create a hub home; return it and the admin token (shown once, kept only hashed)."""
-        paths, token = init_hub(home, name, force=force)
+    def init(
+        cls, home: Path, name: str, *, force: bool = False, tls_names: Sequence[str] = DEFAULT_NAMES
+    ) -> tuple[Hub, str]:
+        """Create a hub home with its consortium CA and a TLS certificate for `tls_names`;
+        return it and the admin token (shown once, kept only hashed)."""
+        paths, token = init_hub(home, name, force=force, tls_names=tls_names)
         return cls(paths), token
+
+    def rotate_tls(self, names: Sequence[str] | None = None) -> x509.Certificate:
+        """A new hub certificate from the consortium CA (`hub serve` uses it once restarted);
+        a home made before there was a CA gets one."""
+        home, config = self.paths.home, self.paths.config
+        if config.tls_cert not in (None, TLS_CERT) or (config.tls_cert and not has_ca(home)):
+            raise ConfigError(
+                f"hub.yaml tls_cert is {config.tls_cert}, a certificate this hub did not issue: "
+                "renew it with the CA that signed it, or remove tls_cert, tls_key and tls_ca "
+                "from hub.yaml to let this command make (or use) the consortium CA"
+            )
+        if has_ca(home):
+            issued = install_hub_cert(home, load_ca(home), names or current_names(home))
+        else:
+            issued = create_consortium_tls(home, config.name, names or DEFAULT_NAMES)
+        config.tls_cert, config.tls_key, config.tls_ca = TLS_CERT, TLS_KEY, CA_CERT
+        save_hub_config(home, config)
+        self.audit.append(
+            "admin",
+            actor="admin",
+            resource="hub/tls",
+            details={"op": "tls-rotate", "names": server_names(issued.cert),
+                     "not_after": issued.cert.not_valid_after_utc.isoformat()},
+        )  # fmt: skip
+        return issued.cert
+
+    def pinned_ca(self) -> x509.Certificate | None:
+        """The CA enrolment tokens pin (hub.yaml tls_ca; None without one)."""
+        config = self.paths.config
+        return pinned_ca(self.paths.home, config.tls_ca, config.tls_cert)
+
+    def ca_fingerprint(self) -> str | None:
+        """SHA-256 of the CA enrolment tokens pin (None if the home has none)."""
+        ca = self.pinned_ca()
+        return None if ca is None else fingerprint(ca)
 
     @property
     def name(self) -> str:
@@ -98,8 +152,12 @@ class Hub:
         """A one-time enrolment token carrying `url` (default: where `serve` serves); with
         `replace` it re-enrols an enrolled node. Audited by `issue_token`."""
         hub_url = url or served_url(self.paths)
+        ca = self.pinned_ca()
+        ca_der = None if ca is None else ca.public_bytes(Encoding.DER)
         store, audit = self.store, self.audit
-        token = issue_token(store, audit, node, hub_url, ttl_s=ttl_s, replace=replace)
+        token = issue_token(
+            store, audit, node, hub_url, ttl_s=ttl_s, replace=replace, ca_der=ca_der
+        )
         return IssuedToken(node, token, token_expiry(store, node))
 
     def nodes(self) -> list[dict[str, Any]]:

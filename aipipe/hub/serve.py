@@ -21,7 +21,7 @@ from aipipe.errors import ConfigError, ConflictError
 from aipipe.hub.app import create_app
 from aipipe.hub.home import HubPaths
 from aipipe.secure.keyfiles import write_private
-from aipipe.tls import require_tls_off_loopback, scheme
+from aipipe.tls import require_hub_tls, scheme
 
 
 def serve(
@@ -32,13 +32,12 @@ def serve(
     *,
     insecure_http: bool = False,
 ) -> None:
-    """Serve until interrupted: HTTPS with hub.yaml's tls_cert/tls_key, else plain HTTP, which
-    is refused off a loopback address unless `insecure_http` (a TLS-terminating proxy)."""
+    """Serve until interrupted: HTTPS (TLS 1.3) with hub.yaml's tls_cert/tls_key; plain HTTP
+    only with `insecure_http`, on a loopback address (development)."""
     if paths.config.cds_allow_unauthenticated:
         require_loopback(host, "hub.yaml cds_allow_unauthenticated")
-    tls = paths.tls()
-    require_tls_off_loopback(host, tls, insecure_http=insecure_http,
-                             how="set tls_cert and tls_key in hub.yaml (PEM files)")  # fmt: skip
+    tls = None if insecure_http else paths.tls()
+    require_hub_tls(paths.home, host, tls, insecure_http=insecure_http)
     lock = lock_home(paths)
     try:
         sock = _listen(host, port)

@@ -56,10 +56,12 @@ class HubClient:
         transport: httpx.BaseTransport | None = None,
         on_audit_head: Callable[[str], None] | None = None,
         ca_bundle: Path | None = None,
+        ca_only: bool = False,
     ) -> None:
         """`on_audit_head` is given the hub's signed audit head from each response that has
         one (`aipipe.audit.HeadRecorder.observe` keeps the highest in the node home).
-        `ca_bundle` adds the consortium's CA to the public ones (`aipipe.tls.HubTransport`)."""
+        `ca_bundle` adds the consortium's CA to the public ones, or with `ca_only` is the only
+        CA trusted (the one the enrolment token pinned; `aipipe.tls.HubTransport`)."""
         if max_retries < 0 or backoff_s < 0:
             raise ValueError("max_retries and backoff_s must be ≥ 0")
         if urlsplit(base_url).scheme not in ("http", "https") or "://" not in base_url:
@@ -73,7 +75,7 @@ class HubClient:
             base_url=self.base_url,
             headers=headers,
             timeout=timeout_s,
-            transport=transport if transport is not None else HubTransport(ca_bundle),
+            transport=transport if transport is not None else HubTransport(ca_bundle, only=ca_only),
             event_hooks=hooks,
         )
         self._retries = max_retries

@@ -6,7 +6,8 @@
 <home>/pseudonym.key    32 random bytes keying patient pseudonyms, mode 0600
 <home>/audit.sqlite     hash-chained audit log
 <home>/sealing.key      X25519 key that study secrets are sealed to, mode 0600 (SecureVault)
-<home>/hub-ca.pem       the CA that signs the hub's certificate, if not a public one (--hub-ca)
+<home>/hub-ca.pem       the consortium CA the enrolment token pinned: the hub is verified against
+                        it alone (or, for a token without a pin, the CA given by --hub-ca)
 
 The home is 0700 and every file in it 0600: the store holds raw FHIR.
 """
@@ -21,12 +22,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from aipipe.audit.anchor import HUB_HEAD_FILE, HeadRecorder
 from aipipe.audit.log import AuditLog
 from aipipe.errors import ConfigError, IdentityError, NodeExistsError
 from aipipe.fhir.smart_key import SmartKey
 from aipipe.node.client import HubClient
 from aipipe.node.vault import SecureVault
+from aipipe.pki import fingerprint, load_cert
 from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
 from aipipe.settings import NODE_CONFIG, NodeConfig, NodePaths, load_node_config, save_node_config
@@ -146,6 +150,8 @@ def enrol(paths: NodePaths, token_text: str) -> str:
         raise ConfigError(
             f"this enrolment token is for node '{token.node}', not '{paths.config.name}'"
         )
+    if token.ca_sha256 is not None:
+        pin_hub_ca(paths, token.ca_der())
     identity = Identity.load(paths.identity_key)
     vault = node_vault(paths)
     if not paths.sealing_key.exists():  # a node initialised before sealing keys existed
@@ -159,7 +165,10 @@ def enrol(paths: NodePaths, token_text: str) -> str:
         sealing_signature=identity.sign(sealing_key_payload(token.node, sealing)).hex(),
     )
     with HubClient(
-        token.hub_url, ca_bundle=hub_ca(paths), on_audit_head=_hub_head(paths)
+        token.hub_url,
+        ca_bundle=hub_ca(paths),
+        ca_only=paths.config.hub_ca_pinned,
+        on_audit_head=_hub_head(paths),
     ) as client:
         response = client.enrol(request)
     write_private(paths.home / CREDENTIAL, response.credential.encode(), what="hub credential")
@@ -173,8 +182,23 @@ def set_hub_ca(paths: NodePaths, source: Path) -> None:
     home: every call to the hub then trusts it on top of the public CAs."""
     client_context(source)  # a ConfigError now for a file that is not a PEM CA bundle
     write_private(paths.home / HUB_CA, source.read_bytes(), what="hub CA")
-    paths.config.hub_ca = HUB_CA
+    paths.config.hub_ca, paths.config.hub_ca_pinned = HUB_CA, False
     save_node_config(paths.home, paths.config)
+
+
+def pin_hub_ca(paths: NodePaths, ca_der: bytes) -> None:
+    """Keep the consortium CA an enrolment token carries (its fingerprint checked by
+    `EnrolToken`) as hub-ca.pem: from now on the hub is verified against it alone."""
+    ca = load_cert(ca_der, "the CA in the enrolment token")
+    write_private(paths.home / HUB_CA, ca.public_bytes(Encoding.PEM), what="hub CA")
+    paths.config.hub_ca, paths.config.hub_ca_pinned = HUB_CA, True
+    save_node_config(paths.home, paths.config)
+
+
+def pinned_fingerprint(paths: NodePaths) -> str:
+    """SHA-256 of the CA this node pins (hub-ca.pem), to compare with `hub init`'s."""
+    path = paths.home / (paths.config.hub_ca or HUB_CA)
+    return fingerprint(load_cert(path.read_bytes(), str(path)))
 
 
 def hub_ca(paths: NodePaths) -> Path | None:
@@ -204,6 +228,7 @@ def hub_client(paths: NodePaths) -> HubClient:
         paths.config.hub_url,
         token=credential,
         ca_bundle=hub_ca(paths),
+        ca_only=paths.config.hub_ca_pinned,
         on_audit_head=_hub_head(paths),
     )
 

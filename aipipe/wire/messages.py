@@ -8,6 +8,7 @@ update is refused by the hub.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 from enum import StrEnum
@@ -65,11 +66,30 @@ class ErrorBody(Wire):
 
 
 class EnrolToken(Wire):
-    """What `aipipe hub enrol-token` prints, as `aipipe-enrol.<base64url JSON>`."""
+    """What `aipipe hub enrol-token` prints, as `aipipe-enrol.<base64url JSON>`.
+
+    `ca_cert` (base64 DER) is the consortium CA the node will trust, alone, for every call to
+    the hub; `ca_sha256` its fingerprint, checked here. Tokens from a hub without a CA (before
+    issue 15) have neither and still decode."""
 
     hub_url: str
     node: str = Field(pattern=_NAME)
     secret: str = Field(min_length=32)
+    ca_sha256: str | None = Field(default=None, pattern=_HEX64)
+    ca_cert: str | None = Field(default=None, max_length=8192)
+
+    @model_validator(mode="after")
+    def _pinned(self) -> EnrolToken:
+        if (self.ca_sha256 is None) != (self.ca_cert is None):
+            raise ValueError("ca_sha256 and ca_cert come together")
+        digest = hashlib.sha256(self.ca_der()).hexdigest()
+        if self.ca_sha256 is not None and digest != self.ca_sha256:
+            raise ValueError("ca_cert does not hash to ca_sha256")
+        return self
+
+    def ca_der(self) -> bytes:
+        """The pinned CA certificate's DER bytes (empty without a pin)."""
+        return base64.b64decode(self.ca_cert or "", validate=True)
 
     def encode(self) -> str:
         raw = base64.urlsafe_b64encode(self.model_dump_json().encode()).decode().rstrip("=")
