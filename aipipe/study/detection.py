@@ -12,7 +12,7 @@ each update by its distance to the reference, its norm and its cosine to the ref
 (`aipipe.aggregation.anomaly`). An update is flagged when the robust z-score of its distance, of
 its norm or of its direction (1 − cosine), (x − median) / (1.4826 · MAD) over the round's
 updates, exceeds `threshold` (3.5: Iglewicz and Hoaglin's rule for outliers); the scale is at
-least 0.3 × the median norm for distance and norm, 0.1 for 1 − cosine (`aipipe.hub.detection`
+least 0.3 × the median norm for distance and norm, 0.5 for 1 − cosine (`aipipe.hub.detection`
 says why). Only large values count, and a round's updates are never all left out. Only
 plaintext studies can screen: under `secure: secagg | ckks` the hub never sees a single update,
 so a study with both is refused.
