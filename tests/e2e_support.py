@@ -506,7 +506,13 @@ class Federation:
         fed.approve(study)
         return fed
 
-    def _enrol(self, site: str) -> None:
+    def add_node(self, name: str, data: Path) -> None:
+        """Enrol one more node `name` and ingest the FHIR files under `data` into its home (it
+        approves the studies published after this, not those published before)."""
+        self.nodes[name] = self.root / name
+        self._enrol(name, data)
+
+    def _enrol(self, site: str, data: Path | None = None) -> None:
         home = self.nodes[site]
         issued = aipipe_json(
             "hub", "enrol-token", "--home", self.hub.home, "--node", site, "--json"
@@ -515,7 +521,7 @@ class Federation:
             "node", "init", "--home", home, "--name", site, "--json",
             env={"AIPIPE_ENROL_TOKEN": issued["token"]},
         )  # fmt: skip
-        aipipe("node", "ingest", "--home", home, HEART / "fhir" / site, "--json")
+        aipipe("node", "ingest", "--home", home, data or HEART / "fhir" / site, "--json")
 
     def publish(
         self, study: str, *, deadline_s: float, secure: Mapping[str, Any] | None = None
@@ -583,14 +589,21 @@ class Federation:
 
     # -- node daemons ----------------------------------------------------------------------
 
-    def start_daemons(self, *sites: str, poll_s: float = 1.0) -> None:
-        """`node start --poll` for each site; returns once each has long-polled the hub (its
-        SIGTERM handler is installed before its first request)."""
+    def start_daemons(
+        self,
+        *sites: str,
+        poll_s: float = 1.0,
+        extra: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        """`node start --poll` for each site (plus `extra[site]`, e.g. the hidden `--attack`);
+        returns once each has long-polled the hub (its SIGTERM handler is installed before its
+        first request)."""
         since = utc_stamp()
         for site in sites:
             self.daemons[site] = self.group.start(
-                site, "node", "start", "--home", self.nodes[site], "--poll", str(poll_s)
-            )
+                site, "node", "start", "--home", self.nodes[site], "--poll", str(poll_s),
+                *(extra or {}).get(site, ()),
+            )  # fmt: skip
         for site in sites:
             process = self.daemons[site]
 
