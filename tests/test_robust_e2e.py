@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,12 @@ def evaluations(fed: Federation, study: str, version: str) -> dict[str, dict[str
                       context=fed.group.logs)  # fmt: skip
 
 
+def start_attacker(fed: Federation) -> None:
+    """Enrol mallory (its home ingests VA's files) and start its daemon with the attack."""
+    fed.add_node(ATTACKER, ATTACKER_DATA)
+    fed.start_daemons(ATTACKER, extra={ATTACKER: ("--attack", ATTACK)})
+
+
 @pytest.fixture(scope="module")
 def attack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attack]:
     root = tmp_path_factory.mktemp("robust")
@@ -126,11 +133,13 @@ def attack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attack]:
         node_flags=("--allow-non-private",),
     ) as fed:  # fmt: skip
         clean = fed.open_round(study=CLEAN)  # before mallory exists: the hospitals only
-        fed.add_node(ATTACKER, ATTACKER_DATA)
-        fed.publish(STUDY, deadline_s=90.0, secure=FIELDS)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the hospitals train meanwhile
+            started = pool.submit(start_attacker, fed)
+            fed.start_daemons(*HOSPITALS)
+            started.result()
+        fed.publish(STUDY, deadline_s=90.0, secure=FIELDS)  # mallory's daemon sees it approved
         first = fed.open_round(study=STUDY)
         assert sorted(first["selected"]) == sorted([*HOSPITALS, ATTACKER]), first
-        fed.start_daemons(*HOSPITALS, ATTACKER, extra={ATTACKER: ("--attack", ATTACK)})
 
         clean = fed.wait_for_round(clean["round"], "closed", "failed", study=CLEAN, timeout_s=120)
         first = fed.wait_for_round(first["round"], "closed", "failed", study=STUDY, timeout_s=120)
