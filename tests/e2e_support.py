@@ -465,8 +465,8 @@ class Federation:
         """A hub and one node per site that enrolled, ingested its hospital's FHIR files and
         approved the published study (the test study with `study_fields`, as `publish` takes
         them). `hub_config` is merged into the hub's hub.yaml before it starts; `node_flags`
-        go to every `node init` (also `add_node`'s). Everything
-        started is stopped on exit, also when the set-up fails half-way."""
+        go to every `node init`. Everything started is stopped on exit, also when the set-up
+        fails half-way."""
         group = ProcessGroup(root / "logs")
         try:
             yield cls._set_up(
@@ -513,13 +513,7 @@ class Federation:
         fed.approve(study)
         return fed
 
-    def add_node(self, name: str, data: Path) -> None:
-        """Enrol one more node `name` and ingest the FHIR files under `data` into its home (it
-        approves the studies published after this, not those published before)."""
-        self.nodes[name] = self.root / name
-        self._enrol(name, data)
-
-    def _enrol(self, site: str, data: Path | None = None) -> None:
+    def _enrol(self, site: str) -> None:
         home = self.nodes[site]
         issued = aipipe_json(
             "hub", "enrol-token", "--home", self.hub.home, "--node", site, "--json"
@@ -528,7 +522,7 @@ class Federation:
             "node", "init", "--home", home, "--name", site, "--json", *self.node_flags,
             env={"AIPIPE_ENROL_TOKEN": issued["token"]},
         )  # fmt: skip
-        aipipe("node", "ingest", "--home", home, data or HEART / "fhir" / site, "--json")
+        aipipe("node", "ingest", "--home", home, HEART / "fhir" / site, "--json")
 
     def publish(
         self, study: str, *, deadline_s: float, secure: Mapping[str, Any] | None = None

@@ -40,6 +40,7 @@ from aipipe.wire.tensors import decode_arrays
 from tests.e2e_support import (
     HEART,
     Federation,
+    aipipe,
     aipipe_in_process,
     node_audit_events,
     wait_until,
@@ -127,8 +128,13 @@ def evaluations(fed: Federation, study: str, version: str) -> dict[str, dict[str
 
 
 def start_attacker(fed: Federation) -> None:
-    """Enrol mallory (its home ingests VA's files) and start its daemon with the attack."""
-    fed.add_node(ATTACKER, ATTACKER_DATA)
+    """Enrol mallory as any hospital is, ingest VA's files into its home, and start its daemon
+    with the attack."""
+    home = fed.nodes[ATTACKER] = fed.root / ATTACKER
+    issued = hub_json("enrol-token", "--home", fed.hub.home, "--node", ATTACKER, "--json")
+    aipipe("node", "init", "--home", home, "--name", ATTACKER, "--json", *fed.node_flags,
+           env={"AIPIPE_ENROL_TOKEN": issued["token"]})  # fmt: skip
+    aipipe("node", "ingest", "--home", home, ATTACKER_DATA, "--json")
     fed.start_daemons(ATTACKER, extra={ATTACKER: ("--attack", ATTACK)})
 
 
