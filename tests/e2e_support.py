@@ -339,7 +339,7 @@ def write_test_study(
     raw["min_nodes"] = 2
     raw["round_deadline_s"] = deadline_s
     raw.update(secure or {})
-    assert raw["privacy"]["mode"] == "dp"
+    assert raw["privacy"]["mode"] == "dp" or "privacy" in (secure or {})  # DP unless asked
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -478,6 +478,7 @@ class Federation:
     study_file: Path
     nodes: dict[str, Path]
     daemons: dict[str, Started] = field(default_factory=dict)
+    node_flags: tuple[str, ...] = ()  # extra `node init` flags, e.g. --allow-non-private
 
     @classmethod
     @contextlib.contextmanager
@@ -490,14 +491,18 @@ class Federation:
         study: str = "e2e-heart",
         hub_config: Mapping[str, Any] | None = None,
         study_fields: Mapping[str, Any] | None = None,
+        node_flags: tuple[str, ...] = (),
     ) -> Iterator[Federation]:
         """A hub and one node per site that enrolled, ingested its hospital's FHIR files and
         approved the published study (the test study with `study_fields`, as `publish` takes
-        them). `hub_config` is merged into the hub's hub.yaml before it starts. Everything
-        started is stopped on exit, also when the set-up fails half-way."""
+        them). `hub_config` is merged into the hub's hub.yaml before it starts; `node_flags`
+        go to every `node init`. Everything started is stopped on exit, also when the set-up
+        fails half-way."""
         group = ProcessGroup(root / "logs")
         try:
-            yield cls._set_up(root, group, sites, deadline_s, study, hub_config or {}, study_fields)
+            yield cls._set_up(
+                root, group, sites, deadline_s, study, hub_config or {}, study_fields, node_flags
+            )
         finally:
             group.stop()
 
@@ -511,6 +516,7 @@ class Federation:
         study: str,
         hub_config: Mapping[str, Any],
         study_fields: Mapping[str, Any] | None,
+        node_flags: tuple[str, ...] = (),
     ) -> Federation:
         hub_home = root / "hub"
         token = aipipe_json("hub", "init", "--home", hub_home, "--name", "e2e", "--json")
@@ -528,6 +534,7 @@ class Federation:
                 root / "study.yaml", name=study, deadline_s=deadline_s, secure=study_fields
             ),
             nodes={site: root / site for site in sites},
+            node_flags=node_flags,
         )
         with ThreadPoolExecutor(max_workers=len(sites) + 1) as pool:
             enrolments = [pool.submit(fed._enrol, site) for site in sites]
@@ -543,7 +550,7 @@ class Federation:
             "hub", "enrol-token", "--home", self.hub.home, "--node", site, "--json"
         )
         aipipe(
-            "node", "init", "--home", home, "--name", site, "--json",
+            "node", "init", "--home", home, "--name", site, "--json", *self.node_flags,
             env={"AIPIPE_ENROL_TOKEN": issued["token"]},
         )  # fmt: skip
         aipipe("node", "ingest", "--home", home, HEART / "fhir" / site, "--json")
@@ -617,14 +624,21 @@ class Federation:
 
     # -- node daemons ----------------------------------------------------------------------
 
-    def start_daemons(self, *sites: str, poll_s: float = 1.0) -> None:
-        """`node start --poll` for each site; returns once each has long-polled the hub (its
-        SIGTERM handler is installed before its first request)."""
+    def start_daemons(
+        self,
+        *sites: str,
+        poll_s: float = 1.0,
+        extra: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        """`node start --poll` for each site (plus `extra[site]`, e.g. the hidden `--attack`);
+        returns once each has long-polled the hub (its SIGTERM handler is installed before its
+        first request)."""
         since = utc_stamp()
         for site in sites:
             self.daemons[site] = self.group.start(
-                site, "node", "start", "--home", self.nodes[site], "--poll", str(poll_s)
-            )
+                site, "node", "start", "--home", self.nodes[site], "--poll", str(poll_s),
+                *(extra or {}).get(site, ()),
+            )  # fmt: skip
         for site in sites:
             process = self.daemons[site]
 
