@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from secure_agg import machine
 
 from aipipe.aggregation import Aggregator, make_aggregator
 from aipipe.wire.tensors import decode_arrays, encode_arrays
@@ -217,24 +215,6 @@ def _verdict(result: dict[str, Any]) -> str:
         f"(slowest {worst} at {ratio:.2f}×), in CPU time by {len(cpu)}, with the protocol's "
         f"codec work by {len(path)}"
     )
-
-
-def machine() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_at_start": os.getloadavg(),
-        "numpy": np.__version__,
-        "git_commit": commit,
-    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
