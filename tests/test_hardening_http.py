@@ -171,11 +171,11 @@ def test_a_missing_blob_is_reported_without_the_servers_path(
 # -- 18: what is public -------------------------------------------------------------------------
 
 
-def test_metrics_need_the_admin_token(hub: Hub) -> None:
+def test_metrics_need_a_monitoring_role(hub: Hub) -> None:
     node = hub.enrol("alpha")
 
     assert hub.client.get("/metrics").status_code == 401
-    assert hub.client.get("/metrics", headers=node.headers).status_code == 401
+    assert hub.client.get("/metrics", headers=node.headers).status_code == 403
     assert hub.client.get("/metrics", headers=hub.admin).status_code == 200
 
 

@@ -76,13 +76,14 @@ def test_listing_nodes_without_a_token_is_unauthorised(hub: Hub) -> None:
     assert response.status_code == 401
 
 
-def test_listing_nodes_with_a_node_credential_is_unauthorised(hub: Hub) -> None:
+def test_listing_nodes_with_a_node_credential_is_forbidden_and_audited(hub: Hub) -> None:
     node = hub.enrol("alpha")
 
     response = hub.client.get("/v1/nodes", headers=node.headers)
 
-    assert response.status_code == 401
-    assert "admin token" in response.json()["detail"]
+    assert response.status_code == 403
+    assert "needs the role admin or auditor or scientist" in response.json()["detail"]
+    assert [e.resource for e in hub.events("auth.refused")] == ["GET /v1/nodes"]
 
 
 def test_listing_nodes_with_the_admin_token_shows_the_enrolled_nodes(hub: Hub) -> None:

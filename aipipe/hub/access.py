@@ -27,10 +27,12 @@ from aipipe.privacy.statistics import noise_multiplier, sensitivity
 from aipipe.study.spec import StudySpec
 from aipipe.wire import FeatureStats, ModelVersionInfo, RoundInfo, StudyInfo
 
+Role = Literal["admin", "scientist", "auditor", "node"]  # what each may do: aipipe.hub.roles
+
 
 @dataclass(frozen=True)
 class Principal:
-    kind: Literal["admin", "node"]
+    kind: Role
     name: str
 
 
@@ -77,7 +79,7 @@ class Access:
 
     def model(self, who: Principal, version: str) -> ModelVersionInfo:
         info = self._ctx.models.info(version)
-        if who.kind == "admin":
+        if who.kind != "node":  # people see every site's numbers; roles gate the route
             return info
         self._require_part(who, info.study)
         contributors = [
@@ -135,7 +137,7 @@ class Access:
 
     def _round(self, who: Principal, study: str, number: int) -> RoundInfo:
         info = self._studies.round_info(study, number)
-        if who.kind == "admin":
+        if who.kind != "node":
             return info
         declined = {k: v if k == who.name else "declined" for k, v in info.declined.items()}
         metrics = {k: v for k, v in info.metrics.items() if k == who.name}

@@ -96,6 +96,16 @@ class HubService:
         self.store.touch_node(node["name"])
         return Principal("node", str(node["name"]))
 
+    def audit_refusal(self, who: Principal, method: str, path: str, reason: str) -> None:
+        """An authenticated caller refused by its role (`aipipe.hub.roles.Allow`)."""
+        self.audit.append(
+            "auth.refused",
+            actor=f"{who.kind}/{who.name}",
+            resource=f"{method} {path}",
+            outcome="refused",
+            details={"reason": reason},
+        )
+
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         credential = secrets.token_urlsafe(32)
         sealing = self.secure.checked_sealing_key(request)  # before the one-time token is spent

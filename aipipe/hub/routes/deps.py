@@ -8,11 +8,12 @@ import asyncio
 import contextlib
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request
 
-from aipipe.errors import AuthError, ConflictError
+from aipipe.errors import ConflictError
 from aipipe.hub.access import Principal
 from aipipe.hub.limits import MAX_KEYS_BYTES
+from aipipe.hub.roles import Allow
 from aipipe.hub.service import HubService
 
 MAX_ROUND = 2**31 - 1  # path integers past this are refused (422), not overflowed (500)
@@ -48,33 +49,16 @@ def _service(request: Request) -> HubService:
     return service
 
 
-def _principal(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> Principal:
-    checked: Principal | None = getattr(request.state, "principal", None)
-    if checked is not None:  # RequestGuard authenticated it before reading the body
-        return checked
-    token = authorization[7:] if authorization and authorization.startswith("Bearer ") else None
-    return _service(request).authenticate(token)
-
-
-def _admin(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
-    if principal.kind != "admin":
-        raise AuthError("this needs the hub's admin token")
-    return principal
-
-
-def _node(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
-    if principal.kind != "node":
-        raise AuthError("this needs a node credential")
-    return principal
-
-
 Svc = Annotated[HubService, Depends(_service)]
 Notify = Annotated[Changes, Depends(_changes)]
-Admin = Annotated[Principal, Depends(_admin)]
-Node = Annotated[Principal, Depends(_node)]
-Anyone = Annotated[Principal, Depends(_principal)]
+Admin = Annotated[Principal, Depends(Allow("admin"))]
+Steer = Annotated[Principal, Depends(Allow("admin", "scientist"))]  # publish, open rounds
+Reader = Annotated[Principal, Depends(Allow("admin", "scientist", "auditor", "node"))]
+Weights = Annotated[Principal, Depends(Allow("admin", "scientist", "node"))]
+Overseer = Annotated[Principal, Depends(Allow("admin", "scientist", "auditor"))]
+Monitor = Annotated[Principal, Depends(Allow("admin", "auditor"))]  # Prometheus scrapes
+Node = Annotated[Principal, Depends(Allow("node"))]
+Keys = Annotated[Principal, Depends(Allow("admin", "node"))]
 Number = Annotated[int, Path(ge=1, le=MAX_ROUND, description="round number")]
 
 

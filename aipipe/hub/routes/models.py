@@ -8,24 +8,24 @@ from fastapi.responses import Response
 
 from aipipe.errors import ConflictError
 from aipipe.hub.metrics import CONTENT_TYPE
-from aipipe.hub.routes.deps import Admin, Anyone, Node, Notify, Svc, binary
+from aipipe.hub.routes.deps import Monitor, Node, Notify, Reader, Svc, Weights, binary
 from aipipe.wire import EvalReport, ModelVersionInfo
 
 router = APIRouter()
 
 
 @router.get("/v1/models")
-async def models(service: Svc, who: Anyone, study: str | None = None) -> list[ModelVersionInfo]:
+async def models(service: Svc, who: Reader, study: str | None = None) -> list[ModelVersionInfo]:
     return service.access.models(who, study)
 
 
 @router.get("/v1/models/{version}")
-async def model(version: str, service: Svc, who: Anyone) -> ModelVersionInfo:
+async def model(version: str, service: Svc, who: Reader) -> ModelVersionInfo:
     return service.access.model(who, version)
 
 
 @router.get("/v1/models/{version}/weights", responses=binary("application/octet-stream"))
-async def weights(version: str, service: Svc, who: Anyone) -> Response:
+async def weights(version: str, service: Svc, who: Weights) -> Response:
     return Response(service.access.weights(who, version), media_type="application/octet-stream")
 
 
@@ -41,6 +41,6 @@ async def metrics(
 
 
 @router.get("/metrics", responses=binary("text/plain"))
-async def prometheus(service: Svc, _: Admin) -> Response:
+async def prometheus(service: Svc, _: Monitor) -> Response:
     """Prometheus' text format (`aipipe.hub.metrics`), for the admin token."""
     return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from aipipe import __version__
 from aipipe.hub.metrics import unready_reason
-from aipipe.hub.routes.deps import Admin, Svc
+from aipipe.hub.routes.deps import Overseer, Svc
 from aipipe.wire import EnrolRequest, EnrolResponse
 
 router = APIRouter()
@@ -51,7 +51,7 @@ async def enrol(body: EnrolRequest, service: Svc) -> EnrolResponse:
 
 
 @router.get("/v1/nodes")
-async def nodes(service: Svc, _: Admin) -> list[dict[str, str | float | None]]:
+async def nodes(service: Svc, _: Overseer) -> list[dict[str, str | float | None]]:
     return [
         {
             "name": r["name"],

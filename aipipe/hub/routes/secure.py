@@ -12,7 +12,7 @@ from aipipe.errors import ConflictError
 from aipipe.hub.limits import MAX_UPDATE_BYTES
 from aipipe.hub.routes.deps import (
     LONG_POLL_STEP_S,
-    Anyone,
+    Keys,
     Node,
     Notify,
     Number,
@@ -28,7 +28,7 @@ ROUND = "/v1/studies/{study}/rounds/{number}"
 
 
 @router.get("/v1/keyring")
-async def keyring(service: Svc, _: Anyone) -> Keyring:
+async def keyring(service: Svc, _: Keys) -> Keyring:
     return service.secure.keyring()
 
 

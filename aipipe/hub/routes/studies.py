@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from aipipe.hub.limits import MAX_UPDATE_BYTES
-from aipipe.hub.routes.deps import LONG_POLL_STEP_S, Admin, Anyone, Node, Notify, Number, Svc
+from aipipe.hub.routes.deps import LONG_POLL_STEP_S, Node, Notify, Number, Reader, Steer, Svc
 from aipipe.wire import (
     Decline,
     FeatureStats,
@@ -25,18 +25,18 @@ router = APIRouter()
 
 
 @router.post("/v1/studies")
-async def publish(body: StudyPublish, service: Svc, _: Admin) -> StudyInfo:
+async def publish(body: StudyPublish, service: Svc, _: Steer) -> StudyInfo:
     return service.publish(body.spec)
 
 
 @router.get("/v1/studies/{study}")
-async def study(study: str, service: Svc, who: Anyone) -> StudyInfo:
+async def study(study: str, service: Svc, who: Reader) -> StudyInfo:
     return service.access.study(who, study)
 
 
 @router.post("/v1/studies/{study}/rounds")
 async def open_round(
-    study: str, body: RoundOpen, service: Svc, changes: Notify, _: Admin
+    study: str, body: RoundOpen, service: Svc, changes: Notify, _: Steer
 ) -> RoundInfo:
     info = service.open_round(study, body.deadline_s)
     changes.notify()
@@ -44,7 +44,7 @@ async def open_round(
 
 
 @router.get("/v1/studies/{study}/rounds")
-async def rounds(study: str, service: Svc, who: Anyone) -> list[RoundInfo]:
+async def rounds(study: str, service: Svc, who: Reader) -> list[RoundInfo]:
     service.spec(study)  # 404 for a study that does not exist, not []
     return service.access.rounds(who, study)
 
@@ -55,7 +55,7 @@ async def round_info(
     number: Number,
     service: Svc,
     changes: Notify,
-    who: Anyone,
+    who: Reader,
     wait: Annotated[float, Query(ge=0, le=60)] = 0,
     state: str | None = None,
     metrics: int | None = None,
