@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 
 class AipipeError(Exception):
@@ -157,11 +157,22 @@ class ConflictError(AipipeError):
     http_status = 409
 
 
+RefusalCategory = Literal["signature", "duplicate", "bounds", "stale", "malformed", "protocol"]
+"""Why the hub refused an update or a secure-round message, in a fixed vocabulary (what its
+metrics export: the free-text reason may name a node, a tensor or a value). `protocol` is any
+other refusal: a secure round's step out of turn, unusable keys, a refused decrypted sum."""
+
+
 class UpdateRejectedError(AipipeError):
-    """An update the hub refuses; `reason` says why (audited at the hub)."""
+    """An update the hub refuses; the message says why (audited at the hub), `category` in
+    which fixed class of refusal it falls."""
 
     exit_code = 14
     http_status = 409
+
+    def __init__(self, reason: str, category: RefusalCategory = "protocol") -> None:
+        super().__init__(reason)
+        self.category: RefusalCategory = category
 
 
 class StudyNotApprovedError(AipipeError):

@@ -22,6 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -31,32 +32,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from aipipe.audit.log import AuditLog
 from aipipe.cds.models import HOOKS
 from aipipe.clock import parse_instant
+from aipipe.errors import RefusalCategory
 from aipipe.store.hub_store import HubStore
 from aipipe.wire import RoundState
 
-# A refusal's reason is free text (it may name a node, a tensor, a value): only its category
-# leaves in the metrics. The first category whose marker the reason contains wins.
-_CATEGORY_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("signature", ("signature", "not signed", "tampered", " names node ", "another sender")),
-    ("duplicate", ("duplicate", "replayed", "already received")),
-    ("bounds", ("allows at most", "nan or infinity", "not be finite")),
-    (
-        "stale",
-        (
-            "not collecting",
-            "passed its deadline",
-            "trained on",
-            "different version",
-            "is bound to",
-            "has no round",
-            "not selected",
-        ),
-    ),
-    ("malformed", ("malformed", "sent as", "too large", "shape", "do not match", "claims norm")),
-)
-REFUSAL_CATEGORIES = (*(name for name, _ in _CATEGORY_MARKERS), "protocol")
-"""Every category of `aipipe_updates_refused_total`; `protocol` is any other refusal (a secure
-round's step out of turn, unusable keys, a refused decrypted sum)."""
+REFUSAL_CATEGORIES: tuple[RefusalCategory, ...] = get_args(RefusalCategory)
+"""Every category of `aipipe_updates_refused_total` (`aipipe.errors.RefusalCategory`)."""
 
 # Aggregating takes milliseconds to minutes (CKKS, a large model); collecting, seconds (a
 # loopback test) to days (a consortium's deadline).
@@ -66,15 +47,6 @@ CDS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # What `generate_latest` writes (names here need no escaping, so it is also valid 1.0.0 text);
 # spelled out because newer clients' CONTENT_TYPE_LATEST says 1.0.0, older scrapers know 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def refusal_category(reason: str) -> str:
-    """The fixed category of a refusal's free-text `reason` (one of `REFUSAL_CATEGORIES`)."""
-    text = reason.lower()
-    for name, markers in _CATEGORY_MARKERS:
-        if any(marker in text for marker in markers):
-            return name
-    return "protocol"
 
 
 class HubMetrics:
@@ -109,8 +81,8 @@ class HubMetrics:
         )
         self._store: StoreCollector | None = None
 
-    def refusal(self, reason: str) -> None:
-        self.refused.labels(refusal_category(reason)).inc()
+    def refusal(self, category: RefusalCategory) -> None:
+        self.refused.labels(category).inc()
 
     def concluding(
         self, store: HubStore, study: str, number: int, now: datetime

@@ -285,8 +285,8 @@ class HubService:
         return protocol.work(spec, active, node, study_row["digest"])
 
     def refuse_update(self, node: str, study: str, number: int, reason: str) -> NoReturn:
-        """Audit and raise a refusal decided before the update could be read."""
-        self._rounds.refuse(node, study, number, reason)
+        """Audit and raise the refusal of a body that could not be read as an update."""
+        self._rounds.refuse(node, study, number, reason, "malformed")
 
     def receive_update(self, node: str, study: str, number: int, body: bytes) -> UpdateReceipt:
         spec, protocol = self._protocol(study)

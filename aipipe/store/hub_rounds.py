@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aipipe.clock import utc_now
+from aipipe.errors import UpdateRejectedError
 from aipipe.store.node_store import later
 from aipipe.store.sqlite import Tables
 from aipipe.wire import RoundState
@@ -170,33 +171,43 @@ class RoundTables(Tables):
         node: str,
         record: dict[str, Any],
         fold: Callable[[bytes | None], bytes | None],
-    ) -> str | None:
+    ) -> UpdateRejectedError | None:
         """Record an accepted update and fold it into the round's sum, atomically.
 
         `fold` maps the stored sum to the new one; under SecAgg+ nothing is stored (None): the
         masked sum is the round coordinator's, and only an unmasked sum ever reaches the store.
 
-        Returns None on success, or why the update cannot be taken (checked inside the
-        transaction, so two concurrent uploads cannot both pass).
+        Returns None on success, or why the update cannot be taken, as the error for the caller
+        to raise (checked inside the transaction, so two concurrent uploads cannot both pass).
         """
         with self.transaction() as conn:
             current = self._round(conn, study, number)
             if current is None or not RoundState(current.state).active:
-                return f"round {number} of '{study}' is not collecting updates"
+                return UpdateRejectedError(
+                    f"round {number} of '{study}' is not collecting updates", "stale"
+                )
             if later(utc_now(), current.deadline):
-                return f"round {number} of '{study}' passed its deadline {current.deadline}"
+                return UpdateRejectedError(
+                    f"round {number} of '{study}' passed its deadline {current.deadline}", "stale"
+                )
             status = conn.execute(
                 "SELECT status FROM round_nodes WHERE study = ? AND round = ? AND node = ?",
                 (study, number, node),
             ).fetchone()
             if status is None:
-                return f"node '{node}' was not selected for round {number}"
+                return UpdateRejectedError(
+                    f"node '{node}' was not selected for round {number}", "stale"
+                )
             if status[0] != "selected":
-                return f"node '{node}' already {status[0]} in round {number} (duplicate)"
+                return UpdateRejectedError(
+                    f"node '{node}' already {status[0]} in round {number} (duplicate)", "duplicate"
+                )
             if conn.execute(
                 "SELECT 1 FROM nonces WHERE node = ? AND nonce = ?", (node, record["nonce"])
             ).fetchone():
-                return "this update was already received once (replayed nonce)"
+                return UpdateRejectedError(
+                    "this update was already received once (replayed nonce)", "duplicate"
+                )
             new_sum = fold(current.sum_blob)
             conn.execute(
                 "UPDATE rounds SET sum_blob = ?, total_examples = total_examples + coalesce(?, 0), "

@@ -180,10 +180,10 @@ class CkksRound(SecureProtocol):
         try:
             vector = EncryptedVector.from_bytes(payload)
         except SecureAggregationError as exc:
-            self.ctx.refuse(node, study, number, str(exc))
+            self.ctx.refuse(node, study, number, str(exc), "malformed")
         if vector.length != size:
             why = f"ciphertext holds {vector.length} values; this model takes {size}"
-            self.ctx.refuse(node, study, number, why)
+            self.ctx.refuse(node, study, number, why, "malformed")
 
         def fold(previous: bytes | None) -> bytes:
             """Inside the accepting transaction: a ciphertext of another context raises here,

@@ -17,7 +17,13 @@ from typing import Any, NoReturn
 from aipipe import clock
 from aipipe.aggregation import Aggregator, aggregator_for
 from aipipe.audit.log import AuditLog
-from aipipe.errors import ConflictError, UpdateRejectedError
+from aipipe.errors import (
+    AipipeError,
+    ConflictError,
+    RefusalCategory,
+    SignatureError,
+    UpdateRejectedError,
+)
 from aipipe.hub.metrics import HubMetrics
 from aipipe.hub.models import ModelRegistry
 from aipipe.store.hub_rounds import RoundRow
@@ -99,17 +105,33 @@ class RoundContext:
 
     # -- outcomes ------------------------------------------------------------------------------
 
-    def refuse(self, node: str, study: str, number: int, reason: str) -> NoReturn:
+    def refuse(
+        self,
+        node: str,
+        study: str,
+        number: int,
+        reason: str,
+        category: RefusalCategory = "protocol",
+    ) -> NoReturn:
         """Audit and raise the refusal of an update or protocol message."""
-        self.metrics.refusal(reason)
+        self.metrics.refusal(category)
         self.audit.append(
             "update.refused",
             actor=node,
             resource=f"study/{study}/round/{number}",
             outcome="refused",
-            details={"reason": reason},
+            details={"reason": reason, "category": category},
         )
-        raise UpdateRejectedError(reason)
+        raise UpdateRejectedError(reason, category)
+
+    def refuse_error(self, node: str, study: str, number: int, exc: AipipeError) -> NoReturn:
+        """`refuse` with an error's message, in its category (a bad signature's is `signature`,
+        an error from a secure round's maths `protocol`)."""
+        if isinstance(exc, UpdateRejectedError):
+            category = exc.category
+        else:
+            category = "signature" if isinstance(exc, SignatureError) else "protocol"
+        self.refuse(node, study, number, str(exc), category)
 
     def record_update(
         self,
@@ -132,9 +154,9 @@ class RoundContext:
         try:
             problem = self.store.fold_update(study, number, node, record, fold)
         except UpdateRejectedError as exc:  # raised inside the transaction: nothing was folded
-            problem = str(exc)
+            problem = exc
         if problem is not None:
-            self.refuse(node, study, number, problem)
+            self.refuse_error(node, study, number, problem)
         self.audit.append(
             "update.accepted",
             actor=node,

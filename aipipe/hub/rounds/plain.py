@@ -59,7 +59,7 @@ class PlainRound(RoundProtocol):
         try:
             header, payload, delta = verified_update(self.ctx, node, spec.name, number, body)
         except (UpdateRejectedError, SignatureError) as exc:
-            self.ctx.refuse(node, spec.name, number, str(exc))
+            self.ctx.refuse_error(node, spec.name, number, exc)
         fold: Fold
         if self._keeps_payloads(spec):
             fold = self._kept(payload)
@@ -81,10 +81,12 @@ class PlainRound(RoundProtocol):
             try:
                 aggregator.accumulate(delta, n)
             except AggregationError as exc:
-                raise UpdateRejectedError(str(exc)) from exc
+                raise UpdateRejectedError(str(exc), "bounds") from exc
             state = aggregator.get_state()
             if not all(np.all(np.isfinite(v)) for v in state.values()):
-                raise UpdateRejectedError("the round's sum would not be finite with this update")
+                raise UpdateRejectedError(
+                    "the round's sum would not be finite with this update", "bounds"
+                )
             # the tensor codec carries floats only: the example count travels as a float64
             return encode_arrays({k: _as_float(v) for k, v in state.items()})
 

@@ -22,7 +22,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ValidationError
 
-from aipipe.errors import ConflictError, NotFoundError
+from aipipe.errors import ConflictError, NotFoundError, RefusalCategory
 from aipipe.hub.rounds.context import NodeStatus, RoundContext
 from aipipe.hub.rounds.secure_sum import SecureProtocol
 from aipipe.secure.encoding import FloatArray, fixed_point_codec
@@ -244,6 +244,7 @@ class SecAggRound(SecureProtocol):
                 spec.name,
                 number,
                 f"{kind} is refused: node '{node}' already sent a different {kind} this round",
+                "duplicate",
             )
         return True
 
@@ -258,14 +259,16 @@ class SecAggRound(SecureProtocol):
     ) -> None:
         """Refuse, and audit, a message out of stage, from a dropped node, or repeated."""
         reason = None
+        category: RefusalCategory = "protocol"
         if state.stage is not stage:
             reason = f"{step} is refused: the round is {state.stage}, not {stage}"
         elif node not in state.members:
             reason = f"{step} is refused: node '{node}' was counted as dropped before {stage}"
         elif node in state.answered:
             reason = f"{step} is refused: node '{node}' already answered the {stage} stage"
+            category = "duplicate"
         if reason is not None:
-            self.ctx.refuse(node, spec.name, number, reason)
+            self.ctx.refuse(node, spec.name, number, reason, category)
 
     def take(self, spec: StudySpec, header: UpdateHeader, payload: bytes) -> None:
         """Fold a signed masked input, logging and recording it in one store transaction."""

@@ -102,7 +102,7 @@ class SecureProtocol(RoundProtocol):
         try:
             header, payload = verified_header(self.ctx, node, spec.name, number, body, secure=mode)
         except (UpdateRejectedError, SignatureError) as exc:
-            self.ctx.refuse(node, spec.name, number, str(exc))
+            self.ctx.refuse_error(node, spec.name, number, exc)
         self.take(spec, header, payload)
 
     @abstractmethod
@@ -115,7 +115,7 @@ class SecureProtocol(RoundProtocol):
         try:
             self.ctx.record_update(header.model_copy(update={"train_loss": None}), fold, audit)
         except SecureAggregationError as exc:
-            self.ctx.refuse(header.node, header.study, header.round, str(exc))
+            self.ctx.refuse_error(header.node, header.study, header.round, exc)
 
     # -- the end -------------------------------------------------------------------------------
 
