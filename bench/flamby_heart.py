@@ -49,10 +49,8 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +62,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import opacus
 import sklearn
@@ -661,24 +660,13 @@ def targets(summaries: dict[Row, dict[str, Any]], setting: str) -> dict[str, Any
 
 
 def machine(threads: int) -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "opacus": opacus.__version__,
-        "sklearn": sklearn.__version__,
-        "numpy": np.__version__,
-        "cpus": os.cpu_count(),
-        "torch_threads": threads,
-        "loadavg_at_start": os.getloadavg(),
-        "git_commit": commit,
-    }
+    return common.machine(
+        torch=torch.__version__,
+        opacus=opacus.__version__,
+        sklearn=sklearn.__version__,
+        numpy=np.__version__,
+        torch_threads=threads,
+    )
 
 
 # -- main ------------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shlex
 import shutil
@@ -38,6 +36,8 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
+
+import common
 
 from aipipe.node.home import init_node, open_store
 from aipipe.node.ingest import IngestReport, ingest_files
@@ -289,26 +289,7 @@ def profile_aipipe(source: Path, scratch: Path, top: int = 30) -> None:
 
 
 def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_at_start": os.getloadavg(),
-        "sqlite": sqlite3.sqlite_version,
-        "git_commit": _git_commit(),
-    }
-
-
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
+    return common.machine(sqlite=sqlite3.sqlite_version)
 
 
 def render(result: dict[str, Any]) -> None:

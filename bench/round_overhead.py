@@ -68,7 +68,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import socket
 import sqlite3
@@ -84,6 +83,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import common
 import httpx
 import numpy as np
 import yaml
@@ -917,17 +917,12 @@ def environment(flwr_version: str) -> dict[str, Any]:
 
     import aipipe
 
-    return {
-        "python": platform.python_version(),
-        "aipipe": aipipe.__version__,
-        "flwr": flwr_version,
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # torch's intra-op threads
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-    }
+    return common.machine(
+        aipipe=aipipe.__version__,
+        flwr=flwr_version,
+        torch=torch.__version__,
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),  # torch's intra-op threads
+    )
 
 
 def main() -> None:

@@ -49,7 +49,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -62,6 +61,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import common
 import yaml
 from rich.table import Table
 from round_overhead import (
@@ -654,17 +654,11 @@ def environment() -> dict[str, Any]:
 
     import aipipe
 
-    return {
-        "python": platform.python_version(),
-        "aipipe": aipipe.__version__,
-        "torch": torch.__version__,
-        "tenseal": getattr(tenseal, "__version__", "?"),
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "load_average_at_start": os.getloadavg(),
-        "git_commit": git_commit(),
-    }
+    return common.machine(
+        aipipe=aipipe.__version__,
+        torch=torch.__version__,
+        tenseal=getattr(tenseal, "__version__", "?"),
+    )
 
 
 def snapshot(work: Path) -> str:
@@ -679,21 +673,6 @@ def snapshot(work: Path) -> str:
     for path in sorted(target.rglob("*.py")):
         digest.update(path.relative_to(target).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
-
-
-def git_commit() -> str | None:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-            cwd=ROOT,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit.stdout.strip()
 
 
 def main() -> None:
