@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shlex
 import socket
 import ssl
@@ -43,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import common
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -502,12 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "cds_latency",
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(),
-        },
+        "machine": common.machine(),
         "requests_per_level": args.requests,
         "rounds": args.rounds,
         "rows": rows,

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import opacus
 import torch
@@ -238,13 +237,7 @@ def main() -> None:
             "optimizer": "adam",
             "torch_threads": args.threads,
         },
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "opacus": opacus.__version__,
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
-        },
+        "environment": common.machine(torch=torch.__version__, opacus=opacus.__version__),
         "results": results,
         "sampling_s": sampling,
     }

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -24,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ((2, 50, 5), (10, 200, 20), (20, 500, 50))  # studies, rounds each, nodes
@@ -102,7 +102,7 @@ def observation_costs(calls: int = 100_000) -> dict[str, float]:
     histogram_us = (time.perf_counter() - started) / calls * 1e6
     started = time.perf_counter()
     for _ in range(calls):
-        metrics.refusal("update signature does not verify with the node's key")
+        metrics.refusal("signature")
     refusal_us = (time.perf_counter() - started) / calls * 1e6
     return {"cds_observe_us": histogram_us, "refusal_us": refusal_us}
 
@@ -125,19 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     costs = observation_costs()
     print(
         f"per observation: CDS histogram {costs['cds_observe_us']:.2f} µs, "
-        f"refusal (categorise + count) {costs['refusal_us']:.2f} µs"
+        f"refusal (count by its typed category) {costs['refusal_us']:.2f} µs"
     )
     out = args.out or (None if args.quick else ROOT / "bench" / "results" / "metrics_scrape.json")
     if out is not None:
         result = {
             "benchmark": "metrics_scrape",
             "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
-            "machine": {
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "cpus": os.cpu_count(),
-                "load_average": os.getloadavg(),
-            },
+            "machine": common.machine(),
             "rows": rows,
             "observations": costs,
         }
