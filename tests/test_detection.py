@@ -449,6 +449,7 @@ def test_model_show_lists_each_contributors_scores_and_the_update_left_out(
         shown = invoke("model", "show", version[:12], *args)
         assert shown.exit_code == 0, shown.output
         assert "screening (detection)" in shown.stdout
+        assert "z dir" in shown.stdout  # each score the rule reads has its column
         rows = {line.split()[1]: line.split() for line in shown.stdout.splitlines() if "│" in line}
         assert rows[ATTACKER][-6:] == ["yes", "│", "yes", "│", "0.5", "│"]  # flag, out, rep
         assert rows["alpha"][-6:] == ["no", "│", "no", "│", "1", "│"]
