@@ -26,7 +26,7 @@ SECURE: dict[str, Any] = {**STUDY, "name": "chd-masked", "secure": "secagg", "mi
 EPSILON = {"alpha": (0.5, 1.0), "bravo": (0.6, 1.3)}
 ACCURACY = {1: 0.70, 2: 0.74}  # what alpha reports for each round's version (an older node)
 NEGATIVES = [30.0, 20.0, 10.0, 5.0]  # the sites' noised validation histograms, 4 bins
-POSITIVES = [2.0, 5.0, 15.0, 30.0]
+POSITIVES = {1: [4.0, 8.0, 15.0, 25.0], 2: [2.0, 5.0, 15.0, 30.0]}  # by round
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,11 @@ def decline(hub: Hub, node: Node, path: str, reason: str, exclude: bool = False)
 
 def report(hub: Hub, node: Node, version: str, digest: str, number: int) -> None:
     histogram = CalibrationHistogram(
-        study_digest=digest, negatives=NEGATIVES, positives=POSITIVES, epsilon=1.0, delta=1e-5
+        study_digest=digest,
+        negatives=NEGATIVES,
+        positives=POSITIVES[number],
+        epsilon=1.0,
+        delta=1e-5,
     )
     accuracy = ACCURACY[number] if node.name == "alpha" else None
     body = EvalReport(version=version, calibration=histogram, accuracy=accuracy)

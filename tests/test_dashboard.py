@@ -8,18 +8,26 @@ to Debian's headless Chromium.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait
 
+from aipipe.hub.app import create_app
 from aipipe.hub.roles import route_roles
 from aipipe.hub.routes import ROUTERS
 from tests.audit_support import _tamper
 from tests.dashboard_support import EPSILON, PLAIN, SECURE, XSS, Consortium, build_consortium
 from tests.hub_support import running_hub
+from tests.live_server import serving
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +176,171 @@ def test_the_page_is_public_holds_no_data_and_sets_security_headers(
     urls = set(re.findall(r"https?://[^\s\"']*", response.text))
     assert urls == {"http://www.w3.org/2000/svg"}  # the SVG namespace: nothing is loaded
     assert not re.search(r"<(link|iframe|object|embed)|\ssrc=", response.text)
+
+
+# -- the page in a real headless Chromium ---------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+TITLE = "aipipe hub dashboard"
+
+
+@dataclass(frozen=True)
+class LiveHub:
+    url: str
+    admin_token: str
+    node_token: str
+    versions: list[str]
+    audit_events: Callable[[], int]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveHub]:
+    """The consortium, built in-process, then served by a real uvicorn server on 127.0.0.1."""
+    home = tmp_path_factory.mktemp("dashboard-live") / "hub"
+    with running_hub(home) as hub:
+        built = build_consortium(hub)
+    with serving(create_app(hub.paths)) as port:
+        url = f"http://127.0.0.1:{port}"
+
+        def audit_events() -> int:
+            answer = httpx.get(f"{url}/v1/dashboard", headers=hub.admin, timeout=30)
+            return int(answer.json()["audit"]["events"])
+
+        yield LiveHub(url, hub.admin_token, built.alpha.credential, built.versions, audit_events)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's chromium, headless, driven through its chromium-driver (never downloaded)."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} missing: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP reports land there
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,2000", "--hide-scrollbars"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where the browser tests leave their screenshots: $AIPIPE_SCREENSHOTS, else tmp_path."""
+    folder = Path(os.environ.get("AIPIPE_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def sign_in(driver: Any, live: LiveHub, token: str) -> None:
+    """A fresh tab state: open the page, type the token, show."""
+    driver.get(f"{live.url}/dashboard")
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(f"{live.url}/dashboard")
+    driver.find_element(By.ID, "token").send_keys(token)
+    driver.find_element(By.ID, "show").click()
+
+
+def loaded(driver: Any, live: LiveHub) -> None:
+    sign_in(driver, live, live.admin_token)
+    WebDriverWait(driver, 15).until(
+        lambda d: d.find_element(By.ID, "content").get_attribute("data-loaded")
+    )
+
+
+def rows(driver: Any, selector: str) -> list[list[str]]:
+    """The text of each body row of the table at `selector`, cell by cell."""
+    table = driver.find_element(By.CSS_SELECTOR, selector)
+    found = table.find_elements(By.TAG_NAME, "tr")[1:]
+    return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")] for tr in found]
+
+
+def test_the_page_shows_the_consortium_in_a_real_browser(
+    browser: Any, live: LiveHub, screenshots: Path
+) -> None:
+    loaded(browser, live)
+    browser.save_screenshot(str(screenshots / "dashboard.png"))
+    assert (screenshots / "dashboard.png").stat().st_size > 10_000
+    nodes = {r[0]: r for r in rows(browser, "#nodes")}
+    assert nodes["alpha"][1] == "active" and nodes["alpha"][2] != "never"
+    assert nodes["alpha"][4] == "not screened"
+    plain = f"[data-study='{PLAIN['name']}']"
+    assert [r[:5] for r in rows(browser, f"{plain} table.rounds")] == [
+        ["1", "closed", "alpha, bravo", "3", "charlie: site budget spent"],
+        ["2", "closed", "alpha, bravo", "2", "—"],
+        ["3", "open", "none", "2", f"alpha: {XSS}"],
+    ]
+    assert rows(browser, f"{plain} table.epsilon") == [
+        ["alpha", "1.000", "2.00", "50 %"],
+        ["bravo", "1.300", "2.00", "65 %"],
+    ]
+    sites = {(r[0], r[1]): r for r in rows(browser, f"{plain} table.sites")}
+    assert sites["1", "alpha"][2:5] == ["reported", "0.500", "0.700"]
+    assert sites["2", "bravo"][2:5] == ["reported", "1.300", "—"]
+    masked = f"[data-study='{SECURE['name']}']"
+    assert rows(browser, f"{masked} table.epsilon") == [
+        ["every site", "not disclosed", "1.00", "—"]
+    ]
+    versions = {r[0]: r for r in rows(browser, "#versions")}
+    first, second = (v[:12] for v in live.versions)
+    assert versions[second][1:5] == [PLAIN["name"], "2", first, "2"] and versions[second][8] == "✓"
+    assert browser.find_element(By.ID, "audit").text.startswith(
+        f"verified up to event {live.audit_events()} — last signed checkpoint at event"
+    )
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []  # no CSP refusal
+
+
+def test_the_charts_draw_each_reported_series(browser: Any, live: LiveHub) -> None:
+    loaded(browser, live)
+    plain = f"[data-study='{PLAIN['name']}']"
+
+    def series(chart: str) -> list[str]:
+        lines = browser.find_elements(By.CSS_SELECTOR, f"{plain} [data-chart={chart}] polyline")
+        return [line.get_attribute("data-series") for line in lines]
+
+    assert series("metrics") == ["pooled AUC", "alpha accuracy"]
+    assert series("epsilon") == ["alpha", "bravo"]
+    assert browser.find_elements(By.CSS_SELECTOR, f"{plain} [data-chart=epsilon] line.target")
+    masked = browser.find_element(By.CSS_SELECTOR, f"[data-study='{SECURE['name']}']").text
+    assert "ε per site: not disclosed (secure aggregation)" in masked
+
+
+def test_html_from_the_store_renders_as_text(browser: Any, live: LiveHub) -> None:
+    loaded(browser, live)
+    assert XSS in [r[0] for r in rows(browser, "#nodes")]
+    assert browser.find_elements(By.TAG_NAME, "img") == []
+    assert browser.title == TITLE  # the onerror never ran
+
+
+def test_the_token_stays_in_the_tab_s_session_storage_only(browser: Any, live: LiveHub) -> None:
+    loaded(browser, live)
+    kept = browser.execute_script("return [sessionStorage.length, localStorage.length]")
+    assert kept == [1, 0] and not browser.find_element(By.ID, "login").is_displayed()
+    browser.find_element(By.ID, "forget").click()
+    assert browser.execute_script("return sessionStorage.length") == 0
+    assert not browser.find_element(By.ID, "content").is_displayed()
+    assert browser.find_element(By.ID, "login").is_displayed()
+
+
+@pytest.mark.parametrize(
+    ("who", "shown"),
+    [
+        ("node", "403: node 'alpha' may not GET /v1/dashboard: it needs the role admin or auditor"),
+        ("wrong", "401: unknown or revoked token"),
+    ],
+)
+def test_a_refused_token_shows_the_hub_s_answer(
+    browser: Any, live: LiveHub, screenshots: Path, who: str, shown: str
+) -> None:
+    sign_in(browser, live, live.node_token if who == "node" else "not-a-token")
+    message = WebDriverWait(browser, 15).until(
+        lambda d: d.find_element(By.ID, "message").text or None
+    )
+    browser.save_screenshot(str(screenshots / f"dashboard-refused-{who}.png"))
+    assert message.startswith(shown)
+    assert not browser.find_element(By.ID, "content").is_displayed()
+    assert browser.execute_script("return sessionStorage.length") == 0
