@@ -259,6 +259,7 @@ def rows(driver: Any, selector: str) -> list[list[str]]:
     return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")] for tr in found]
 
 
+@pytest.mark.e2e
 def test_the_page_shows_the_consortium_in_a_real_browser(
     browser: Any, live: LiveHub, screenshots: Path
 ) -> None:
@@ -294,6 +295,7 @@ def test_the_page_shows_the_consortium_in_a_real_browser(
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []  # no CSP refusal
 
 
+@pytest.mark.e2e
 def test_the_charts_draw_each_reported_series(browser: Any, live: LiveHub) -> None:
     loaded(browser, live)
     plain = f"[data-study='{PLAIN['name']}']"
@@ -309,6 +311,7 @@ def test_the_charts_draw_each_reported_series(browser: Any, live: LiveHub) -> No
     assert "ε per site: not disclosed (secure aggregation)" in masked
 
 
+@pytest.mark.e2e
 def test_html_from_the_store_renders_as_text(browser: Any, live: LiveHub) -> None:
     loaded(browser, live)
     assert XSS in [r[0] for r in rows(browser, "#nodes")]
@@ -316,6 +319,7 @@ def test_html_from_the_store_renders_as_text(browser: Any, live: LiveHub) -> Non
     assert browser.title == TITLE  # the onerror never ran
 
 
+@pytest.mark.e2e
 def test_the_token_stays_in_the_tab_s_session_storage_only(browser: Any, live: LiveHub) -> None:
     loaded(browser, live)
     kept = browser.execute_script("return [sessionStorage.length, localStorage.length]")
@@ -326,6 +330,7 @@ def test_the_token_stays_in_the_tab_s_session_storage_only(browser: Any, live: L
     assert browser.find_element(By.ID, "login").is_displayed()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("who", "shown"),
     [
