@@ -1,16 +1,18 @@
 """The hub's /v1 routes, one `APIRouter` per area, each a thin skin over `HubService`:
 enrolment and nodes (`nodes`), studies, rounds and work (`studies`), model versions
-(`models`), the SecAgg+ stages and CKKS key ceremony (`secure`). `aipipe.hub.app.create_app`
-includes them in that order; what they share (who is asking, long-poll wake-ups) is in `deps`.
+(`models`), the SecAgg+ stages and CKKS key ceremony (`secure`), the dashboard's data and page
+(`dashboard`). `aipipe.hub.app.create_app` includes them in that order; what they share (who is
+asking, long-poll wake-ups) is in `deps`.
 """
 
 from __future__ import annotations
 
+from aipipe.hub.routes.dashboard import router as dashboard
 from aipipe.hub.routes.models import router as models
 from aipipe.hub.routes.nodes import router as nodes
 from aipipe.hub.routes.secure import router as secure
 from aipipe.hub.routes.studies import router as studies
 
-ROUTERS = (nodes, studies, models, secure)
+ROUTERS = (nodes, studies, models, secure, dashboard)
 
 __all__ = ["ROUTERS"]
