@@ -233,6 +233,12 @@ class HubTransport(httpx.BaseTransport):
         self._ca_bundle = ca_bundle
         self._only = only
 
+    def present(self, client_pair: tuple[bytes, bytes]) -> None:
+        """Present another client certificate from the next connection on (a renewed one);
+        the connections open now finish with the old one."""
+        context = client_context(self._ca_bundle, only=self._only, client_pair=client_pair)
+        self._inner, self._client_pair = httpx.HTTPTransport(verify=context), client_pair
+
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         try:
             return self._inner.handle_request(request)

@@ -30,7 +30,7 @@ from aipipe.errors import AipipeError, ConfigError, ForbiddenError, TlsVerifyErr
 from aipipe.hub.certs import load_ca
 from aipipe.hub.hub import Hub as HubHome
 from aipipe.node.client import HubClient
-from aipipe.node.client_cert import CLIENT_CERT, CLIENT_KEY, due
+from aipipe.node.client_cert import CLIENT_CERT, CLIENT_KEY, Renewer, due
 from aipipe.node.home import enrol, hub_client, init_node
 from aipipe.pki import Issued, check_csr, issue_client_cert, load_cert, make_ca, make_csr
 from aipipe.settings import NodePaths
@@ -285,6 +285,26 @@ def test_renewal_is_one_command_and_the_old_pair_is_replaced(mutual: Mutual) -> 
         assert client.work(0).kind == "idle"
     renewals = [e for e in mutual.hub_events("node.cert_issued") if e["actor"] == "west"]
     assert renewals[-1]["details"]["op"] == "renew"  # type: ignore[index]
+
+
+def test_a_running_node_renews_its_certificate_by_itself_when_a_third_is_left(
+    mutual: Mutual,
+) -> None:
+    paths = mutual.nodes["east"]
+    with hub_client(paths) as client:
+        renewer = Renewer(paths.home, "east", client, every_s=0)
+        assert renewer.check() is None  # fresh: not due
+        ten_days_left = dt.datetime.now(dt.UTC) - dt.timedelta(days=80)
+        old = _foreign_pair("east", load_ca(mutual.home), valid_from=ten_days_left, days=90)
+        (paths.home / CLIENT_CERT).write_bytes(old[0])
+        (paths.home / CLIENT_KEY).write_bytes(old[1])
+        client.present(old)
+
+        line = renewer.check()
+        assert line is not None and "renewed" in line
+        assert (paths.home / CLIENT_CERT).read_bytes() != old[0]
+        assert client.work(0).kind == "idle"  # the same client, now with the new pair
+        assert renewer.check() is None
 
 
 def test_a_renewal_for_another_name_is_refused(mutual: Mutual) -> None:

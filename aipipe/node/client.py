@@ -76,13 +76,16 @@ class HubClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
         hooks = {"response": [_audit_head_hook(on_audit_head)]} if on_audit_head else {}
+        self._tls = (
+            None
+            if transport is not None
+            else HubTransport(ca_bundle, only=ca_only, client_pair=client_pair)
+        )
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
             timeout=timeout_s,
-            transport=transport
-            if transport is not None
-            else HubTransport(ca_bundle, only=ca_only, client_pair=client_pair),
+            transport=transport or self._tls,
             event_hooks=hooks,
         )
         self._retries = max_retries
@@ -153,6 +156,12 @@ class HubClient:
         """A new TLS client certificate for the key of `csr` (this node's name)."""
         body = ClientCertRequest(csr=csr).model_dump()
         return self._json(ClientCert, "POST", "/v1/node/certificate", json=body)
+
+    def present(self, client_pair: tuple[bytes, bytes]) -> None:
+        """Present a renewed client certificate (PEM certificate, key) from now on."""
+        if self._tls is None:
+            raise ConfigError("this hub client was given its own transport; it has no TLS to renew")
+        self._tls.present(client_pair)
 
     def work(self, wait_s: float, skip: Sequence[str] = ()) -> WorkItem:
         """The next work item; `skip` names studies whose work this node declines for now."""

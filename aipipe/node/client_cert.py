@@ -7,20 +7,23 @@ enrolment and at each renewal, and never leaves the home; the hub signs a CSR fo
 `aipipe node tls renew` swaps both for a new pair over the current connection (which, under
 `mtls: required`, presents the current certificate): one command, any time before expiry. A
 certificate that has expired no longer passes the hub's handshake: re-enrol the node then.
-`due` says when renewal is wise: under a third of its lifetime left.
+`due` says when renewal is wise: under a third of its lifetime left; `aipipe node start` then
+renews it by itself (`Renewer`), and `node tls renew` is for a node that does not run a daemon.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aipipe.errors import ConfigError, IdentityError
+from aipipe.errors import AipipeError, ConfigError, IdentityError
+from aipipe.node.client import HubClient
 from aipipe.pki import Issued, common_name, load_cert, make_csr
 from aipipe.secure.keyfiles import read_private, write_private
 from aipipe.wire import ClientCert
@@ -92,6 +95,34 @@ def due(cert: x509.Certificate, now: dt.datetime | None = None) -> bool:
     now = now or dt.datetime.now(dt.UTC)
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     return cert.not_valid_after_utc - now < lifetime * RENEW_WHEN_LEFT
+
+
+class Renewer:
+    """Renews the client certificate of a running node once it is `due`: a daemon calls
+    `check()` between work items (it looks at the certificate at most every `every_s`)."""
+
+    def __init__(self, home: Path, name: str, client: HubClient, every_s: float = 3600.0):
+        self.home, self.name, self.client, self.every_s = home, name, client, every_s
+        self._next = 0.0
+
+    def check(self) -> str | None:
+        """Renew if due; a line saying so (or why renewal failed, to retry later), else None."""
+        if time.monotonic() < self._next or load_pair(self.home) is None:
+            return None
+        self._next = time.monotonic() + self.every_s
+        if not due(current(self.home)):
+            return None
+        request = pending(self.name)
+        try:
+            cert = install(
+                self.home, self.name, request, self.client.renew_certificate(request.csr)
+            )
+        except AipipeError as exc:
+            return f"TLS client certificate renewal failed, will retry: {exc}"
+        pair = load_pair(self.home)
+        assert pair is not None
+        self.client.present(pair)
+        return f"TLS client certificate renewed, valid until {cert.not_valid_after_utc.isoformat()}"
 
 
 def _replace(path: Path, data: bytes, what: str) -> None:
