@@ -236,23 +236,27 @@ def test_the_hub_certificate_is_no_client_certificate(mutual: Mutual) -> None:
 # -- the CSR the hub signs ----------------------------------------------------------------------
 
 
-def _enrol_request(mutual: Mutual, node: str, csr: str) -> httpx.Response:
-    with HubHome.open(mutual.home) as hub:
-        token = EnrolToken.decode(hub.enrol_token(node, url=mutual.url, ttl_s=600).token)
-    body = {"node": node, "secret": token.secret, "public_key": "ab" * 32, "client_csr": csr}
-    verify = _trusting(mutual.home / "ca-cert.pem")
-    return httpx.post(f"{mutual.url}/v1/enrol", json=body, verify=verify, timeout=10)
-
-
 def test_the_hub_refuses_a_csr_for_another_name_or_key_type_and_keeps_the_token(
     mutual: Mutual,
 ) -> None:
-    other = make_csr(ec.generate_private_key(ec.SECP256R1()), "east").decode()
-    refused = _enrol_request(mutual, "south", other)
+    with HubHome.open(mutual.home) as hub:
+        token = EnrolToken.decode(hub.enrol_token("south", url=mutual.url, ttl_s=600).token)
+    body = {"node": "south", "secret": token.secret, "public_key": "ab" * 32}
+    verify = _trusting(mutual.home / "ca-cert.pem")
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    for_east = {**body, "client_csr": make_csr(key, "east").decode()}
+    refused = httpx.post(f"{mutual.url}/v1/enrol", json=for_east, verify=verify, timeout=10)
     assert refused.status_code == 400
     assert "not 'CN=south'" in refused.json()["detail"]
     reasons = [str(e["details"]) for e in mutual.hub_events("enrolment") if e["actor"] == "south"]
     assert any("client CSR refused" in r for r in reasons)
+
+    own = {**body, "client_csr": make_csr(key, "south").decode()}
+    enrolled = httpx.post(f"{mutual.url}/v1/enrol", json=own, verify=verify, timeout=10)
+    assert enrolled.status_code == 200, enrolled.text  # the refusal did not spend the token
+    cert = load_cert(enrolled.json()["client_cert"]["cert"].encode(), "south's certificate")
+    assert cert.subject.rfc4514_string() == "CN=south"
 
     with pytest.raises(ConfigError, match="not ECDSA P-256"):
         check_csr(_rsa_csr("south"), "south")
