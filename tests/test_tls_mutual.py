@@ -9,6 +9,7 @@ enrolled from this process."""
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import signal
 import socket
 import ssl
@@ -36,7 +37,14 @@ from aipipe.pki import Issued, check_csr, issue_client_cert, load_cert, make_ca,
 from aipipe.settings import NodePaths
 from aipipe.tls import client_context
 from aipipe.wire import EnrolToken
-from tests.e2e_support import Hub, ProcessGroup, node_audit_events, restart_hub, start_hub
+from tests.e2e_support import (
+    Hub,
+    ProcessGroup,
+    aipipe,
+    node_audit_events,
+    restart_hub,
+    start_hub,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -150,6 +158,23 @@ def test_a_node_with_its_certificate_calls_the_hub(mutual: Mutual) -> None:
     assert _hub_answer(mutual, mutual.pair("east")).startswith(b"HTTP/1.1 200")
     with hub_client(mutual.nodes["east"]) as client:
         assert client.work(0).kind == "idle"
+
+
+def test_a_node_daemon_runs_under_mutual_tls_and_one_without_a_certificate_says_re_enrol(
+    mutual: Mutual, tmp_path: Path
+) -> None:
+    home = mutual.nodes["east"].home
+    aipipe("node", "start", "--home", home, "--once", timeout_s=120)
+
+    bare = tmp_path / "east-without-certificate"
+    shutil.copytree(home, bare)
+    for name in (CLIENT_CERT, CLIENT_KEY):
+        (bare / name).unlink()
+    result = aipipe("node", "start", "--home", bare, "--once", check=False, timeout_s=120)
+    message = " ".join(result.stderr.split())
+    assert result.returncode != 0 and "Traceback" not in result.stderr, message
+    assert "presented no client certificate" in message
+    assert "aipipe hub enrol-token --node east --replace" in message
 
 
 def test_health_enrolment_and_people_need_no_client_certificate(mutual: Mutual) -> None:
