@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -165,3 +165,82 @@ def signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+# -- node (TLS client) certificates -----------------------------------------------------------
+
+CLIENT_DAYS = 90
+MAX_CLIENT_DAYS = 825
+MAX_CSR_BYTES = 4096
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, common_name: str) -> bytes:
+    """A PEM certificate signing request for `common_name` (a node's name), signed by `key`."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(_name(common_name))
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def check_csr(pem: str, common_name: str) -> x509.CertificateSigningRequest:
+    """A node's CSR, refused (ConfigError) unless it is one PEM request, signed by its own key,
+    for a P-256 key, whose subject is CN=`common_name` and nothing else."""
+    if len(pem) > MAX_CSR_BYTES:
+        raise ConfigError(f"the client CSR is {len(pem)} characters, over {MAX_CSR_BYTES}")
+    try:
+        csr = x509.load_pem_x509_csr(pem.encode())
+    except ValueError as exc:
+        raise ConfigError(f"the client CSR is not a PEM certificate request: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise ConfigError("the client CSR's signature does not verify under its own key")
+    try:
+        key = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"the client CSR's key is of a kind aipipe does not take: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise ConfigError(
+            f"the client CSR's key is {type(key).__name__}, not ECDSA P-256; re-run the "
+            "command with this version of aipipe, which makes a P-256 key"
+        )
+    if csr.subject != _name(common_name):
+        raise ConfigError(
+            f"the client CSR is for {csr.subject.rfc4514_string()[:120]!r}, not "
+            f"'CN={common_name}': a node may only ask for a certificate in its own name"
+        )
+    return csr
+
+
+def issue_client_cert(
+    ca: Issued,
+    csr: x509.CertificateSigningRequest,
+    common_name: str,
+    *,
+    days: int = CLIENT_DAYS,
+    valid_from: dt.datetime | None = None,
+) -> x509.Certificate:
+    """A node's TLS client certificate: CN=`common_name`, clientAuth only, not a CA, for the
+    CSR's key (`check_csr` first). Only the key comes from the CSR; everything else is ours."""
+    if not 1 <= days <= MAX_CLIENT_DAYS:
+        raise ConfigError(f"a client certificate lives 1 to {MAX_CLIENT_DAYS} days, not {days}")
+    usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    builder = (
+        _validity(days, valid_from)
+        .subject_name(_name(common_name))
+        .issuer_name(ca.cert.subject)
+        .public_key(csr.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), False
+        )
+    )
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def common_name(cert: x509.Certificate) -> str | None:
+    """The certificate's subject CN (a node's name for a client certificate)."""
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if len(names) == 1 else None

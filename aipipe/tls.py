@@ -17,8 +17,11 @@ verify is a `TlsVerifyError` naming the reason (expired, unknown CA, hostname mi
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
+import os
 import ssl
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +29,11 @@ from typing import Any
 
 import certifi
 import httpx
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from aipipe.errors import ConfigError, TlsVerifyError
+from aipipe.pki import signed_by
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 HUB_MIN_VERSION = ssl.TLSVersion.TLSv1_3
@@ -50,6 +56,10 @@ class ServerTls:
     key: Path
     setting: str  # how the operator named them, for error messages
     minimum: ssl.TLSVersion = MIN_VERSION
+    # With a CA file: clients that present a certificate must present one it signed (mutual
+    # TLS, `aipipe.hub.mtls`); a client without one still connects (enrolment, health) and
+    # the app decides. Only this CA is trusted for clients, never the system's.
+    client_ca: Path | None = None
 
     def context(self) -> ssl.SSLContext:
         for path in (self.cert, self.key):
@@ -58,7 +68,10 @@ class ServerTls:
                     f"{self.setting}: {path} is not a file; give the PEM files of the server's "
                     "certificate chain and its private key"
                 )
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        if self.client_ca is None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        else:
+            context = _client_verifying(self.client_ca, self.setting)
         context.minimum_version = self.minimum
         try:
             context.load_cert_chain(self.cert, self.key)
@@ -80,15 +93,35 @@ class ServerTls:
         return {"ssl_context_factory": factory}
 
 
+def _client_verifying(ca: Path, setting: str) -> ssl.SSLContext:
+    """A server context that verifies a client certificate, when one is presented, against
+    `ca` alone (no default trust store: PROTOCOL_TLS_SERVER loads none)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    try:
+        context.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{setting}: cannot load the CA {ca} that verifies client certificates ({exc}); "
+            "give the consortium CA's PEM certificate (hub.yaml tls_ca)"
+        ) from exc
+    return context
+
+
 def server_tls(
-    cert: Path | None, key: Path | None, setting: str, minimum: ssl.TLSVersion = MIN_VERSION
+    cert: Path | None,
+    key: Path | None,
+    setting: str,
+    minimum: ssl.TLSVersion = MIN_VERSION,
+    *,
+    client_ca: Path | None = None,
 ) -> ServerTls | None:
     """Both files or neither: a certificate without its key (or the reverse) is a ConfigError."""
     if cert is None and key is None:
         return None
     if cert is None or key is None:
         raise ConfigError(f"{setting}: give both the certificate and its key, not one of them")
-    tls = ServerTls(cert, key, setting, minimum)
+    tls = ServerTls(cert, key, setting, minimum, client_ca)
     tls.context()  # unreadable or mismatched files fail here, before anything listens
     return tls
 
@@ -131,9 +164,12 @@ def scheme(tls: ServerTls | None) -> str:
     return "http" if tls is None else "https"
 
 
-def client_context(ca_bundle: Path | None, *, only: bool = False) -> ssl.SSLContext:
+def client_context(
+    ca_bundle: Path | None, *, only: bool = False, client_pair: tuple[bytes, bytes] | None = None
+) -> ssl.SSLContext:
     """Verify servers against the public CAs plus `ca_bundle`'s (a consortium's own CA); with
-    `only`, against `ca_bundle` alone (the CA an enrolment token pinned), TLS 1.3."""
+    `only`, against `ca_bundle` alone (the CA an enrolment token pinned), TLS 1.3. With
+    `client_pair` (PEM certificate and key), present that client certificate (mutual TLS)."""
     if only and ca_bundle is None:
         raise ConfigError("a pinned hub CA needs its file; re-enrol the node with a new token")
     if only:  # no default trust store: PROTOCOL_TLS_CLIENT verifies, hostname checked
@@ -149,7 +185,34 @@ def client_context(ca_bundle: Path | None, *, only: bool = False) -> ssl.SSLCont
                 f"cannot load the hub's CA bundle {ca_bundle} ({exc}); give a PEM file of CA "
                 "certificates"
             ) from exc
+    if client_pair is not None:
+        _load_client_pair(context, *client_pair)
     return context
+
+
+def _load_client_pair(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """`load_cert_chain` from memory: ssl reads files only, so the PEM goes through an
+    anonymous memory file (Linux), or else a private temporary file removed at once."""
+    data = cert_pem.rstrip(b"\n") + b"\n" + key_pem
+    try:
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("aipipe-client-cert", os.MFD_CLOEXEC)
+            with open(fd, "wb", closefd=False) as handle:
+                handle.write(data)
+            try:
+                context.load_cert_chain(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "client.pem"
+            path.write_bytes(data)
+            context.load_cert_chain(path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load the node's TLS client certificate and key ({exc}); renew them "
+            "(aipipe node tls renew) or re-enrol the node"
+        ) from exc
 
 
 class HubTransport(httpx.BaseTransport):
@@ -157,10 +220,24 @@ class HubTransport(httpx.BaseTransport):
     failure becomes a ConfigError that says so (a hub that is down is still a TransportError,
     which the client retries)."""
 
-    def __init__(self, ca_bundle: Path | None, *, only: bool = False) -> None:
-        self._inner = httpx.HTTPTransport(verify=client_context(ca_bundle, only=only))
+    def __init__(
+        self,
+        ca_bundle: Path | None,
+        *,
+        only: bool = False,
+        client_pair: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        context = client_context(ca_bundle, only=only, client_pair=client_pair)
+        self._inner = httpx.HTTPTransport(verify=context)
+        self._client_pair = client_pair
         self._ca_bundle = ca_bundle
         self._only = only
+
+    def present(self, client_pair: tuple[bytes, bytes]) -> None:
+        """Present another client certificate from the next connection on (a renewed one);
+        the connections open now finish with the old one."""
+        context = client_context(self._ca_bundle, only=self._only, client_pair=client_pair)
+        self._inner, self._client_pair = httpx.HTTPTransport(verify=context), client_pair
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         try:
@@ -171,6 +248,23 @@ class HubTransport(httpx.BaseTransport):
                 raise
             url = str(request.url.copy_with(path="/"))
             raise TlsVerifyError(self._explain(url, problem)) from exc
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            # A hub with mutual TLS that refuses our certificate closes the connection right
+            # after the handshake, without a word (asyncio drops the TLS alert): say why
+            # when our certificate is the likely reason, else it is an unreachable hub.
+            problem = None if self._client_pair is None else client_cert_problem(
+                self._client_pair[0], self._ca_bundle
+            )  # fmt: skip
+            if problem is None:
+                raise
+            url = str(request.url.copy_with(path="/"))
+            raise TlsVerifyError(
+                f"the hub at {url} closed the connection after the TLS handshake: it refuses "
+                f"this node's client certificate, which {problem}; re-enrol the node (on the "
+                "hub: aipipe hub enrol-token --node <name> --replace; here: aipipe node enrol "
+                "--home <home> --token <token>). Renew a valid certificate before it expires "
+                "with `aipipe node tls renew`"
+            ) from exc
 
     def _explain(self, url: str, problem: str) -> str:
         if self._only:
@@ -194,6 +288,34 @@ class HubTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._inner.close()
+
+
+def client_cert_problem(cert_pem: bytes, ca_bundle: Path | None) -> str | None:
+    """What a hub with mutual TLS would refuse in our client certificate (checked here, since
+    the hub's refusal arrives as a closed connection): expiry, purpose, issuer."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return "is not a PEM certificate"
+    now = dt.datetime.now(dt.UTC)
+    if cert.not_valid_after_utc < now:
+        return f"expired at {cert.not_valid_after_utc.isoformat()}"
+    if cert.not_valid_before_utc > now:
+        return f"is not valid before {cert.not_valid_before_utc.isoformat()}"
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        return "is not for client authentication (no clientAuth extended key usage)"
+    if ca_bundle is not None and ca_bundle.is_file():
+        cas = x509.load_pem_x509_certificates(ca_bundle.read_bytes())
+        if not any(signed_by(cert, ca) for ca in cas):
+            return (
+                f"is not signed by the consortium CA this node pins ({ca_bundle}): unknown CA "
+                f"(issuer {cert.issuer.rfc4514_string()[:120]})"
+            )
+    return None
 
 
 # OpenSSL's X509_V_ERR_* codes → the reason in words.

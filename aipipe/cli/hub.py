@@ -32,11 +32,17 @@ def init(
     tls_names: list[str] = typer.Option(
         list(DEFAULT_NAMES), "--tls-name", help=TLS_NAMES_HELP + "; default localhost, 127.0.0.1."
     ),
+    mtls: bool = typer.Option(
+        False,
+        "--mtls",
+        help="Require mutual TLS: a node's calls must present its client certificate "
+        "(issued at enrolment). Change later with `aipipe hub tls mtls on|off`.",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Create a hub home, its consortium CA and TLS certificate, and print the admin token
     (shown once; keep it secret). Enrolment tokens pin the CA's SHA-256 fingerprint."""
-    hub, token = Hub.init(home, name, force=force, tls_names=tls_names)
+    hub, token = Hub.init(home, name, force=force, tls_names=tls_names, mtls=mtls)
     ca_sha256 = hub.ca_fingerprint()
     if as_json:
         emit_json({"home": str(home), "admin_token": token, "ca_sha256": ca_sha256})
@@ -122,6 +128,20 @@ def tls_rotate(
         return
     console.print("[green]✓[/] new hub certificate; restart `aipipe hub serve` to use it")
     console.print(kv_table("hub TLS", {k: str(v) for k, v in info.items()}))
+
+
+@tls_app.command("mtls")
+def tls_mtls(
+    state: str = typer.Argument(..., help="on: require node client certificates; off: not."),
+    home: Path = HOME,
+) -> None:
+    """Turn mutual TLS on or off (hub.yaml mtls); restart `hub serve` to apply it. Nodes
+    enrolled before this version have no client certificate: re-enrol them first."""
+    if state not in ("on", "off"):
+        raise typer.BadParameter(f"say on or off, not {state!r}", param_hint="STATE")
+    with Hub.open(home) as hub:
+        hub.set_mtls(state == "on")
+    console.print(f"[green]✓[/] mutual TLS {state}; restart `aipipe hub serve` to apply it")
 
 
 @app.command()

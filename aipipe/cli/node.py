@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from aipipe.cli import node_personal
+from aipipe.cli import node_personal, node_tls
 from aipipe.cli.attack import enable_attack, parse_attack
 from aipipe.cli.node_render import (
     check_anything_stored,
@@ -42,6 +42,8 @@ app = typer.Typer(
 HOME = typer.Option(..., "--home", help="The node home directory.")
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 app.add_typer(node_personal.app, name="personal")
+app.add_typer(node_tls.app, name="tls")
+app.command("enrol")(node_tls.enrol)
 
 
 @app.command()

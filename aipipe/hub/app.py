@@ -22,6 +22,7 @@ from aipipe.audit.log import AuditLog
 from aipipe.cds import JwtPolicy, cds_router
 from aipipe.cds.links import load_link_key
 from aipipe.errors import AipipeError, error_body
+from aipipe.hub import mtls
 from aipipe.hub.access import Principal
 from aipipe.hub.audit_head import AuditHeadMiddleware
 from aipipe.hub.cds import HubCdsProvider, hub_fhir_access
@@ -87,9 +88,9 @@ def create_app(paths: HubPaths) -> FastAPI:
 
 
 def _guard_authenticate(scope: Scope, token: str | None) -> Principal:
-    """The token check `RequestGuard` runs before a body is read."""
-    service: HubService = scope["app"].state.service
-    return service.authenticate(token)
+    """The token check `RequestGuard` runs before a body is read (and, with mutual TLS, the
+    node certificate binding of `aipipe.hub.mtls`)."""
+    return mtls.authenticate(scope, token)
 
 
 def _cds(paths: HubPaths, service: HubService, audit: AuditLog) -> APIRouter:

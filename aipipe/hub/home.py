@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aipipe.errors import ConfigError, NodeExistsError, NodeNotFoundError
 from aipipe.fhir.base_url import ServerBase
 from aipipe.hub.certs import CA_CERT, TLS_CERT, TLS_KEY, create_consortium_tls
-from aipipe.pki import DEFAULT_NAMES
+from aipipe.pki import CLIENT_DAYS, DEFAULT_NAMES, MAX_CLIENT_DAYS
 from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
 from aipipe.store.hub_nodes import secret_hash
@@ -66,6 +66,12 @@ class HubConfig(BaseModel):
     # PEM of the CA that signed tls_cert: enrolment tokens carry it and its SHA-256, and
     # nodes trust only it (aipipe.hub.certs). `hub init` makes it (ca-cert.pem).
     tls_ca: str | None = None
+    # Mutual TLS (aipipe.hub.mtls): "required" makes `hub serve` ask every client for a
+    # certificate from tls_ca and refuse a node credential without its own node's certificate
+    # (`hub init --mtls`, `hub tls mtls on|off`). Nodes get one at enrolment either way.
+    mtls: Literal["off", "required"] = "off"
+    # How long a node's client certificate lives (days); `aipipe node tls renew` renews it.
+    client_cert_days: int = Field(default=CLIENT_DAYS, ge=1, le=MAX_CLIENT_DAYS)
     # Serve /docs (Swagger UI, assets from the hub) and /openapi.json to anyone; else
     # /openapi.json needs the admin token and there is no /docs.
     api_docs: bool = False
@@ -99,18 +105,31 @@ class HubPaths:
         return HubStore.open(self.store, self.blobs)
 
     def tls(self) -> ServerTls | None:
-        """hub.yaml's tls_cert and tls_key (relative to the home), loaded; None without them."""
-        cert, key = self.config.tls_cert, self.config.tls_key
+        """hub.yaml's tls_cert and tls_key (relative to the home), loaded; None without them.
+        With `mtls: required`, clients are verified against tls_ca (and it alone)."""
+        cert, key, ca = self.config.tls_cert, self.config.tls_key, self.config.tls_ca
+        if self.config.mtls == "required" and ca is None:
+            raise ConfigError(
+                f"hub.yaml at {self.home} says mtls: required but names no tls_ca to verify "
+                "node certificates with; make the consortium CA with `aipipe hub tls rotate "
+                f"--home {self.home}`, or set mtls: off"
+            )
         return server_tls(
             None if cert is None else self.home / cert,
             None if key is None else self.home / key,
             "hub.yaml tls_cert/tls_key",
             HUB_MIN_VERSION,
+            client_ca=self.home / ca if ca is not None and self.config.mtls == "required" else None,
         )
 
 
 def init_hub(
-    home: Path, name: str, *, force: bool = False, tls_names: Sequence[str] = DEFAULT_NAMES
+    home: Path,
+    name: str,
+    *,
+    force: bool = False,
+    tls_names: Sequence[str] = DEFAULT_NAMES,
+    mtls: bool = False,
 ) -> tuple[HubPaths, str]:
     """Create a hub home with its consortium CA and a hub certificate for `tls_names`; return
     it and the admin token (shown once, stored only hashed)."""
@@ -125,6 +144,7 @@ def init_hub(
         tls_cert=TLS_CERT,
         tls_key=TLS_KEY,
         tls_ca=CA_CERT,
+        mtls="required" if mtls else "off",
     )
     save_hub_config(home, config)
     paths = HubPaths(home, config)

@@ -61,12 +61,35 @@ class Hub:
 
     @classmethod
     def init(
-        cls, home: Path, name: str, *, force: bool = False, tls_names: Sequence[str] = DEFAULT_NAMES
+        cls,
+        home: Path,
+        name: str,
+        *,
+        force: bool = False,
+        tls_names: Sequence[str] = DEFAULT_NAMES,
+        mtls: bool = False,
     ) -> tuple[Hub, str]:
-        """Create a hub home with its consortium CA and a TLS certificate for `tls_names`;
-        return it and the admin token (shown once, kept only hashed)."""
-        paths, token = init_hub(home, name, force=force, tls_names=tls_names)
+        """Create a hub home with its consortium CA and a TLS certificate for `tls_names`
+        (`mtls`: mutual TLS required); return it and the admin token (shown once, kept only
+        hashed)."""
+        paths, token = init_hub(home, name, force=force, tls_names=tls_names, mtls=mtls)
         return cls(paths), token
+
+    def set_mtls(self, required: bool) -> None:
+        """Require client certificates of nodes, or stop requiring them (hub.yaml `mtls`;
+        `hub serve` applies it once restarted). Audited."""
+        home, config = self.paths.home, self.paths.config
+        if required and (config.tls_ca != CA_CERT or not has_ca(home)):
+            raise ConfigError(
+                f"mutual TLS needs the hub's own consortium CA (ca-cert.pem and ca-key.pem in "
+                f"{home}, hub.yaml tls_ca: {CA_CERT}) to sign node certificates; make it with "
+                f"`aipipe hub tls rotate --home {home}`"
+            )
+        config.mtls = "required" if required else "off"
+        save_hub_config(home, config)
+        self.audit.append(
+            "admin", actor="admin", resource="hub/tls", details={"op": "mtls", "mtls": config.mtls}
+        )
 
     def rotate_tls(self, names: Sequence[str] | None = None) -> x509.Certificate:
         """A new hub certificate from the consortium CA (`hub serve` uses it once restarted);

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.routing import APIRoute
 
 from aipipe.errors import ForbiddenError
+from aipipe.hub import mtls
 from aipipe.hub.access import Principal, Role
 
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -35,12 +36,13 @@ PUBLIC = "public"
 
 def principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
     """Who is asking: `RequestGuard` authenticated a request with a body before reading it;
-    any other request is authenticated here."""
+    any other request is authenticated here (with the node certificate binding of mutual TLS,
+    `aipipe.hub.mtls`)."""
     checked: Principal | None = getattr(request.state, "principal", None)
     if checked is not None:
         return checked
     token = authorization[7:] if authorization and authorization.startswith("Bearer ") else None
-    return request.app.state.service.authenticate(token)  # type: ignore[no-any-return]
+    return mtls.authenticate(request.scope, token)
 
 
 class Allow:

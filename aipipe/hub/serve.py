@@ -20,6 +20,7 @@ from aipipe.cds.limits import require_loopback
 from aipipe.errors import ConfigError, ConflictError
 from aipipe.hub.app import create_app
 from aipipe.hub.home import HubPaths
+from aipipe.hub.mtls import PeerCertProtocol
 from aipipe.secure.keyfiles import write_private
 from aipipe.tls import require_hub_tls, scheme
 
@@ -32,10 +33,16 @@ def serve(
     *,
     insecure_http: bool = False,
 ) -> None:
-    """Serve until interrupted: HTTPS (TLS 1.3) with hub.yaml's tls_cert/tls_key; plain HTTP
-    only with `insecure_http`, on a loopback address (development)."""
+    """Serve until interrupted: HTTPS (TLS 1.3) with hub.yaml's tls_cert/tls_key, and with
+    `mtls: required` client certificates (`aipipe.hub.mtls`); plain HTTP only with
+    `insecure_http`, on a loopback address (development)."""
     if paths.config.cds_allow_unauthenticated:
         require_loopback(host, "hub.yaml cds_allow_unauthenticated")
+    if insecure_http and paths.config.mtls == "required":
+        raise ConfigError(
+            f"hub.yaml at {paths.home} says mtls: required, which needs HTTPS: drop "
+            "--insecure-http, or turn mutual TLS off (aipipe hub tls mtls off)"
+        )
     tls = None if insecure_http else paths.tls()
     require_hub_tls(paths.home, host, tls, insecure_http=insecure_http)
     lock = lock_home(paths)
@@ -46,6 +53,8 @@ def serve(
         url_host = f"[{host}]" if family == socket.AF_INET6 else host
         url = f"{scheme(tls)}://{url_host}:{bound_port}"
         options = {} if tls is None else tls.uvicorn_options()
+        if tls is not None and tls.client_ca is not None:  # mutual TLS: the app sees the peer
+            options["http"] = PeerCertProtocol
         config = uvicorn.Config(create_app(paths), log_level=log_level, access_log=False, **options)
         server = uvicorn.Server(config)
         tmp = paths.serve_info.with_suffix(".tmp")

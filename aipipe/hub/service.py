@@ -25,6 +25,7 @@ from aipipe.errors import (
     StudyError,
 )
 from aipipe.hub.access import Access, Principal
+from aipipe.hub.client_certs import ClientCerts
 from aipipe.hub.enrolment import refusal
 from aipipe.hub.home import HubPaths
 from aipipe.hub.metrics import HubMetrics
@@ -80,6 +81,7 @@ class HubService:
         self.protocols = Protocols(self._rounds)
         self.secure = SecureRounds(store, self._rounds.secure, self.protocols)
         self.access = Access(self._rounds, self)
+        self.client_certs = ClientCerts(paths, audit)
         self._specs: dict[str, StudySpec] = {}
 
     # -- auth and enrolment ------------------------------------------------------------------
@@ -109,6 +111,7 @@ class HubService:
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         credential = secrets.token_urlsafe(32)
         sealing = self.secure.checked_sealing_key(request)  # before the one-time token is spent
+        csr = self.client_certs.check(request.node, request.client_csr, "enrolment")
         done = self.store.enrol(request.node, request.secret, request.public_key, credential)
         if done.status not in ("enrolled", "re-enrolled"):
             reason, error = refusal(request.node, done)
@@ -132,7 +135,10 @@ class HubService:
             details=details,
         )
         return EnrolResponse(
-            node=request.node, credential=credential, hub_public_key=self.identity.public_hex
+            node=request.node,
+            credential=credential,
+            hub_public_key=self.identity.public_hex,
+            client_cert=self.client_certs.issue(request.node, csr, "enrol"),
         )
 
     # -- studies -----------------------------------------------------------------------------

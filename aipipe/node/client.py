@@ -25,6 +25,8 @@ from aipipe.secure.errors import SecAggRoundFailedError
 from aipipe.tls import HubTransport
 from aipipe.wire import (
     WORK_ITEM,
+    ClientCert,
+    ClientCertRequest,
     Decline,
     EnrolRequest,
     EnrolResponse,
@@ -57,11 +59,14 @@ class HubClient:
         on_audit_head: Callable[[str], None] | None = None,
         ca_bundle: Path | None = None,
         ca_only: bool = False,
+        client_pair: tuple[bytes, bytes] | None = None,
     ) -> None:
         """`on_audit_head` is given the hub's signed audit head from each response that has
         one (`aipipe.audit.HeadRecorder.observe` keeps the highest in the node home).
         `ca_bundle` adds the consortium's CA to the public ones, or with `ca_only` is the only
-        CA trusted (the one the enrolment token pinned; `aipipe.tls.HubTransport`)."""
+        CA trusted (the one the enrolment token pinned; `aipipe.tls.HubTransport`).
+        `client_pair` (PEM certificate and key) is the node's TLS client certificate, presented
+        to a hub that requires mutual TLS."""
         if max_retries < 0 or backoff_s < 0:
             raise ValueError("max_retries and backoff_s must be ≥ 0")
         if urlsplit(base_url).scheme not in ("http", "https") or "://" not in base_url:
@@ -71,11 +76,16 @@ class HubClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
         hooks = {"response": [_audit_head_hook(on_audit_head)]} if on_audit_head else {}
+        self._tls = (
+            None
+            if transport is not None
+            else HubTransport(ca_bundle, only=ca_only, client_pair=client_pair)
+        )
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
             timeout=timeout_s,
-            transport=transport if transport is not None else HubTransport(ca_bundle, only=ca_only),
+            transport=transport or self._tls,
             event_hooks=hooks,
         )
         self._retries = max_retries
@@ -141,6 +151,17 @@ class HubClient:
 
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         return self._json(EnrolResponse, "POST", "/v1/enrol", json=request.model_dump())
+
+    def renew_certificate(self, csr: str) -> ClientCert:
+        """A new TLS client certificate for the key of `csr` (this node's name)."""
+        body = ClientCertRequest(csr=csr).model_dump()
+        return self._json(ClientCert, "POST", "/v1/node/certificate", json=body)
+
+    def present(self, client_pair: tuple[bytes, bytes]) -> None:
+        """Present a renewed client certificate (PEM certificate, key) from now on."""
+        if self._tls is None:
+            raise ConfigError("this hub client was given its own transport; it has no TLS to renew")
+        self._tls.present(client_pair)
 
     def work(self, wait_s: float, skip: Sequence[str] = ()) -> WorkItem:
         """The next work item; `skip` names studies whose work this node declines for now."""

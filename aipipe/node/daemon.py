@@ -23,8 +23,17 @@ class _Stop(Exception):
 
 
 class Daemon:
-    def __init__(self, worker: NodeWorker, log: Callable[[str], None], poll_wait_s: float = 10.0):
+    def __init__(
+        self,
+        worker: NodeWorker,
+        log: Callable[[str], None],
+        poll_wait_s: float = 10.0,
+        renew: Callable[[], str | None] | None = None,
+    ):
+        """`renew` (`aipipe.node.client_cert.Renewer.check`) runs before each long-poll and
+        renews the TLS client certificate when it is due."""
         self.worker = worker
+        self.renew = renew
         self.log = log
         self.poll_wait_s = poll_wait_s
         self.stopping = False
@@ -56,6 +65,9 @@ class Daemon:
         backoff = 1.0
         declines = 0  # work declined in a row: a hub that re-offers it is not polled in a spin
         while not self.stopping:
+            renewed = self.renew() if self.renew is not None else None
+            if renewed is not None:
+                self.log(renewed)
             try:
                 self._idle = True
                 skip = self.worker.declined_studies()

@@ -8,6 +8,8 @@
 <home>/sealing.key      X25519 key that study secrets are sealed to, mode 0600 (SecureVault)
 <home>/hub-ca.pem       the consortium CA the enrolment token pinned: the hub is verified against
                         it alone (or, for a token without a pin, the CA given by --hub-ca)
+<home>/client-key.pem   TLS client key and certificate (client-cert.pem) the hub signed at
+                        enrolment, presented to a hub with mutual TLS (aipipe.node.client_cert)
 
 The home is 0700 and every file in it 0600: the store holds raw FHIR.
 """
@@ -22,12 +24,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from aipipe.audit.anchor import HUB_HEAD_FILE, HeadRecorder
 from aipipe.audit.log import AuditLog
 from aipipe.errors import ConfigError, IdentityError, NodeExistsError
 from aipipe.fhir.smart_key import SmartKey
+from aipipe.node import client_cert
 from aipipe.node.client import HubClient
 from aipipe.node.vault import SecureVault
 from aipipe.pki import fingerprint, load_cert
@@ -157,12 +161,14 @@ def enrol(paths: NodePaths, token_text: str) -> str:
     if not paths.sealing_key.exists():  # a node initialised before sealing keys existed
         SecureVault.create_sealing_key(paths.sealing_key)
     sealing = vault.sealing_public()
+    tls_key = client_cert.pending(token.node)  # the hub signs it into our client certificate
     request = EnrolRequest(
         node=token.node,
         secret=token.secret,
         public_key=identity.public_hex,
         sealing_key=sealing.hex(),
         sealing_signature=identity.sign(sealing_key_payload(token.node, sealing)).hex(),
+        client_csr=tls_key.csr,
     )
     with HubClient(
         token.hub_url,
@@ -172,6 +178,10 @@ def enrol(paths: NodePaths, token_text: str) -> str:
     ) as client:
         response = client.enrol(request)
     write_private(paths.home / CREDENTIAL, response.credential.encode(), what="hub credential")
+    if response.client_cert is None:  # a hub that signs no client certificates
+        client_cert.forget(paths.home)
+    else:
+        client_cert.install(paths.home, token.node, tls_key, response.client_cert)
     paths.config.hub_url = token.hub_url
     save_node_config(paths.home, paths.config)
     return token.hub_url
@@ -230,7 +240,18 @@ def hub_client(paths: NodePaths) -> HubClient:
         ca_bundle=hub_ca(paths),
         ca_only=paths.config.hub_ca_pinned,
         on_audit_head=_hub_head(paths),
+        client_pair=client_cert.load_pair(paths.home),
     )
+
+
+def renew_client_cert(paths: NodePaths) -> x509.Certificate:
+    """A new TLS client key and certificate from the hub, asked for over a connection that
+    presents the current ones (`aipipe node tls renew`)."""
+    client_cert.current(paths.home)  # a node without one must re-enrol: say so first
+    request = client_cert.pending(paths.config.name)
+    with hub_client(paths) as client:
+        answer = client.renew_certificate(request.csr)
+    return client_cert.install(paths.home, paths.config.name, request, answer)
 
 
 def _hub_head(paths: NodePaths) -> Callable[[str], None]:

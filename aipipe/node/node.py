@@ -382,6 +382,8 @@ class Node:
         self, log: Log, *, poll_wait_s: float = 10.0, attack: Attack | None = None
     ) -> Daemon:
         """The daemon that long-polls the hub and runs `worker`, until stopped."""
+        from aipipe.node.client_cert import Renewer
         from aipipe.node.daemon import Daemon  # imports torch: only when needed
 
-        return Daemon(self.worker(log, attack), log, poll_wait_s=poll_wait_s)
+        renew = Renewer(self.paths.home, self.name, self.hub).check
+        return Daemon(self.worker(log, attack), log, poll_wait_s=poll_wait_s, renew=renew)

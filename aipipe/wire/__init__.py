@@ -7,6 +7,8 @@ from aipipe.wire.frames import FrameError, pack_frame, unpack_frame
 from aipipe.wire.messages import (
     PROTOCOL_VERSION,
     WORK_ITEM,
+    ClientCert,
+    ClientCertRequest,
     Decline,
     EnrolRequest,
     EnrolResponse,
@@ -32,6 +34,8 @@ from aipipe.wire.messages import (
 __all__ = [
     "PROTOCOL_VERSION",
     "WORK_ITEM",
+    "ClientCert",
+    "ClientCertRequest",
     "Decline",
     "EnrolRequest",
     "EnrolResponse",

@@ -116,12 +116,28 @@ class EnrolRequest(Wire):
     # key over `aipipe.wire.secure.sealing_key_payload`.
     sealing_key: str | None = Field(default=None, pattern=_HEX64)
     sealing_signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
+    # PEM CSR for the node's TLS client key (CN = node); older nodes send none and get none.
+    client_csr: str | None = Field(default=None, max_length=4096)
+
+
+class ClientCertRequest(Wire):
+    """A node asking for a new client certificate (renewal): the PEM CSR of its new key."""
+
+    csr: str = Field(max_length=4096)
+
+
+class ClientCert(Wire):
+    """A node's TLS client certificate (PEM), signed by the consortium CA, and its expiry."""
+
+    cert: str
+    not_after: str
 
 
 class EnrolResponse(Wire):
     node: str
     credential: str
     hub_public_key: str
+    client_cert: ClientCert | None = None  # for the request's client_csr (aipipe.hub.mtls)
 
 
 class NodeInfo(Wire):

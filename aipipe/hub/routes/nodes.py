@@ -1,4 +1,5 @@
-"""Health (liveness and readiness), enrolment, and the admin's list of nodes."""
+"""Health (liveness and readiness), enrolment, a node's client certificate renewal, and the
+admin's list of nodes."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pydantic import BaseModel
 
 from aipipe import __version__
 from aipipe.hub.metrics import unready_reason
-from aipipe.hub.routes.deps import Overseer, Svc
-from aipipe.wire import EnrolRequest, EnrolResponse
+from aipipe.hub.routes.deps import Node, Overseer, Svc
+from aipipe.wire import ClientCert, ClientCertRequest, EnrolRequest, EnrolResponse
 
 router = APIRouter()
 
@@ -48,6 +49,13 @@ async def readyz(service: Svc) -> JSONResponse:
 @router.post("/v1/enrol")
 async def enrol(body: EnrolRequest, service: Svc) -> EnrolResponse:
     return service.enrol(body)
+
+
+@router.post("/v1/node/certificate")
+async def node_certificate(body: ClientCertRequest, service: Svc, node: Node) -> ClientCert:
+    """A new TLS client certificate for the calling node, for the key of its CSR (CN = its
+    name; under mutual TLS the call itself needs its current certificate)."""
+    return service.client_certs.renew(node.name, body.csr)
 
 
 @router.get("/v1/nodes")
