@@ -76,7 +76,7 @@ def route_roles(routers: Iterable[APIRouter]) -> list[RouteRoles]:
     """Every route of `routers` with the roles its `Allow` names, read from its dependencies."""
     rows = []
     for route in (r for router in routers for r in router.routes):
-        if not isinstance(route, APIRoute) or not route.include_in_schema:
+        if not isinstance(route, APIRoute):
             continue
         allowed = _allowed(route)
         for method in sorted((route.methods or set()) - {"HEAD"}):

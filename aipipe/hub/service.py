@@ -29,6 +29,7 @@ from aipipe.hub.enrolment import refusal
 from aipipe.hub.home import HubPaths
 from aipipe.hub.metrics import HubMetrics
 from aipipe.hub.models import ModelRegistry, version_id
+from aipipe.hub.people import People
 from aipipe.hub.rounds.context import NodeStatus, RoundContext
 from aipipe.hub.rounds.protocol import RoundProtocol
 from aipipe.hub.rounds.registry import Protocols
@@ -36,7 +37,6 @@ from aipipe.hub.secure import SecureRounds
 from aipipe.hub.validation import check_report
 from aipipe.personalization.parts import initial_weights
 from aipipe.secure.identity import Identity
-from aipipe.store.hub_nodes import secret_hash
 from aipipe.store.hub_rounds import RoundRow
 from aipipe.store.hub_store import HubStore
 from aipipe.store.secure_store import SecureStore
@@ -80,21 +80,31 @@ class HubService:
         self.protocols = Protocols(self._rounds)
         self.secure = SecureRounds(store, self._rounds.secure, self.protocols)
         self.access = Access(self._rounds, self)
+        self.people = People(store, audit, issuer=f"aipipe {paths.config.name}")
         self._specs: dict[str, StudySpec] = {}
 
     # -- auth and enrolment ------------------------------------------------------------------
 
     def authenticate(self, bearer: str | None) -> Principal:
+        """Who holds `bearer`: a person's or a service's API token (`aipipe.hub.people`), or a
+        node's credential. A refusal is audited `auth.failure` with its reason, not the token."""
         if not bearer:
-            raise AuthError("missing bearer token")
-        if secret_hash(bearer) == self.store.meta("admin_token_hash"):
-            return Principal("admin", "admin")
+            self._auth_failure("missing")
+            raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+        person = self.people.authenticate(bearer)
+        if person is not None:
+            return person
         node = self.store.node_for_credential(bearer)
         if node is None or node["state"] != "active":
-            self.audit.append("auth.failure", actor="unknown", outcome="failure")
+            self._auth_failure("unknown" if node is None else "node-revoked")
             raise AuthError("unknown or revoked token")
         self.store.touch_node(node["name"])
         return Principal("node", str(node["name"]))
+
+    def _auth_failure(self, reason: str) -> None:
+        self.audit.append(
+            "auth.failure", actor="unknown", outcome="failure", details={"reason": reason}
+        )
 
     def audit_refusal(self, who: Principal, method: str, path: str, reason: str) -> None:
         """An authenticated caller refused by its role (`aipipe.hub.roles.Allow`)."""
