@@ -226,6 +226,8 @@ def test_a_scientist_publishes_and_opens_a_round_but_lists_no_tokens(hub: Hub) -
     assert hub.client.post("/v1/people", json={"name": "eve", "role": "admin"},
                            headers=scientist).status_code == 403  # fmt: skip
     assert [e.actor for e in hub.events("auth.refused")] == ["scientist/sam"] * 2
+    ops = {e.details["op"]: e.actor for e in hub.events("admin")}
+    assert ops["publish"] == ops["open-round"] == "scientist/sam"  # who did it, not "admin"
 
 
 def test_an_auditor_reads_rounds_and_models_but_no_weights_and_publishes_nothing(

@@ -147,7 +147,7 @@ class HubService:
 
     # -- studies -----------------------------------------------------------------------------
 
-    def publish(self, raw_spec: dict[str, Any]) -> StudyInfo:
+    def publish(self, raw_spec: dict[str, Any], actor: str = "admin") -> StudyInfo:
         try:
             spec = StudySpec.model_validate(raw_spec)
         except ValidationError as exc:
@@ -176,7 +176,7 @@ class HubService:
         self.store.add_study(spec.name, spec.digest(), spec.model_dump(mode="json"), version)
         self.audit.append(
             "admin",
-            actor="admin",
+            actor=actor,
             resource=f"study/{spec.name}",
             details={"op": "publish", "digest": spec.digest()},
         )
@@ -213,7 +213,7 @@ class HubService:
         spec = self.spec(study)
         return spec, self.protocols.for_spec(spec)
 
-    def open_round(self, study: str, deadline_s: float | None) -> RoundInfo:
+    def open_round(self, study: str, deadline_s: float | None, actor: str = "admin") -> RoundInfo:
         spec, protocol = self._protocol(study)
         active = self.store.active_round(study)
         if active is not None:
@@ -232,7 +232,7 @@ class HubService:
         protocol.open(spec, number)
         self.audit.append(
             "admin",
-            actor="admin",
+            actor=actor,
             resource=f"study/{study}/round/{number}",
             details={"op": "open-round", "selected": len(selected)},
         )
