@@ -7,13 +7,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from aipipe.hub.people import LOGIN_REFUSED
+from aipipe.errors import AuthError
+from aipipe.hub.hub import Hub as HubHome
+from aipipe.hub.people import LOGIN_REFUSED, People
 from aipipe.store.hub_store import HubStore
+from aipipe.wire.people import TokenRequest
 from tests.hub_support import STUDY, Hub, running_hub, totp_now
 
 
@@ -152,6 +156,8 @@ def test_tokens_are_stored_hashed_only(hub: Hub) -> None:
 def test_a_revoked_token_is_refused_from_the_next_request(hub: Hub) -> None:
     grant = service_token(hub, "auditor")
     assert hub.client.get("/v1/nodes", headers=bearer(grant["token"])).status_code == 200
+    used = hub.client.get("/v1/tokens", headers=hub.admin).json()
+    assert [t["last_used"] is not None for t in used] == [True, True]  # bootstrap, svc-auditor
 
     revoked = hub.client.delete(f"/v1/tokens/{grant['id']}", headers=hub.admin)
 
@@ -172,6 +178,23 @@ def test_an_expired_token_is_refused(hub: Hub) -> None:
 
     assert response.status_code == 401 and "expired" in response.json()["detail"]
     assert reasons(hub)[-1] == "expired"
+
+
+def test_a_login_token_lives_its_lifetime_and_no_longer(hub: Hub) -> None:
+    alice = add_person(hub, "alice", "scientist")
+    now = datetime.now(UTC)
+    with HubHome(hub.paths) as local:
+        people = People(local.store, local.audit, "test", now=lambda: now)
+        request = TokenRequest(person="alice", password=alice["password"],
+                               totp=totp_now(alice["totp_uri"]), lifetime_s=3600)  # fmt: skip
+        grant = people.login(request)
+
+        now += timedelta(seconds=3599)
+        assert people.authenticate(grant.token) is not None
+        now += timedelta(seconds=1)
+        with pytest.raises(AuthError, match="expired"):
+            people.authenticate(grant.token)
+    assert grant.expires_at is not None
 
 
 def test_a_disabled_persons_tokens_are_refused(hub: Hub) -> None:
