@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyotp
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fastapi.testclient import TestClient
 from httpx import Response
@@ -186,6 +187,13 @@ class Hub:
             headers={**node.headers, "Content-Type": content_type},
         )
         return response
+
+
+def totp_now(uri: str) -> str:
+    """The current code of a person's otpauth:// provisioning URI, as their app shows it."""
+    otp = pyotp.parse_uri(uri)
+    assert isinstance(otp, pyotp.TOTP)
+    return otp.now()
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from aipipe import __version__
-from aipipe.cli import audit, backup, hub, model, node, privacy, study, train
+from aipipe.cli import audit, backup, hub, model, node, people, privacy, study, train
 from aipipe.cli.render import AipipeGroup
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.add_typer(model.app, name="model")
 app.add_typer(privacy.app, name="privacy")
 app.add_typer(audit.app, name="audit")
 backup.register(node.app, hub.app)
+people.register(hub.app, app)
 
 
 def _version(value: bool) -> None:

@@ -33,6 +33,7 @@ from aipipe.pki import CLIENT_DAYS, DEFAULT_NAMES, MAX_CLIENT_DAYS
 from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
 from aipipe.store.hub_nodes import secret_hash
+from aipipe.store.hub_people import BOOTSTRAP
 from aipipe.store.hub_store import HubStore
 from aipipe.tls import HUB_MIN_VERSION, ServerTls, server_tls
 
@@ -152,7 +153,7 @@ def init_hub(
     token = "aipipe-admin." + secrets.token_urlsafe(32)
     store = paths.open_store()
     try:
-        store.set_meta("admin_token_hash", secret_hash(token))
+        store.add_api_token(secret_hash(token), role="admin", name=BOOTSTRAP)  # revocable
     finally:
         store.close()
     return paths, token

@@ -31,10 +31,13 @@ from aipipe.hub.certs import (
 )
 from aipipe.hub.enrolment import issue_token, token_expiry
 from aipipe.hub.home import HubPaths, init_hub, load_hub, save_hub_config, served_url
+from aipipe.hub.people import People
 from aipipe.pki import DEFAULT_NAMES, fingerprint, server_names
 from aipipe.secure.identity import Identity
 from aipipe.store.hub_reputation import INITIAL_REPUTATION
 from aipipe.store.hub_store import HubStore
+
+OPERATOR = "admin/operator"  # the audit actor of people and token commands run on the hub home
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,11 @@ class Hub:
             identity = Identity.load(self.paths.identity_key)
             self._audit = AuditLog.open(self.paths.audit_log, identity, owner=f"hub/{self.name}")
         return self._audit
+
+    @property
+    def people(self) -> People:
+        """People and API tokens; the operator on the hub machine acts as `OPERATOR`."""
+        return People(self.store, self.audit, issuer=f"aipipe {self.name}")
 
     @property
     def is_open(self) -> bool:

@@ -51,6 +51,8 @@ class BodyRule:
 _SEGMENT = r"[^/]+"
 RULES: tuple[BodyRule, ...] = (
     BodyRule(re.compile(r"/v1/enrol"), MAX_ENROL_BYTES, token=False),
+    # A person's login: the password and TOTP code are the credential.
+    BodyRule(re.compile(r"/v1/auth/token"), MAX_ENROL_BYTES, token=False),
     BodyRule(re.compile(r"/v1/studies"), MAX_STUDY_BYTES),
     BodyRule(re.compile(rf"/v1/studies/{_SEGMENT}/rounds/{_SEGMENT}/updates"), MAX_UPDATE_BYTES),
     BodyRule(

@@ -5,32 +5,36 @@ Every error the hub's own routes answer is `ErrorBody` (`{"error": "NotFoundErro
 request validation errors included (one line naming the fields, never their values: an
 enrolment secret must not echo back). The CDS Hooks routes answer FHIR OperationOutcomes instead.
 
-`/openapi.json` is served to the admin token; with `api_docs: true` in hub.yaml it and the
-Swagger UI at `/docs` are public, and the UI's script and stylesheet come from the hub itself
-(the `swagger-ui-bundle-v2` package), so the page works on a network without internet.
+`/openapi.json` is served to people's tokens (admin, scientist, auditor; not to nodes); with
+`api_docs: true` in hub.yaml it and the Swagger UI at `/docs` are public, and the UI's script
+and stylesheet come from the hub itself (the `swagger-ui-bundle-v2` package), so the page works
+on a network without internet.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from aipipe.errors import AuthError
+from aipipe.hub.access import Principal
 from aipipe.hub.home import HubConfig
+from aipipe.hub.roles import Allow
 from aipipe.wire.messages import ErrorBody
 
 ASSETS = "/docs/assets"
+Reader = Annotated[Principal, Depends(Allow("admin", "scientist", "auditor"))]
 
 
 _ERRORS = {
     400: "The request is malformed (not JSON, or not what the route takes)",
-    401: "No token, an unknown or revoked one, or one of the wrong role",
-    403: "The credential may not read or post this (a node outside the study)",
+    401: "No token, or an unknown, expired or revoked one",
+    403: "The credential's role may not call this route, or may not read or post this (a node "
+    "outside the study)",
     404: "No such study, round, model or node",
     409: "Refused in the current state (a closed round, a replayed or refused update)",
     413: "The body is over the route's size limit",
@@ -74,19 +78,24 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "invalid request: " + "; ".join(parts) + more}, 422)
 
 
+DOCS = APIRouter()  # /openapi.json behind the roles (part of the README's route × role table)
+
+
+@DOCS.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request, _: Reader) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
 def add_docs(app: FastAPI, config: HubConfig) -> None:
-    """`/openapi.json` for the admin token (public with `api_docs`), `/docs` with `api_docs`."""
+    """`/openapi.json` for people's tokens (public with `api_docs`), `/docs` with `api_docs`."""
+    if not config.api_docs:
+        app.include_router(DOCS)
+        return
 
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
-        if not config.api_docs:
-            token = authorization[7:] if authorization and authorization[:7] == "Bearer " else None
-            if request.app.state.service.authenticate(token).kind != "admin":
-                raise AuthError("the API description needs the admin token (or api_docs: true)")
+    async def public_openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    if not config.api_docs:
-        return
     from swagger_ui_bundle import swagger_ui_path
 
     app.mount(ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")

@@ -12,8 +12,10 @@ Roles (DESIGN §6, issue 15):
 
 A route's roles are declared once, in its signature (`Allow(...)` as a dependency), so the
 route × role table (`route_roles`, printed in the README) is read from the code itself. A
-route without an `Allow` is public (health, enrolment by one-time token, CDS Hooks with its
-own JWT). A refusal raises `ForbiddenError` (403) and is audited as ``auth.refused``.
+route without an `Allow` is public (health, enrolment by one-time token, a person's login
+with password and TOTP code, CDS Hooks with its own JWT). Who holds which token: people and
+service tokens in `aipipe.hub.people`, node credentials at enrolment. A refusal raises
+`ForbiddenError` (403) and is audited as ``auth.refused``.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def route_roles(routers: Iterable[APIRouter]) -> list[RouteRoles]:
     """Every route of `routers` with the roles its `Allow` names, read from its dependencies."""
     rows = []
     for route in (r for router in routers for r in router.routes):
-        if not isinstance(route, APIRoute) or not route.include_in_schema:
+        if not isinstance(route, APIRoute):
             continue
         allowed = _allowed(route)
         for method in sorted((route.methods or set()) - {"HEAD"}):

@@ -30,6 +30,7 @@ from aipipe.hub.enrolment import refusal
 from aipipe.hub.home import HubPaths
 from aipipe.hub.metrics import HubMetrics
 from aipipe.hub.models import ModelRegistry, version_id
+from aipipe.hub.people import People
 from aipipe.hub.rounds.context import NodeStatus, RoundContext
 from aipipe.hub.rounds.protocol import RoundProtocol
 from aipipe.hub.rounds.registry import Protocols
@@ -37,7 +38,6 @@ from aipipe.hub.secure import SecureRounds
 from aipipe.hub.validation import check_report
 from aipipe.personalization.parts import initial_weights
 from aipipe.secure.identity import Identity
-from aipipe.store.hub_nodes import secret_hash
 from aipipe.store.hub_rounds import RoundRow
 from aipipe.store.hub_store import HubStore
 from aipipe.store.secure_store import SecureStore
@@ -82,21 +82,31 @@ class HubService:
         self.secure = SecureRounds(store, self._rounds.secure, self.protocols)
         self.access = Access(self._rounds, self)
         self.client_certs = ClientCerts(paths, audit)
+        self.people = People(store, audit, issuer=f"aipipe {paths.config.name}")
         self._specs: dict[str, StudySpec] = {}
 
     # -- auth and enrolment ------------------------------------------------------------------
 
     def authenticate(self, bearer: str | None) -> Principal:
+        """Who holds `bearer`: a person's or a service's API token (`aipipe.hub.people`), or a
+        node's credential. A refusal is audited `auth.failure` with its reason, not the token."""
         if not bearer:
-            raise AuthError("missing bearer token")
-        if secret_hash(bearer) == self.store.meta("admin_token_hash"):
-            return Principal("admin", "admin")
+            self._auth_failure("missing")
+            raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+        person = self.people.authenticate(bearer)
+        if person is not None:
+            return person
         node = self.store.node_for_credential(bearer)
         if node is None or node["state"] != "active":
-            self.audit.append("auth.failure", actor="unknown", outcome="failure")
+            self._auth_failure("unknown" if node is None else "node-revoked")
             raise AuthError("unknown or revoked token")
         self.store.touch_node(node["name"])
         return Principal("node", str(node["name"]))
+
+    def _auth_failure(self, reason: str) -> None:
+        self.audit.append(
+            "auth.failure", actor="unknown", outcome="failure", details={"reason": reason}
+        )
 
     def audit_refusal(self, who: Principal, method: str, path: str, reason: str) -> None:
         """An authenticated caller refused by its role (`aipipe.hub.roles.Allow`)."""
@@ -143,7 +153,7 @@ class HubService:
 
     # -- studies -----------------------------------------------------------------------------
 
-    def publish(self, raw_spec: dict[str, Any]) -> StudyInfo:
+    def publish(self, raw_spec: dict[str, Any], actor: str = "admin") -> StudyInfo:
         try:
             spec = StudySpec.model_validate(raw_spec)
         except ValidationError as exc:
@@ -172,7 +182,7 @@ class HubService:
         self.store.add_study(spec.name, spec.digest(), spec.model_dump(mode="json"), version)
         self.audit.append(
             "admin",
-            actor="admin",
+            actor=actor,
             resource=f"study/{spec.name}",
             details={"op": "publish", "digest": spec.digest()},
         )
@@ -209,7 +219,7 @@ class HubService:
         spec = self.spec(study)
         return spec, self.protocols.for_spec(spec)
 
-    def open_round(self, study: str, deadline_s: float | None) -> RoundInfo:
+    def open_round(self, study: str, deadline_s: float | None, actor: str = "admin") -> RoundInfo:
         spec, protocol = self._protocol(study)
         active = self.store.active_round(study)
         if active is not None:
@@ -228,7 +238,7 @@ class HubService:
         protocol.open(spec, number)
         self.audit.append(
             "admin",
-            actor="admin",
+            actor=actor,
             resource=f"study/{study}/round/{number}",
             details={"op": "open-round", "selected": len(selected)},
         )

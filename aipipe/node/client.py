@@ -37,6 +37,7 @@ from aipipe.wire import (
     WorkItem,
 )
 from aipipe.wire.frames import MEDIA_TYPE
+from aipipe.wire.people import TokenGrant, TokenRequest
 from aipipe.wire.secure import CkksKeyInfo, CkksKeys, Keyring, SecAggRoundConfig, SecAggStep
 
 M = TypeVar("M", bound=BaseModel)
@@ -144,6 +145,10 @@ class HubClient:
         return model.model_validate(self._request(method, path, **kwargs).json())
 
     # -- calls ---------------------------------------------------------------------------
+
+    def login(self, request: TokenRequest) -> TokenGrant:
+        """A person's token for their password and TOTP code (`aipipe login`)."""
+        return self._json(TokenGrant, "POST", "/v1/auth/token", json=request.model_dump())
 
     def health(self) -> dict[str, Any]:
         data: dict[str, Any] = self._request("GET", "/healthz").json()

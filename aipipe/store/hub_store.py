@@ -7,7 +7,8 @@ tables' operations live in three parts that `HubStore` is made of: `NodeTables`
 (``hub_nodes.py``: enrolment tokens and nodes), `RoundTables` (``hub_rounds.py``: studies,
 rounds and the updates they accepted) and `ModelTables` (``hub_models.py``: model blobs and
 versions, metrics, feature statistics); `ReputationTables` (``hub_reputation.py``) adds the
-screening of plaintext rounds: each update's scores and each node's reputation.
+screening of plaintext rounds: each update's scores and each node's reputation;
+`PeopleTables` (``hub_people.py``) people and their role-scoped API tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from aipipe.errors import StoreError
 from aipipe.store.hub_models import ModelTables
 from aipipe.store.hub_nodes import NodeTables
+from aipipe.store.hub_people import SCHEMA as PEOPLE_SCHEMA
+from aipipe.store.hub_people import PeopleTables, migrate_bootstrap
 from aipipe.store.hub_reputation import SCHEMA as REPUTATION_SCHEMA
 from aipipe.store.hub_reputation import ReputationTables
 from aipipe.store.hub_rounds import RoundTables
@@ -72,7 +75,7 @@ def _add_token_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE enrol_tokens ADD COLUMN {column} {kind}")
 
 
-class HubStore(NodeTables, RoundTables, ModelTables, ReputationTables):
+class HubStore(NodeTables, RoundTables, ModelTables, ReputationTables, PeopleTables):
     """The hub's state: one SQLite connection (`open` creates the tables) and the blob directory."""
 
     def __init__(self, conn: sqlite3.Connection, blob_dir: Path) -> None:
@@ -90,6 +93,8 @@ class HubStore(NodeTables, RoundTables, ModelTables, ReputationTables):
             conn.executescript(_SCHEMA)
             conn.executescript(REPUTATION_SCHEMA)
             _add_token_columns(conn)
+            conn.executescript(PEOPLE_SCHEMA)
+            migrate_bootstrap(conn)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open hub store {path}: {exc}") from exc
         blob_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -25,8 +25,8 @@ router = APIRouter()
 
 
 @router.post("/v1/studies")
-async def publish(body: StudyPublish, service: Svc, _: Steer) -> StudyInfo:
-    return service.publish(body.spec)
+async def publish(body: StudyPublish, service: Svc, who: Steer) -> StudyInfo:
+    return service.publish(body.spec, actor=f"{who.kind}/{who.name}")
 
 
 @router.get("/v1/studies/{study}")
@@ -36,9 +36,9 @@ async def study(study: str, service: Svc, who: Reader) -> StudyInfo:
 
 @router.post("/v1/studies/{study}/rounds")
 async def open_round(
-    study: str, body: RoundOpen, service: Svc, changes: Notify, _: Steer
+    study: str, body: RoundOpen, service: Svc, changes: Notify, who: Steer
 ) -> RoundInfo:
-    info = service.open_round(study, body.deadline_s)
+    info = service.open_round(study, body.deadline_s, actor=f"{who.kind}/{who.name}")
     changes.notify()
     return info
 
