@@ -91,7 +91,7 @@ class HubClient:
         )
         self._retries = max_retries
         self._backoff = backoff_s
-        self._sleep = sleep
+        self.sleep = sleep  # between retries; the daemon's wait ends at SIGTERM
         self._until: float | None = None
 
     def close(self) -> None:
@@ -137,7 +137,7 @@ class HubClient:
                         f"the hub at {self.base_url} answered {response.status_code} "
                         f"{attempt + 1} times"
                     )
-            self._sleep(delay)
+            self.sleep(delay)
             attempt += 1
             delay = delay * 2 if self._until is None else min(delay * 2, MAX_RETRY_DELAY_S)
 

@@ -2,7 +2,9 @@
 
 Nothing here holds state that a restart would lose: approvals, the budget ledger and the data
 live in the node store, and the hub re-offers unfinished work, so a restarted node simply
-continues. SIGTERM stops the daemon between work items (or aborts an idle long-poll).
+continues. SIGTERM stops the daemon between work items, or at once while it waits: an idle
+long-poll, or a wait to retry an unreachable hub, also inside a work item (what a work item
+sends is written to the store before it leaves, so a restart re-sends the same bytes).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from aipipe.node.worker import NodeWorker
 MAX_BACKOFF_S = 30.0
 
 
-class _Stop(Exception):
-    """Raised by the SIGTERM handler to abort an idle long-poll."""
+class _Stop(BaseException):
+    """Raised by the SIGTERM handler to abort a wait. Not an `Exception`: a SecAgg+ round
+    interrupted by it keeps its sealed state for the next start, as after a crash."""
 
 
 class Daemon:
@@ -51,11 +54,14 @@ class Daemon:
         Returns the number of work items done.
         """
         previous = signal.signal(signal.SIGTERM, self._on_signal)
+        client = self.worker.client
+        sleep, client.sleep = client.sleep, self._sleep  # its retry waits end at SIGTERM too
         try:
             self._loop(once)
         except _Stop:
             pass
         finally:
+            client.sleep = sleep
             signal.signal(signal.SIGTERM, previous)
         return self.done
 
@@ -104,6 +110,8 @@ class Daemon:
                 self.log(f"hub went away mid-work; will retry: {exc}")
 
     def _sleep(self, seconds: float) -> None:
+        if self.stopping:  # SIGTERM came while a request was in flight: do not wait on
+            raise _Stop
         self._idle = True
         try:
             time.sleep(seconds)
