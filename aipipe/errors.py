@@ -15,6 +15,8 @@ they enter (``raise FhirServerError(...) from exc``), never logged and re-raised
     ├── StoreError                the SQLite store is corrupt or of a newer schema
     │   └── BlobIntegrityError    (500) a stored blob is missing or does not hash to it
     ├── IdentityError             key files missing, unreadable or with loose permissions
+    │   ├── AtRestKeyError        the at-rest key of an encrypted home missing, wrong or loose
+    │   └── SealedDataError       sealed data that does not open: tampered or moved
     ├── SignatureError            a signature that does not verify
     ├── AuditChainBrokenError     an audit log whose hash chain does not verify
     ├── HubUnavailableError       the hub cannot be reached
@@ -105,6 +107,16 @@ class IdentityError(AipipeError):
     """A key file is missing, unreadable or readable by others."""
 
     exit_code = 7
+
+
+class AtRestKeyError(IdentityError):
+    """An encrypted home opened without its at-rest key, with another key, or with a key file
+    others can read (aipipe.secure.at_rest)."""
+
+
+class SealedDataError(IdentityError):
+    """Data sealed at rest (AES-256-GCM) that does not open under its key: tampered with,
+    truncated, or moved from where it was sealed."""
 
 
 class SignatureError(AipipeError):

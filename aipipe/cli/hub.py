@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from aipipe.cli.at_rest import KEY_FILE, at_rest_key
 from aipipe.cli.options import JSON
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.hub.enrolment import parse_ttl
@@ -32,11 +33,14 @@ def init(
     tls_names: list[str] = typer.Option(
         list(DEFAULT_NAMES), "--tls-name", help=TLS_NAMES_HELP + "; default localhost, 127.0.0.1."
     ),
+    at_rest_key_file: Path = KEY_FILE,
     as_json: bool = JSON,
 ) -> None:
     """Create a hub home, its consortium CA and TLS certificate, and print the admin token
-    (shown once; keep it secret). Enrolment tokens pin the CA's SHA-256 fingerprint."""
-    hub, token = Hub.init(home, name, force=force, tls_names=tls_names)
+    (shown once; keep it secret). Enrolment tokens pin the CA's SHA-256 fingerprint. With an
+    at-rest key the model blobs and the home's private keys are sealed with it (AES-256-GCM)."""
+    key = at_rest_key(at_rest_key_file)
+    hub, token = Hub.init(home, name, force=force, tls_names=tls_names, at_rest_key=key)
     ca_sha256 = hub.ca_fingerprint()
     if as_json:
         emit_json({"home": str(home), "admin_token": token, "ca_sha256": ca_sha256})
@@ -62,7 +66,7 @@ def serve(
 
     HTTPS (TLS 1.3) with hub.yaml's tls_cert and tls_key (made by `hub init`, renewed by
     `hub tls rotate`); plain HTTP only with --insecure-http on a loopback --host."""
-    hub = Hub.open(home)
+    hub = Hub.open(home, at_rest_key=at_rest_key())
     err_console.log(f"hub {hub.name} serving from {home}")
     hub.serve(host, port, insecure_http=insecure_http)
 
@@ -87,7 +91,7 @@ def enrol_token(
 ) -> None:
     """Print a one-time enrolment token for a node (hub URL + secret)."""
     ttl_s = parse_ttl(ttl)
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         issued = hub.enrol_token(node, url=url, ttl_s=ttl_s, replace=replace)
         ca_sha256 = hub.ca_fingerprint()
     token, expires_at = issued.token, issued.expires_at
@@ -109,7 +113,7 @@ def tls_rotate(
 ) -> None:
     """Issue a new hub certificate from the consortium CA (nodes pin the CA, so they keep
     working); restart `hub serve` to use it. A home without a CA gets one."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         cert = hub.rotate_tls(tls_names or None)
         info = {
             "tls_cert": str(home / (hub.paths.config.tls_cert or "")),
@@ -127,7 +131,7 @@ def tls_rotate(
 @app.command()
 def nodes(home: Path = HOME, as_json: bool = JSON) -> None:
     """List enrolled nodes with their state and when they were last seen."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         rows = hub.nodes()
     if as_json:
         emit_json(rows)
@@ -155,7 +159,7 @@ def readmit(
 ) -> None:
     """Readmit a node that studies with `detection` left out for its low reputation: its
     reputation goes back to 1 (audited as node.readmitted)."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         previous = hub.readmit(node)
     if as_json:
         emit_json({"node": node, "previous": previous, "reputation": 1.0})

@@ -43,7 +43,7 @@ def create_app(paths: HubPaths) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        identity = Identity.load(paths.identity_key)
+        identity = Identity.load(paths.identity_key, at_rest=paths.at_rest)
         store = paths.open_store()
         audit = AuditLog.open(paths.audit_log, identity, owner=f"hub/{paths.config.name}")
         service = HubService(paths, store, audit, identity, metrics)
@@ -103,7 +103,7 @@ def _cds(paths: HubPaths, service: HubService, audit: AuditLog) -> APIRouter:
                       fhir=hub_fhir_access(paths),
                       allow_unauthenticated=paths.config.cds_allow_unauthenticated,
                       base_url=paths.config.cds_base_url,
-                      link_key=load_link_key(paths.cds_link_key),
+                      link_key=load_link_key(paths.cds_link_key, at_rest=paths.at_rest),
                       link_lifetime_s=paths.config.cds_link_lifetime_s)  # fmt: skip
 
 

@@ -7,6 +7,7 @@ the app in `aipipe.hub.app`, which opens the home on its own; `serve` runs it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,9 @@ from aipipe.hub.certs import (
 from aipipe.hub.enrolment import issue_token, token_expiry
 from aipipe.hub.home import HubPaths, init_hub, load_hub, save_hub_config, served_url
 from aipipe.pki import DEFAULT_NAMES, fingerprint, server_names
+from aipipe.secure.at_rest import AtRest, AtRestConfig, AtRestKey
 from aipipe.secure.identity import Identity
+from aipipe.secure.rekey import Rotation, reseal_files, rotate
 from aipipe.store.hub_reputation import INITIAL_REPUTATION
 from aipipe.store.hub_store import HubStore
 
@@ -55,17 +58,27 @@ class Hub:
         self._audit: AuditLog | None = None
 
     @classmethod
-    def open(cls, home: Path) -> Hub:
-        """The hub at `home` (NodeNotFoundError, saying to run `hub init`, if there is none)."""
-        return cls(load_hub(home))
+    def open(cls, home: Path, *, at_rest_key: AtRestKey | None = None) -> Hub:
+        """The hub at `home` (NodeNotFoundError, saying to run `hub init`, if there is none);
+        a home encrypted at rest needs its key (AtRestKeyError when missing or another)."""
+        return cls(load_hub(home, at_rest_key))
 
     @classmethod
     def init(
-        cls, home: Path, name: str, *, force: bool = False, tls_names: Sequence[str] = DEFAULT_NAMES
+        cls,
+        home: Path,
+        name: str,
+        *,
+        force: bool = False,
+        tls_names: Sequence[str] = DEFAULT_NAMES,
+        at_rest_key: AtRestKey | None = None,
     ) -> tuple[Hub, str]:
-        """Create a hub home with its consortium CA and a TLS certificate for `tls_names`;
-        return it and the admin token (shown once, kept only hashed)."""
-        paths, token = init_hub(home, name, force=force, tls_names=tls_names)
+        """Create a hub home with its consortium CA and a TLS certificate for `tls_names`
+        (sealed at rest under `at_rest_key` if given); return it and the admin token (shown
+        once, kept only hashed)."""
+        paths, token = init_hub(
+            home, name, force=force, tls_names=tls_names, at_rest_key=at_rest_key
+        )
         return cls(paths), token
 
     def rotate_tls(self, names: Sequence[str] | None = None) -> x509.Certificate:
@@ -116,7 +129,7 @@ class Hub:
     @property
     def audit(self) -> AuditLog:
         if self._audit is None:
-            identity = Identity.load(self.paths.identity_key)
+            identity = Identity.load(self.paths.identity_key, at_rest=self.paths.at_rest)
             self._audit = AuditLog.open(self.paths.audit_log, identity, owner=f"hub/{self.name}")
         return self._audit
 
@@ -193,3 +206,28 @@ class Hub:
 
         self.close()
         run_server(self.paths, host, port, insecure_http=insecure_http)
+
+    @classmethod
+    def rekey(cls, home: Path, old: AtRestKey, new: AtRestKey) -> Rotation:
+        """Seal the hub home at `home` again under `new` (its blobs and private keys;
+        `aipipe.secure.rekey`), audited as hub.rekey. Refused while `hub serve` runs."""
+        from aipipe.hub.serve import lock_home
+
+        paths = load_hub(home)
+
+        def save(setting: AtRestConfig) -> None:
+            paths.config.at_rest = setting
+            save_hub_config(home, paths.config)
+
+        lock = lock_home(paths)  # a ConflictError naming the process that serves the home
+        try:
+            done = rotate(f"hub home {home}", paths.config.at_rest, old, new, save=save,
+                          reseal=lambda at_rest: (reseal_files(home, at_rest), 0))  # fmt: skip
+        finally:
+            os.close(lock)
+        paths.at_rest = AtRest(new)
+        with cls(paths) as hub:
+            hub.audit.append("hub.rekey", actor="admin", resource=f"hub/{hub.name}",
+                             details={"from": done.old_key_id, "to": done.new_key_id,
+                                      "files": done.files})  # fmt: skip
+        return done

@@ -16,6 +16,7 @@ import sqlite3
 from pathlib import Path
 
 from aipipe.errors import StoreError
+from aipipe.secure.at_rest import PLAIN, AtRest
 from aipipe.store.hub_models import ModelTables
 from aipipe.store.hub_nodes import NodeTables
 from aipipe.store.hub_reputation import SCHEMA as REPUTATION_SCHEMA
@@ -75,12 +76,13 @@ def _add_token_columns(conn: sqlite3.Connection) -> None:
 class HubStore(NodeTables, RoundTables, ModelTables, ReputationTables):
     """The hub's state: one SQLite connection (`open` creates the tables) and the blob directory."""
 
-    def __init__(self, conn: sqlite3.Connection, blob_dir: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, blob_dir: Path, at_rest: AtRest = PLAIN) -> None:
         super().__init__(conn)
         self.blob_dir = blob_dir
+        self.at_rest = at_rest
 
     @classmethod
-    def open(cls, path: Path, blob_dir: Path) -> HubStore:
+    def open(cls, path: Path, blob_dir: Path, *, at_rest: AtRest = PLAIN) -> HubStore:
         try:
             private_db(path)
             conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
@@ -93,7 +95,7 @@ class HubStore(NodeTables, RoundTables, ModelTables, ReputationTables):
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open hub store {path}: {exc}") from exc
         blob_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return cls(conn, blob_dir)
+        return cls(conn, blob_dir, at_rest)
 
     def close(self) -> None:
         self.conn.close()

@@ -6,6 +6,10 @@ was before the batch. A resource is keyed by (type, id); a newer version (later
 together with all rows derived from it; the same content again is a no-op; an older version is
 ignored. Patients get a pseudonym, an HMAC of their id under the node's secret key, which is the
 only patient reference that logs and audit events carry.
+
+In a home encrypted at rest the raw resource (`resources.json`) is sealed per row under the
+home's key for ``resources/<type>/<id>`` (`aipipe.secure.at_rest`); `resource_json` opens it.
+No query reads inside that column: the normalised tables next to it are what SQL filters on.
 """
 
 from __future__ import annotations
@@ -25,9 +29,18 @@ import sqlite_utils
 from aipipe.clock import parse_instant, utc_now
 from aipipe.errors import StoreError
 from aipipe.fhir.mapping import MappedResource
+from aipipe.secure.at_rest import PLAIN, AtRest
 from aipipe.store.schema import migrate
 from aipipe.store.sqlite import immediate, private_db
 
+# The columns a home encrypted at rest seals per row (`aipipe.secure.rekey` rotates them): the
+# raw FHIR, and the personal models and training states (aipipe.node.personal, personal_state).
+SEALED_COLUMNS = (
+    ("resources", "json"),
+    ("personal_models", "weights"),
+    ("personal_models", "carry"),
+    ("personal_states", "tensors"),
+)
 # Derives the key of the keyed train/test split from the pseudonym key (domain separation).
 _SPLIT_KEY_LABEL = b"aipipe/study-split/v1"
 # Derives the key of the cohort hashes the site ledger compares studies with.
@@ -71,12 +84,15 @@ def _is_newer(incoming: MappedResource, version: str | None, updated: str | None
 class NodeStore:
     """The node's store. Open with `NodeStore.open(path, pseudonym_key)`."""
 
-    def __init__(self, db: sqlite_utils.Database, pseudonym_key: bytes) -> None:
+    def __init__(
+        self, db: sqlite_utils.Database, pseudonym_key: bytes, at_rest: AtRest = PLAIN
+    ) -> None:
         self.db = db
         self._pseudonym_key = pseudonym_key
+        self.at_rest = at_rest
 
     @classmethod
-    def open(cls, path: Path, pseudonym_key: bytes) -> NodeStore:
+    def open(cls, path: Path, pseudonym_key: bytes, *, at_rest: AtRest = PLAIN) -> NodeStore:
         try:
             private_db(path)
             conn = sqlite3.connect(path, isolation_level=None, timeout=30)
@@ -86,7 +102,7 @@ class NodeStore:
             migrate(conn)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open node store {path}: {exc}") from exc
-        return cls(sqlite_utils.Database(conn), pseudonym_key)
+        return cls(sqlite_utils.Database(conn), pseudonym_key, at_rest)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -94,6 +110,14 @@ class NodeStore:
 
     def close(self) -> None:
         self.db.conn.close()
+
+    @property
+    def pseudonym_key(self) -> bytes:
+        return self._pseudonym_key
+
+    def resource_json(self, value: str | bytes, rtype: str, rid: str) -> str:
+        """A `resources.json` value as text, opened when the home seals it."""
+        return self.at_rest.open_text(value, resource_label(rtype, rid), where=f"{rtype}/{rid}")
 
     def pseudonym(self, patient_id: str) -> str:
         digest = hmac.new(self._pseudonym_key, patient_id.encode(), hashlib.sha256)
@@ -203,7 +227,16 @@ class NodeStore:
             "patient_id = excluded.patient_id, hash = excluded.hash, json = excluded.json, "
             "ingested_at = excluded.ingested_at",
             [
-                (r.type, r.id, r.version_id, r.last_updated, r.patient_id, r.hash, r.json, now)
+                (
+                    r.type,
+                    r.id,
+                    r.version_id,
+                    r.last_updated,
+                    r.patient_id,
+                    r.hash,
+                    self.at_rest.seal_text(r.json, resource_label(r.type, r.id)),
+                    now,
+                )
                 for r in items
             ],
         )
@@ -302,6 +335,12 @@ class NodeStore:
         last = self.conn.execute("SELECT max(finished_at) FROM ingest_runs").fetchone()[0]
         patients = self.conn.execute("SELECT count(*) FROM patients").fetchone()[0]
         return {"resources": counts, "patients": patients, "last_sync": last, "cursors": cursors}
+
+
+def resource_label(rtype: str, rid: str) -> str:
+    """What a sealed `resources.json` value is sealed for: a row moved to another resource's
+    place does not open."""
+    return f"resources/{rtype}/{rid}"
 
 
 def _last_of_each(items: list[MappedResource]) -> list[MappedResource]:

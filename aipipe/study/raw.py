@@ -71,11 +71,14 @@ def raw_matrix(store: NodeStore, study: StudySpec) -> RawMatrix:
         blocks.append(block)
         col += block.shape[1]
     for name in study.demographics:
-        values = ages(conn, index, study.reference_date) if name == "age" else _sex(conn, index)
+        if name == "age":
+            values = ages(conn, index, study.reference_date, store.at_rest)
+        else:
+            values = _sex(conn, index)
         missing[name] = round(float(np.isnan(values).mean()), 4)
         drop_mask |= np.isnan(values)
         blocks.append(values[:, None])
-    excluded = exclusions(conn, study, study.reference_date)
+    excluded = exclusions(conn, study, study.reference_date, store.at_rest)
     drop_mask |= np.array([pid in excluded for pid in ids], dtype=bool)
     x = np.concatenate(blocks, axis=1).astype(np.float64)
     return RawMatrix(
