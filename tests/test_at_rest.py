@@ -242,7 +242,10 @@ def test_a_hub_model_blob_is_no_safetensors_without_the_key(tmp_path: Path) -> N
     with pytest.raises(TensorDecodeError):
         decode_arrays(raw)
     assert raw.startswith(MAGIC)
-    assert (tmp_path / "hub" / "identity.key").read_bytes().startswith(MAGIC)
+    for name in ("identity.key", "ca-key.pem"):
+        assert (tmp_path / "hub" / name).read_bytes().startswith(MAGIC), name
+    rotated = invoke("hub", "--at-rest-key-file", key, "tls", "rotate", "--home", tmp_path / "hub")
+    assert rotated.exit_code == 0, rotated.output  # the sealed CA key signs the new certificate
     line = assert_user_error(invoke("hub", "nodes", "--home", tmp_path / "hub"), 7)
     assert f"hub home {tmp_path / 'hub'} is encrypted at rest (key id {key_id(key)})" in line
 
@@ -336,3 +339,26 @@ def test_a_rotation_cut_short_is_refused_until_a_rerun_finishes_it(
     assert rerun.exit_code == 0, rerun.output
     assert json.loads(rerun.stdout)["files"] == 0  # the files were already done
     assert resources(home, new) == before
+
+
+def test_hub_rekey_seals_the_blobs_again_and_refuses_the_old_key(tmp_path: Path) -> None:
+    old, new, home = make_key(tmp_path / "old.key"), make_key(tmp_path / "new.key"), tmp_path / "h"
+    assert invoke("hub", "init", "--home", home, "--at-rest-key-file", old).exit_code == 0
+    store = load_hub(home, AtRestKey.from_file(old)).open_store()
+    try:
+        digest = store.put_blob(encode_arrays({"w": np.ones(3, dtype=np.float32)}))
+    finally:
+        store.close()
+
+    result = invoke("hub", "--at-rest-key-file", old, "rekey", "--home", home,
+                    "--new-key-file", new, "--json")  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["files"] == 3  # identity.key, ca-key.pem and the blob
+    assert key_id(old) in assert_user_error(invoke("hub", "--at-rest-key-file", old, "nodes",
+                                                   "--home", home), 7)  # fmt: skip
+    store = load_hub(home, AtRestKey.from_file(new)).open_store()
+    try:
+        assert decode_arrays(store.blob(digest))["w"].tolist() == [1.0, 1.0, 1.0]
+    finally:
+        store.close()

@@ -12,7 +12,7 @@
 <home>/tls-cert.pem    the hub's TLS certificate, signed by it; tls-key.pem its key
 
 The home is 0700 and every file in it 0600. A home made with an at-rest key (`hub init
---at-rest-key-file`) seals the model blobs, identity.key and cds-link.key under it
+--at-rest-key-file`) seals the model blobs, identity.key, ca-key.pem and cds-link.key under it
 (`aipipe.secure.at_rest`); hub.yaml records the key's id, never the key.
 """
 
@@ -130,7 +130,8 @@ def init_hub(
         raise NodeExistsError(f"a hub already exists at {home}; use --force to start over")
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     home.chmod(0o700)
-    create_consortium_tls(home, name, tls_names)
+    at_rest = PLAIN if at_rest_key is None else AtRest(at_rest_key)
+    create_consortium_tls(home, name, tls_names, at_rest=at_rest)
     config = HubConfig(
         name=name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -140,7 +141,7 @@ def init_hub(
         at_rest=None if at_rest_key is None else AtRestConfig(key_id=at_rest_key.key_id),
     )
     save_hub_config(home, config)
-    paths = HubPaths(home, config, PLAIN if at_rest_key is None else AtRest(at_rest_key))
+    paths = HubPaths(home, config, at_rest)
     Identity.generate().save(paths.identity_key, at_rest=paths.at_rest)
     token = "aipipe-admin." + secrets.token_urlsafe(32)
     store = paths.open_store()
@@ -158,6 +159,11 @@ def save_hub_config(home: Path, config: HubConfig) -> None:
 
 def load_hub(home: Path, at_rest_key: AtRestKey | None = None) -> HubPaths:
     """The hub at `home`; an encrypted one only with its at-rest key (AtRestKeyError)."""
+    config = read_hub_config(home)
+    return HubPaths(home, config, home_at_rest(f"hub home {home}", config.at_rest, at_rest_key))
+
+
+def read_hub_config(home: Path) -> HubConfig:
     path = home / HUB_CONFIG
     if not path.is_file():
         raise NodeNotFoundError(f"no hub at {home}; run: aipipe hub init --home {home}")
@@ -165,7 +171,7 @@ def load_hub(home: Path, at_rest_key: AtRestKey | None = None) -> HubPaths:
         config = HubConfig.model_validate(yaml.safe_load(path.read_text()))
     except (yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"{path} is not a valid hub config: {exc}") from exc
-    return HubPaths(home, config, home_at_rest(f"hub home {home}", config.at_rest, at_rest_key))
+    return config
 
 
 def served_url(paths: HubPaths) -> str:

@@ -31,13 +31,20 @@ from aipipe.hub.certs import (
     pinned_ca,
 )
 from aipipe.hub.enrolment import issue_token, token_expiry
-from aipipe.hub.home import HubPaths, init_hub, load_hub, save_hub_config, served_url
+from aipipe.hub.home import (
+    HubPaths,
+    init_hub,
+    load_hub,
+    read_hub_config,
+    save_hub_config,
+    served_url,
+)
 from aipipe.pki import DEFAULT_NAMES, fingerprint, server_names
 from aipipe.secure.at_rest import AtRest, AtRestConfig, AtRestKey
 from aipipe.secure.identity import Identity
-from aipipe.secure.rekey import Rotation, reseal_files, rotate
+from aipipe.secure.rekey import Rotation, reseal_columns, reseal_files, rotate
 from aipipe.store.hub_reputation import INITIAL_REPUTATION
-from aipipe.store.hub_store import HubStore
+from aipipe.store.hub_store import SEALED_COLUMNS, HubStore
 
 
 @dataclass(frozen=True)
@@ -92,9 +99,12 @@ class Hub:
                 "from hub.yaml to let this command make (or use) the consortium CA"
             )
         if has_ca(home):
-            issued = install_hub_cert(home, load_ca(home), names or current_names(home))
+            ca = load_ca(home, at_rest=self.paths.at_rest)
+            issued = install_hub_cert(home, ca, names or current_names(home))
         else:
-            issued = create_consortium_tls(home, config.name, names or DEFAULT_NAMES)
+            issued = create_consortium_tls(
+                home, config.name, names or DEFAULT_NAMES, at_rest=self.paths.at_rest
+            )
         config.tls_cert, config.tls_key, config.tls_ca = TLS_CERT, TLS_KEY, CA_CERT
         save_hub_config(home, config)
         self.audit.append(
@@ -213,7 +223,7 @@ class Hub:
         `aipipe.secure.rekey`), audited as hub.rekey. Refused while `hub serve` runs."""
         from aipipe.hub.serve import lock_home
 
-        paths = load_hub(home)
+        paths = HubPaths(home, read_hub_config(home))  # opened for the rotation below
 
         def save(setting: AtRestConfig) -> None:
             paths.config.at_rest = setting
@@ -222,12 +232,21 @@ class Hub:
         lock = lock_home(paths)  # a ConflictError naming the process that serves the home
         try:
             done = rotate(f"hub home {home}", paths.config.at_rest, old, new, save=save,
-                          reseal=lambda at_rest: (reseal_files(home, at_rest), 0))  # fmt: skip
+                          reseal=lambda at_rest: _reseal_hub(paths, at_rest))  # fmt: skip
         finally:
             os.close(lock)
         paths.at_rest = AtRest(new)
         with cls(paths) as hub:
             hub.audit.append("hub.rekey", actor="admin", resource=f"hub/{hub.name}",
                              details={"from": done.old_key_id, "to": done.new_key_id,
-                                      "files": done.files})  # fmt: skip
+                                      "files": done.files, "rows": done.rows})  # fmt: skip
         return done
+
+
+def _reseal_hub(paths: HubPaths, at_rest: AtRest) -> tuple[int, int]:
+    files = reseal_files(paths.home, at_rest)
+    store = HubStore.open(paths.store, paths.blobs, at_rest=at_rest)
+    try:
+        return files, reseal_columns(store.conn, SEALED_COLUMNS, at_rest)
+    finally:
+        store.close()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aipipe.clock import utc_now
+from aipipe.secure.at_rest import AtRest
 from aipipe.store.node_store import later
 from aipipe.store.sqlite import Tables
 from aipipe.wire import RoundState
@@ -39,7 +40,10 @@ class RoundRow:
 
 
 class RoundTables(Tables):
-    """Studies, exclusions, rounds and the updates they accepted (part of `HubStore`)."""
+    """Studies, exclusions, rounds and the updates they accepted (part of `HubStore`). In a
+    home encrypted at rest a round's running sum and a study's optimizer state are sealed."""
+
+    at_rest: AtRest
 
     # -- studies -----------------------------------------------------------------------------
 
@@ -60,10 +64,21 @@ class RoundTables(Tables):
 
     def set_study_head(self, study: str, version: str, optimizer_state: bytes | None) -> None:
         """The study's current model version and the server optimizer's state after it."""
+        sealed = None if optimizer_state is None else self.at_rest.seal(
+            optimizer_state, f"studies/{study}/optimizer_state"
+        )  # fmt: skip
         self.conn.execute(
             "UPDATE studies SET current_version = ?, optimizer_state = ? WHERE name = ?",
-            (version, optimizer_state, study),
+            (version, sealed, study),
         )
+
+    def study_optimizer_state(self, study: sqlite3.Row) -> bytes | None:
+        """The server optimizer's state kept with a `studies` row (None if it has none)."""
+        value, name = study["optimizer_state"], study["name"]
+        if not value:
+            return None
+        label = f"studies/{name}/optimizer_state"
+        return self.at_rest.open(value, label, where=f"optimizer state of study '{name}'")
 
     def exclude(self, study: str, node: str, reason: str) -> None:
         self.conn.execute(
@@ -99,7 +114,14 @@ class RoundTables(Tables):
             "sum_blob, total_examples FROM rounds WHERE study = ? AND round = ?",
             (study, number),
         ).fetchone()
-        return None if row is None else RoundRow(*row)
+        if row is None:
+            return None
+        name, rnd, state, base, deadline, reason, result, sealed, total = row
+        where = f"running sum of round {number} of '{study}'"
+        summed = None if sealed is None else self.at_rest.open(
+            sealed, _sum_label(study, number), where=where
+        )  # fmt: skip
+        return RoundRow(name, rnd, state, base, deadline, reason, result, summed, total)
 
     def round(self, study: str, number: int) -> RoundRow | None:
         return self._round(self.conn, study, number)
@@ -198,6 +220,8 @@ class RoundTables(Tables):
             ).fetchone():
                 return "this update was already received once (replayed nonce)"
             new_sum = fold(current.sum_blob)
+            if new_sum is not None:
+                new_sum = self.at_rest.seal(new_sum, _sum_label(study, number))
             conn.execute(
                 "UPDATE rounds SET sum_blob = ?, total_examples = total_examples + coalesce(?, 0), "
                 "state = ? WHERE study = ? AND round = ?",
@@ -240,3 +264,7 @@ class RoundTables(Tables):
             (reason, utc_now(), study, number, node, RoundState.OPEN, RoundState.COLLECTING),
         )
         return cursor.rowcount == 1
+
+
+def _sum_label(study: str, number: int) -> str:
+    return f"rounds/{study}/{number}/sum"

@@ -62,6 +62,10 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE INDEX IF NOT EXISTS round_nodes_by_site ON round_nodes (study, node, round);
 """
 
+# The columns a home encrypted at rest seals (`aipipe.secure.rekey` rotates them): a round's
+# running sum of updates and a study's server optimizer state (aipipe.store.hub_rounds).
+SEALED_COLUMNS = (("rounds", "sum_blob"), ("studies", "optimizer_state"))
+
 _TOKEN_COLUMNS = {"expires_at": "TEXT", "replaces": "INTEGER NOT NULL DEFAULT 0"}
 
 
