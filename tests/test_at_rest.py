@@ -28,6 +28,7 @@ from aipipe.settings import load_node_config, save_node_config
 from aipipe.study.spec import load_study
 from aipipe.wire.tensors import TensorDecodeError, decode_arrays, encode_arrays
 from tests.cli_support import assert_user_error, invoke
+from tests.test_packaging import compose, pod_spec, run_script
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "heart-disease"
 SITE = EXAMPLE / "fhir" / "switzerland"
@@ -362,3 +363,33 @@ def test_hub_rekey_seals_the_blobs_again_and_refuses_the_old_key(tmp_path: Path)
         assert decode_arrays(store.blob(digest))["w"].tolist() == [1.0, 1.0, 1.0]
     finally:
         store.close()
+
+
+# -- deployment ------------------------------------------------------------------------------
+
+
+def test_every_k8s_container_takes_the_at_rest_key_from_a_secret_and_init_seals_the_home(
+    tmp_path: Path,
+) -> None:
+    for name, secret in (("aipipe-hub", "aipipe-hub-at-rest"),
+                         ("aipipe-node-a", "aipipe-node-a-at-rest")):  # fmt: skip
+        spec = pod_spec(name)
+        for container in spec["initContainers"] + spec["containers"]:
+            [env] = [e for e in container["env"] if e["name"] == "AIPIPE_AT_REST_KEY"]
+            assert env["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "key"}, name
+    key = AtRestKey.generate()
+    key.write(tmp_path / "k")
+    [init] = pod_spec("aipipe-hub")["initContainers"]
+    made = run_script(init["args"][0], tmp_path, AIPIPE_AT_REST_KEY=(tmp_path / "k").read_text())
+    assert made.returncode == 0, made.stderr
+    config = load_hub(tmp_path / "volume" / "hub", key).config
+    assert config.at_rest is not None and config.at_rest.key_id == key.key_id
+
+
+def test_every_compose_service_with_a_home_reads_its_at_rest_key_from_a_secret() -> None:
+    data = compose()
+    for name, service in data["services"].items():
+        path = service.get("environment", {}).get("AIPIPE_AT_REST_KEY_FILE")
+        assert path is not None, name
+        secret = path.removeprefix("/run/secrets/")
+        assert secret in service["secrets"] and secret in data["secrets"], name
