@@ -322,8 +322,8 @@ def test_a_rotation_cut_short_is_refused_until_a_rerun_finishes_it(
         paths.config.at_rest = setting  # type: ignore[assignment]
         save_node_config(home, paths.config)
 
-    def crash(at_rest: AtRest) -> tuple[int, int]:
-        reseal_files(home, at_rest)  # the files are done, the store's rows are not
+    def crash(at_rest: AtRest, skipped: list[Path]) -> tuple[int, int]:
+        reseal_files(home, at_rest, skipped)  # the files are done, the store's rows are not
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -393,3 +393,23 @@ def test_every_compose_service_with_a_home_reads_its_at_rest_key_from_a_secret()
         assert path is not None, name
         secret = path.removeprefix("/run/secrets/")
         assert secret in service["secrets"] and secret in data["secrets"], name
+
+
+def test_rekey_leaves_a_replaced_home_under_its_own_key_alone_and_says_so(tmp_path: Path) -> None:
+    first, second, third = (make_key(tmp_path / f"{n}.key") for n in ("a", "b", "c"))
+    home = tmp_path / "home"
+    assert invoke("node", "init", "--home", home, "--name", "basel",
+                  "--at-rest-key-file", first).exit_code == 0  # fmt: skip
+    again = invoke("node", "init", "--home", home, "--name", "basel", "--force",
+                   "--at-rest-key-file", second)  # fmt: skip
+    assert again.exit_code == 0, again.output
+
+    result = invoke("node", "--at-rest-key-file", second, "rekey", "--home", home,
+                    "--new-key-file", third, "--json")  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    skipped = json.loads(result.stdout)["skipped"]
+    assert skipped and all(".replaced-" in path for path in skipped)
+    assert {Path(p).name for p in skipped} >= {"identity.key", "pseudonym.key", "sealing.key"}
+    status = invoke("node", "--at-rest-key-file", third, "status", "--home", home)
+    assert status.exit_code == 0, status.output

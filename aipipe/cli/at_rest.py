@@ -85,12 +85,14 @@ def _keys(new_key_file: Path) -> tuple[AtRestKey, AtRestKey]:
 
 def _show(kind: str, home: Path, done: Rotation, as_json: bool) -> None:
     info = {"home": str(home), "old_key_id": done.old_key_id, "new_key_id": done.new_key_id,
-            "files": done.files, "rows": done.rows}  # fmt: skip
+            "files": done.files, "rows": done.rows, "skipped": list(done.skipped)}  # fmt: skip
     if as_json:
         emit_json(info)
         return
     console.print(f"[green]✓[/] {kind} home sealed again under at-rest key {done.new_key_id}")
-    console.print(kv_table("rekey", info))
+    console.print(kv_table("rekey", {k: v for k, v in info.items() if k != "skipped"}))
+    for path in done.skipped:
+        console.print(f"[yellow]![/] left as it is, sealed under neither key: {path}")
     console.print("the old key no longer opens this home: retire it after your next backup")
 
 

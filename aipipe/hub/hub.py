@@ -7,6 +7,7 @@ the app in `aipipe.hub.app`, which opens the home on its own; `serve` runs it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -232,19 +233,20 @@ class Hub:
         lock = lock_home(paths)  # a ConflictError naming the process that serves the home
         try:
             done = rotate(f"hub home {home}", paths.config.at_rest, old, new, save=save,
-                          reseal=lambda at_rest: _reseal_hub(paths, at_rest))  # fmt: skip
+                          reseal=functools.partial(_reseal_hub, paths))  # fmt: skip
         finally:
             os.close(lock)
         paths.at_rest = AtRest(new)
         with cls(paths) as hub:
             hub.audit.append("hub.rekey", actor="admin", resource=f"hub/{hub.name}",
                              details={"from": done.old_key_id, "to": done.new_key_id,
-                                      "files": done.files, "rows": done.rows})  # fmt: skip
+                                      "files": done.files, "rows": done.rows,
+                                      "skipped": len(done.skipped)})  # fmt: skip
         return done
 
 
-def _reseal_hub(paths: HubPaths, at_rest: AtRest) -> tuple[int, int]:
-    files = reseal_files(paths.home, at_rest)
+def _reseal_hub(paths: HubPaths, at_rest: AtRest, skipped: list[Path]) -> tuple[int, int]:
+    files = reseal_files(paths.home, at_rest, skipped)
     store = HubStore.open(paths.store, paths.blobs, at_rest=at_rest)
     try:
         return files, reseal_columns(store.conn, SEALED_COLUMNS, at_rest)

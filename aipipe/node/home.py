@@ -287,9 +287,9 @@ def rekey_node(home: Path, old: AtRestKey, new: AtRestKey) -> Rotation:
         paths.config.at_rest = setting
         save_node_config(home, paths.config)
 
-    def reseal(at_rest: AtRest) -> tuple[int, int]:
+    def reseal(at_rest: AtRest, skipped: list[Path]) -> tuple[int, int]:
         paths.at_rest = at_rest
-        files = reseal_files(home, at_rest)
+        files = reseal_files(home, at_rest, skipped)
         store = open_store(paths)
         try:
             return files, reseal_columns(store.conn, SEALED_COLUMNS, at_rest)
@@ -300,6 +300,6 @@ def rekey_node(home: Path, old: AtRestKey, new: AtRestKey) -> Rotation:
     paths.at_rest = AtRest(new)
     with open_audit(paths) as audit:
         audit.append("node.rekey", actor=paths.config.name, resource=f"node/{paths.config.name}",
-                     details={"from": done.old_key_id, "to": done.new_key_id,
-                              "files": done.files, "rows": done.rows})  # fmt: skip
+                     details={"from": done.old_key_id, "to": done.new_key_id, "files": done.files,
+                              "rows": done.rows, "skipped": len(done.skipped)})  # fmt: skip
     return done

@@ -145,8 +145,9 @@ def _parse(data: bytes) -> tuple[bytes, str, int]:
     return key_id, label, head + 2 + size
 
 
-def sealed_label(data: bytes) -> str:
-    return _parse(data)[1]
+def sealed_key_id(data: bytes) -> str:
+    """The id of the key a sealed value was sealed under."""
+    return _parse(data)[0].hex()
 
 
 class AtRest:
@@ -160,6 +161,10 @@ class AtRest:
     @property
     def encrypted(self) -> bool:
         return self.key is not None
+
+    def holds(self, key_id: str) -> bool:
+        """Whether values sealed under key `key_id` open here."""
+        return any(k.key_id == key_id for k in self._keys.values())
 
     def seal(self, data: bytes, label: str) -> bytes:
         """`data` sealed for `label` under the current key (unchanged in a plain home)."""

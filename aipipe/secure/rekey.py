@@ -9,7 +9,8 @@ the new key id (the last step): the old key is refused from that moment.
 
 What is sealed is found by its header (`aipipe.secure.at_rest.MAGIC`), not by a list of file
 names, so a file added by a later version, or a home moved aside by `init --force`, is rotated
-too; the SQLite columns are named by the store that seals them.
+too; the SQLite columns are named by the store that seals them. A file sealed under neither key
+(a home moved aside by `init --force` that had a key of its own) is left as it is and reported.
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aipipe.errors import AtRestKeyError
-from aipipe.secure.at_rest import MAGIC, AtRest, AtRestConfig, AtRestKey
+from aipipe.secure.at_rest import MAGIC, AtRest, AtRestConfig, AtRestKey, sealed_key_id
 from aipipe.store.sqlite import immediate
 
 
 @dataclass(frozen=True)
 class Rotation:
-    """What a finished rotation did: key ids and how many files and rows it sealed again."""
+    """What a finished rotation did: key ids, how many files and rows it sealed again, and the
+    files it left alone because neither key opens them."""
 
     old_key_id: str
     new_key_id: str
     files: int
     rows: int
+    skipped: tuple[str, ...] = ()
 
 
 def begin(what: str, setting: AtRestConfig | None, old: AtRestKey, new: AtRestKey) -> AtRest:
@@ -68,24 +71,31 @@ def rotate(
     new: AtRestKey,
     *,
     save: Callable[[AtRestConfig], None],
-    reseal: Callable[[AtRest], tuple[int, int]],
+    reseal: Callable[[AtRest, list[Path]], tuple[int, int]],
 ) -> Rotation:
     """Rotate a home from `old` to `new`: `save` writes the home's `at_rest` setting, `reseal`
-    seals its files and rows again with the `AtRest` given and returns (files, rows)."""
+    seals its files and rows again with the `AtRest` given (adding the files it leaves alone to
+    the list) and returns (files, rows)."""
     at_rest = begin(what, setting, old, new)
     save(AtRestConfig(key_id=old.key_id, rotating_to=new.key_id))
-    files, rows = reseal(at_rest)
+    skipped: list[Path] = []
+    files, rows = reseal(at_rest, skipped)
     save(AtRestConfig(key_id=new.key_id))
-    return Rotation(old.key_id, new.key_id, files, rows)
+    return Rotation(old.key_id, new.key_id, files, rows, tuple(map(str, skipped)))
 
 
-def reseal_files(root: Path, at_rest: AtRest) -> int:
-    """Seal again, under `at_rest`'s key, every sealed file under `root`; how many changed."""
+def reseal_files(root: Path, at_rest: AtRest, skipped: list[Path] | None = None) -> int:
+    """Seal again, under `at_rest`'s key, every sealed file under `root`; how many changed. A
+    file under a key `at_rest` does not hold is left alone and added to `skipped`."""
     changed = 0
     for path in sorted(root.rglob("*")):
         if path.is_symlink() or not path.is_file() or not _starts_sealed(path):
             continue
         data = path.read_bytes()
+        if not at_rest.holds(sealed_key_id(data)):
+            if skipped is not None:
+                skipped.append(path)
+            continue
         fresh = at_rest.reseal(data, where=str(path))
         if fresh is None:
             continue
