@@ -13,6 +13,7 @@ import json
 import shutil
 import sqlite3
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from aipipe.node.node import Node
 from aipipe.secure.at_rest import MAGIC, AtRest, AtRestKey
 from aipipe.secure.rekey import reseal_files, rotate
 from aipipe.settings import load_node_config, save_node_config
+from aipipe.store.node_store import SEALED_COLUMNS
+from aipipe.study.raw import raw_matrix
 from aipipe.study.spec import load_study
 from aipipe.wire.tensors import TensorDecodeError, decode_arrays, encode_arrays
 from tests.cli_support import assert_user_error, invoke
@@ -34,7 +37,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "heart-disease"
 SITE = EXAMPLE / "fhir" / "switzerland"
 STUDY_FILE = EXAMPLE / "study.yaml"
 NAME, MRN, DISPLAY = "Quixotewright", "MRN-55501234", "Coronary arteriosclerosis"
-NEEDLES = (NAME.encode(), MRN.encode(), DISPLAY.encode())
+BIRTH = "1961-04-02"
+NEEDLES = (NAME.encode(), MRN.encode(), DISPLAY.encode(), BIRTH.encode())
 PLANTED = {
     "resourceType": "Patient",
     "id": "planted-0001",
@@ -42,8 +46,10 @@ PLANTED = {
     "identifier": [{"system": "urn:oid:1.2.3.4", "value": MRN}],
     "name": [{"family": NAME, "given": ["Zebulon"]}],
     "gender": "female",
-    "birthDate": "1961",
+    "birthDate": BIRTH,
 }
+FILLED = {"resources.json", "patients.birth_date", "patients.sex", "observations.value",
+          "observations.unit", "conditions.clinical_status"}  # fmt: skip
 KEY_ENV = ("AIPIPE_AT_REST_KEY_FILE", "AIPIPE_AT_REST_KEY")
 
 
@@ -142,6 +148,41 @@ def test_no_phi_from_the_ingested_resources_is_readable_in_any_file_of_an_encryp
         data = (home / name).read_bytes()
         assert data.startswith(MAGIC) and b"PRIVATE KEY" not in data, name
     assert b"PRIVATE KEY" in (control / "identity.key").read_bytes()
+
+
+def test_the_store_seals_every_value_no_query_filters_on_and_a_plain_store_none(
+    sealed: tuple[Path, Path], planted: Path, tmp_path: Path
+) -> None:
+    home, _ = sealed
+    control = ingested_home(tmp_path, planted, None)
+    for table, column in SEALED_COLUMNS[:-3]:  # the personal tables exist after a round only
+        kinds = {typeof for (typeof,) in sqlite3.connect(home / "store.sqlite").execute(
+            f"SELECT DISTINCT typeof({column}) FROM {table}")}  # fmt: skip
+        plain = {typeof for (typeof,) in sqlite3.connect(control / "store.sqlite").execute(
+            f"SELECT DISTINCT typeof({column}) FROM {table}")}  # fmt: skip
+        assert kinds <= {"blob", "null"}, (table, column, kinds)
+        assert "blob" not in plain, (table, column, plain)
+        if f"{table}.{column}" in FILLED:  # the example data has values there
+            assert "blob" in kinds and plain - {"null"}, (table, column)
+
+
+def test_the_features_of_an_encrypted_home_are_those_of_the_same_data_in_clear(
+    sealed: tuple[Path, Path], planted: Path, tmp_path: Path
+) -> None:
+    home, key = sealed
+    control = ingested_home(tmp_path, planted, None)
+    spec = load_study(STUDY_FILE).model_copy(  # age reads the sealed birth year
+        update={"demographics": ["age", "sex"], "reference_date": date(2020, 1, 1)}
+    )
+    with Node.open(home, at_rest_key=AtRestKey.from_file(key)) as node:
+        mine = raw_matrix(node.store, spec)
+    with Node.open(control) as node:
+        theirs = raw_matrix(node.store, spec)
+
+    assert mine.ids == theirs.ids and len(mine.ids) > 100
+    assert np.array_equal(mine.x, theirs.x, equal_nan=True)
+    assert not np.isnan(mine.x[:, -2]).all()  # the ages are there
+    assert np.array_equal(mine.y, theirs.y) and mine.excluded == theirs.excluded
 
 
 def test_an_encrypted_home_works_with_its_key(sealed: tuple[Path, Path]) -> None:

@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import stat
@@ -40,6 +41,7 @@ KEY_BYTES = 32
 _ID_BYTES = 8
 _NONCE_BYTES = 12
 _KEY_ID_LABEL = b"aipipe-at-rest-key-id"
+Scalar = str | int | float | None
 SUPPLY = "supply it with --at-rest-key-file FILE, AIPIPE_AT_REST_KEY_FILE or AIPIPE_AT_REST_KEY"
 
 
@@ -215,6 +217,24 @@ class AtRest:
         if isinstance(value, str):
             return self.open(value.encode(), label, where=where).decode()
         return self.open(value, label, where=where).decode()
+
+    def seal_field(self, value: Scalar, label: str) -> Scalar | bytes:
+        """A column's value (text or number) sealed as JSON; NULL stays NULL (so `IS NULL`
+        still works, and whether a value is there stays visible)."""
+        if self.key is None or value is None:
+            return value
+        return self.seal(json.dumps(value).encode(), label)
+
+    def open_field(self, value: Scalar | bytes, label: str, *, where: str) -> Scalar:
+        if value is None or (self.key is None and not isinstance(value, bytes)):
+            return value
+        if not isinstance(value, bytes):
+            raise SealedDataError(
+                f"{where} is not sealed although this home is encrypted at rest: it was put "
+                "there from outside aipipe; restore the store from a backup"
+            )
+        opened: Scalar = json.loads(self.open(value, label, where=where))
+        return opened
 
     def reseal(self, data: bytes, *, where: str) -> bytes | None:
         """`data` sealed again under the current key, for the label it was sealed for; None

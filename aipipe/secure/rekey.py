@@ -119,25 +119,35 @@ def reseal_columns(
     conn: sqlite3.Connection, columns: Sequence[tuple[str, str]], at_rest: AtRest
 ) -> int:
     """Seal again every sealed value of the (table, column)s that exist; how many changed.
-    Each table in one transaction."""
+    Each column in one transaction; rows found by their primary key (or rowid)."""
     changed = 0
     for table, column in columns:
-        found = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-        ).fetchone()
-        if found is None:
+        key = _row_key(conn, table)
+        if key is None:
             continue
+        keys = ", ".join(f"[{k}]" for k in key)
+        match = " AND ".join(f"[{k}] = ?" for k in key)
         with immediate(conn):
             rows = conn.execute(
-                f"SELECT rowid, [{column}] FROM [{table}] WHERE typeof([{column}]) = 'blob' "
+                f"SELECT {keys}, [{column}] FROM [{table}] WHERE typeof([{column}]) = 'blob' "
                 f"AND substr([{column}], 1, ?) = ?",
                 (len(MAGIC), MAGIC),
             ).fetchall()
-            for rowid, value in rows:
-                fresh = at_rest.reseal(value, where=f"{table}.{column} row {rowid}")
+            for *where, value in rows:
+                fresh = at_rest.reseal(value, where=f"{table}.{column} of {tuple(where)}")
                 if fresh is not None:
                     conn.execute(
-                        f"UPDATE [{table}] SET [{column}] = ? WHERE rowid = ?", (fresh, rowid)
+                        f"UPDATE [{table}] SET [{column}] = ? WHERE {match}", (fresh, *where)
                     )
                     changed += 1
     return changed
+
+
+def _row_key(conn: sqlite3.Connection, table: str) -> list[str] | None:
+    """The primary key columns of `table` (["rowid"] for a table without one); None if there
+    is no such table."""
+    info = conn.execute(f"PRAGMA table_info([{table}])").fetchall()
+    if not info:
+        return None
+    key = [name for _, name, _, _, _, pk in sorted(info, key=lambda c: c[5]) if pk]
+    return key or ["rowid"]

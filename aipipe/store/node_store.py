@@ -34,9 +34,20 @@ from aipipe.store.schema import migrate
 from aipipe.store.sqlite import immediate, private_db
 
 # The columns a home encrypted at rest seals per row (`aipipe.secure.rekey` rotates them): the
-# raw FHIR, and the personal models and training states (aipipe.node.personal, personal_state).
+# raw FHIR; the values of the normalised tables that no SQL filters on (the codes, dates and
+# ids that the feature queries filter, join and sort on stay in clear); the personal models and
+# training states (aipipe.node.personal, personal_state).
 SEALED_COLUMNS = (
     ("resources", "json"),
+    ("patients", "birth_year"),
+    ("patients", "birth_date"),
+    ("patients", "sex"),
+    ("observations", "value"),
+    ("observations", "value_code"),
+    ("observations", "unit"),
+    ("conditions", "clinical_status"),
+    ("medications", "status"),
+    ("medications", "authored"),
     ("personal_models", "weights"),
     ("personal_models", "carry"),
     ("personal_states", "tensors"),
@@ -240,49 +251,50 @@ class NodeStore:
                 for r in items
             ],
         )
+        seal = self.at_rest.seal_field
         conn.executemany(
             "INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?, ?, ?)",
             [
-                (p.id, self.pseudonym(p.id), p.birth_year, p.birth_date, p.sex, int(p.deceased))
+                (p.id, self.pseudonym(p.id), *(seal(v, field_label("patients", (p.id,), c))
+                 for c, v in (("birth_year", p.birth_year), ("birth_date", p.birth_date),
+                              ("sex", p.sex))), int(p.deceased))
                 for r in items
                 if (p := r.patient) is not None
             ],
-        )
+        )  # fmt: skip
         conn.executemany(
             "INSERT OR REPLACE INTO observations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (
-                    o.resource_id,
-                    o.component,
-                    o.patient_id,
-                    o.code,
-                    o.value,
-                    o.value_code,
-                    o.unit,
-                    o.effective,
-                )
+                (o.resource_id, o.component, o.patient_id, o.code,
+                 *(seal(v, field_label("observations", (o.resource_id, o.component, o.code), c))
+                   for c, v in (("value", o.value), ("value_code", o.value_code),
+                                ("unit", o.unit))), o.effective)
                 for r in items
                 for o in r.observations
             ],
-        )
+        )  # fmt: skip
         conditions = [r for r in items if r.type == "Condition"]
         conn.executemany(
             "INSERT OR REPLACE INTO conditions VALUES (?, ?, ?, ?, ?)",
             [
-                (c.resource_id, c.patient_id, c.code, c.time, c.status)
+                (c.resource_id, c.patient_id, c.code, c.time,
+                 seal(c.status, field_label("conditions", (c.resource_id, c.code),
+                                            "clinical_status")))
                 for r in conditions
                 for c in r.coded
             ],
-        )
+        )  # fmt: skip
         conn.executemany(
             "INSERT OR REPLACE INTO medications VALUES (?, ?, ?, ?, ?, ?)",
             [
-                (r.type, c.resource_id, c.patient_id, c.code, c.status, c.time)
+                (r.type, c.resource_id, c.patient_id, c.code,
+                 *(seal(v, field_label("medications", (r.type, c.resource_id, c.code), col))
+                   for col, v in (("status", c.status), ("authored", c.time))))
                 for r in items
                 if r.type != "Condition"
                 for c in r.coded
             ],
-        )
+        )  # fmt: skip
 
     # -- cursors and runs -------------------------------------------------------------------
 
@@ -341,6 +353,11 @@ def resource_label(rtype: str, rid: str) -> str:
     """What a sealed `resources.json` value is sealed for: a row moved to another resource's
     place does not open."""
     return f"resources/{rtype}/{rid}"
+
+
+def field_label(table: str, key: Sequence[object], column: str) -> str:
+    """What a sealed value of a normalised table is sealed for: its table, row key and column."""
+    return "/".join([table, *map(str, key), column])
 
 
 def _last_of_each(items: list[MappedResource]) -> list[MappedResource]:

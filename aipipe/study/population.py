@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from aipipe.secure.at_rest import PLAIN, AtRest
-from aipipe.store.node_store import resource_label
+from aipipe.store.node_store import field_label, resource_label
 from aipipe.study.blocks import Feature
 from aipipe.study.spec import StudySpec
 
@@ -59,11 +59,15 @@ def patient_facts(
         )
     }
     return {
-        pid: (birth_year, bool(deceased), deaths.get(pid))
-        for pid, birth_year, deceased in conn.execute(
-            "SELECT id, birth_year, deceased FROM patients"
-        )
+        pid: (_birth_year(at_rest, pid, sealed), bool(deceased), deaths.get(pid))
+        for pid, sealed, deceased in conn.execute("SELECT id, birth_year, deceased FROM patients")
     }
+
+
+def _birth_year(at_rest: AtRest, pid: str, sealed: int | bytes | None) -> int | None:
+    label = field_label("patients", (pid,), "birth_year")
+    year = at_rest.open_field(sealed, label, where=f"Patient/{pid} birth year")
+    return None if year is None else int(year)
 
 
 def age(birth_year: int | None, death: date | None, reference: date | None) -> float:
