@@ -48,12 +48,14 @@ SUPPLY = "supply it with --at-rest-key-file FILE, AIPIPE_AT_REST_KEY_FILE or AIP
 class AtRestKey:
     """A 32-byte AES-256 key; its repr and `key_id` never show the key."""
 
-    __slots__ = ("_secret",)
+    __slots__ = ("_aesgcm", "_id_bytes", "_secret")
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) != KEY_BYTES:
             raise AtRestKeyError(f"an at-rest key is {KEY_BYTES} bytes, not {len(secret)}")
         self._secret = secret
+        self._id_bytes = hmac.new(secret, _KEY_ID_LABEL, hashlib.sha256).digest()[:_ID_BYTES]
+        self._aesgcm = AESGCM(secret)  # its key schedule made once, not per value
 
     @classmethod
     def generate(cls) -> AtRestKey:
@@ -111,12 +113,8 @@ class AtRestKey:
         """16 hex digits naming the key (an HMAC under it: reveals nothing of the key)."""
         return self._id_bytes.hex()
 
-    @property
-    def _id_bytes(self) -> bytes:
-        return hmac.new(self._secret, _KEY_ID_LABEL, hashlib.sha256).digest()[:_ID_BYTES]
-
     def _aead(self) -> AESGCM:
-        return AESGCM(self._secret)
+        return self._aesgcm
 
     def __repr__(self) -> str:
         return f"AtRestKey(id={self.key_id})"
