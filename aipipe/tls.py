@@ -17,9 +17,11 @@ verify is a `TlsVerifyError` naming the reason (expired, unknown CA, hostname mi
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ import certifi
 import httpx
 
 from aipipe.errors import ConfigError, TlsVerifyError
+from aipipe.secure.at_rest import PLAIN, AtRest, is_sealed
+from aipipe.secure.keyfiles import file_label
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 HUB_MIN_VERSION = ssl.TLSVersion.TLSv1_3
@@ -50,6 +54,7 @@ class ServerTls:
     key: Path
     setting: str  # how the operator named them, for error messages
     minimum: ssl.TLSVersion = MIN_VERSION
+    at_rest: AtRest = PLAIN  # a key file sealed in a home encrypted at rest opens with it
 
     def context(self) -> ssl.SSLContext:
         for path in (self.cert, self.key):
@@ -61,7 +66,8 @@ class ServerTls:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = self.minimum
         try:
-            context.load_cert_chain(self.cert, self.key)
+            with self._key_file() as key:
+                context.load_cert_chain(self.cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
                 f"{self.setting}: cannot load certificate {self.cert} with key {self.key} "
@@ -69,6 +75,22 @@ class ServerTls:
                 "matches it"
             ) from exc
         return context
+
+    @contextlib.contextmanager
+    def _key_file(self) -> Iterator[Path]:
+        """The key as a file `ssl` can load: the file itself, or, sealed at rest, its opened
+        PEM in an anonymous in-memory file (memfd) that exists only while it is loaded."""
+        sealed = self.key.read_bytes()
+        if not is_sealed(sealed):
+            yield self.key
+            return
+        pem = self.at_rest.open(sealed, file_label(self.key), where=f"TLS key {self.key}")
+        fd = os.memfd_create("aipipe-tls-key", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pem)
+            yield Path(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
 
     def uvicorn_options(self) -> dict[str, Any]:
         """uvicorn.Config keywords that serve with `context()` (uvicorn ≥ 0.47)."""
@@ -81,14 +103,18 @@ class ServerTls:
 
 
 def server_tls(
-    cert: Path | None, key: Path | None, setting: str, minimum: ssl.TLSVersion = MIN_VERSION
+    cert: Path | None,
+    key: Path | None,
+    setting: str,
+    minimum: ssl.TLSVersion = MIN_VERSION,
+    at_rest: AtRest = PLAIN,
 ) -> ServerTls | None:
     """Both files or neither: a certificate without its key (or the reverse) is a ConfigError."""
     if cert is None and key is None:
         return None
     if cert is None or key is None:
         raise ConfigError(f"{setting}: give both the certificate and its key, not one of them")
-    tls = ServerTls(cert, key, setting, minimum)
+    tls = ServerTls(cert, key, setting, minimum, at_rest)
     tls.context()  # unreadable or mismatched files fail here, before anything listens
     return tls
 

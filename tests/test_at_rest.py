@@ -284,10 +284,12 @@ def test_a_hub_model_blob_is_no_safetensors_without_the_key(tmp_path: Path) -> N
     with pytest.raises(TensorDecodeError):
         decode_arrays(raw)
     assert raw.startswith(MAGIC)
-    for name in ("identity.key", "ca-key.pem"):
+    for name in ("identity.key", "ca-key.pem", "tls-key.pem"):
         assert (tmp_path / "hub" / name).read_bytes().startswith(MAGIC), name
     rotated = invoke("hub", "--at-rest-key-file", key, "tls", "rotate", "--home", tmp_path / "hub")
     assert rotated.exit_code == 0, rotated.output  # the sealed CA key signs the new certificate
+    assert (tmp_path / "hub" / "tls-key.pem").read_bytes().startswith(MAGIC)
+    assert load_hub(tmp_path / "hub", AtRestKey.from_file(key)).tls() is not None  # it loads
     line = assert_user_error(invoke("hub", "nodes", "--home", tmp_path / "hub"), 7)
     assert f"hub home {tmp_path / 'hub'} is encrypted at rest (key id {key_id(key)})" in line
 
@@ -396,7 +398,7 @@ def test_hub_rekey_seals_the_blobs_again_and_refuses_the_old_key(tmp_path: Path)
                     "--new-key-file", new, "--json")  # fmt: skip
 
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["files"] == 3  # identity.key, ca-key.pem and the blob
+    assert json.loads(result.stdout)["files"] == 4  # identity, CA and TLS keys, and the blob
     assert key_id(old) in assert_user_error(invoke("hub", "--at-rest-key-file", old, "nodes",
                                                    "--home", home), 7)  # fmt: skip
     store = load_hub(home, AtRestKey.from_file(new)).open_store()

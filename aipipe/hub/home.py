@@ -112,6 +112,7 @@ class HubPaths:
             None if key is None else self.home / key,
             "hub.yaml tls_cert/tls_key",
             HUB_MIN_VERSION,
+            self.at_rest,
         )
 
 

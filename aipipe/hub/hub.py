@@ -101,7 +101,9 @@ class Hub:
             )
         if has_ca(home):
             ca = load_ca(home, at_rest=self.paths.at_rest)
-            issued = install_hub_cert(home, ca, names or current_names(home))
+            issued = install_hub_cert(
+                home, ca, names or current_names(home), at_rest=self.paths.at_rest
+            )
         else:
             issued = create_consortium_tls(
                 home, config.name, names or DEFAULT_NAMES, at_rest=self.paths.at_rest
