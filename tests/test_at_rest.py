@@ -23,12 +23,15 @@ from aipipe.audit.log import AuditLog
 from aipipe.errors import AtRestKeyError, SealedDataError
 from aipipe.hub.home import load_hub
 from aipipe.node.node import Node
+from aipipe.node.round_state import RoundStates, SecAggRoundState
+from aipipe.node.vault import SecureVault
 from aipipe.secure.at_rest import MAGIC, AtRest, AtRestKey
 from aipipe.secure.rekey import reseal_files, rotate
 from aipipe.settings import load_node_config, save_node_config
 from aipipe.store.node_store import SEALED_COLUMNS
 from aipipe.study.raw import raw_matrix
 from aipipe.study.spec import load_study
+from aipipe.wire import RoundWork
 from aipipe.wire.tensors import TensorDecodeError, decode_arrays, encode_arrays
 from tests.cli_support import assert_user_error, invoke
 from tests.test_packaging import compose, pod_spec, run_script
@@ -456,3 +459,21 @@ def test_rekey_leaves_a_replaced_home_under_its_own_key_alone_and_says_so(tmp_pa
     assert {Path(p).name for p in skipped} >= {"identity.key", "pseudonym.key", "sealing.key"}
     status = invoke("node", "--at-rest-key-file", third, "status", "--home", home)
     assert status.exit_code == 0, status.output
+
+
+def test_the_vault_seals_its_key_contributions_and_secagg_round_states(tmp_path: Path) -> None:
+    at_rest = AtRest(AtRestKey.generate())
+    SecureVault.create_sealing_key(tmp_path / "sealing.key", at_rest=at_rest)
+    vault = SecureVault(tmp_path / "sealing.key", tmp_path / "secure", at_rest=at_rest)
+    sent = vault.record_sent("chd", 3, np.arange(4.0))
+    states = RoundStates(vault)
+    item = RoundWork(kind="train", study="chd", study_digest="d" * 64, round=3, version="v")
+    states.save(SecAggRoundState(item=item, sent={"advert": b"hello"}))
+
+    path = states.path("chd", 3)
+    for file in (tmp_path / "sealing.key", sent, path):
+        assert file.read_bytes().startswith(MAGIC), file
+    assert states.load(path).sent == {"advert": b"hello"}  # the tmp file's name did not matter
+    assert len(vault.sealing_public()) == 32
+    with pytest.raises(AtRestKeyError):
+        RoundStates(SecureVault(tmp_path / "sealing.key", tmp_path / "secure")).load(path)
