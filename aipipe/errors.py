@@ -15,6 +15,8 @@ they enter (``raise FhirServerError(...) from exc``), never logged and re-raised
     ├── StoreError                the SQLite store is corrupt or of a newer schema
     │   └── BlobIntegrityError    (500) a stored blob is missing or does not hash to it
     ├── IdentityError             key files missing, unreadable or with loose permissions
+    │   ├── AtRestKeyError        the at-rest key of an encrypted home missing, wrong or loose
+    │   └── SealedDataError       sealed data that does not open: tampered or moved
     ├── SignatureError            a signature that does not verify
     ├── AuditChainBrokenError     an audit log whose hash chain does not verify
     ├── HubUnavailableError       the hub cannot be reached
@@ -107,6 +109,16 @@ class IdentityError(AipipeError):
     exit_code = 7
 
 
+class AtRestKeyError(IdentityError):
+    """An encrypted home opened without its at-rest key, with another key, or with a key file
+    others can read (aipipe.secure.at_rest)."""
+
+
+class SealedDataError(IdentityError):
+    """Data sealed at rest (AES-256-GCM) that does not open under its key: tampered with,
+    truncated, or moved from where it was sealed."""
+
+
 class SignatureError(AipipeError):
     """A signature does not verify against the claimed key."""
 
@@ -170,9 +182,15 @@ class UpdateRejectedError(AipipeError):
     exit_code = 14
     http_status = 409
 
-    def __init__(self, reason: str, category: RefusalCategory = "protocol") -> None:
-        super().__init__(reason)
-        self.category: RefusalCategory = category
+    category: RefusalCategory = "protocol"
+
+    @classmethod
+    def of(cls, reason: str, category: RefusalCategory) -> UpdateRejectedError:
+        """The refusal `reason`, in `category` (the constructor keeps to the message, as every
+        error's does, so that it crosses HTTP as itself: `error_from_body`)."""
+        error = cls(reason)
+        error.category = category
+        return error
 
 
 class StudyNotApprovedError(AipipeError):

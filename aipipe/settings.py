@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aipipe.errors import ConfigError, NodeNotFoundError
+from aipipe.secure.at_rest import PLAIN, AtRest, AtRestConfig
 from aipipe.secure.keyfiles import write_private
 
 NODE_CONFIG = "node.yaml"
@@ -37,14 +38,17 @@ class NodeConfig(BaseModel):
     smart_key: str = "smart.key"
     sealing_key: str = "sealing.key"
     secure_dir: str = "secure"
+    # Set by `node init --at-rest-key-file`: the id of the key the home is sealed under.
+    at_rest: AtRestConfig | None = None
 
 
 class NodePaths:
-    """Resolved paths of one node home."""
+    """Resolved paths of one node home, and how its private data rests (`at_rest`)."""
 
-    def __init__(self, home: Path, config: NodeConfig) -> None:
+    def __init__(self, home: Path, config: NodeConfig, at_rest: AtRest = PLAIN) -> None:
         self.home = home
         self.config = config
+        self.at_rest = at_rest
         self.store = home / config.store
         self.identity_key = home / config.identity_key
         self.pseudonym_key = home / config.pseudonym_key

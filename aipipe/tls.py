@@ -17,12 +17,13 @@ verify is a `TlsVerifyError` naming the reason (expired, unknown CA, hostname mi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
 import ssl
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from aipipe.errors import ConfigError, TlsVerifyError
 from aipipe.pki import signed_by
+from aipipe.secure.at_rest import PLAIN, AtRest, is_sealed
+from aipipe.secure.keyfiles import file_label
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 HUB_MIN_VERSION = ssl.TLSVersion.TLSv1_3
@@ -60,6 +63,7 @@ class ServerTls:
     # TLS, `aipipe.hub.mtls`); a client without one still connects (enrolment, health) and
     # the app decides. Only this CA is trusted for clients, never the system's.
     client_ca: Path | None = None
+    at_rest: AtRest = PLAIN  # a key file sealed in a home encrypted at rest opens with it
 
     def context(self) -> ssl.SSLContext:
         for path in (self.cert, self.key):
@@ -74,7 +78,8 @@ class ServerTls:
             context = _client_verifying(self.client_ca, self.setting)
         context.minimum_version = self.minimum
         try:
-            context.load_cert_chain(self.cert, self.key)
+            with self._key_file() as key:
+                context.load_cert_chain(self.cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
                 f"{self.setting}: cannot load certificate {self.cert} with key {self.key} "
@@ -82,6 +87,22 @@ class ServerTls:
                 "matches it"
             ) from exc
         return context
+
+    @contextlib.contextmanager
+    def _key_file(self) -> Iterator[Path]:
+        """The key as a file `ssl` can load: the file itself, or, sealed at rest, its opened
+        PEM in an anonymous in-memory file (memfd) that exists only while it is loaded."""
+        sealed = self.key.read_bytes()
+        if not is_sealed(sealed):
+            yield self.key
+            return
+        pem = self.at_rest.open(sealed, file_label(self.key), where=f"TLS key {self.key}")
+        fd = os.memfd_create("aipipe-tls-key", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pem)
+            yield Path(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
 
     def uvicorn_options(self) -> dict[str, Any]:
         """uvicorn.Config keywords that serve with `context()` (uvicorn ≥ 0.47)."""
@@ -115,13 +136,14 @@ def server_tls(
     minimum: ssl.TLSVersion = MIN_VERSION,
     *,
     client_ca: Path | None = None,
+    at_rest: AtRest = PLAIN,
 ) -> ServerTls | None:
     """Both files or neither: a certificate without its key (or the reverse) is a ConfigError."""
     if cert is None and key is None:
         return None
     if cert is None or key is None:
         raise ConfigError(f"{setting}: give both the certificate and its key, not one of them")
-    tls = ServerTls(cert, key, setting, minimum, client_ca)
+    tls = ServerTls(cert, key, setting, minimum, client_ca, at_rest)
     tls.context()  # unreadable or mismatched files fail here, before anything listens
     return tls
 

@@ -321,7 +321,7 @@ def test_a_running_node_renews_its_certificate_by_itself_when_a_third_is_left(
 ) -> None:
     paths = mutual.nodes["east"]
     with hub_client(paths) as client:
-        renewer = Renewer(paths.home, "east", client, every_s=0)
+        renewer = Renewer(paths, client, every_s=0)
         assert renewer.check() is None  # fresh: not due
         ten_days_left = dt.datetime.now(dt.UTC) - dt.timedelta(days=80)
         old = _foreign_pair("east", load_ca(mutual.home), valid_from=ten_days_left, days=90)

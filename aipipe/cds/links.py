@@ -26,7 +26,8 @@ from datetime import datetime
 from pathlib import Path
 
 from aipipe.errors import AuthError, IdentityError
-from aipipe.secure.keyfiles import read_private, write_private
+from aipipe.secure.at_rest import PLAIN, AtRest
+from aipipe.secure.keyfiles import file_label, read_private, write_private
 
 LINK_KEY_BYTES = 32
 DEFAULT_LIFETIME_S = 24 * 3600.0
@@ -90,19 +91,21 @@ class CardLinkSigner:
         return hmac.new(self.key, message, hashlib.sha256).hexdigest()
 
 
-def load_link_key(path: Path) -> bytes:
-    """The link key in `path`, created (32 random bytes, mode 0600) at first use. Two processes
-    that start at once end up with the same key: the file appears whole or not at all."""
+def load_link_key(path: Path, *, at_rest: AtRest = PLAIN) -> bytes:
+    """The link key in `path`, created (32 random bytes, mode 0600; sealed for the file's name
+    under `at_rest`) at first use. Two processes that start at once end up with the same key:
+    the file appears whole or not at all."""
     if not path.exists():
         spare = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-        write_private(spare, secrets.token_bytes(LINK_KEY_BYTES), what=_WHAT, replace=False)
+        write_private(spare, secrets.token_bytes(LINK_KEY_BYTES), what=_WHAT, replace=False,
+                      at_rest=at_rest, label=file_label(path))  # fmt: skip
         try:
             os.link(spare, path)
         except FileExistsError:
             pass  # another process made it first: use theirs
         finally:
             spare.unlink()
-    key = read_private(path, what=_WHAT)
+    key = read_private(path, what=_WHAT, at_rest=at_rest)
     if len(key) < LINK_KEY_BYTES:
         raise IdentityError(
             f"{_WHAT} {path} holds {len(key)} bytes, fewer than {LINK_KEY_BYTES}; move it away "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from aipipe import __version__
-from aipipe.cli import audit, backup, hub, model, node, people, privacy, study, train
+from aipipe.cli import at_rest, audit, backup, hub, model, node, people, privacy, study, train
 from aipipe.cli.render import AipipeGroup
 
 app = typer.Typer(
@@ -22,8 +24,10 @@ app.add_typer(train.app, name="train")
 app.add_typer(model.app, name="model")
 app.add_typer(privacy.app, name="privacy")
 app.add_typer(audit.app, name="audit")
+app.add_typer(at_rest.app, name="keygen")
 backup.register(node.app, hub.app)
 people.register(hub.app, app)
+at_rest.register(node.app, hub.app)
 
 
 def _version(value: bool) -> None:
@@ -37,8 +41,10 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    at_rest_key_file: Path = at_rest.KEY_FILE,
 ) -> None:
     """Federated learning for hospitals: patient data never leaves the node."""
+    at_rest.remember_key_file(at_rest_key_file, root=True)
 
 
 def main() -> None:

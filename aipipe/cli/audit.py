@@ -17,8 +17,11 @@ import typer
 from rich.markup import escape
 
 from aipipe.audit import Action, Anchor, AuditLog, VerifyReport, export, verify, verify_jsonl
+from aipipe.cli.at_rest import at_rest_key
 from aipipe.cli.render import AipipeGroup, console, emit_json
 from aipipe.errors import ConfigError
+from aipipe.hub.home import HUB_CONFIG, load_hub
+from aipipe.secure.at_rest import PLAIN, home_at_rest
 from aipipe.secure.identity import Identity
 from aipipe.settings import NODE_CONFIG, load_node_config
 
@@ -51,12 +54,16 @@ def _open_home(home: Path) -> _Home:
     """Where a node or hub home keeps its log and key; a node's node.yaml may rename them."""
     if not home.is_dir():
         raise ConfigError(f"no node or hub home at {home}")
+    at_rest = PLAIN
     if (home / NODE_CONFIG).is_file():
         paths = load_node_config(home)
         log, key, owner = paths.audit_log, paths.identity_key, paths.config.name
+        at_rest = home_at_rest(f"node home {home}", paths.config.at_rest, at_rest_key())
     else:
         log, key, owner = home / AUDIT_LOG, home / IDENTITY_KEY, None
-    identity = Identity.load(key) if key.exists() else None
+        if (home / HUB_CONFIG).is_file():  # an encrypted hub's identity key is sealed
+            at_rest = load_hub(home, at_rest_key()).at_rest
+    identity = Identity.load(key, at_rest=at_rest) if key.exists() else None
     return _Home(log, identity, owner)
 
 

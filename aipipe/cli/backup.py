@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from aipipe.backup import BackupResult, Kind, RestoreResult, create_backup, restore_backup
+from aipipe.cli.at_rest import at_rest_key
 from aipipe.cli.options import JSON
 from aipipe.cli.render import console, emit_json, kv_table
 from aipipe.errors import AipipeError
@@ -35,7 +36,8 @@ def _actor() -> str:
 
 def _owner(kind: Kind, home: Path) -> Node | Hub:
     """The home as its node or hub opens it (its audit log with its own key and owner)."""
-    return Node.open(home) if kind == "node" else Hub.open(home)
+    key = at_rest_key()
+    return Node.open(home, at_rest_key=key) if kind == "node" else Hub.open(home, at_rest_key=key)
 
 
 def _backup(kind: Kind, home: Path, out: Path, as_json: bool) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from aipipe.cli.at_rest import KEY_FILE, at_rest_key
 from aipipe.cli.options import JSON
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.hub.enrolment import parse_ttl
@@ -38,11 +39,14 @@ def init(
         help="Require mutual TLS: a node's calls must present its client certificate "
         "(issued at enrolment). Change later with `aipipe hub tls mtls on|off`.",
     ),
+    at_rest_key_file: Path = KEY_FILE,
     as_json: bool = JSON,
 ) -> None:
     """Create a hub home, its consortium CA and TLS certificate, and print the admin token
-    (shown once; keep it secret). Enrolment tokens pin the CA's SHA-256 fingerprint."""
-    hub, token = Hub.init(home, name, force=force, tls_names=tls_names, mtls=mtls)
+    (shown once; keep it secret). Enrolment tokens pin the CA's SHA-256 fingerprint. With an
+    at-rest key the model blobs and the home's private keys are sealed with it (AES-256-GCM)."""
+    key = at_rest_key(at_rest_key_file)
+    hub, token = Hub.init(home, name, force=force, tls_names=tls_names, mtls=mtls, at_rest_key=key)
     ca_sha256 = hub.ca_fingerprint()
     if as_json:
         emit_json({"home": str(home), "admin_token": token, "ca_sha256": ca_sha256})
@@ -68,7 +72,7 @@ def serve(
 
     HTTPS (TLS 1.3) with hub.yaml's tls_cert and tls_key (made by `hub init`, renewed by
     `hub tls rotate`); plain HTTP only with --insecure-http on a loopback --host."""
-    hub = Hub.open(home)
+    hub = Hub.open(home, at_rest_key=at_rest_key())
     err_console.log(f"hub {hub.name} serving from {home}")
     hub.serve(host, port, insecure_http=insecure_http)
 
@@ -93,7 +97,7 @@ def enrol_token(
 ) -> None:
     """Print a one-time enrolment token for a node (hub URL + secret)."""
     ttl_s = parse_ttl(ttl)
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         issued = hub.enrol_token(node, url=url, ttl_s=ttl_s, replace=replace)
         ca_sha256 = hub.ca_fingerprint()
     token, expires_at = issued.token, issued.expires_at
@@ -115,7 +119,7 @@ def tls_rotate(
 ) -> None:
     """Issue a new hub certificate from the consortium CA (nodes pin the CA, so they keep
     working); restart `hub serve` to use it. A home without a CA gets one."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         cert = hub.rotate_tls(tls_names or None)
         info = {
             "tls_cert": str(home / (hub.paths.config.tls_cert or "")),
@@ -139,7 +143,7 @@ def tls_mtls(
     enrolled before this version have no client certificate: re-enrol them first."""
     if state not in ("on", "off"):
         raise typer.BadParameter(f"say on or off, not {state!r}", param_hint="STATE")
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         hub.set_mtls(state == "on")
     console.print(f"[green]✓[/] mutual TLS {state}; restart `aipipe hub serve` to apply it")
 
@@ -147,7 +151,7 @@ def tls_mtls(
 @app.command()
 def nodes(home: Path = HOME, as_json: bool = JSON) -> None:
     """List enrolled nodes with their state and when they were last seen."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         rows = hub.nodes()
     if as_json:
         emit_json(rows)
@@ -175,7 +179,7 @@ def readmit(
 ) -> None:
     """Readmit a node that studies with `detection` left out for its low reputation: its
     reputation goes back to 1 (audited as node.readmitted)."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         previous = hub.readmit(node)
     if as_json:
         emit_json({"node": node, "previous": previous, "reputation": 1.0})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,10 @@ from rich.progress import (
 )
 
 from aipipe.cli import node_personal, node_tls
+from aipipe.cli.at_rest import KEY_FILE, at_rest_key
 from aipipe.cli.attack import enable_attack, parse_attack
 from aipipe.cli.node_render import (
+    as_of_day_option,
     check_anything_stored,
     print_jwks,
     render_ingest,
@@ -81,15 +82,19 @@ def init(
         "--allow-non-private",
         help="Let this node train studies that say `privacy: none` (off by default).",
     ),
+    at_rest_key_file: Path = KEY_FILE,
     as_json: bool = JSON,
 ) -> None:
     """Create a node home: config, SQLite store, Ed25519 identity key (0600) and audit log.
 
     With --token the node also enrols with the hub: it sends its public key, never its data.
+    With an at-rest key every private file and the raw FHIR in the store are sealed with it.
     """
     if hub_ca_file is not None:
         client_context(hub_ca_file)  # checked before the home is made: a bad file changes nothing
-    with Node.init(home, name, force=force, allow_non_private=allow_non_private) as node:
+    key = at_rest_key(at_rest_key_file)
+    made = Node.init(home, name, force=force, allow_non_private=allow_non_private, at_rest_key=key)
+    with made as node:
         if hub_ca_file is not None:
             node.set_hub_ca(hub_ca_file)
         jwks = node.setup_smart(smart_client_id, smart_alg) if smart_client_id else None
@@ -102,6 +107,7 @@ def init(
         "store": str(paths.store),
         "identity_key": str(paths.identity_key),
         "audit_log": str(paths.audit_log),
+        "at_rest": "not encrypted" if key is None else f"AES-256-GCM, key id {key.key_id}",
     }
     if paths.config.hub_ca_pinned:  # the CA the token pinned: compare with `hub init`'s
         info["hub_ca_sha256"] = pinned_fingerprint(paths)
@@ -117,7 +123,7 @@ def init(
 @app.command("smart-jwks")
 def smart_jwks(home: Path = HOME) -> None:
     """Print the public JWK Set of this node's SMART client key (safe to share with the EHR)."""
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         client_id, jwks = node.smart_jwks()
     print_jwks(client_id, jwks)
 
@@ -158,7 +164,7 @@ def ingest(
     """
     if bool(paths) == bool(fhir_url):
         raise ConfigError("give either files/directories or --fhir-url, not both or neither")
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         if fhir_url:
             report = _pull(node, fhir_url, since, page_size, types.split(","), as_json)
         else:
@@ -201,7 +207,7 @@ def _pull(
 @app.command()
 def status(home: Path = HOME, as_json: bool = JSON) -> None:
     """Show resource counts per type, the last sync and the incremental-sync cursors."""
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         info = node.status()
     render_status(info, as_json)
 
@@ -224,7 +230,7 @@ def approve(
     Also sets the study's (ε, δ) share of the site's budget: every release must fit both the
     share and the site's total over all studies. The node trains for no study it has not approved.
     """
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         approval = node.approve(study_name, epsilon=epsilon)
     result = {
         "study": approval.study,
@@ -260,7 +266,7 @@ def start(
 
     torch.set_num_threads(threads)
     poison = parse_attack(attack) if attack else None
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         log = functools.partial(err_console.log, f"[{node.name}]")
         if poison is not None:
             enable_attack(node, poison)
@@ -294,21 +300,12 @@ def predict(
     """
     if write_back and not fhir_url:
         raise ConfigError("--write-back needs --fhir-url, the EHR's FHIR base URL")
-    as_of_day = _as_of_day(as_of)
-    with Node.open(home) as node:
+    as_of_day = as_of_day_option(as_of)
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         scores = node.predict(
             study, as_of=as_of_day, write_back_to=fhir_url if write_back else None
         )
     render_predictions(scores, as_json)
-
-
-def _as_of_day(text: str | None) -> date | None:
-    if text is None:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(f"--as-of {text!r} is not a day; give it as YYYY-MM-DD") from None
 
 
 @app.command("serve-cds")
@@ -369,7 +366,7 @@ def serve_cds(
 
     from aipipe.cds import JwtPolicy
 
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         policy = JwtPolicy(json.loads(jwks.read_text())) if jwks else None
         fhir = _fhir_access(fhir_allow, fhir_ca_bundle)
         app_ = node.cds_app(study, jwt=policy, fhir=fhir,

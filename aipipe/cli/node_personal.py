@@ -12,6 +12,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from aipipe.cli.at_rest import at_rest_key
 from aipipe.cli.render import console, emit_json, err_console, kv_table
 from aipipe.errors import ConfigError
 from aipipe.node.node import Node
@@ -41,7 +42,7 @@ def show(
 
     if home is None or study is None:
         raise ConfigError("aipipe node personal needs --home and --study")
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         report = personal_report(node.store, study)
     if as_json:
         emit_json(report)
@@ -94,7 +95,7 @@ def export(
     hospital unless the site decides so. Audited either way."""
     from aipipe.node.personal_report import export_personal  # imports torch
 
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         digest = export_personal(node.store, node.audit, node.name, study, out,
                                  allow_phi_derived=allow_phi_derived)  # fmt: skip
     err_console.print(f"wrote the personal model of {study} (sha256 {digest[:12]}) to {out}")

@@ -1,8 +1,10 @@
-"""What `aipipe node` prints: tables for people, JSON with --json; nothing here acts."""
+"""What `aipipe node` prints: tables for people, JSON with --json; nothing here acts (and the
+parsing of an option or two that more than one command reads)."""
 
 from __future__ import annotations
 
 import json
+from datetime import date
 from typing import Any
 
 import typer
@@ -10,10 +12,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from aipipe.cli.render import console, emit_json, err_console, kv_table
-from aipipe.errors import SourceError
+from aipipe.errors import ConfigError, SourceError
 from aipipe.fhir.smart import DEFAULT_SCOPES
 from aipipe.node.ingest import IngestReport
 from aipipe.node.node import Scores
+
+
+def as_of_day_option(text: str | None) -> date | None:
+    """`--as-of YYYY-MM-DD` as a day (ConfigError for anything else)."""
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--as-of {text!r} is not a day; give it as YYYY-MM-DD") from None
 
 
 def print_jwks(client_id: str, jwks: dict[str, object]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from cryptography import x509
 
+from aipipe.cli.at_rest import at_rest_key
 from aipipe.cli.render import console, emit_json, kv_table
 from aipipe.node import client_cert
 from aipipe.node.home import enrol as enrol_home
@@ -33,11 +34,16 @@ def _info(home: Path, cert: x509.Certificate) -> dict[str, str | bool | None]:
     }
 
 
+def _current(home: Path) -> x509.Certificate:
+    paths = open_node(home, at_rest_key())
+    return client_cert.current(paths.home, paths.at_rest)
+
+
 @app.command("show")
 def show(home: Path = HOME, as_json: bool = JSON) -> None:
     """The node's client certificate: its name, expiry and whether renewal is due (under a
     third of its lifetime left)."""
-    info = _info(home, client_cert.current(open_node(home).home))
+    info = _info(home, _current(home))
     if as_json:
         emit_json(info)
         return
@@ -49,7 +55,7 @@ def renew(home: Path = HOME, as_json: bool = JSON) -> None:
     """Renew the node's TLS client certificate: a new key (kept in the home, 0600) and a new
     certificate signed by the consortium CA. Run it any time before the current one expires
     (the daemon need not stop: it picks the new pair up at its next start)."""
-    paths = open_node(home)
+    paths = open_node(home, at_rest_key())
     cert = renew_client_cert(paths)
     info = _info(home, cert)
     with open_audit(paths) as audit:
@@ -76,5 +82,5 @@ def enrol(
 ) -> None:
     """Enrol an existing node home with the hub (again), keeping its data, keys and ledger:
     a new credential and, from a hub with a consortium CA, a new TLS client certificate."""
-    url = enrol_home(open_node(home), token)
+    url = enrol_home(open_node(home, at_rest_key()), token)
     console.print(f"[green]✓[/] enrolled with the hub at {url}")

@@ -16,6 +16,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.table import Table
 
+from aipipe.cli.at_rest import at_rest_key
 from aipipe.cli.options import JSON, client
 from aipipe.cli.render import console, emit_json, err_console
 from aipipe.errors import ConfigError
@@ -53,7 +54,7 @@ def user_add(name: str, home: Path = HOME, role: str = ROLE, as_json: bool = JSO
     """Add a person: prints their one-time password and the otpauth:// URI to load into an
     authenticator app (shown once; hand them over separately)."""
     request = _checked(PersonAdd, name=name, role=role)
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         created = hub.people.add(request.name, request.role, OPERATOR)
     if as_json:
         emit_json(created.model_dump())
@@ -66,7 +67,7 @@ def user_add(name: str, home: Path = HOME, role: str = ROLE, as_json: bool = JSO
 @user_app.command("list")
 def user_list(home: Path = HOME, as_json: bool = JSON) -> None:
     """People with their role and whether they are locked or disabled."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         rows = [p.model_dump() for p in hub.people.people()]
     _table("people", rows, ("name", "role", "created_at", "locked_at", "disabled_at"), as_json)
 
@@ -74,7 +75,7 @@ def user_list(home: Path = HOME, as_json: bool = JSON) -> None:
 @user_app.command("disable")
 def user_disable(name: str, home: Path = HOME, as_json: bool = JSON) -> None:
     """Disable a person: no more logins, and their tokens are refused from the next request."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         info = hub.people.disable(name, OPERATOR)
     _done(info.model_dump(), f"{name} disabled", as_json)
 
@@ -82,7 +83,7 @@ def user_disable(name: str, home: Path = HOME, as_json: bool = JSON) -> None:
 @user_app.command("unlock")
 def user_unlock(name: str, home: Path = HOME, as_json: bool = JSON) -> None:
     """Unlock a person locked after repeated failed logins."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         info = hub.people.unlock(name, OPERATOR)
     _done(info.model_dump(), f"{name} unlocked", as_json)
 
@@ -103,7 +104,7 @@ def token_issue(
     """Issue a service token (e.g. Prometheus with --role auditor); printed once."""
     expires_s = None if expires is None else duration(expires, "--expires")
     request = _checked(ServiceTokenIssue, name=name, role=role, expires_in_s=expires_s)
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         grant = hub.people.issue(request, OPERATOR)
     if as_json:
         emit_json(grant.model_dump())
@@ -115,7 +116,7 @@ def token_issue(
 @token_app.command("list")
 def token_list(home: Path = HOME, as_json: bool = JSON) -> None:
     """Every API token: id, name, person, role, expiry, revocation, last use (never the token)."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         rows = [t.model_dump() for t in hub.people.tokens()]
     columns = ("id", "name", "person", "role", "expires_at", "revoked_at", "last_used")
     _table("API tokens", rows, columns, as_json)
@@ -124,7 +125,7 @@ def token_list(home: Path = HOME, as_json: bool = JSON) -> None:
 @token_app.command("revoke")
 def token_revoke(token_id: str, home: Path = HOME, as_json: bool = JSON) -> None:
     """Revoke a token by its id: refused from the next request on."""
-    with Hub.open(home) as hub:
+    with Hub.open(home, at_rest_key=at_rest_key()) as hub:
         info = hub.people.revoke(token_id, OPERATOR)
     _done(info.model_dump(), f"token {token_id} revoked", as_json)
 

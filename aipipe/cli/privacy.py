@@ -14,6 +14,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from aipipe.cli.at_rest import at_rest_key
 from aipipe.cli.options import JSON
 from aipipe.cli.render import console, emit_json, kv_table
 from aipipe.node.node import Node
@@ -28,7 +29,7 @@ def status(home: Path = HOME, as_json: bool = JSON) -> None:
     """The site's total ε and what all studies spent of it (composed together), then per study
     its share and spent, each beside the best accuracy a membership-inference attacker can
     reach at that (ε, δ) (50/50 prior; 0.5 is a coin flip)."""
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         report = _status(node.store)
     if as_json:
         emit_json(report)
@@ -70,7 +71,7 @@ def budget(
 ) -> None:
     """Set the site's total (ε, δ). Each study also keeps its own share (`node approve
     --epsilon`); a release must fit both. Until this is set, the total is the largest share."""
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         spent = node.set_site_budget(epsilon=site_epsilon, delta=delta)
     result = {"epsilon_budget": site_epsilon, "delta": delta, "spent": spent}
     if as_json:

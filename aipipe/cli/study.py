@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from aipipe.cli.at_rest import at_rest_key
 from aipipe.cli.options import HUB, TOKEN, client
 from aipipe.cli.render import console, emit_json, kv_table
 from aipipe.node.node import Node
@@ -53,7 +54,7 @@ def features(
     No patient-level data is printed.
     """
     spec = load_study(study_file)
-    with Node.open(home) as node:
+    with Node.open(home, at_rest_key=at_rest_key()) as node:
         matrix = node.extract(spec)
     summary = matrix.summary()
     if as_json:

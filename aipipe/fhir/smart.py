@@ -28,6 +28,7 @@ import httpx
 
 from aipipe.errors import ConfigError, FhirServerError
 from aipipe.fhir.smart_key import SmartKey, jwk_thumbprint
+from aipipe.secure.at_rest import PLAIN, AtRest
 
 __all__ = [
     "DEFAULT_SCOPES",
@@ -262,9 +263,12 @@ class SmartBackendAuth(httpx.Auth):
             )
 
 
-def smart_auth_for(base_url: str, client_id: str, key_path: Path) -> SmartBackendAuth:
+def smart_auth_for(
+    base_url: str, client_id: str, key_path: Path, *, at_rest: AtRest = PLAIN
+) -> SmartBackendAuth:
     """The auth a node uses for its FHIR source: its SMART key file and its client_id."""
-    return SmartBackendAuth(base_url=base_url, client_id=client_id, key=SmartKey.load(key_path))
+    key = SmartKey.load(key_path, at_rest=at_rest)
+    return SmartBackendAuth(base_url=base_url, client_id=client_id, key=key)
 
 
 def _check_scopes(scopes: str) -> str:

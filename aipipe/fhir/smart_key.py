@@ -16,6 +16,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from aipipe.errors import ConfigError, IdentityError
+from aipipe.secure.at_rest import PLAIN, AtRest
 from aipipe.secure.keyfiles import load_private_pem, pem_bytes, write_private
 
 Alg = Literal["ES384", "RS384"]
@@ -59,17 +60,17 @@ class SmartKey:
         raise ConfigError(f"SMART key algorithm must be ES384 or RS384, got {alg!r}")
 
     @classmethod
-    def load(cls, path: Path) -> SmartKey:
+    def load(cls, path: Path, *, at_rest: AtRest = PLAIN) -> SmartKey:
         """Read a PKCS#8 PEM key, refusing one that group or others can read (like ssh)."""
-        key = load_private_pem(path, what="SMART key")
+        key = load_private_pem(path, what="SMART key", at_rest=at_rest)
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise IdentityError(f"SMART key {path} is not an EC P-384 or RSA key")
         return cls(key)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, *, at_rest: AtRest = PLAIN) -> None:
         """Write the key with mode 0600 from the first byte; never replace an existing key
         (it may be the one the EHR has registered)."""
-        write_private(path, pem_bytes(self.key), what="SMART key", replace=False)
+        write_private(path, pem_bytes(self.key), what="SMART key", replace=False, at_rest=at_rest)
 
     @property
     def alg(self) -> Alg:

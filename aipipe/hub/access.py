@@ -18,22 +18,14 @@ offered it work there) and has not been excluded since (`HubStore.takes_part`). 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, NoReturn, Protocol
+from typing import NoReturn, Protocol
 
 from aipipe.errors import ConflictError, ForbiddenError, NotFoundError
+from aipipe.hub.principal import Principal
 from aipipe.hub.rounds.context import RoundContext
 from aipipe.privacy.statistics import noise_multiplier, sensitivity
 from aipipe.study.spec import StudySpec
 from aipipe.wire import FeatureStats, ModelVersionInfo, RoundInfo, StudyInfo
-
-Role = Literal["admin", "scientist", "auditor", "node"]  # what each may do: aipipe.hub.roles
-
-
-@dataclass(frozen=True)
-class Principal:
-    kind: Role
-    name: str
 
 
 class Studies(Protocol):

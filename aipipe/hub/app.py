@@ -23,13 +23,13 @@ from aipipe.cds import JwtPolicy, cds_router
 from aipipe.cds.links import load_link_key
 from aipipe.errors import AipipeError, error_body
 from aipipe.hub import mtls
-from aipipe.hub.access import Principal
 from aipipe.hub.audit_head import AuditHeadMiddleware
 from aipipe.hub.cds import HubCdsProvider, hub_fhir_access
 from aipipe.hub.home import HubPaths
 from aipipe.hub.limits import RequestGuard, Scope
 from aipipe.hub.metrics import CdsLatency, HubMetrics
 from aipipe.hub.openapi import CDS_RESPONSES, ERROR_RESPONSES, add_docs, validation_error
+from aipipe.hub.principal import Principal
 from aipipe.hub.routes import ROUTERS
 from aipipe.hub.routes.deps import Changes
 from aipipe.hub.service import HubService
@@ -44,7 +44,7 @@ def create_app(paths: HubPaths) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        identity = Identity.load(paths.identity_key)
+        identity = Identity.load(paths.identity_key, at_rest=paths.at_rest)
         store = paths.open_store()
         audit = AuditLog.open(paths.audit_log, identity, owner=f"hub/{paths.config.name}")
         service = HubService(paths, store, audit, identity, metrics)
@@ -104,7 +104,7 @@ def _cds(paths: HubPaths, service: HubService, audit: AuditLog) -> APIRouter:
                       fhir=hub_fhir_access(paths),
                       allow_unauthenticated=paths.config.cds_allow_unauthenticated,
                       base_url=paths.config.cds_base_url,
-                      link_key=load_link_key(paths.cds_link_key),
+                      link_key=load_link_key(paths.cds_link_key, at_rest=paths.at_rest),
                       link_lifetime_s=paths.config.cds_link_lifetime_s)  # fmt: skip
 
 

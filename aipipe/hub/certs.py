@@ -32,7 +32,8 @@ from aipipe.pki import (
     server_names,
     signed_by,
 )
-from aipipe.secure.keyfiles import read_private, write_private
+from aipipe.secure.at_rest import PLAIN, AtRest
+from aipipe.secure.keyfiles import file_label, read_private, write_private
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
@@ -41,23 +42,24 @@ TLS_KEY = "tls-key.pem"
 
 
 def create_consortium_tls(
-    home: Path, consortium: str, names: Sequence[str] = DEFAULT_NAMES
+    home: Path, consortium: str, names: Sequence[str] = DEFAULT_NAMES, *, at_rest: AtRest = PLAIN
 ) -> Issued:
-    """Write the consortium CA and a hub certificate for `names` into `home`."""
+    """Write the consortium CA (its key sealed under `at_rest`) and a hub certificate for
+    `names` into `home`."""
     ca = make_ca(consortium)
-    write_private(home / CA_KEY, ca.key_pem(), what="consortium CA key")
+    write_private(home / CA_KEY, ca.key_pem(), what="consortium CA key", at_rest=at_rest)
     write_private(home / CA_CERT, ca.cert_pem(), what="consortium CA certificate")
-    return install_hub_cert(home, ca, names)
+    return install_hub_cert(home, ca, names, at_rest=at_rest)
 
 
 def has_ca(home: Path) -> bool:
     return (home / CA_KEY).is_file() and (home / CA_CERT).is_file()
 
 
-def load_ca(home: Path) -> Issued:
-    """The consortium CA of the hub home (certificate and key)."""
+def load_ca(home: Path, *, at_rest: AtRest = PLAIN) -> Issued:
+    """The consortium CA of the hub home (certificate and key, opened with `at_rest`)."""
     cert = load_cert((home / CA_CERT).read_bytes(), str(home / CA_CERT))
-    raw = read_private(home / CA_KEY, what="consortium CA key")
+    raw = read_private(home / CA_KEY, what="consortium CA key", at_rest=at_rest)
     key = serialization.load_pem_private_key(raw, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{home / CA_KEY} is not the EC key of the consortium CA")
@@ -71,17 +73,20 @@ def current_names(home: Path) -> list[str]:
     return names or list(DEFAULT_NAMES)
 
 
-def install_hub_cert(home: Path, ca: Issued, names: Sequence[str]) -> Issued:
-    """Issue a hub certificate for `names`; replace tls-cert.pem/tls-key.pem atomically."""
+def install_hub_cert(
+    home: Path, ca: Issued, names: Sequence[str], *, at_rest: AtRest = PLAIN
+) -> Issued:
+    """Issue a hub certificate for `names`; replace tls-cert.pem/tls-key.pem atomically (the
+    key sealed under `at_rest`)."""
     issued = issue_server_cert(ca, names)
-    _replace(home / TLS_KEY, issued.key_pem(), "hub TLS key")
+    _replace(home / TLS_KEY, issued.key_pem(), "hub TLS key", at_rest)
     _replace(home / TLS_CERT, issued.cert_pem(), "hub TLS certificate")
     return issued
 
 
-def _replace(path: Path, data: bytes, what: str) -> None:
+def _replace(path: Path, data: bytes, what: str, at_rest: AtRest = PLAIN) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write_private(tmp, data, what=what)
+    write_private(tmp, data, what=what, at_rest=at_rest, label=file_label(path))
     os.replace(tmp, path)
 
 

@@ -57,7 +57,10 @@ class ClientCerts:
         if csr is None:
             return None
         cert = issue_client_cert(
-            load_ca(self.paths.home), csr, node, days=self.paths.config.client_cert_days
+            load_ca(self.paths.home, at_rest=self.paths.at_rest),
+            csr,
+            node,
+            days=self.paths.config.client_cert_days,
         )
         not_after = cert.not_valid_after_utc.isoformat()
         self.audit.append(

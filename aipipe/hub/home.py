@@ -11,7 +11,9 @@
 <home>/ca-cert.pem     the consortium CA (`hub init`); ca-key.pem its key, never leaves the home
 <home>/tls-cert.pem    the hub's TLS certificate, signed by it; tls-key.pem its key
 
-The home is 0700 and every file in it 0600.
+The home is 0700 and every file in it 0600. A home made with an at-rest key (`hub init
+--at-rest-key-file`) seals the model blobs, identity.key, ca-key.pem and cds-link.key under it
+(`aipipe.secure.at_rest`); hub.yaml records the key's id, never the key.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from aipipe.errors import ConfigError, NodeExistsError, NodeNotFoundError
 from aipipe.fhir.base_url import ServerBase
 from aipipe.hub.certs import CA_CERT, TLS_CERT, TLS_KEY, create_consortium_tls
 from aipipe.pki import CLIENT_DAYS, DEFAULT_NAMES, MAX_CLIENT_DAYS
+from aipipe.secure.at_rest import PLAIN, AtRest, AtRestConfig, AtRestKey, home_at_rest
 from aipipe.secure.identity import Identity
 from aipipe.secure.keyfiles import write_private
 from aipipe.store.hub_nodes import secret_hash
@@ -76,6 +79,8 @@ class HubConfig(BaseModel):
     # Serve /docs (Swagger UI, assets from the hub) and /openapi.json to anyone; else
     # /openapi.json needs the admin token and there is no /docs.
     api_docs: bool = False
+    # Set by `hub init --at-rest-key-file`: the id of the key the home is sealed under.
+    at_rest: AtRestConfig | None = None
 
     @field_validator("cds_fhir_servers")
     @classmethod
@@ -91,9 +96,10 @@ class HubConfig(BaseModel):
 
 
 class HubPaths:
-    def __init__(self, home: Path, config: HubConfig) -> None:
+    def __init__(self, home: Path, config: HubConfig, at_rest: AtRest = PLAIN) -> None:
         self.home = home
         self.config = config
+        self.at_rest = at_rest  # how the home's private files rest (aipipe.secure.at_rest)
         self.identity_key = home / "identity.key"
         self.cds_link_key = home / "cds-link.key"
         self.store = home / "hub.sqlite"
@@ -103,7 +109,7 @@ class HubPaths:
         self.serve_lock = home / SERVE_LOCK
 
     def open_store(self) -> HubStore:
-        return HubStore.open(self.store, self.blobs)
+        return HubStore.open(self.store, self.blobs, at_rest=self.at_rest)
 
     def tls(self) -> ServerTls | None:
         """hub.yaml's tls_cert and tls_key (relative to the home), loaded; None without them.
@@ -121,6 +127,7 @@ class HubPaths:
             "hub.yaml tls_cert/tls_key",
             HUB_MIN_VERSION,
             client_ca=self.home / ca if ca is not None and self.config.mtls == "required" else None,
+            at_rest=self.at_rest,
         )
 
 
@@ -131,14 +138,17 @@ def init_hub(
     force: bool = False,
     tls_names: Sequence[str] = DEFAULT_NAMES,
     mtls: bool = False,
+    at_rest_key: AtRestKey | None = None,
 ) -> tuple[HubPaths, str]:
-    """Create a hub home with its consortium CA and a hub certificate for `tls_names`; return
-    it and the admin token (shown once, stored only hashed)."""
+    """Create a hub home with its consortium CA and a hub certificate for `tls_names`
+    (encrypted at rest under `at_rest_key` when one is given); return it and the admin token
+    (shown once, stored only hashed)."""
     if (home / HUB_CONFIG).exists() and not force:
         raise NodeExistsError(f"a hub already exists at {home}; use --force to start over")
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     home.chmod(0o700)
-    create_consortium_tls(home, name, tls_names)
+    at_rest = PLAIN if at_rest_key is None else AtRest(at_rest_key)
+    create_consortium_tls(home, name, tls_names, at_rest=at_rest)
     config = HubConfig(
         name=name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -146,10 +156,11 @@ def init_hub(
         tls_key=TLS_KEY,
         tls_ca=CA_CERT,
         mtls="required" if mtls else "off",
+        at_rest=None if at_rest_key is None else AtRestConfig(key_id=at_rest_key.key_id),
     )
     save_hub_config(home, config)
-    paths = HubPaths(home, config)
-    Identity.generate().save(paths.identity_key)
+    paths = HubPaths(home, config, at_rest)
+    Identity.generate().save(paths.identity_key, at_rest=paths.at_rest)
     token = "aipipe-admin." + secrets.token_urlsafe(32)
     store = paths.open_store()
     try:
@@ -164,7 +175,13 @@ def save_hub_config(home: Path, config: HubConfig) -> None:
     write_private(home / HUB_CONFIG, text.encode(), what="hub config")
 
 
-def load_hub(home: Path) -> HubPaths:
+def load_hub(home: Path, at_rest_key: AtRestKey | None = None) -> HubPaths:
+    """The hub at `home`; an encrypted one only with its at-rest key (AtRestKeyError)."""
+    config = read_hub_config(home)
+    return HubPaths(home, config, home_at_rest(f"hub home {home}", config.at_rest, at_rest_key))
+
+
+def read_hub_config(home: Path) -> HubConfig:
     path = home / HUB_CONFIG
     if not path.is_file():
         raise NodeNotFoundError(f"no hub at {home}; run: aipipe hub init --home {home}")
@@ -172,7 +189,7 @@ def load_hub(home: Path) -> HubPaths:
         config = HubConfig.model_validate(yaml.safe_load(path.read_text()))
     except (yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"{path} is not a valid hub config: {exc}") from exc
-    return HubPaths(home, config)
+    return config
 
 
 def served_url(paths: HubPaths) -> str:

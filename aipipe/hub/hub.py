@@ -7,6 +7,8 @@ the app in `aipipe.hub.app`, which opens the home on its own; `serve` runs it.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +32,21 @@ from aipipe.hub.certs import (
     pinned_ca,
 )
 from aipipe.hub.enrolment import issue_token, token_expiry
-from aipipe.hub.home import HubPaths, init_hub, load_hub, save_hub_config, served_url
+from aipipe.hub.home import (
+    HubPaths,
+    init_hub,
+    load_hub,
+    read_hub_config,
+    save_hub_config,
+    served_url,
+)
 from aipipe.hub.people import People
 from aipipe.pki import DEFAULT_NAMES, fingerprint, server_names
+from aipipe.secure.at_rest import AtRest, AtRestConfig, AtRestKey
 from aipipe.secure.identity import Identity
+from aipipe.secure.rekey import Rotation, reseal_columns, reseal_files, rotate
 from aipipe.store.hub_reputation import INITIAL_REPUTATION
-from aipipe.store.hub_store import HubStore
+from aipipe.store.hub_store import SEALED_COLUMNS, HubStore
 
 OPERATOR = "admin/operator"  # the audit actor of people and token commands run on the hub home
 
@@ -58,9 +69,10 @@ class Hub:
         self._audit: AuditLog | None = None
 
     @classmethod
-    def open(cls, home: Path) -> Hub:
-        """The hub at `home` (NodeNotFoundError, saying to run `hub init`, if there is none)."""
-        return cls(load_hub(home))
+    def open(cls, home: Path, *, at_rest_key: AtRestKey | None = None) -> Hub:
+        """The hub at `home` (NodeNotFoundError, saying to run `hub init`, if there is none);
+        a home encrypted at rest needs its key (AtRestKeyError when missing or another)."""
+        return cls(load_hub(home, at_rest_key))
 
     @classmethod
     def init(
@@ -71,11 +83,14 @@ class Hub:
         force: bool = False,
         tls_names: Sequence[str] = DEFAULT_NAMES,
         mtls: bool = False,
+        at_rest_key: AtRestKey | None = None,
     ) -> tuple[Hub, str]:
         """Create a hub home with its consortium CA and a TLS certificate for `tls_names`
-        (`mtls`: mutual TLS required); return it and the admin token (shown once, kept only
-        hashed)."""
-        paths, token = init_hub(home, name, force=force, tls_names=tls_names, mtls=mtls)
+        (`mtls`: mutual TLS required; sealed at rest under `at_rest_key` if given); return it
+        and the admin token (shown once, kept only hashed)."""
+        paths, token = init_hub(
+            home, name, force=force, tls_names=tls_names, mtls=mtls, at_rest_key=at_rest_key
+        )
         return cls(paths), token
 
     def set_mtls(self, required: bool) -> None:
@@ -105,9 +120,14 @@ class Hub:
                 "from hub.yaml to let this command make (or use) the consortium CA"
             )
         if has_ca(home):
-            issued = install_hub_cert(home, load_ca(home), names or current_names(home))
+            ca = load_ca(home, at_rest=self.paths.at_rest)
+            issued = install_hub_cert(
+                home, ca, names or current_names(home), at_rest=self.paths.at_rest
+            )
         else:
-            issued = create_consortium_tls(home, config.name, names or DEFAULT_NAMES)
+            issued = create_consortium_tls(
+                home, config.name, names or DEFAULT_NAMES, at_rest=self.paths.at_rest
+            )
         config.tls_cert, config.tls_key, config.tls_ca = TLS_CERT, TLS_KEY, CA_CERT
         save_hub_config(home, config)
         self.audit.append(
@@ -142,7 +162,7 @@ class Hub:
     @property
     def audit(self) -> AuditLog:
         if self._audit is None:
-            identity = Identity.load(self.paths.identity_key)
+            identity = Identity.load(self.paths.identity_key, at_rest=self.paths.at_rest)
             self._audit = AuditLog.open(self.paths.audit_log, identity, owner=f"hub/{self.name}")
         return self._audit
 
@@ -224,3 +244,38 @@ class Hub:
 
         self.close()
         run_server(self.paths, host, port, insecure_http=insecure_http)
+
+    @classmethod
+    def rekey(cls, home: Path, old: AtRestKey, new: AtRestKey) -> Rotation:
+        """Seal the hub home at `home` again under `new` (its blobs and private keys;
+        `aipipe.secure.rekey`), audited as hub.rekey. Refused while `hub serve` runs."""
+        from aipipe.hub.serve import lock_home
+
+        paths = HubPaths(home, read_hub_config(home))  # opened for the rotation below
+
+        def save(setting: AtRestConfig) -> None:
+            paths.config.at_rest = setting
+            save_hub_config(home, paths.config)
+
+        lock = lock_home(paths)  # a ConflictError naming the process that serves the home
+        try:
+            done = rotate(f"hub home {home}", paths.config.at_rest, old, new, save=save,
+                          reseal=functools.partial(_reseal_hub, paths))  # fmt: skip
+        finally:
+            os.close(lock)
+        paths.at_rest = AtRest(new)
+        with cls(paths) as hub:
+            hub.audit.append("hub.rekey", actor="admin", resource=f"hub/{hub.name}",
+                             details={"from": done.old_key_id, "to": done.new_key_id,
+                                      "files": done.files, "rows": done.rows,
+                                      "skipped": len(done.skipped)})  # fmt: skip
+        return done
+
+
+def _reseal_hub(paths: HubPaths, at_rest: AtRest, skipped: list[Path]) -> tuple[int, int]:
+    files = reseal_files(paths.home, at_rest, skipped)
+    store = HubStore.open(paths.store, paths.blobs, at_rest=at_rest)
+    try:
+        return files, reseal_columns(store.conn, SEALED_COLUMNS, at_rest)
+    finally:
+        store.close()

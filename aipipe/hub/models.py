@@ -58,8 +58,8 @@ class ModelRegistry:
         base_weights = decode_arrays(self.store.blob(base["blob"]))
         global_weights = shared_part(spec, base_weights)  # all of them, unless personalized
         aggregator = result.folded or aggregator_for(spec.aggregation, spec.training.proximal_mu)
-        if study_row["optimizer_state"]:
-            aggregator.load_optimizer_state(decode_arrays(study_row["optimizer_state"]))
+        if (optimizer_state := self.store.study_optimizer_state(study_row)) is not None:
+            aggregator.load_optimizer_state(decode_arrays(optimizer_state))
         total_examples, contributors = result.total_examples, result.contributors
         try:
             if result.weighted_sum is not None:

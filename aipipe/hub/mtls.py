@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from aipipe.errors import ForbiddenError
-from aipipe.hub.access import Principal
+from aipipe.hub.principal import Principal
 from aipipe.pki import common_name
 
 Scope = MutableMapping[str, Any]

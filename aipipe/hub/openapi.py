@@ -21,8 +21,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from aipipe.hub.access import Principal
 from aipipe.hub.home import HubConfig
+from aipipe.hub.principal import Principal
 from aipipe.hub.roles import Allow
 from aipipe.wire.messages import ErrorBody
 

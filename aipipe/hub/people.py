@@ -26,7 +26,6 @@ from typing import NoReturn, cast
 from aipipe import clock
 from aipipe.audit.log import AuditLog
 from aipipe.errors import AuthError, ConflictError, ForbiddenError, NotFoundError
-from aipipe.hub.access import Principal, Role
 from aipipe.hub.passwords import (
     hash_password,
     new_password,
@@ -35,6 +34,7 @@ from aipipe.hub.passwords import (
     totp_uri,
     verify_password,
 )
+from aipipe.hub.principal import Principal, Role
 from aipipe.store.hub_nodes import secret_hash
 from aipipe.store.hub_store import HubStore
 from aipipe.wire.people import (
@@ -133,7 +133,7 @@ class People:
         if not password_ok:
             self._refuse_login(name, "password", count=True)
         now = self._now()
-        step = totp_step(row["totp_secret"], request.totp, now)
+        step = totp_step(self.store.totp_secret(row), request.totp, now)
         if step is None:
             self._refuse_login(name, "totp", count=True)
         role = request.role or cast(HumanRole, row["role"])

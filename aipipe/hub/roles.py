@@ -29,7 +29,7 @@ from fastapi.routing import APIRoute
 
 from aipipe.errors import ForbiddenError
 from aipipe.hub import mtls
-from aipipe.hub.access import Principal, Role
+from aipipe.hub.principal import Principal, Role
 
 ROLES: tuple[Role, ...] = get_args(Role)
 HUMAN_ROLES: tuple[Role, ...] = ("admin", "scientist", "auditor")

@@ -24,13 +24,14 @@ from aipipe.errors import (
     NotFoundError,
     StudyError,
 )
-from aipipe.hub.access import Access, Principal
+from aipipe.hub.access import Access
 from aipipe.hub.client_certs import ClientCerts
 from aipipe.hub.enrolment import refusal
 from aipipe.hub.home import HubPaths
 from aipipe.hub.metrics import HubMetrics
 from aipipe.hub.models import ModelRegistry, version_id
 from aipipe.hub.people import People
+from aipipe.hub.principal import Principal
 from aipipe.hub.rounds.context import NodeStatus, RoundContext
 from aipipe.hub.rounds.protocol import RoundProtocol
 from aipipe.hub.rounds.registry import Protocols

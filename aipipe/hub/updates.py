@@ -42,44 +42,44 @@ def verified_header(
         header_json, payload = unpack_frame(body)
         header = UpdateHeader.model_validate_json(header_json)
     except FrameError as exc:
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             f"malformed update: {str(exc).splitlines()[0]}", "malformed"
         ) from exc
     except ValidationError as exc:  # name the field, not its value
         first = exc.errors(include_input=False)[0]
         where = ".".join(str(p) for p in first["loc"]) or "header"
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             f"malformed update header: {where}: {first['msg']}", "malformed"
         ) from exc
     if header.node != node:
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             f"update names node '{header.node}' but came from '{node}'", "signature"
         )
     _check_signature(ctx, node, header)
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             "payload does not match its signed sha256 (tampered)", "signature"
         )
     if header.study != study or header.round != number:
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             f"update is bound to {header.study} round {header.round}, not {study} round {number}",
             "stale",
         )
     row = ctx.store.round(study, number)
     if row is None:
-        raise UpdateRejectedError(f"study '{study}' has no round {number}", "stale")
+        raise UpdateRejectedError.of(f"study '{study}' has no round {number}", "stale")
     if header.base_version != row.base_version:
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             f"update was trained on {header.base_version[:12]} but round {number} started from "
             f"{row.base_version[:12]}",
             "stale",
         )
     if header.study_digest != ctx.study_digest(study):
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             "update was trained for a different version of the study", "stale"
         )
     if header.secure != secure:
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             f"study '{study}' takes secure: {secure} updates; this one is {header.secure}",
             "malformed",
         )
@@ -88,15 +88,15 @@ def verified_header(
 
 def _check_signature(ctx: RoundContext, node: str, header: UpdateHeader) -> None:
     if not header.signature:
-        raise UpdateRejectedError("update is not signed", "signature")
+        raise UpdateRejectedError.of("update is not signed", "signature")
     key = ctx.store.public_key(node)
     if key is None:
-        raise UpdateRejectedError(f"node '{node}' is not enrolled", "signature")
+        raise UpdateRejectedError.of(f"node '{node}' is not enrolled", "signature")
     try:
         signature = bytes.fromhex(header.signature)
         verify_signature(key, signature, header.signing_bytes())
     except (ValueError, SignatureError) as exc:
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             "update signature does not verify with the node's key", "signature"
         ) from exc
 
@@ -106,16 +106,16 @@ def _checked_delta(base: Arrays, payload: bytes) -> Arrays:
     try:
         delta = decode_arrays(payload)
     except TensorDecodeError as exc:
-        raise UpdateRejectedError(str(exc), "malformed") from exc
+        raise UpdateRejectedError.of(str(exc), "malformed") from exc
     if set(delta) != set(base):
-        raise UpdateRejectedError(_names_problem(sorted(delta), sorted(base)), "malformed")
+        raise UpdateRejectedError.of(_names_problem(sorted(delta), sorted(base)), "malformed")
     for key, value in delta.items():
         if value.shape != base[key].shape:
-            raise UpdateRejectedError(
+            raise UpdateRejectedError.of(
                 f"tensor '{key}' has shape {value.shape}, expected {base[key].shape}", "malformed"
             )
         if not np.all(np.isfinite(value)):
-            raise UpdateRejectedError(f"tensor '{key}' holds NaN or infinity", "bounds")
+            raise UpdateRejectedError.of(f"tensor '{key}' holds NaN or infinity", "bounds")
     return delta
 
 
@@ -141,9 +141,9 @@ def check_norm(header: UpdateHeader, delta: Arrays) -> None:
         np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values()))
     )
     if header.update_norm is None:
-        raise UpdateRejectedError("a plaintext update must state its norm", "malformed")
+        raise UpdateRejectedError.of("a plaintext update must state its norm", "malformed")
     if abs(actual - header.update_norm) > 1e-4 * max(1.0, actual):
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             f"update claims norm {header.update_norm:.6g} but its tensors have {actual:.6g}",
             "malformed",
         )
@@ -159,13 +159,13 @@ def check_bounds(bounds: Bounds, header: UpdateHeader) -> None:
     (without them one update with n = 10¹² and Δ = target − base sets the model)."""
     assert header.num_examples is not None and header.update_norm is not None
     if header.num_examples > bounds.max_examples:
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             f"update claims n={header.num_examples} but the study allows at most "
             f"max_examples={bounds.max_examples} per site; a node counts at most that many rows",
             "bounds",
         )
     if header.update_norm > bounds.update_norm * (1 + _NORM_SLACK):
-        raise UpdateRejectedError(
+        raise UpdateRejectedError.of(
             f"update has norm {header.update_norm:.6g} but the study allows at most "
             f"update_norm={bounds.update_norm:g}; a node clips its update to that norm",
             "bounds",

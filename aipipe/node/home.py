@@ -11,7 +11,10 @@
 <home>/client-key.pem   TLS client key and certificate (client-cert.pem) the hub signed at
                         enrolment, presented to a hub with mutual TLS (aipipe.node.client_cert)
 
-The home is 0700 and every file in it 0600: the store holds raw FHIR.
+The home is 0700 and every file in it 0600: the store holds raw FHIR. A home made with an
+at-rest key (`node init --at-rest-key-file`) seals every private file (keys, credential, CKKS
+contexts, round states, sent contributions) and the store's PHI columns under it
+(`aipipe.secure.at_rest`); node.yaml records the key's id, never the key.
 """
 
 from __future__ import annotations
@@ -29,16 +32,18 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from aipipe.audit.anchor import HUB_HEAD_FILE, HeadRecorder
 from aipipe.audit.log import AuditLog
-from aipipe.errors import ConfigError, IdentityError, NodeExistsError
+from aipipe.errors import ConfigError, NodeExistsError
 from aipipe.fhir.smart_key import SmartKey
 from aipipe.node import client_cert
 from aipipe.node.client import HubClient
 from aipipe.node.vault import SecureVault
 from aipipe.pki import fingerprint, load_cert
+from aipipe.secure.at_rest import PLAIN, AtRest, AtRestConfig, AtRestKey, home_at_rest
 from aipipe.secure.identity import Identity
-from aipipe.secure.keyfiles import write_private
+from aipipe.secure.keyfiles import read_private, write_private
+from aipipe.secure.rekey import Rotation, reseal_columns, reseal_files, rotate
 from aipipe.settings import NODE_CONFIG, NodeConfig, NodePaths, load_node_config, save_node_config
-from aipipe.store.node_store import NodeStore
+from aipipe.store.node_store import SEALED_COLUMNS, NodeStore
 from aipipe.store.sqlite import immediate
 from aipipe.tls import client_context
 from aipipe.wire import EnrolRequest, EnrolToken
@@ -52,11 +57,17 @@ _LEDGER_TABLES = ("privacy_budget", "privacy_site", "privacy_ledger")
 
 
 def init_node(
-    home: Path, name: str, *, force: bool = False, allow_non_private: bool = False
+    home: Path,
+    name: str,
+    *,
+    force: bool = False,
+    allow_non_private: bool = False,
+    at_rest_key: AtRestKey | None = None,
 ) -> NodePaths:
-    """Create a node home. With `force`, an existing node is moved aside, never deleted, and
-    its privacy ledger (ε spent per study) is carried into the new store: the patients are the
-    same, so the ε they have spent stays spent."""
+    """Create a node home, encrypted at rest under `at_rest_key` when one is given. With
+    `force`, an existing node is moved aside, never deleted, and its privacy ledger (ε spent
+    per study) is carried into the new store: the patients are the same, so the ε they have
+    spent stays spent."""
     backup = None
     if (home / NODE_CONFIG).exists():
         if not force:
@@ -70,12 +81,15 @@ def init_node(
         name=name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         allow_non_private=allow_non_private,
+        at_rest=None if at_rest_key is None else AtRestConfig(key_id=at_rest_key.key_id),
     )
-    paths = NodePaths(home, config)
-    Identity.generate().save(paths.identity_key)
-    SecureVault.create_sealing_key(paths.sealing_key)
-    write_private(paths.pseudonym_key, secrets.token_bytes(32), what="pseudonym key")
-    store = NodeStore.open(paths.store, b"")
+    at_rest = PLAIN if at_rest_key is None else AtRest(at_rest_key)
+    paths = NodePaths(home, config, at_rest)
+    Identity.generate().save(paths.identity_key, at_rest=at_rest)
+    SecureVault.create_sealing_key(paths.sealing_key, at_rest=at_rest)
+    pseudonym_key = secrets.token_bytes(32)
+    write_private(paths.pseudonym_key, pseudonym_key, what="pseudonym key", at_rest=at_rest)
+    store = NodeStore.open(paths.store, pseudonym_key, at_rest=at_rest)
     try:
         carried = carry_ledger(backup / paths.store.name, store.conn) if backup else {}
     finally:
@@ -156,10 +170,10 @@ def enrol(paths: NodePaths, token_text: str) -> str:
         )
     if token.ca_sha256 is not None:
         pin_hub_ca(paths, token.ca_der())
-    identity = Identity.load(paths.identity_key)
+    identity = Identity.load(paths.identity_key, at_rest=paths.at_rest)
     vault = node_vault(paths)
     if not paths.sealing_key.exists():  # a node initialised before sealing keys existed
-        SecureVault.create_sealing_key(paths.sealing_key)
+        SecureVault.create_sealing_key(paths.sealing_key, at_rest=paths.at_rest)
     sealing = vault.sealing_public()
     tls_key = client_cert.pending(token.node)  # the hub signs it into our client certificate
     request = EnrolRequest(
@@ -177,11 +191,12 @@ def enrol(paths: NodePaths, token_text: str) -> str:
         on_audit_head=_hub_head(paths),
     ) as client:
         response = client.enrol(request)
-    write_private(paths.home / CREDENTIAL, response.credential.encode(), what="hub credential")
+    write_private(paths.home / CREDENTIAL, response.credential.encode(), what="hub credential",
+                  at_rest=paths.at_rest)  # fmt: skip
     if response.client_cert is None:  # a hub that signs no client certificates
         client_cert.forget(paths.home)
     else:
-        client_cert.install(paths.home, token.node, tls_key, response.client_cert)
+        client_cert.install(paths.home, token.node, tls_key, response.client_cert, paths.at_rest)
     paths.config.hub_url = token.hub_url
     save_node_config(paths.home, paths.config)
     return token.hub_url
@@ -220,7 +235,7 @@ def setup_smart(paths: NodePaths, client_id: str, alg: str) -> dict[str, Any]:
     if alg not in ("ES384", "RS384"):
         raise ConfigError(f"--smart-alg must be ES384 or RS384, got {alg}")
     key = SmartKey.generate("ES384" if alg == "ES384" else "RS384")
-    key.save(paths.smart_key)
+    key.save(paths.smart_key, at_rest=paths.at_rest)
     paths.config.smart_client_id = client_id
     save_node_config(paths.home, paths.config)
     return key.public_jwks()
@@ -233,25 +248,29 @@ def hub_client(paths: NodePaths) -> HubClient:
             f"node {paths.config.name} is not enrolled with a hub; "
             "run: aipipe node init --home ... --name ... --token <token from the hub>"
         )
-    credential = (paths.home / CREDENTIAL).read_text().strip()
+    credential = (
+        read_private(paths.home / CREDENTIAL, what="hub credential", at_rest=paths.at_rest)
+        .decode()
+        .strip()
+    )
     return HubClient(
         paths.config.hub_url,
         token=credential,
         ca_bundle=hub_ca(paths),
         ca_only=paths.config.hub_ca_pinned,
         on_audit_head=_hub_head(paths),
-        client_pair=client_cert.load_pair(paths.home),
+        client_pair=client_cert.load_pair(paths.home, paths.at_rest),
     )
 
 
 def renew_client_cert(paths: NodePaths) -> x509.Certificate:
     """A new TLS client key and certificate from the hub, asked for over a connection that
     presents the current ones (`aipipe node tls renew`)."""
-    client_cert.current(paths.home)  # a node without one must re-enrol: say so first
+    client_cert.current(paths.home, paths.at_rest)  # none: it must re-enrol; say so first
     request = client_cert.pending(paths.config.name)
     with hub_client(paths) as client:
         answer = client.renew_certificate(request.csr)
-    return client_cert.install(paths.home, paths.config.name, request, answer)
+    return client_cert.install(paths.home, paths.config.name, request, answer, paths.at_rest)
 
 
 def _hub_head(paths: NodePaths) -> Callable[[str], None]:
@@ -260,22 +279,48 @@ def _hub_head(paths: NodePaths) -> Callable[[str], None]:
 
 
 def node_vault(paths: NodePaths) -> SecureVault:
-    return SecureVault(paths.sealing_key, paths.secure_dir)
+    return SecureVault(paths.sealing_key, paths.secure_dir, at_rest=paths.at_rest)
 
 
 def open_audit(paths: NodePaths) -> AuditLog:
-    return AuditLog.open(
-        paths.audit_log, Identity.load(paths.identity_key), owner=f"node/{paths.config.name}"
-    )
+    identity = Identity.load(paths.identity_key, at_rest=paths.at_rest)
+    return AuditLog.open(paths.audit_log, identity, owner=f"node/{paths.config.name}")
 
 
 def open_store(paths: NodePaths) -> NodeStore:
-    try:
-        key = paths.pseudonym_key.read_bytes()
-    except OSError as exc:
-        raise IdentityError(f"cannot read pseudonym key {paths.pseudonym_key}") from exc
-    return NodeStore.open(paths.store, key)
+    key = read_private(paths.pseudonym_key, what="pseudonym key", at_rest=paths.at_rest)
+    return NodeStore.open(paths.store, key, at_rest=paths.at_rest)
 
 
-def open_node(home: Path) -> NodePaths:
-    return load_node_config(home)
+def open_node(home: Path, at_rest_key: AtRestKey | None = None) -> NodePaths:
+    """The node at `home`; an encrypted one only with its at-rest key (AtRestKeyError)."""
+    paths = load_node_config(home)
+    paths.at_rest = home_at_rest(f"node home {home}", paths.config.at_rest, at_rest_key)
+    return paths
+
+
+def rekey_node(home: Path, old: AtRestKey, new: AtRestKey) -> Rotation:
+    """Seal the node home at `home` again under `new` (its files and its store's sealed
+    columns; `aipipe.secure.rekey`), audited as node.rekey. Stop the node's daemons first."""
+    paths = load_node_config(home)
+
+    def save(setting: AtRestConfig) -> None:
+        paths.config.at_rest = setting
+        save_node_config(home, paths.config)
+
+    def reseal(at_rest: AtRest, skipped: list[Path]) -> tuple[int, int]:
+        paths.at_rest = at_rest
+        files = reseal_files(home, at_rest, skipped)
+        store = open_store(paths)
+        try:
+            return files, reseal_columns(store.conn, SEALED_COLUMNS, at_rest)
+        finally:
+            store.close()
+
+    done = rotate(f"node home {home}", paths.config.at_rest, old, new, save=save, reseal=reseal)
+    paths.at_rest = AtRest(new)
+    with open_audit(paths) as audit:
+        audit.append("node.rekey", actor=paths.config.name, resource=f"node/{paths.config.name}",
+                     details={"from": done.old_key_id, "to": done.new_key_id, "files": done.files,
+                              "rows": done.rows, "skipped": len(done.skipped)})  # fmt: skip
+    return done

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from aipipe.node.daemon import Daemon
     from aipipe.node.predict import Prediction
     from aipipe.node.worker import NodeWorker
+    from aipipe.secure.at_rest import AtRestKey
     from aipipe.study.features import FeatureMatrix
 
 Log = Callable[[str], None]
@@ -96,17 +97,21 @@ class Node:
         self._hub = hub
 
     @classmethod
-    def open(cls, home: Path, *, hub: HubClient | None = None) -> Node:
-        """The node at `home` (NodeNotFoundError, saying to run `node init`, if there is none)."""
-        return cls(open_node(home), hub=hub)
+    def open(
+        cls, home: Path, *, hub: HubClient | None = None, at_rest_key: AtRestKey | None = None
+    ) -> Node:
+        """The node at `home` (NodeNotFoundError if there is none; AtRestKeyError if it is
+        encrypted at rest and `at_rest_key` is not its key)."""
+        return cls(open_node(home, at_rest_key), hub=hub)
 
     @classmethod
-    def init(
-        cls, home: Path, name: str, *, force: bool = False, allow_non_private: bool = False
-    ) -> Node:
-        """Create a node home (config, store, keys, audit log; audited as node.init) and open
-        it. With `force` an existing node is moved aside and its privacy ledger carried over."""
-        return cls(init_node(home, name, force=force, allow_non_private=allow_non_private))
+    def init(cls, home: Path, name: str, *, force: bool = False, allow_non_private: bool = False,
+             at_rest_key: AtRestKey | None = None) -> Node:  # fmt: skip
+        """Create a node home (config, store, keys, audit log; audited as node.init; sealed
+        under `at_rest_key` if given) and open it. With `force` an existing node is moved aside
+        and its privacy ledger carried over."""
+        return cls(init_node(home, name, force=force, allow_non_private=allow_non_private,
+                             at_rest_key=at_rest_key))  # fmt: skip
 
     def set_hub_ca(self, source: Path) -> None:
         """Trust the CA in `source` (a PEM file, copied into the home) on every call to the hub."""
@@ -121,7 +126,8 @@ class Node:
         client_id = self.paths.config.smart_client_id
         if client_id is None:
             raise ConfigError(f"node {self.name} has no SMART client; use --smart-client-id")
-        return client_id, SmartKey.load(self.paths.smart_key).public_jwks()
+        key = SmartKey.load(self.paths.smart_key, at_rest=self.paths.at_rest)
+        return client_id, key.public_jwks()
 
     def enrol(self, token: str) -> str:
         """Register this node's public keys with the hub the token names; return its URL."""
@@ -148,7 +154,7 @@ class Node:
     @property
     def identity(self) -> Identity:
         if self._identity is None:
-            self._identity = Identity.load(self.paths.identity_key)
+            self._identity = Identity.load(self.paths.identity_key, at_rest=self.paths.at_rest)
         return self._identity
 
     @property
@@ -276,9 +282,9 @@ class Node:
 
     def fhir_source(self, url: str, *, page_size: int = 100) -> FhirServerSource:
         """A client of the FHIR server at `url`, with this node's SMART key if it has one."""
-        config = self.paths.config
+        config, key = self.paths.config, self.paths.smart_key
         auth = (
-            smart_auth_for(url, config.smart_client_id, self.paths.smart_key)
+            smart_auth_for(url, config.smart_client_id, key, at_rest=self.paths.at_rest)
             if config.smart_client_id
             else None
         )
@@ -353,11 +359,11 @@ class Node:
         from aipipe.cds.links import load_link_key
         from aipipe.node.cds import node_cds_app  # imports torch: only when needed
 
-        store, audit = self.store, self.audit
+        store, audit, at_rest = self.store, self.audit, self.paths.at_rest
         return node_cds_app(store, self.hub, studies, audit, jwt=jwt, fhir=fhir,
                             allow_unauthenticated=allow_unauthenticated, actor=self.name,
-                            pseudonym_key=self.paths.pseudonym_key.read_bytes(),
-                            link_key=load_link_key(self.paths.cds_link_key),
+                            pseudonym_key=store.pseudonym_key,
+                            link_key=load_link_key(self.paths.cds_link_key, at_rest=at_rest),
                             link_lifetime_s=link_lifetime_s)  # fmt: skip
 
     def worker(self, log: Log, attack: Attack | None = None) -> NodeWorker:
@@ -385,5 +391,5 @@ class Node:
         from aipipe.node.client_cert import Renewer
         from aipipe.node.daemon import Daemon  # imports torch: only when needed
 
-        renew = Renewer(self.paths.home, self.name, self.hub).check
+        renew = Renewer(self.paths, self.hub).check
         return Daemon(self.worker(log, attack), log, poll_wait_s=poll_wait_s, renew=renew)

@@ -41,6 +41,7 @@ from aipipe.models import Arrays, arrays_to_model
 from aipipe.models.training import EvalResult, evaluate
 from aipipe.node.personal_state import PersonalStates
 from aipipe.personalization import PersonalModel, SiteData, personalizer_for
+from aipipe.secure.at_rest import PLAIN, AtRest
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import FeatureMatrix
 from aipipe.study.spec import StudySpec
@@ -93,10 +94,12 @@ class StoredPersonal:
 
 
 class PersonalModels:
-    """The node's personal models (the table `personal_models` of its store)."""
+    """The node's personal models (the table `personal_models` of its store); their tensors
+    sealed under `at_rest` in a home encrypted at rest."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, at_rest: AtRest = PLAIN) -> None:
         self.db = db
+        self.at_rest = at_rest
         self._table.create(
             {
                 "study": str, "version": str, "round": int, "method": str, "sha256": str,
@@ -122,10 +125,13 @@ class PersonalModels:
         """Keep `personal`, derived from global `version` in round `number`; return it."""
         blob = encode_arrays(personal.weights)
         val = personal.validation
+        label = f"{TABLE}/{study}/{version}"
         row = {
             "study": study, "version": version, "round": number, "method": method,
-            "sha256": hashlib.sha256(blob).hexdigest(), "weights": blob,
-            "carry": encode_arrays(personal.carry), "chosen": json.dumps(personal.chosen),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "weights": self.at_rest.seal(blob, f"{label}/weights"),
+            "carry": self.at_rest.seal(encode_arrays(personal.carry), f"{label}/carry"),
+            "chosen": json.dumps(personal.chosen),
             "val_n": val.n, "val_loss": val.loss, "val_accuracy": val.accuracy,
             "val_auc": val.auc, "test_n": test.n, "test_loss": test.loss,
             "test_accuracy": test.accuracy, "test_auc": test.auc,
@@ -133,16 +139,23 @@ class PersonalModels:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }  # fmt: skip
         self._table.upsert(row, pk=("study", "version"))
-        return _stored(row)
+        return self._stored(row)
 
     def get(self, study: str, version: str) -> StoredPersonal | None:
         rows = list(self._table.rows_where("study = ? AND version = ?", [study, version]))
-        return _stored(rows[0]) if rows else None
+        return self._stored(rows[0]) if rows else None
 
     def all(self, study: str) -> list[StoredPersonal]:
         """Every personal model of `study`, oldest round first."""
         where = self._table.rows_where("study = ?", [study], order_by="round, created")
-        return [_stored(row) for row in where]
+        return [self._stored(row) for row in where]
+
+    def _stored(self, row: Mapping[str, Any]) -> StoredPersonal:
+        label = f"{TABLE}/{row['study']}/{row['version']}"
+        where = f"personal model of {row['study']} from {row['version']}"
+        return _stored({**row, **{part: self.at_rest.open(row[part], f"{label}/{part}",
+                                                           where=f"{where} ({part})")
+                                  for part in ("weights", "carry")}})  # fmt: skip
 
     def latest(self, study: str) -> StoredPersonal | None:
         """The newest one (whose carry the next one starts from)."""
@@ -201,7 +214,7 @@ def make_personal(
     Nothing here is sent anywhere."""
     from aipipe.node.validation import assess  # imports torch
 
-    kept = PersonalModels(store.db)
+    kept = PersonalModels(store.db, at_rest=store.at_rest)
     made = kept.get(spec.name, version)
     if made is not None:
         return made
@@ -211,7 +224,9 @@ def make_personal(
     carry = previous.carry if previous is not None else {}
     # The local training state of the round that made `version` (or the latest before it):
     # FedPer's head, FENDA's local extractor and head; empty for the other methods.
-    trained = PersonalStates(store.db).latest(spec.name, method.name, before=number + 1)
+    trained = PersonalStates(store.db, at_rest=store.at_rest).latest(
+        spec.name, method.name, before=number + 1
+    )
     state = trained.tensors if trained is not None else {}
     personal = method.personalize(
         model, state, carry, SiteData.of(matrix), seed=secrets.randbits(63)
@@ -236,7 +251,7 @@ def served_personal(
     """The personal model this site serves for `spec`, past the study's validation minimum on
     its own test evaluation (audited as `validation`, as the global gate is). `ConfigError`
     when there is none yet; `ModelQualityError` when it misses the minimum."""
-    stored = PersonalModels(store.db).served(spec.name)
+    stored = PersonalModels(store.db, at_rest=store.at_rest).served(spec.name)
     if stored is None:
         raise ConfigError(
             f"study '{spec.name}' personalizes ({_method(spec)}) but this node has no personal "

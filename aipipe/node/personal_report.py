@@ -31,7 +31,7 @@ def personal_report(store: NodeStore, study: str) -> dict[str, Any]:
     """The site's personal models of `study`, oldest first, and the ε it spent on the study."""
     from aipipe.privacy.ledger import BudgetLedger  # imports torch: only when needed
 
-    kept = PersonalModels(store.db)
+    kept = PersonalModels(store.db, at_rest=store.at_rest)
     served, lineage = kept.served(study), ModelLineage(store.db)
     rows = []
     for mine in kept.all(study):
@@ -60,7 +60,7 @@ def export_personal(
 ) -> str:
     """Write the served personal model of `study` to `out` (safetensors, mode 0600); return its
     sha256. Refused (ConfigError, audited) without `allow_phi_derived` or without a model."""
-    served = PersonalModels(store.db).served(study)
+    served = PersonalModels(store.db, at_rest=store.at_rest).served(study)
     details: dict[str, Any] = {"study": study, "allow_phi_derived": allow_phi_derived}
     reason = None
     if served is None:

@@ -31,6 +31,7 @@ from sqlite_utils import Database
 from sqlite_utils.db import Table
 
 from aipipe.audit.log import AuditLog
+from aipipe.secure.at_rest import PLAIN, AtRest
 from aipipe.wire.tensors import Arrays, decode_arrays, encode_arrays
 
 STATES = "personal_states"
@@ -50,8 +51,10 @@ class PersonalState:
 class PersonalStates:
     """The local training states of this node's personalized studies, by (study, round)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, at_rest: AtRest = PLAIN) -> None:
+        """`at_rest`: the tensors are sealed with it in a home encrypted at rest."""
         self.db = db
+        self.at_rest = at_rest
         self._table.create(
             {
                 "study": str,
@@ -80,7 +83,7 @@ class PersonalStates:
             "round": number,
             "base_version": base_version,
             "method": method,
-            "tensors": blob,
+            "tensors": self.at_rest.seal(blob, f"{STATES}/{study}/{number}"),
             "sha256": digest,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -103,7 +106,13 @@ class PersonalStates:
             round=int(row["round"]),
             base_version=row["base_version"],
             method=row["method"],
-            tensors=decode_arrays(row["tensors"]),
+            tensors=decode_arrays(
+                self.at_rest.open(
+                    row["tensors"],
+                    f"{STATES}/{row['study']}/{row['round']}",
+                    where=f"training state of {row['study']} round {row['round']}",
+                )
+            ),
             sha256=row["sha256"],
             time=row["time"],
         )
@@ -120,10 +129,11 @@ def keep_state(
     method: str,
     state: Arrays,
     started_from: str | None,
+    at_rest: AtRest = PLAIN,
 ) -> str:
     """Keep a round's local training state and audit it: round, base version, method, its
     sha256 and that of the state the round started from (None: the public init); no values."""
-    digest = PersonalStates(db).keep(study, number, base_version, method, state)
+    digest = PersonalStates(db, at_rest=at_rest).keep(study, number, base_version, method, state)
     details = {"round": number, "base_version": base_version, "method": method}
     audit.append(
         "personal.state",

@@ -68,8 +68,9 @@ def predict_cohort(
     source = ModelSource.for_study(spec, version, chosen)
     out = []
     for (pid,) in list(store.conn.execute("SELECT id FROM patients ORDER BY id")):
-        resources = [json.loads(text) for (text,) in store.conn.execute(
-            "SELECT json FROM resources WHERE patient_id = ?", (pid,))]  # fmt: skip
+        resources = [json.loads(store.resource_json(text, rtype, rid))
+                     for rtype, rid, text in store.conn.execute(
+            "SELECT type, id, json FROM resources WHERE patient_id = ?", (pid,))]  # fmt: skip
         result = scorer.score(resources, patient_id=pid, as_of=cutoff)
         if result.probability is None:
             missing = tuple(m.name for m in result.blocking)

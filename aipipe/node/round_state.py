@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from aipipe.secure._framing import frame, hkdf_sha256
 from aipipe.secure.errors import SecureAggregationError
-from aipipe.secure.keyfiles import read_private, write_private
+from aipipe.secure.keyfiles import file_label, read_private, write_private
 from aipipe.secure.secagg.client import ClientState
 from aipipe.wire import RoundWork
 from aipipe.wire.secure import SecAggRoundConfig
@@ -89,11 +89,12 @@ class RoundStates:
             nonce, state.model_dump_json().encode(), frame(state.study, state.number)
         )
         tmp = path.with_suffix(".tmp")
-        write_private(tmp, nonce + sealed, what="SecAgg+ round state")
+        write_private(tmp, nonce + sealed, what="SecAgg+ round state",
+                      at_rest=self._vault.at_rest, label=file_label(path))  # fmt: skip
         os.replace(tmp, path)
 
     def load(self, path: Path) -> SecAggRoundState:
-        data = read_private(path, what="SecAgg+ round state")
+        data = read_private(path, what="SecAgg+ round state", at_rest=self._vault.at_rest)
         study, number = path.parent.name, int(path.stem.removeprefix("round-"))
         try:
             plain = AESGCM(self._key()).decrypt(

@@ -17,6 +17,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from aipipe.errors import IdentityError
+from aipipe.secure.at_rest import PLAIN, AtRest
 from aipipe.secure.encoding import FloatArray
 from aipipe.secure.keyfiles import load_private_pem, pem_bytes, read_private, write_private
 from aipipe.secure.sealedbox import x25519_public_bytes
@@ -27,19 +28,20 @@ if TYPE_CHECKING:
 
 
 class SecureVault:
-    def __init__(self, sealing_key: Path, directory: Path) -> None:
+    def __init__(self, sealing_key: Path, directory: Path, *, at_rest: AtRest = PLAIN) -> None:
+        """`at_rest`: how the home's private files rest (every file here is sealed with it)."""
         self.sealing_key_path = sealing_key
         self.directory = directory
+        self.at_rest = at_rest
 
     @staticmethod
-    def create_sealing_key(path: Path) -> None:
+    def create_sealing_key(path: Path, *, at_rest: AtRest = PLAIN) -> None:
         """A fresh X25519 key, written once (an existing key is never replaced)."""
-        write_private(
-            path, pem_bytes(X25519PrivateKey.generate()), what="sealing key", replace=False
-        )
+        key = pem_bytes(X25519PrivateKey.generate())
+        write_private(path, key, what="sealing key", replace=False, at_rest=at_rest)
 
     def sealing_key(self) -> X25519PrivateKey:
-        key = load_private_pem(self.sealing_key_path, what="sealing key")
+        key = load_private_pem(self.sealing_key_path, what="sealing key", at_rest=self.at_rest)
         if not isinstance(key, X25519PrivateKey):
             raise IdentityError(f"sealing key {self.sealing_key_path} is not an X25519 key")
         return key
@@ -52,7 +54,8 @@ class SecureVault:
 
     def save_context(self, study: str, context: CkksContext) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_private(self._context_path(study), context.secret_bytes(), what="CKKS context")
+        write_private(self._context_path(study), context.secret_bytes(), what="CKKS context",
+                      at_rest=self.at_rest)  # fmt: skip
 
     def load_context(self, study: str) -> CkksContext | None:
         from aipipe.secure.ckks import CkksContext  # TenSEAL only where CKKS is used
@@ -60,12 +63,12 @@ class SecureVault:
         path = self._context_path(study)
         if not path.exists():
             return None
-        return CkksContext.from_bytes(read_private(path, what="CKKS context"))
+        return CkksContext.from_bytes(read_private(path, what="CKKS context", at_rest=self.at_rest))
 
     def record_sent(self, study: str, number: int, contribution: FloatArray) -> Path:
         folder = self.directory / "sent" / study
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = folder / f"round-{number}.safetensors"
         data = encode_arrays({"x": np.asarray(contribution, dtype=np.float64)})
-        write_private(path, data, what="sent contribution")
+        write_private(path, data, what="sent contribution", at_rest=self.at_rest)
         return path

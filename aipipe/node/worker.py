@@ -266,6 +266,7 @@ class NodeWorker:
             method=method,
             state=state,
             started_from=started_from,
+            at_rest=self.store.at_rest,
         )
 
     def privacy(self) -> PrivacyEngine:
@@ -312,7 +313,7 @@ class NodeWorker:
         arrays_to_model(self.base_weights(item.version), model)
         kept = None
         if method.local(model):  # a personalized study: the site's own part, from its store
-            states = PersonalStates(self.store.db)
+            states = PersonalStates(self.store.db, at_rest=self.store.at_rest)
             kept = states.latest(spec.name, method.name, before=item.round)
         data = SiteData.of(matrix)
 

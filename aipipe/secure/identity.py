@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from aipipe.errors import IdentityError, SignatureError
+from aipipe.secure.at_rest import PLAIN, AtRest
 from aipipe.secure.keyfiles import load_private_pem, pem_bytes, write_private
 
 
@@ -28,15 +29,15 @@ class Identity:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def load(cls, path: Path) -> Identity:
-        key = load_private_pem(path, what="identity key")
+    def load(cls, path: Path, *, at_rest: AtRest = PLAIN) -> Identity:
+        key = load_private_pem(path, what="identity key", at_rest=at_rest)
         if not isinstance(key, Ed25519PrivateKey):
             raise IdentityError(f"identity key {path} is not an Ed25519 key")
         return cls(key)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, *, at_rest: AtRest = PLAIN) -> None:
         """Write the key with mode 0600 from the first byte: never world-readable."""
-        write_private(path, pem_bytes(self.key), what="identity key")
+        write_private(path, pem_bytes(self.key), what="identity key", at_rest=at_rest)
 
     @property
     def public_bytes(self) -> bytes:

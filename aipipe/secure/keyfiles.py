@@ -1,5 +1,7 @@
 """Private key files: written with mode 0600 from the first byte, refused when others can read
-them (as ssh refuses a loose private key)."""
+them (as ssh refuses a loose private key); in a home encrypted at rest, sealed with its key
+(`aipipe.secure.at_rest`) for the label ``file:<name>``, so every private file of a home goes
+through one code path."""
 
 from __future__ import annotations
 
@@ -11,12 +13,28 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from aipipe.errors import IdentityError
+from aipipe.secure.at_rest import PLAIN, AtRest
 
 PRIVATE_MODE = 0o600
 
 
-def write_private(path: Path, data: bytes, *, what: str, replace: bool = True) -> None:
-    """Write `data` readable by its owner only; with `replace=False` never overwrite a file."""
+def file_label(path: Path) -> str:
+    """What a private file is sealed for: its name (a file moved to another name won't open)."""
+    return f"file:{path.name}"
+
+
+def write_private(
+    path: Path,
+    data: bytes,
+    *,
+    what: str,
+    replace: bool = True,
+    at_rest: AtRest = PLAIN,
+    label: str | None = None,
+) -> None:
+    """Write `data` readable by its owner only (sealed under `at_rest` for `label`, by default
+    the file's own name); with `replace=False` never overwrite a file."""
+    data = at_rest.seal(data, label or file_label(path))
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
     try:
         fd = os.open(path, flags, PRIVATE_MODE)
@@ -29,7 +47,9 @@ def write_private(path: Path, data: bytes, *, what: str, replace: bool = True) -
     os.chmod(path, PRIVATE_MODE)
 
 
-def read_private(path: Path, *, what: str) -> bytes:
+def read_private(
+    path: Path, *, what: str, at_rest: AtRest = PLAIN, label: str | None = None
+) -> bytes:
     try:
         mode = path.stat().st_mode
         data = path.read_bytes()
@@ -40,7 +60,7 @@ def read_private(path: Path, *, what: str) -> bytes:
             f"{what} {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
             f"run: chmod 600 {path}"
         )
-    return data
+    return at_rest.open(data, label or file_label(path), where=f"{what} {path}")
 
 
 def pem_bytes(key: PrivateKeyTypes) -> bytes:
@@ -51,8 +71,9 @@ def pem_bytes(key: PrivateKeyTypes) -> bytes:
     )
 
 
-def load_private_pem(path: Path, *, what: str) -> PrivateKeyTypes:
+def load_private_pem(path: Path, *, what: str, at_rest: AtRest = PLAIN) -> PrivateKeyTypes:
+    data = read_private(path, what=what, at_rest=at_rest)
     try:
-        return serialization.load_pem_private_key(read_private(path, what=what), password=None)
+        return serialization.load_pem_private_key(data, password=None)
     except ValueError as exc:
         raise IdentityError(f"{what} {path} is not an unencrypted PEM private key") from exc

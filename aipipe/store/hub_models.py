@@ -3,7 +3,9 @@ feature statistics.
 
 `ModelTables` is the part of `HubStore` over ``models``, ``metrics`` and ``feature_stats``, and
 the content-addressed blob directory: model weights rest at the sha256 of their safetensors
-bytes, written 0600 through a temporary file, and checked against that digest when read.
+bytes, written 0600 through a temporary file, and checked against that digest when read. In
+a hub home encrypted at rest each blob is sealed (`aipipe.secure.at_rest`) for ``blob:<sha256>``:
+the name stays the digest of the plaintext, so content addressing and the digest check hold.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from aipipe.clock import utc_now
-from aipipe.errors import BlobIntegrityError
+from aipipe.errors import BlobIntegrityError, SealedDataError
+from aipipe.secure.at_rest import AtRest
+from aipipe.secure.keyfiles import write_private
 from aipipe.store.sqlite import Tables
 
 
@@ -24,6 +28,7 @@ class ModelTables(Tables):
     """Model blobs and versions, their metrics, and feature statistics (part of `HubStore`)."""
 
     blob_dir: Path
+    at_rest: AtRest
 
     def put_blob(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -31,8 +36,7 @@ class ModelTables(Tables):
         if not path.exists():
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-                f.write(data)
+            write_private(tmp, data, what="model blob", at_rest=self.at_rest, label=_label(digest))
             os.replace(tmp, path)
         return digest
 
@@ -49,6 +53,10 @@ class ModelTables(Tables):
                 f"model blob {digest[:12]} is missing from the hub's blob store; restore the "
                 "hub home's blobs/ from a backup"
             ) from exc
+        try:
+            data = self.at_rest.open(data, _label(digest), where=f"model blob {digest[:12]}")
+        except SealedDataError as exc:
+            raise BlobIntegrityError(str(exc)) from exc
         if hashlib.sha256(data).hexdigest() != digest:
             raise BlobIntegrityError(
                 f"model blob {digest[:12]} is damaged (its sha256 does not match); restore the "
@@ -120,3 +128,8 @@ class ModelTables(Tables):
             "SELECT 1 FROM metrics WHERE version = ? AND node = ?", (version, node)
         ).fetchone()
         return row is not None
+
+
+def _label(digest: str) -> str:
+    """What a sealed blob is sealed for: a blob put at another digest's place does not open."""
+    return f"blob:{digest}"

@@ -17,6 +17,7 @@ import secrets
 import sqlite3
 
 from aipipe.clock import utc_now
+from aipipe.secure.at_rest import AtRest
 from aipipe.store.sqlite import Tables
 
 SCHEMA = """
@@ -59,7 +60,10 @@ def new_token_id() -> str:
 
 
 class PeopleTables(Tables):
-    """People and their API tokens (part of `HubStore`)."""
+    """People and their API tokens (part of `HubStore`). A TOTP secret is sealed under the
+    home's at-rest key (`HubStore.at_rest`); a token is kept as its sha256 only."""
+
+    at_rest: AtRest
 
     # -- people ------------------------------------------------------------------------------
 
@@ -68,9 +72,16 @@ class PeopleTables(Tables):
         cursor = self.conn.execute(
             "INSERT OR IGNORE INTO people (name, role, password_hash, totp_secret, created_at) "
             "VALUES (?, ?, ?, ?, ?)",
-            (name, role, password_hash, totp_secret, utc_now()),
-        )
+            (name, role, password_hash, self.at_rest.seal_text(totp_secret, _totp_label(name)),
+             utc_now()),
+        )  # fmt: skip
         return cursor.rowcount == 1
+
+    def totp_secret(self, person: sqlite3.Row) -> str:
+        """The person's TOTP secret, opened."""
+        name = str(person["name"])
+        where = f"the TOTP secret of person '{name}'"
+        return self.at_rest.open_text(person["totp_secret"], _totp_label(name), where=where)
 
     def person(self, name: str) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.conn.execute(
@@ -158,3 +169,7 @@ class PeopleTables(Tables):
             "WHERE id = ? AND (last_used IS NULL OR last_used < ?)",
             (now, token_id, since),
         )
+
+
+def _totp_label(name: str) -> str:
+    return f"people/{name}/totp_secret"

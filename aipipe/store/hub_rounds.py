@@ -17,6 +17,7 @@ from typing import Any
 
 from aipipe.clock import utc_now
 from aipipe.errors import UpdateRejectedError
+from aipipe.secure.at_rest import AtRest
 from aipipe.store.node_store import later
 from aipipe.store.sqlite import Tables
 from aipipe.wire import RoundState
@@ -40,7 +41,10 @@ class RoundRow:
 
 
 class RoundTables(Tables):
-    """Studies, exclusions, rounds and the updates they accepted (part of `HubStore`)."""
+    """Studies, exclusions, rounds and the updates they accepted (part of `HubStore`). In a
+    home encrypted at rest a round's running sum and a study's optimizer state are sealed."""
+
+    at_rest: AtRest
 
     # -- studies -----------------------------------------------------------------------------
 
@@ -61,10 +65,21 @@ class RoundTables(Tables):
 
     def set_study_head(self, study: str, version: str, optimizer_state: bytes | None) -> None:
         """The study's current model version and the server optimizer's state after it."""
+        sealed = None if optimizer_state is None else self.at_rest.seal(
+            optimizer_state, f"studies/{study}/optimizer_state"
+        )  # fmt: skip
         self.conn.execute(
             "UPDATE studies SET current_version = ?, optimizer_state = ? WHERE name = ?",
-            (version, optimizer_state, study),
+            (version, sealed, study),
         )
+
+    def study_optimizer_state(self, study: sqlite3.Row) -> bytes | None:
+        """The server optimizer's state kept with a `studies` row (None if it has none)."""
+        value, name = study["optimizer_state"], study["name"]
+        if not value:
+            return None
+        label = f"studies/{name}/optimizer_state"
+        return self.at_rest.open(value, label, where=f"optimizer state of study '{name}'")
 
     def exclude(self, study: str, node: str, reason: str) -> None:
         self.conn.execute(
@@ -100,7 +115,14 @@ class RoundTables(Tables):
             "sum_blob, total_examples FROM rounds WHERE study = ? AND round = ?",
             (study, number),
         ).fetchone()
-        return None if row is None else RoundRow(*row)
+        if row is None:
+            return None
+        name, rnd, state, base, deadline, reason, result, sealed, total = row
+        where = f"running sum of round {number} of '{study}'"
+        summed = None if sealed is None else self.at_rest.open(
+            sealed, _sum_label(study, number), where=where
+        )  # fmt: skip
+        return RoundRow(name, rnd, state, base, deadline, reason, result, summed, total)
 
     def round(self, study: str, number: int) -> RoundRow | None:
         return self._round(self.conn, study, number)
@@ -183,11 +205,11 @@ class RoundTables(Tables):
         with self.transaction() as conn:
             current = self._round(conn, study, number)
             if current is None or not RoundState(current.state).active:
-                return UpdateRejectedError(
+                return UpdateRejectedError.of(
                     f"round {number} of '{study}' is not collecting updates", "stale"
                 )
             if later(utc_now(), current.deadline):
-                return UpdateRejectedError(
+                return UpdateRejectedError.of(
                     f"round {number} of '{study}' passed its deadline {current.deadline}", "stale"
                 )
             status = conn.execute(
@@ -195,20 +217,22 @@ class RoundTables(Tables):
                 (study, number, node),
             ).fetchone()
             if status is None:
-                return UpdateRejectedError(
+                return UpdateRejectedError.of(
                     f"node '{node}' was not selected for round {number}", "stale"
                 )
             if status[0] != "selected":
-                return UpdateRejectedError(
+                return UpdateRejectedError.of(
                     f"node '{node}' already {status[0]} in round {number} (duplicate)", "duplicate"
                 )
             if conn.execute(
                 "SELECT 1 FROM nonces WHERE node = ? AND nonce = ?", (node, record["nonce"])
             ).fetchone():
-                return UpdateRejectedError(
+                return UpdateRejectedError.of(
                     "this update was already received once (replayed nonce)", "duplicate"
                 )
             new_sum = fold(current.sum_blob)
+            if new_sum is not None:
+                new_sum = self.at_rest.seal(new_sum, _sum_label(study, number))
             conn.execute(
                 "UPDATE rounds SET sum_blob = ?, total_examples = total_examples + coalesce(?, 0), "
                 "state = ? WHERE study = ? AND round = ?",
@@ -251,3 +275,7 @@ class RoundTables(Tables):
             (reason, utc_now(), study, number, node, RoundState.OPEN, RoundState.COLLECTING),
         )
         return cursor.rowcount == 1
+
+
+def _sum_label(study: str, number: int) -> str:
+    return f"rounds/{study}/{number}/sum"

@@ -17,6 +17,7 @@ import sqlite3
 from pathlib import Path
 
 from aipipe.errors import StoreError
+from aipipe.secure.at_rest import PLAIN, AtRest
 from aipipe.store.hub_models import ModelTables
 from aipipe.store.hub_nodes import NodeTables
 from aipipe.store.hub_people import SCHEMA as PEOPLE_SCHEMA
@@ -64,6 +65,14 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE INDEX IF NOT EXISTS round_nodes_by_site ON round_nodes (study, node, round);
 """
 
+# The columns a home encrypted at rest seals (`aipipe.secure.rekey` rotates them): a round's
+# running sum of updates and a study's server optimizer state (aipipe.store.hub_rounds).
+SEALED_COLUMNS = (
+    ("rounds", "sum_blob"),
+    ("studies", "optimizer_state"),
+    ("people", "totp_secret"),
+)
+
 _TOKEN_COLUMNS = {"expires_at": "TEXT", "replaces": "INTEGER NOT NULL DEFAULT 0"}
 
 
@@ -78,12 +87,13 @@ def _add_token_columns(conn: sqlite3.Connection) -> None:
 class HubStore(NodeTables, RoundTables, ModelTables, ReputationTables, PeopleTables):
     """The hub's state: one SQLite connection (`open` creates the tables) and the blob directory."""
 
-    def __init__(self, conn: sqlite3.Connection, blob_dir: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, blob_dir: Path, at_rest: AtRest = PLAIN) -> None:
         super().__init__(conn)
         self.blob_dir = blob_dir
+        self.at_rest = at_rest
 
     @classmethod
-    def open(cls, path: Path, blob_dir: Path) -> HubStore:
+    def open(cls, path: Path, blob_dir: Path, *, at_rest: AtRest = PLAIN) -> HubStore:
         try:
             private_db(path)
             conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
@@ -98,7 +108,7 @@ class HubStore(NodeTables, RoundTables, ModelTables, ReputationTables, PeopleTab
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open hub store {path}: {exc}") from exc
         blob_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return cls(conn, blob_dir)
+        return cls(conn, blob_dir, at_rest)
 
     def close(self) -> None:
         self.conn.close()

@@ -6,6 +6,10 @@ was before the batch. A resource is keyed by (type, id); a newer version (later
 together with all rows derived from it; the same content again is a no-op; an older version is
 ignored. Patients get a pseudonym, an HMAC of their id under the node's secret key, which is the
 only patient reference that logs and audit events carry.
+
+In a home encrypted at rest the raw resource (`resources.json`) is sealed per row under the
+home's key for ``resources/<type>/<id>`` (`aipipe.secure.at_rest`); `resource_json` opens it.
+No query reads inside that column: the normalised tables next to it are what SQL filters on.
 """
 
 from __future__ import annotations
@@ -25,9 +29,29 @@ import sqlite_utils
 from aipipe.clock import parse_instant, utc_now
 from aipipe.errors import StoreError
 from aipipe.fhir.mapping import MappedResource
+from aipipe.secure.at_rest import PLAIN, AtRest
 from aipipe.store.schema import migrate
 from aipipe.store.sqlite import immediate, private_db
 
+# The columns a home encrypted at rest seals per row (`aipipe.secure.rekey` rotates them): the
+# raw FHIR; the values of the normalised tables that no SQL filters on (the codes, dates and
+# ids that the feature queries filter, join and sort on stay in clear); the personal models and
+# training states (aipipe.node.personal, personal_state).
+SEALED_COLUMNS = (
+    ("resources", "json"),
+    ("patients", "birth_year"),
+    ("patients", "birth_date"),
+    ("patients", "sex"),
+    ("observations", "value"),
+    ("observations", "value_code"),
+    ("observations", "unit"),
+    ("conditions", "clinical_status"),
+    ("medications", "status"),
+    ("medications", "authored"),
+    ("personal_models", "weights"),
+    ("personal_models", "carry"),
+    ("personal_states", "tensors"),
+)
 # Derives the key of the keyed train/test split from the pseudonym key (domain separation).
 _SPLIT_KEY_LABEL = b"aipipe/study-split/v1"
 # Derives the key of the cohort hashes the site ledger compares studies with.
@@ -71,12 +95,15 @@ def _is_newer(incoming: MappedResource, version: str | None, updated: str | None
 class NodeStore:
     """The node's store. Open with `NodeStore.open(path, pseudonym_key)`."""
 
-    def __init__(self, db: sqlite_utils.Database, pseudonym_key: bytes) -> None:
+    def __init__(
+        self, db: sqlite_utils.Database, pseudonym_key: bytes, at_rest: AtRest = PLAIN
+    ) -> None:
         self.db = db
         self._pseudonym_key = pseudonym_key
+        self.at_rest = at_rest
 
     @classmethod
-    def open(cls, path: Path, pseudonym_key: bytes) -> NodeStore:
+    def open(cls, path: Path, pseudonym_key: bytes, *, at_rest: AtRest = PLAIN) -> NodeStore:
         try:
             private_db(path)
             conn = sqlite3.connect(path, isolation_level=None, timeout=30)
@@ -86,7 +113,7 @@ class NodeStore:
             migrate(conn)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open node store {path}: {exc}") from exc
-        return cls(sqlite_utils.Database(conn), pseudonym_key)
+        return cls(sqlite_utils.Database(conn), pseudonym_key, at_rest)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -94,6 +121,14 @@ class NodeStore:
 
     def close(self) -> None:
         self.db.conn.close()
+
+    @property
+    def pseudonym_key(self) -> bytes:
+        return self._pseudonym_key
+
+    def resource_json(self, value: str | bytes, rtype: str, rid: str) -> str:
+        """A `resources.json` value as text, opened when the home seals it."""
+        return self.at_rest.open_text(value, resource_label(rtype, rid), where=f"{rtype}/{rid}")
 
     def pseudonym(self, patient_id: str) -> str:
         digest = hmac.new(self._pseudonym_key, patient_id.encode(), hashlib.sha256)
@@ -203,53 +238,63 @@ class NodeStore:
             "patient_id = excluded.patient_id, hash = excluded.hash, json = excluded.json, "
             "ingested_at = excluded.ingested_at",
             [
-                (r.type, r.id, r.version_id, r.last_updated, r.patient_id, r.hash, r.json, now)
+                (
+                    r.type,
+                    r.id,
+                    r.version_id,
+                    r.last_updated,
+                    r.patient_id,
+                    r.hash,
+                    self.at_rest.seal_text(r.json, resource_label(r.type, r.id)),
+                    now,
+                )
                 for r in items
             ],
         )
+        seal = self.at_rest.seal_field
         conn.executemany(
             "INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?, ?, ?)",
             [
-                (p.id, self.pseudonym(p.id), p.birth_year, p.birth_date, p.sex, int(p.deceased))
+                (p.id, self.pseudonym(p.id), *(seal(v, field_label("patients", (p.id,), c))
+                 for c, v in (("birth_year", p.birth_year), ("birth_date", p.birth_date),
+                              ("sex", p.sex))), int(p.deceased))
                 for r in items
                 if (p := r.patient) is not None
             ],
-        )
+        )  # fmt: skip
         conn.executemany(
             "INSERT OR REPLACE INTO observations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (
-                    o.resource_id,
-                    o.component,
-                    o.patient_id,
-                    o.code,
-                    o.value,
-                    o.value_code,
-                    o.unit,
-                    o.effective,
-                )
+                (o.resource_id, o.component, o.patient_id, o.code,
+                 *(seal(v, field_label("observations", (o.resource_id, o.component, o.code), c))
+                   for c, v in (("value", o.value), ("value_code", o.value_code),
+                                ("unit", o.unit))), o.effective)
                 for r in items
                 for o in r.observations
             ],
-        )
+        )  # fmt: skip
         conditions = [r for r in items if r.type == "Condition"]
         conn.executemany(
             "INSERT OR REPLACE INTO conditions VALUES (?, ?, ?, ?, ?)",
             [
-                (c.resource_id, c.patient_id, c.code, c.time, c.status)
+                (c.resource_id, c.patient_id, c.code, c.time,
+                 seal(c.status, field_label("conditions", (c.resource_id, c.code),
+                                            "clinical_status")))
                 for r in conditions
                 for c in r.coded
             ],
-        )
+        )  # fmt: skip
         conn.executemany(
             "INSERT OR REPLACE INTO medications VALUES (?, ?, ?, ?, ?, ?)",
             [
-                (r.type, c.resource_id, c.patient_id, c.code, c.status, c.time)
+                (r.type, c.resource_id, c.patient_id, c.code,
+                 *(seal(v, field_label("medications", (r.type, c.resource_id, c.code), col))
+                   for col, v in (("status", c.status), ("authored", c.time))))
                 for r in items
                 if r.type != "Condition"
                 for c in r.coded
             ],
-        )
+        )  # fmt: skip
 
     # -- cursors and runs -------------------------------------------------------------------
 
@@ -302,6 +347,17 @@ class NodeStore:
         last = self.conn.execute("SELECT max(finished_at) FROM ingest_runs").fetchone()[0]
         patients = self.conn.execute("SELECT count(*) FROM patients").fetchone()[0]
         return {"resources": counts, "patients": patients, "last_sync": last, "cursors": cursors}
+
+
+def resource_label(rtype: str, rid: str) -> str:
+    """What a sealed `resources.json` value is sealed for: a row moved to another resource's
+    place does not open."""
+    return f"resources/{rtype}/{rid}"
+
+
+def field_label(table: str, key: Sequence[object], column: str) -> str:
+    """What a sealed value of a normalised table is sealed for: its table, row key and column."""
+    return "/".join([table, *map(str, key), column])
 
 
 def _last_of_each(items: list[MappedResource]) -> list[MappedResource]:

@@ -16,6 +16,8 @@ from datetime import date, timedelta
 import numpy as np
 from numpy.typing import NDArray
 
+from aipipe.secure.at_rest import PLAIN, AtRest
+from aipipe.store.node_store import field_label, resource_label
 from aipipe.study.blocks import Feature
 from aipipe.study.spec import StudySpec
 
@@ -41,22 +43,31 @@ def _death_date(text: str | None) -> date | None:
 
 
 def patient_facts(
-    conn: sqlite3.Connection,
+    conn: sqlite3.Connection, at_rest: AtRest = PLAIN
 ) -> dict[str, tuple[int | None, bool, date | None]]:
-    """Each patient's (birth year, deceased, day of death if recorded)."""
+    """Each patient's (birth year, deceased, day of death if recorded); the stored Patient
+    JSON opened with `at_rest` where the home seals it."""
     deaths = {
-        pid: _death_date(text)
+        pid: _death_date(
+            None
+            if text is None
+            else at_rest.open_text(text, resource_label("Patient", pid), where=f"Patient/{pid}")
+        )
         for pid, text in conn.execute(
             "SELECT p.id, r.json FROM patients p LEFT JOIN resources r "
             "ON r.type = 'Patient' AND r.id = p.id WHERE p.deceased = 1"
         )
     }
     return {
-        pid: (birth_year, bool(deceased), deaths.get(pid))
-        for pid, birth_year, deceased in conn.execute(
-            "SELECT id, birth_year, deceased FROM patients"
-        )
+        pid: (_birth_year(at_rest, pid, sealed), bool(deceased), deaths.get(pid))
+        for pid, sealed, deceased in conn.execute("SELECT id, birth_year, deceased FROM patients")
     }
+
+
+def _birth_year(at_rest: AtRest, pid: str, sealed: int | bytes | None) -> int | None:
+    label = field_label("patients", (pid,), "birth_year")
+    year = at_rest.open_field(sealed, label, where=f"Patient/{pid} birth year")
+    return None if year is None else int(year)
 
 
 def age(birth_year: int | None, death: date | None, reference: date | None) -> float:
@@ -68,24 +79,27 @@ def age(birth_year: int | None, death: date | None, reference: date | None) -> f
 
 
 def ages(
-    conn: sqlite3.Connection, index: dict[str, int], reference: date | None
+    conn: sqlite3.Connection,
+    index: dict[str, int],
+    reference: date | None,
+    at_rest: AtRest = PLAIN,
 ) -> NDArray[np.float64]:
     out = np.full(len(index), np.nan)
-    for pid, (birth_year, _, death) in patient_facts(conn).items():
+    for pid, (birth_year, _, death) in patient_facts(conn, at_rest).items():
         if pid in index:
             out[index[pid]] = age(birth_year, death, reference)
     return out
 
 
 def exclusions(
-    conn: sqlite3.Connection, study: StudySpec, reference: date | None
+    conn: sqlite3.Connection, study: StudySpec, reference: date | None, at_rest: AtRest = PLAIN
 ) -> dict[str, str]:
     """Patients outside the study's population, each with the reason (none without one)."""
     population = study.population
     if population is None:
         return {}
     out: dict[str, str] = {}
-    for pid, (birth_year, deceased, death) in patient_facts(conn).items():
+    for pid, (birth_year, deceased, death) in patient_facts(conn, at_rest).items():
         if population.alive and deceased:
             when = f" on {death.isoformat()}" if death is not None else ""
             out[pid] = f"the patient died{when}; the model applies to living patients only"

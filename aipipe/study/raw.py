@@ -19,7 +19,8 @@ from numpy.typing import NDArray
 
 from aipipe.errors import StudyError
 from aipipe.fhir.codes import convert_unit
-from aipipe.store.node_store import NodeStore
+from aipipe.secure.at_rest import PLAIN, AtRest
+from aipipe.store.node_store import NodeStore, field_label
 from aipipe.study.blocks import Feature
 from aipipe.study.population import ages, exclusions, window_start
 from aipipe.study.spec import StudySpec
@@ -59,7 +60,9 @@ def raw_matrix(store: NodeStore, study: StudySpec) -> RawMatrix:
     col = 0
     for feature in study.features:
         since = window_start(study, feature, study.reference_date)
-        values, skipped = _feature_values(conn, feature, index, study.reference_date, since)
+        values, skipped = _feature_values(
+            conn, feature, index, study.reference_date, since, store.at_rest
+        )
         missing[feature.name] = round(float(np.isnan(values).mean()), 4)
         if skipped:
             unconverted[feature.name] = skipped
@@ -71,11 +74,14 @@ def raw_matrix(store: NodeStore, study: StudySpec) -> RawMatrix:
         blocks.append(block)
         col += block.shape[1]
     for name in study.demographics:
-        values = ages(conn, index, study.reference_date) if name == "age" else _sex(conn, index)
+        if name == "age":
+            values = ages(conn, index, study.reference_date, store.at_rest)
+        else:
+            values = _sex(conn, index, store.at_rest)
         missing[name] = round(float(np.isnan(values).mean()), 4)
         drop_mask |= np.isnan(values)
         blocks.append(values[:, None])
-    excluded = exclusions(conn, study, study.reference_date)
+    excluded = exclusions(conn, study, study.reference_date, store.at_rest)
     drop_mask |= np.array([pid in excluded for pid in ids], dtype=bool)
     x = np.concatenate(blocks, axis=1).astype(np.float64)
     return RawMatrix(
@@ -103,11 +109,13 @@ def _feature_values(
     index: dict[str, int],
     reference: date | None,
     since: date | None = None,
+    at_rest: AtRest = PLAIN,
 ) -> tuple[NDArray[np.float64], int]:
-    """One value per patient (NaN where none), and how many values had an unconvertible unit."""
+    """One value per patient (NaN where none), and how many values had an unconvertible unit;
+    the values and units opened with `at_rest` where the home seals them."""
     where, params = _code_filter(feature.all_codes())
     sql = (
-        "SELECT patient_id, code, value, unit, effective FROM observations "
+        "SELECT patient_id, code, value, unit, resource_id, component FROM observations "
         f"WHERE {where} AND value IS NOT NULL"
     )
     if reference is not None:
@@ -120,15 +128,24 @@ def _feature_values(
     per_patient: dict[str, list[float]] = {}
     target = feature.target_unit()
     skipped = 0
-    for patient, code, value, unit, _ in conn.execute(sql, params):
+    for patient, code, sealed_value, sealed_unit, rid, component in conn.execute(sql, params):
         if patient not in index:
             continue
+        opened, unit = (
+            at_rest.open_field(sealed, field_label("observations", (rid, component, code), col),
+                               where=f"Observation/{rid} {col}")
+            for col, sealed in (("value", sealed_value), ("unit", sealed_unit))
+        )  # fmt: skip
+        if opened is None:  # not reached: the query asks for `value IS NOT NULL`
+            continue
+        value = float(opened)
         if target is not None:
-            value = convert_unit(value, unit, target, code)
-            if value is None:
+            converted = convert_unit(value, None if unit is None else str(unit), target, code)
+            if converted is None:
                 skipped += 1
                 continue
-        per_patient.setdefault(patient, []).append(float(value))
+            value = converted
+        per_patient.setdefault(patient, []).append(value)
     out = np.full(len(index), np.nan)
     for patient, values in per_patient.items():
         out[index[patient]] = _aggregate(feature.aggregation, values)
@@ -162,10 +179,14 @@ def _encode(feature: Feature, values: NDArray[np.float64]) -> tuple[NDArray[np.f
     return block, n_value_cols
 
 
-def _sex(conn: sqlite3.Connection, index: dict[str, int]) -> NDArray[np.float64]:
+def _sex(
+    conn: sqlite3.Connection, index: dict[str, int], at_rest: AtRest = PLAIN
+) -> NDArray[np.float64]:
     out = np.full(len(index), np.nan)
-    for pid, sex in conn.execute("SELECT id, sex FROM patients"):
-        out[index[pid]] = {"male": 1.0, "female": 0.0}.get(sex or "", np.nan)
+    for pid, sealed in conn.execute("SELECT id, sex FROM patients"):
+        label = field_label("patients", (pid,), "sex")
+        sex = at_rest.open_field(sealed, label, where=f"Patient/{pid} sex")
+        out[index[pid]] = {"male": 1.0, "female": 0.0}.get(str(sex or ""), np.nan)
     return out
 
 

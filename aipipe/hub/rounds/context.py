@@ -122,7 +122,7 @@ class RoundContext:
             outcome="refused",
             details={"reason": reason, "category": category},
         )
-        raise UpdateRejectedError(reason, category)
+        raise UpdateRejectedError.of(reason, category)
 
     def refuse_error(self, node: str, study: str, number: int, exc: AipipeError) -> NoReturn:
         """`refuse` with an error's message, in its category (a bad signature's is `signature`,

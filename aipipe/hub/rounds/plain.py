@@ -81,10 +81,10 @@ class PlainRound(RoundProtocol):
             try:
                 aggregator.accumulate(delta, n)
             except AggregationError as exc:
-                raise UpdateRejectedError(str(exc), "bounds") from exc
+                raise UpdateRejectedError.of(str(exc), "bounds") from exc
             state = aggregator.get_state()
             if not all(np.all(np.isfinite(v)) for v in state.values()):
-                raise UpdateRejectedError(
+                raise UpdateRejectedError.of(
                     "the round's sum would not be finite with this update", "bounds"
                 )
             # the tensor codec carries floats only: the example count travels as a float64

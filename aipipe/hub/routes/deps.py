@@ -11,8 +11,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Request
 
 from aipipe.errors import ConflictError
-from aipipe.hub.access import Principal
 from aipipe.hub.limits import MAX_KEYS_BYTES
+from aipipe.hub.principal import Principal
 from aipipe.hub.roles import Allow
 from aipipe.hub.service import HubService
 

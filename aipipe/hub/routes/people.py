@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from aipipe.hub.access import Principal
+from aipipe.hub.principal import Principal
 from aipipe.hub.routes.deps import Admin, Svc
 from aipipe.wire.people import (
     PersonAdd,
