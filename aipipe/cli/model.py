@@ -101,7 +101,7 @@ def show(
             columns = list(dict.fromkeys(k for row in rows for k in row))
             table = Table(title=title, title_justify="left")
             for column in columns:
-                table.add_column(column)
+                table.add_column(column, no_wrap=column == "node")
             for row in rows:
                 table.add_row(*(str(row.get(c, "")) for c in columns))
             console.print(table)
