@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from fastapi.testclient import TestClient
 
 from aipipe.hub.app import create_app
 from aipipe.hub.home import init_hub
-from aipipe.hub.limits import MAX_ENROL_BYTES, MAX_UPDATE_BYTES
+from aipipe.hub.limits import MAX_ENROL_BYTES, MAX_UPDATE_BYTES, rule_for
+from aipipe.hub.routes import route_table
 from aipipe.wire.frames import MEDIA_TYPE
 from tests.e2e_support import frame, sign, signed_update
 from tests.hub_support import Hub, Node, Round, running_hub
@@ -56,6 +58,25 @@ def test_a_200_mib_enrolment_is_refused_413_before_its_body_is_read(tmp_path: Pa
         status = status_after_head(port, _head("/v1/enrol", 200 * MiB))
 
     assert status == 413
+
+
+def test_every_route_taking_a_body_refuses_one_over_its_cap_before_reading_it(
+    tmp_path: Path,
+) -> None:
+    """Each POST route of the route table (a new one included as soon as it exists), with a
+    valid token: a declared Content-Length one byte over the route's cap is answered 413 at
+    once (the guard authenticates, then caps, before a handler or a role check runs)."""
+    paths, token = init_hub(tmp_path / "hub", "h")
+    posts = sorted({row.path for row in route_table() if row.method == "POST"})
+    concrete = [re.sub(r"\{\w+\}", "x", path) for path in posts]
+    with serving(create_app(paths)) as port:
+        statuses = {
+            path: status_after_head(port, _head(path, rule_for(path).cap + 1, token))
+            for path in concrete
+        }
+
+    assert len(statuses) >= 15
+    assert statuses == dict.fromkeys(concrete, 413)
 
 
 def test_a_chunked_enrolment_is_cut_off_at_its_cap_with_413(tmp_path: Path) -> None:
