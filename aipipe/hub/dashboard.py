@@ -20,6 +20,7 @@ from aipipe.audit.storage import read_snapshot
 from aipipe.clock import utc_now
 from aipipe.errors import AuditChainBrokenError
 from aipipe.hub.validation import validation_card
+from aipipe.store.hub_rounds import stated_epsilons
 from aipipe.store.hub_store import HubStore
 from aipipe.study.spec import StudySpec
 from aipipe.wire import SecureMode
@@ -145,13 +146,7 @@ def _pooled_auc(store: HubStore, version: str | None) -> float | None:
 
 def _latest_epsilon(conn: sqlite3.Connection, study: str) -> dict[str, float]:
     """Each site's cumulative ε as stated in its latest plaintext update of `study`."""
-    rows = conn.execute(
-        "SELECT node, epsilon FROM round_nodes AS n WHERE study = ? AND epsilon IS NOT NULL "
-        "AND round = (SELECT max(round) FROM round_nodes WHERE study = n.study AND "
-        "node = n.node AND epsilon IS NOT NULL) ORDER BY node",
-        (study,),
-    )
-    return {str(node): float(epsilon) for node, epsilon in rows}
+    return {node: epsilon for name, node, epsilon in stated_epsilons(conn) if name == study}
 
 
 def versions(store: HubStore, heads: dict[str, str | None]) -> list[DashboardVersion]:

@@ -33,6 +33,7 @@ from aipipe.audit.log import AuditLog
 from aipipe.cds.models import HOOKS
 from aipipe.clock import parse_instant
 from aipipe.errors import RefusalCategory
+from aipipe.store.hub_rounds import stated_epsilons
 from aipipe.store.hub_store import HubStore
 from aipipe.wire import RoundState
 
@@ -145,13 +146,7 @@ class StoreCollector(Collector):
             "Cumulative ε each site stated for a study in its latest plaintext update header "
             "(the node's own privacy accounting). Secure studies (secagg, ckks) report none.",
             ["study", "site"],
-            # One indexed look-up (round_nodes_by_site) per study and enrolled node.
-            conn.execute(
-                "SELECT study, node, epsilon FROM (SELECT s.name AS study, n.name AS node, "
-                "(SELECT epsilon FROM round_nodes WHERE study = s.name AND node = n.name AND "
-                "epsilon IS NOT NULL ORDER BY round DESC LIMIT 1) AS epsilon "
-                "FROM studies AS s CROSS JOIN nodes AS n) WHERE epsilon IS NOT NULL"
-            ),
+            stated_epsilons(conn),
         )
         yield from self._queues(conn)
         yield _gauge(
@@ -183,7 +178,10 @@ class StoreCollector(Collector):
 
 
 def _gauge(
-    name: str, documentation: str, labels: list[str], rows: Iterable[sqlite3.Row]
+    name: str,
+    documentation: str,
+    labels: list[str],
+    rows: Iterable[sqlite3.Row | tuple[object, ...]],
 ) -> GaugeMetricFamily:
     gauge = GaugeMetricFamily(name, documentation, labels=labels)
     for row in rows:

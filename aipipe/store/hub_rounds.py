@@ -279,3 +279,17 @@ class RoundTables(Tables):
 
 def _sum_label(study: str, number: int) -> str:
     return f"rounds/{study}/{number}/sum"
+
+
+def stated_epsilons(conn: sqlite3.Connection) -> list[tuple[str, str, float]]:
+    """(study, node, ε) for each site and study: the cumulative ε the site stated in its latest
+    plaintext update header (secure studies state none). One indexed look-up
+    (round_nodes_by_site) per study and enrolled node; `conn` may be a reader's own."""
+    rows = conn.execute(
+        "SELECT study, node, epsilon FROM (SELECT s.name AS study, n.name AS node, "
+        "(SELECT epsilon FROM round_nodes WHERE study = s.name AND node = n.name AND "
+        "epsilon IS NOT NULL ORDER BY round DESC LIMIT 1) AS epsilon "
+        "FROM studies AS s CROSS JOIN nodes AS n) WHERE epsilon IS NOT NULL "
+        "ORDER BY study, node"
+    )
+    return [(str(study), str(node), float(epsilon)) for study, node, epsilon in rows]
