@@ -261,8 +261,8 @@ def served_personal(
     if stored is None:
         raise ConfigError(
             f"study '{spec.name}' personalizes ({_method(spec)}) but this node has no personal "
-            "model yet; it makes one when it evaluates a round's result: run `aipipe node "
-            "start` through a round"
+            "model yet; it makes one from an evaluated round's result when it is idle: run "
+            "`aipipe node start` through a round (`--once` makes it before it stops)"
         )
     if spec.validation is None:
         return stored
