@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
@@ -186,3 +187,20 @@ def test_sigterm_while_personalizing_stops_and_leaves_it_pending(
     assert PersonalModels(node.store.db).get(NAME, version) is None
     assert [p.version for p in PendingPersonal(node.store.db).all()] == [version]
     assert "personal.model" not in [a for a, _ in _actions(node)]
+
+
+def test_a_hub_gone_while_the_first_extraction_reports_leaves_it_pending(sites: Sites) -> None:
+    """A restarted node extracts its features again and reports their statistics to the hub
+    first: with the hub gone the version stays pending, to be made at the next idle."""
+    version = _round(sites)
+    _work(sites, "evaluate", ("basel",))
+    sites.nodes["basel"].close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    gone = HubClient(f"http://127.0.0.1:{port}", token=sites.tokens["basel"], max_retries=0)
+    with Node.open(sites.homes["basel"], hub=gone) as again:
+        [line] = again.worker(lambda line: None).make_personal()
+        assert "still pending" in line, line
+        assert [p.version for p in PendingPersonal(again.store.db).all()] == [version]
+        assert PersonalModels(again.store.db).get(NAME, version) is None

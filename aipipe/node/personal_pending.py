@@ -29,7 +29,7 @@ from typing import Any, Protocol, cast
 from sqlite_utils import Database
 from sqlite_utils.db import Table
 
-from aipipe.errors import AipipeError
+from aipipe.errors import AipipeError, HubUnavailableError
 from aipipe.models.errors import UnverifiedModelError
 from aipipe.node.lineage import ModelLineage, version_address
 from aipipe.node.personal import ACTION, make_personal
@@ -138,6 +138,8 @@ def _make(node: PendingSite, table: PendingPersonal, pending: Pending, guard: Gu
         mine = make_personal(node.store, node.audit, node.name, spec, pending.round, version,
                              decode_arrays(pending.weights), node.features(spec),
                              guard=guard)  # fmt: skip
+    except HubUnavailableError as exc:  # a first extraction reports its statistics: try again
+        return f"personal model of {study} from {version[:12]} still pending: {exc}"
     except (AipipeError, ValueError, RuntimeError) as exc:
         node.audit.append(
             ACTION,
