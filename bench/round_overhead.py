@@ -24,8 +24,9 @@ Engines, every process on 127.0.0.1, all started afresh for every repeat:
 
 - `aipipe-personal` (with `--personalization M`): the same study with a `personalization:`
   block naming M (validation_fraction 0.2, the block's defaults; fedper and fenda on an MLP
-  with one hidden layer of 16), published beside the plain one: each node personalizes every
-  new version as it evaluates it. Its ratio to `aipipe` (the plaintext round) is printed.
+  with one hidden layer of 16), published beside the plain one: each node personalizes the
+  newest version it evaluated when the hub has no work for it (`aipipe.node.personal_pending`).
+  Its ratio to `aipipe` (the plaintext round) is printed.
 
 - `aipipe`: `aipipe hub serve` + 4 × `aipipe node start --poll P` daemons, then the user's
   command, `aipipe train run --study S --rounds N`. Times come from the hub's own store:

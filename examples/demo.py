@@ -195,6 +195,8 @@ def run(
         ],
         check=True,
     )
+    if personalize != "none":
+        _await_personal(work, name)
     report(work, name)
 
 
@@ -274,6 +276,21 @@ def report(work: Path, study: str) -> None:
         f"hub audit trail: {verified['events']} events, chain verified; "
         f"FHIR AuditEvent export at {export}"
     )
+
+
+def _await_personal(work: Path, study: str, timeout_s: float = 60.0) -> None:
+    """Each node makes its personal model of the last version once the hub has no more work for
+    it (about a second after the last round, `aipipe.node.personal_pending`): wait for it."""
+    final = json.loads(aipipe("model", "list", "--study", study, "--json"))[-1]["version"]
+    deadline = time.monotonic() + timeout_s
+    for site in SITES:
+        home = str(work / site)
+        while time.monotonic() < deadline:
+            listed = json.loads(aipipe("node", "personal", "--home", home, "--study", study,
+                                       "--json"))  # fmt: skip
+            if any(m["version"] == final for m in listed["models"]):
+                break
+            time.sleep(0.5)
 
 
 def _served_personal(home: Path, study: str) -> dict[str, Any]:

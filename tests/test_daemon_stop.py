@@ -41,6 +41,9 @@ class _Worker:
     def declined_studies(self) -> set[str]:
         return set()
 
+    def pending_personal(self) -> bool:
+        return False
+
     def handle(self, item: Any) -> str:
         self.client.round("chd", 1)
         return "done"

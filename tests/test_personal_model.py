@@ -82,11 +82,13 @@ def _enrol(hub: Hub, paths: NodePaths) -> str:
 
 
 def _work(nodes: dict[str, Node], kind: str) -> None:
+    """Each node does its next work item, then what it does when idle (its personal model)."""
     for node in nodes.values():
         worker = node.worker(lambda line: None)
         item = node.hub.work(wait_s=0)
         assert isinstance(item, EvaluateWork | RoundWork) and item.kind == kind, item
         worker.handle(item)
+        worker.make_personal()
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,28 @@ live in the node store, and the hub re-offers unfinished work, so a restarted no
 continues. SIGTERM stops the daemon between work items, or at once while it waits: an idle
 long-poll, or a wait to retry an unreachable hub, also inside a work item (what a work item
 sends is written to the store before it leaves, so a restart re-sends the same bytes).
+
+Personal models are made when the node is idle (`aipipe.node.personal_pending`): while one is
+pending the daemon polls for at most `IDLE_GRACE_S` (the gap between a round's evaluation and
+the next round's opening) and makes it only if the hub has no work; `once` makes the pending
+ones before it stops. SIGTERM aborts the making at once; the version stays pending.
 """
 
 from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 from aipipe.errors import ConflictError, HubUnavailableError, UpdateRejectedError
 from aipipe.node.worker import NodeWorker
 
 MAX_BACKOFF_S = 30.0
+# How long a node with a personal model to make waits for more work first: long enough for the
+# next round of back-to-back rounds to open, short against a personalization's wait otherwise.
+IDLE_GRACE_S = 1.0
 
 
 class _Stop(BaseException):
@@ -77,7 +86,8 @@ class Daemon:
             try:
                 self._idle = True
                 skip = self.worker.declined_studies()
-                item = self.worker.client.work(wait_s=0 if once else self.poll_wait_s, skip=skip)
+                pending = self.worker.pending_personal()
+                item = self.worker.client.work(wait_s=self._wait(once, pending), skip=skip)
                 self._idle = False
             except HubUnavailableError as exc:
                 self._idle = False
@@ -89,6 +99,8 @@ class Daemon:
                 continue
             backoff = 1.0
             if item.kind == "idle":
+                if pending:
+                    self._personalize()
                 if once:
                     break
                 continue
@@ -108,6 +120,26 @@ class Daemon:
                 if once:
                     raise
                 self.log(f"hub went away mid-work; will retry: {exc}")
+
+    def _wait(self, once: bool, pending: bool) -> float:
+        if once:
+            return 0
+        return min(IDLE_GRACE_S, self.poll_wait_s) if pending else self.poll_wait_s
+
+    def _personalize(self) -> None:
+        """Make the pending personal models; SIGTERM aborts one while it trains."""
+        for line in self.worker.make_personal(self._interruptible):
+            self.log(line)
+
+    @contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        if self.stopping:
+            raise _Stop
+        self._idle = True
+        try:
+            yield
+        finally:
+            self._idle = False
 
     def _sleep(self, seconds: float) -> None:
         if self.stopping:  # SIGTERM came while a request was in flight: do not wait on

@@ -1,23 +1,24 @@
 """What a node does with an evaluate work item: evaluate a round's result on its test split if
 the result's lineage verifies, keep the numbers here, and send the hub an acknowledgement —
 with the study's DP validation histogram, charged before it leaves, if the study asks for one.
-When the study personalizes, the node also makes its personal model from the verified version
-and keeps it (`aipipe.node.personal`); nothing of it is in the acknowledgement."""
+When the study personalizes, the node records the verified version to make its personal model
+from when it is idle (`aipipe.node.personal_pending`), after the acknowledgement: nothing of it
+is in the acknowledgement, and making it does not delay the node's next round."""
 
 from __future__ import annotations
 
-from aipipe.errors import AipipeError, NotFoundError
-from aipipe.models import Arrays, arrays_to_model
+from aipipe.errors import NotFoundError
+from aipipe.models import arrays_to_model
 from aipipe.models.errors import UnverifiedModelError
 from aipipe.models.training import evaluate
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
-from aipipe.node.personal import ACTION, make_personal, personalizes
+from aipipe.node.personal import personalizes
+from aipipe.node.personal_pending import Pending, record_pending
 from aipipe.node.site import SiteNode, audit_cohorts, audit_refusal
 from aipipe.node.validation import Assessment, assess, release_histogram
 from aipipe.personalization import personalizer_for
 from aipipe.privacy.engine import VALIDATION
 from aipipe.privacy.errors import PrivacyError
-from aipipe.study.features import FeatureMatrix
 from aipipe.study.spec import StudySpec
 from aipipe.wire import EvalReport, EvaluateWork
 from aipipe.wire.messages import CalibrationHistogram
@@ -56,26 +57,11 @@ def evaluate_work(node: SiteNode, spec: StudySpec, item: EvaluateWork) -> str:
         details={"study": spec.name, "round": item.round, "released": released},
     )
     node.client.report(EvalReport(version=version, calibration=calibration))
-    mine = _personalize(node, spec, item.round, version, weights, matrix)
+    mine = ""
+    if personalizes(spec):
+        mine = record_pending(node, spec, Pending(spec.name, item.study_digest, item.round,
+                                                  version, raw))  # fmt: skip
     return f"evaluated {version[:12]} (kept on this node): accuracy={result.accuracy:.3f}{mine}"
-
-
-def _personalize(
-    node: SiteNode, spec: StudySpec, number: int, version: str, weights: Arrays,
-    matrix: FeatureMatrix,
-) -> str:  # fmt: skip
-    """The site's own model from the verified version, when the study personalizes: kept here,
-    never sent (after the acknowledgement, which it cannot change). A failure is audited and
-    leaves the site serving its earlier personal models."""
-    if not personalizes(spec):
-        return ""
-    try:
-        mine = make_personal(node.store, node.audit, node.name, spec, number, version, weights,
-                             matrix)  # fmt: skip
-    except (AipipeError, ValueError, RuntimeError) as exc:
-        audit_refusal(node, ACTION, spec, number, exc)
-        return f"; no personal model: {exc}"
-    return f"; personal model {mine.sha256[:12]} (kept on this node)"
 
 
 def _release_validation(

@@ -1,5 +1,6 @@
-"""A site's personal models: made when a round's result is evaluated, kept in the node store,
-chosen on validation, served inside the hospital, never sent.
+"""A site's personal models: made from each round's evaluated result when the node is idle
+(`aipipe.node.personal_pending`), kept in the node store, chosen on validation, served inside
+the hospital, never sent.
 
 When a study personalizes (`personalization.method` is not `none`), the node turns each
 lineage-verified global version into its own model (`Personalizer.personalize`, with the
@@ -26,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -208,10 +210,13 @@ def make_personal(
     version: str,
     weights: Arrays,
     matrix: FeatureMatrix,
+    *,
+    guard: Callable[[], AbstractContextManager[None]] = nullcontext,
 ) -> StoredPersonal:
     """The site's personal model from global `version` (its `weights`, lineage-verified by the
     caller), kept and audited; the one already kept when this version was personalized before.
-    Nothing here is sent anywhere."""
+    Nothing here is sent anywhere. `guard` wraps the training and scoring, not the keeping
+    (the daemon's lets SIGTERM abort there: then nothing is kept)."""
     from aipipe.node.validation import assess  # imports torch
 
     kept = PersonalModels(store.db, at_rest=store.at_rest)
@@ -228,12 +233,13 @@ def make_personal(
         spec.name, method.name, before=number + 1
     )
     state = trained.tensors if trained is not None else {}
-    personal = method.personalize(
-        model, state, carry, SiteData.of(matrix), seed=secrets.randbits(63)
-    )
-    scored = arrays_to_model(personal.weights, method.build(len(matrix.columns)))
-    test = evaluate(scored, matrix.x_test, matrix.y_test)
-    report = assess(spec, scored, matrix).report.as_card()
+    with guard():
+        personal = method.personalize(
+            model, state, carry, SiteData.of(matrix), seed=secrets.randbits(63)
+        )
+        scored = arrays_to_model(personal.weights, method.build(len(matrix.columns)))
+        test = evaluate(scored, matrix.x_test, matrix.y_test)
+        report = assess(spec, scored, matrix).report.as_card()
     stored = kept.save(spec.name, version, number, method.name, personal, test, report)
     audit.append(
         ACTION,
@@ -255,8 +261,8 @@ def served_personal(
     if stored is None:
         raise ConfigError(
             f"study '{spec.name}' personalizes ({_method(spec)}) but this node has no personal "
-            "model yet; it makes one when it evaluates a round's result: run `aipipe node "
-            "start` through a round"
+            "model yet; it makes one from an evaluated round's result when it is idle: run "
+            "`aipipe node start` through a round (`--once` makes it before it stops)"
         )
     if spec.validation is None:
         return stored

@@ -34,6 +34,7 @@ from aipipe.node.client import HubClient
 from aipipe.node.evaluating import evaluate_work
 from aipipe.node.extraction import audited_extract
 from aipipe.node.lineage import ModelLineage
+from aipipe.node.personal_pending import Guard, has_pending, make_pending
 from aipipe.node.personal_state import PersonalStates, keep_state
 from aipipe.node.round_state import RoundStates
 from aipipe.node.secagg_node import run_secagg
@@ -126,6 +127,14 @@ class NodeWorker:
             if approval is not None and (digest is None or approval[0] == digest):
                 del self.unapproved[study]
         return sorted(self.unapproved)
+
+    def pending_personal(self) -> bool:
+        """Whether a personal model waits to be made (`aipipe.node.personal_pending`)."""
+        return has_pending(self)
+
+    def make_personal(self, guard: Guard = contextlib.nullcontext) -> list[str]:
+        """Make the pending personal models, the newest version per study; one line each."""
+        return make_pending(self, guard)
 
     def resume_secure_rounds(self) -> list[str]:
         """Go on with the SecAgg+ rounds a previous process of this node left half done (their

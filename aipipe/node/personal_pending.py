@@ -1,0 +1,167 @@
+"""Personal models made when the node is idle, not between a round's acknowledgement and the
+node's next poll (`aipipe.node.personal` makes them; the daemon decides when).
+
+Evaluating a round's result (`aipipe.node.evaluating`) records here, in the table
+`personal_pending` of the node store, the version to personalize: study, study digest, round,
+version and the version's weights as downloaded and lineage-verified (a global model: what the
+hub serves every node, not PHI). One row per study: only the newest version matters, since the
+next personal model starts from the newest one's carry and the site serves the lowest
+validation loss among what it made. A newer version supersedes an older pending one, which is
+then never made and audited `personal.skipped` with the version that superseded it (so the
+audit log says why a version has no personal model); an older one evaluated late is skipped
+the same way. The row survives a restart.
+
+The daemon makes the pending ones (`make_pending`) when the hub has no work for the node, and
+in `node start --once` before it stops. The weights are checked again against the round's
+pinned result (`aipipe.node.lineage`) before they are used. A personalization that fails is
+audited `personal.model` refused, as before, and is not tried again; one interrupted (SIGTERM)
+stays pending: nothing of it was kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, cast
+
+from sqlite_utils import Database
+from sqlite_utils.db import Table
+
+from aipipe.errors import AipipeError, HubUnavailableError
+from aipipe.models.errors import UnverifiedModelError
+from aipipe.node.lineage import ModelLineage, version_address
+from aipipe.node.personal import ACTION, make_personal
+from aipipe.node.site import SiteNode
+from aipipe.study.spec import StudySpec
+from aipipe.wire.tensors import decode_arrays
+
+TABLE = "personal_pending"
+SKIPPED = "personal.skipped"
+
+Guard = Callable[[], AbstractContextManager[None]]
+
+
+class PendingSite(SiteNode, Protocol):
+    """The node as the idle personalization sees it (`NodeWorker` is one)."""
+
+    def approved_spec(self, study: str, digest: str | None) -> StudySpec: ...
+
+
+@dataclass(frozen=True)
+class Pending:
+    study: str
+    study_digest: str | None
+    round: int
+    version: str
+    weights: bytes  # the version's safetensors bytes, as downloaded and verified
+
+
+class PendingPersonal:
+    """The versions waiting to be personalized, one per study (the table `personal_pending`)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._table.create(
+            {"study": str, "study_digest": str, "round": int, "version": str,
+             "weights": bytes, "created": str},
+            pk="study",
+            if_not_exists=True,
+        )  # fmt: skip
+
+    def all(self) -> list[Pending]:
+        rows = self._table.rows_where(order_by="study")
+        return [Pending(str(r["study"]), r["study_digest"], int(r["round"]), str(r["version"]),
+                        bytes(r["weights"])) for r in rows]  # fmt: skip
+
+    def get(self, study: str) -> Pending | None:
+        found = [p for p in self.all() if p.study == study]
+        return found[0] if found else None
+
+    def put(self, pending: Pending) -> None:
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        row: dict[str, Any] = {**pending.__dict__, "created": now}
+        self._table.upsert(row, pk="study")
+
+    def drop(self, study: str, version: str) -> None:
+        self.db.conn.execute(
+            f"DELETE FROM {TABLE} WHERE study = ? AND version = ?", (study, version)
+        )
+        self.db.conn.commit()
+
+    @property
+    def _table(self) -> Table:
+        return cast(Table, self.db[TABLE])
+
+
+def record_pending(node: SiteNode, spec: StudySpec, pending: Pending) -> str:
+    """Keep `pending` for the next idle moment, superseding an older pending version of the
+    study (audited `personal.skipped`); a line for the work item's summary."""
+    table = PendingPersonal(node.store.db)
+    before = table.get(spec.name)
+    if before is not None and before.version != pending.version:
+        newer, older = (pending, before) if pending.round >= before.round else (before, pending)
+        _audit_skipped(node, older, newer)
+        if newer is before:
+            return "; personal model skipped (a newer version is pending)"
+    table.put(pending)
+    return "; personal model pending (made when the node is idle)"
+
+
+def _audit_skipped(node: SiteNode, older: Pending, newer: Pending) -> None:
+    node.audit.append(
+        SKIPPED,
+        actor=node.name,
+        resource=f"study/{older.study}",
+        details={"study": older.study, "version": older.version, "round": older.round,
+                 "superseded_by": newer.version},
+    )  # fmt: skip
+
+
+def has_pending(node: SiteNode) -> bool:
+    return bool(PendingPersonal(node.store.db).all())
+
+
+def make_pending(node: PendingSite, guard: Guard = nullcontext) -> list[str]:
+    """Make every pending personal model (the newest per study), one line each. `guard` wraps
+    the training: the daemon's lets SIGTERM abort it there, leaving the version pending."""
+    table = PendingPersonal(node.store.db)
+    return [_make(node, table, pending, guard) for pending in table.all()]
+
+
+def _make(node: PendingSite, table: PendingPersonal, pending: Pending, guard: Guard) -> str:
+    study, version = pending.study, pending.version
+    try:
+        spec = node.approved_spec(study, pending.study_digest)
+        _verify(node, pending)
+        mine = make_personal(node.store, node.audit, node.name, spec, pending.round, version,
+                             decode_arrays(pending.weights), node.features(spec),
+                             guard=guard)  # fmt: skip
+    except HubUnavailableError as exc:  # a first extraction reports its statistics: try again
+        return f"personal model of {study} from {version[:12]} still pending: {exc}"
+    except (AipipeError, ValueError, RuntimeError) as exc:
+        node.audit.append(
+            ACTION,
+            actor=node.name,
+            resource=f"study/{study}",
+            outcome="refused",
+            details={"round": pending.round, "reason": str(exc)},
+        )
+        table.drop(study, version)
+        return f"no personal model of {study} from {version[:12]}: {exc}"
+    table.drop(study, version)
+    return f"personal model {mine.sha256[:12]} of {study} from {version[:12]} (kept on this node)"
+
+
+def _verify(node: SiteNode, pending: Pending) -> None:
+    """The kept weights are still round `pending.round`'s pinned result, by their address."""
+    lineage = ModelLineage(node.store.db)
+    row = lineage.require_round(pending.study, pending.round, pending.version)
+    base, pinned = str(row["base_version"]), row["result_version"]
+    address = version_address(pending.study, pending.round, base, pending.weights)
+    if pinned != pending.version or address != pending.version:
+        raise UnverifiedModelError(
+            f"the weights kept to personalize version {pending.version[:12]} of study "
+            f"'{pending.study}' are not round {pending.round}'s verified result; not used"
+        )
