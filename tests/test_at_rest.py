@@ -25,6 +25,7 @@ from aipipe.errors import AtRestKeyError, SealedDataError
 from aipipe.hub.home import load_hub
 from aipipe.hub.hub import Hub
 from aipipe.node.node import Node
+from aipipe.node.personal_pending import Pending, PendingPersonal
 from aipipe.node.round_state import RoundStates, SecAggRoundState
 from aipipe.node.vault import SecureVault
 from aipipe.secure.at_rest import MAGIC, AtRest, AtRestKey
@@ -161,7 +162,8 @@ def test_the_store_seals_every_value_no_query_filters_on_and_a_plain_store_none(
 ) -> None:
     home, _ = sealed
     control = ingested_home(tmp_path, planted, None)
-    for table, column in SEALED_COLUMNS[:-3]:  # the personal tables exist after a round only
+    queried = [(t, c) for t, c in SEALED_COLUMNS if not t.startswith("personal_")]
+    for table, column in queried:  # the personal tables exist after a round only
         kinds = {typeof for (typeof,) in sqlite3.connect(home / "store.sqlite").execute(
             f"SELECT DISTINCT typeof({column}) FROM {table}")}  # fmt: skip
         plain = {typeof for (typeof,) in sqlite3.connect(control / "store.sqlite").execute(
@@ -503,3 +505,15 @@ def test_a_persons_totp_secret_is_sealed_and_still_logs_them_in_after_a_rekey(
         request = TokenRequest(person="alice", password=person["password"], totp=code)
         grant = hub.people.login(request)
     assert grant.role == "auditor"
+
+
+def test_the_weights_pending_personalization_are_sealed(tmp_path: Path) -> None:
+    key = make_key(tmp_path / "k")
+    weights = encode_arrays({"head.weight": np.full((1, 3), 0.25, dtype=np.float32)})
+    with Node.init(tmp_path / "n", "basel", at_rest_key=AtRestKey.from_file(key)) as node:
+        PendingPersonal(node.store).put(Pending("chd", None, 1, "v" * 64, weights))
+        assert PendingPersonal(node.store).all()[0].weights == weights
+    [(raw,)] = sqlite3.connect(tmp_path / "n" / "store.sqlite").execute(
+        "SELECT weights FROM personal_pending"
+    )
+    assert raw.startswith(MAGIC) and weights not in raw

@@ -129,15 +129,15 @@ def test_a_pending_personal_model_survives_a_restart_and_is_made_at_the_next_idl
     _work(sites, "evaluate", ("basel",))
     node = sites.nodes["basel"]
     assert PersonalModels(node.store.db).get(NAME, version) is None  # not made in the work item
-    assert [p.version for p in PendingPersonal(node.store.db).all()] == [version]
+    assert [p.version for p in PendingPersonal(node.store).all()] == [version]
     node.close()
 
     with Node.open(sites.homes["basel"], hub=sites.client("basel")) as again:
-        assert [p.version for p in PendingPersonal(again.store.db).all()] == [version]
+        assert [p.version for p in PendingPersonal(again.store).all()] == [version]
         lines: list[str] = []
         assert _daemon(again, lines).run(once=True) == 0  # nothing from the hub: idle at once
         mine = PersonalModels(again.store.db).get(NAME, version)
-        assert mine is not None and PendingPersonal(again.store.db).all() == []
+        assert mine is not None and PendingPersonal(again.store).all() == []
         assert any(mine.sha256[:12] in line for line in lines), lines
         [made] = [d for a, d in _actions(again) if a == "personal.model"]
         assert made["version"] == version and made["sha256"] == mine.sha256
@@ -151,7 +151,7 @@ def test_a_superseded_version_is_not_made(sites: Sites) -> None:
     second = _round(sites)
     _work(sites, "evaluate", ("basel",))
 
-    assert [p.version for p in PendingPersonal(node.store.db).all()] == [second]
+    assert [p.version for p in PendingPersonal(node.store).all()] == [second]
     [skipped] = [d for a, d in _actions(node) if a == "personal.skipped"]
     assert skipped == {"study": NAME, "version": first, "round": 1, "superseded_by": second}
     _daemon(node).run(once=True)
@@ -185,7 +185,7 @@ def test_sigterm_while_personalizing_stops_and_leaves_it_pending(
 
     assert daemon.stopping
     assert PersonalModels(node.store.db).get(NAME, version) is None
-    assert [p.version for p in PendingPersonal(node.store.db).all()] == [version]
+    assert [p.version for p in PendingPersonal(node.store).all()] == [version]
     assert "personal.model" not in [a for a, _ in _actions(node)]
 
 
@@ -202,5 +202,5 @@ def test_a_hub_gone_while_the_first_extraction_reports_leaves_it_pending(sites: 
     with Node.open(sites.homes["basel"], hub=gone) as again:
         [line] = again.worker(lambda line: None).make_personal()
         assert "still pending" in line, line
-        assert [p.version for p in PendingPersonal(again.store.db).all()] == [version]
+        assert [p.version for p in PendingPersonal(again.store).all()] == [version]
         assert PersonalModels(again.store.db).get(NAME, version) is None

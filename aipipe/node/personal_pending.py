@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
-from sqlite_utils import Database
 from sqlite_utils.db import Table
 
 from aipipe.errors import AipipeError, HubUnavailableError
@@ -34,6 +33,7 @@ from aipipe.models.errors import UnverifiedModelError
 from aipipe.node.lineage import ModelLineage, version_address
 from aipipe.node.personal import ACTION, make_personal
 from aipipe.node.site import SiteNode
+from aipipe.store.node_store import NodeStore
 from aipipe.study.spec import StudySpec
 from aipipe.wire.tensors import decode_arrays
 
@@ -59,10 +59,11 @@ class Pending:
 
 
 class PendingPersonal:
-    """The versions waiting to be personalized, one per study (the table `personal_pending`)."""
+    """The versions waiting to be personalized, one per study (the table `personal_pending`);
+    their weights sealed in a home encrypted at rest, like every model the node keeps."""
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, store: NodeStore) -> None:
+        self.db, self.at_rest = store.db, store.at_rest
         self._table.create(
             {"study": str, "study_digest": str, "round": int, "version": str,
              "weights": bytes, "created": str},
@@ -73,7 +74,8 @@ class PendingPersonal:
     def all(self) -> list[Pending]:
         rows = self._table.rows_where(order_by="study")
         return [Pending(str(r["study"]), r["study_digest"], int(r["round"]), str(r["version"]),
-                        bytes(r["weights"])) for r in rows]  # fmt: skip
+                        self._open(str(r["study"]), bytes(r["weights"])))
+                for r in rows]  # fmt: skip
 
     def get(self, study: str) -> Pending | None:
         found = [p for p in self.all() if p.study == study]
@@ -81,8 +83,13 @@ class PendingPersonal:
 
     def put(self, pending: Pending) -> None:
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        row: dict[str, Any] = {**pending.__dict__, "created": now}
+        weights = self.at_rest.seal(pending.weights, _label(pending.study))
+        row: dict[str, Any] = {**pending.__dict__, "weights": weights, "created": now}
         self._table.upsert(row, pk="study")
+
+    def _open(self, study: str, sealed: bytes) -> bytes:
+        where = f"the weights pending personalization for study '{study}'"
+        return self.at_rest.open(sealed, _label(study), where=where)
 
     def drop(self, study: str, version: str) -> None:
         self.db.conn.execute(
@@ -98,7 +105,7 @@ class PendingPersonal:
 def record_pending(node: SiteNode, spec: StudySpec, pending: Pending) -> str:
     """Keep `pending` for the next idle moment, superseding an older pending version of the
     study (audited `personal.skipped`); a line for the work item's summary."""
-    table = PendingPersonal(node.store.db)
+    table = PendingPersonal(node.store)
     before = table.get(spec.name)
     if before is not None and before.version != pending.version:
         newer, older = (pending, before) if pending.round >= before.round else (before, pending)
@@ -120,13 +127,13 @@ def _audit_skipped(node: SiteNode, older: Pending, newer: Pending) -> None:
 
 
 def has_pending(node: SiteNode) -> bool:
-    return bool(PendingPersonal(node.store.db).all())
+    return bool(PendingPersonal(node.store).all())
 
 
 def make_pending(node: PendingSite, guard: Guard = nullcontext) -> list[str]:
     """Make every pending personal model (the newest per study), one line each. `guard` wraps
     the training: the daemon's lets SIGTERM abort it there, leaving the version pending."""
-    table = PendingPersonal(node.store.db)
+    table = PendingPersonal(node.store)
     return [_make(node, table, pending, guard) for pending in table.all()]
 
 
@@ -165,3 +172,7 @@ def _verify(node: SiteNode, pending: Pending) -> None:
             f"the weights kept to personalize version {pending.version[:12]} of study "
             f"'{pending.study}' are not round {pending.round}'s verified result; not used"
         )
+
+
+def _label(study: str) -> str:
+    return f"{TABLE}/{study}/weights"

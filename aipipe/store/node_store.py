@@ -51,6 +51,7 @@ SEALED_COLUMNS = (
     ("personal_models", "weights"),
     ("personal_models", "carry"),
     ("personal_states", "tensors"),
+    ("personal_pending", "weights"),
 )
 # Derives the key of the keyed train/test split from the pseudonym key (domain separation).
 _SPLIT_KEY_LABEL = b"aipipe/study-split/v1"
