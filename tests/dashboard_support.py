@@ -11,8 +11,7 @@ from typing import Any
 
 from aipipe.clock import utc_now
 from aipipe.wire.messages import CalibrationHistogram, EvalReport
-from tests.hub_support import STUDY, Hub, Node
-from tests.test_metrics import update_with_epsilon
+from tests.hub_support import STUDY, Hub, Node, update
 
 XSS = "<img src=x onerror=\"document.title='pwned'\">"
 PLAIN: dict[str, Any] = {
@@ -47,7 +46,7 @@ def build_consortium(hub: Hub) -> Consortium:
         if index == 0:  # charlie leaves the study after round 1
             decline(hub, charlie, at.path, "site budget spent", exclude=True)
         for node in (alpha, bravo):
-            body = update_with_epsilon(node, at, EPSILON[node.name][index])
+            body = update(node, at, epsilon=EPSILON[node.name][index])
             assert hub.upload(node, at, body).is_success
         info = hub.round(at)
         assert info["state"] == "closed", info

@@ -382,6 +382,7 @@ def signed_update(
     delta: Arrays,
     num_examples: int = 10,
     signed: bool = True,
+    epsilon: float | None = None,
 ) -> tuple[UpdateHeader, bytes]:
     """(header, payload) of one update, built like `NodeWorker._train` builds it."""
     payload = encode_arrays(delta)
@@ -394,7 +395,7 @@ def signed_update(
         base_version=base_version,
         num_examples=num_examples,
         payload_sha256=hashlib.sha256(payload).hexdigest(),
-        epsilon_spent=None,
+        epsilon_spent=epsilon,
         delta=None,
         train_loss=None,
         update_norm=float(np.sqrt(squares)),

@@ -213,8 +213,10 @@ def update(
     signer: Identity | None = None,
     signed: bool = True,
     base_version: str | None = None,
+    epsilon: float | None = None,
 ) -> bytes:
-    """A framed update of `node` for round `at` (a small delta of the right shapes by default)."""
+    """A framed update of `node` for round `at` (a small delta of the right shapes by default),
+    stating `epsilon` spent in its header if given."""
     header, payload = signed_update(
         signer or node.identity,
         node=node.name,
@@ -227,5 +229,6 @@ def update(
         else {k: np.full_like(v, 0.01) for k, v in at.base.items()},
         num_examples=n,
         signed=signed,
+        epsilon=epsilon,
     )
     return frame(header, payload)

@@ -9,14 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from aipipe.hub.metrics import REFUSAL_CATEGORIES
-from tests.e2e_support import frame, sign, signed_update
-from tests.hub_support import STUDY, Hub, Node, Round, running_hub, update
+from tests.hub_support import STUDY, Hub, running_hub, update
 
 EPSILON = {"alpha": 0.75, "bravo": 1.25}
 
@@ -36,24 +34,6 @@ def value(families: dict[str, list[Sample]], name: str, **labels: str) -> float:
     return found[0]
 
 
-def update_with_epsilon(
-    node: Node, at: Round, epsilon: float, *, signer: Node | None = None
-) -> bytes:
-    """A plaintext update stating `epsilon` in its header, signed by `signer` (or the node)."""
-    header, payload = signed_update(
-        node.identity,
-        node=node.name,
-        study=at.study,
-        study_digest=at.digest,
-        round=at.number,
-        base_version=at.base_version,
-        delta={k: np.full_like(v, 0.01) for k, v in at.base.items()},
-        signed=False,
-    )
-    header = header.model_copy(update={"epsilon_spent": epsilon})
-    return frame(sign((signer or node).identity, header), payload)
-
-
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[Hub]:
     with running_hub(tmp_path / "hub") as hub:
@@ -66,10 +46,10 @@ def ran(hub: Hub) -> Hub:
     key), then bravo's accepted."""
     alpha, bravo = hub.enrol("alpha"), hub.enrol("bravo")
     at = hub.open_round(hub.publish())
-    assert hub.upload(alpha, at, update_with_epsilon(alpha, at, EPSILON["alpha"])).is_success
-    forged = hub.upload(bravo, at, update_with_epsilon(bravo, at, 9.0, signer=alpha))
+    assert hub.upload(alpha, at, update(alpha, at, epsilon=EPSILON["alpha"])).is_success
+    forged = hub.upload(bravo, at, update(bravo, at, epsilon=9.0, signer=alpha.identity))
     assert forged.status_code == 409, forged.text
-    assert hub.upload(bravo, at, update_with_epsilon(bravo, at, EPSILON["bravo"])).is_success
+    assert hub.upload(bravo, at, update(bravo, at, epsilon=EPSILON["bravo"])).is_success
     assert hub.round(at)["state"] == "closed"
     return hub
 
@@ -99,7 +79,7 @@ def test_epsilon_per_site_is_what_the_plaintext_headers_stated(ran: Hub) -> None
 def test_queue_depths_count_open_rounds_and_the_nodes_they_await(hub: Hub) -> None:
     alpha, _ = hub.enrol("alpha"), hub.enrol("bravo")
     at = hub.open_round(hub.publish())
-    assert hub.upload(alpha, at, update_with_epsilon(alpha, at, 0.5)).is_success
+    assert hub.upload(alpha, at, update(alpha, at, epsilon=0.5)).is_success
 
     families = samples(hub)
 
