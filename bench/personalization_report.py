@@ -119,6 +119,20 @@ def site_wins(
     return out
 
 
+def site_cells(
+    per_site: Mapping[str, float], win: Mapping[str, Any] | None
+) -> tuple[list[str], str]:
+    """A strategy's accuracy at each site, marked ✓ or ✗ against max(solo, global) when `win`
+    has its comparison, and the all-sites verdict."""
+    cells = []
+    for name in SITES:
+        cell = f"{per_site[name]:.3f}"
+        if win is not None:
+            cell += " ✓" if win["sites"][name]["met"] else " ✗"
+        cells.append(cell)
+    return cells, "" if win is None else ("✓" if win["all_met"] else "✗")
+
+
 def render_sites(
     summaries: Mapping[tuple[str, bool], Mapping[str, Any]], wins: Mapping[str, Any]
 ) -> Table:
@@ -133,13 +147,7 @@ def render_sites(
             if mode != dp:
                 continue
             win = wins.get(f"{label}|{'dp' if dp else 'none'}")
-            cells = []
-            for name in SITES:
-                value = f"{s['per_site_accuracy'][name]:.3f}"
-                if win is not None:
-                    value += " ✓" if win["sites"][name]["met"] else " ✗"
-                cells.append(value)
-            verdict = "" if win is None else ("✓" if win["all_met"] else "✗")
+            cells, verdict = site_cells(s["per_site_accuracy"], win)
             table.add_row(label, "ε=1" if dp else "–", *cells, verdict)
         table.add_section()
     return table
@@ -251,13 +259,7 @@ def markdown(report: Mapping[str, Any]) -> str:
             if r is None:
                 continue
             win = wins.get(f"{label}|{'dp' if dp else 'none'}")
-            cells = []
-            for name in SITES:
-                cell = f"{r['summary']['per_site_accuracy'][name]:.3f}"
-                if win is not None:
-                    cell += " ✓" if win["sites"][name]["met"] else " ✗"
-                cells.append(cell)
-            verdict = "" if win is None else ("✓" if win["all_met"] else "✗")
+            cells, verdict = site_cells(r["summary"]["per_site_accuracy"], win)
             lines.append(
                 f"| {label} | {'ε = 1' if dp else '–'} | " + " | ".join(cells) + f" | {verdict} |"
             )
