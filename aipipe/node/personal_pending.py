@@ -72,14 +72,19 @@ class PendingPersonal:
         )  # fmt: skip
 
     def all(self) -> list[Pending]:
-        rows = self._table.rows_where(order_by="study")
-        return [Pending(str(r["study"]), r["study_digest"], int(r["round"]), str(r["version"]),
-                        self._open(str(r["study"]), bytes(r["weights"])))
-                for r in rows]  # fmt: skip
+        return [self._pending(r) for r in self._table.rows_where(order_by="study")]
 
     def get(self, study: str) -> Pending | None:
-        found = [p for p in self.all() if p.study == study]
-        return found[0] if found else None
+        rows = [self._pending(r) for r in self._table.rows_where("study = ?", [study])]
+        return rows[0] if rows else None
+
+    def any(self) -> bool:
+        """Whether anything is pending (asked before every poll: no weights are read)."""
+        return self.db.conn.execute(f"SELECT 1 FROM {TABLE} LIMIT 1").fetchone() is not None
+
+    def _pending(self, r: dict[str, Any]) -> Pending:
+        return Pending(str(r["study"]), r["study_digest"], int(r["round"]), str(r["version"]),
+                       self._open(str(r["study"]), bytes(r["weights"])))  # fmt: skip
 
     def put(self, pending: Pending) -> None:
         now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -127,7 +132,7 @@ def _audit_skipped(node: SiteNode, older: Pending, newer: Pending) -> None:
 
 
 def has_pending(node: SiteNode) -> bool:
-    return bool(PendingPersonal(node.store).all())
+    return PendingPersonal(node.store).any()
 
 
 def make_pending(node: PendingSite, guard: Guard = nullcontext) -> list[str]:
