@@ -21,7 +21,8 @@ they enter (``raise FhirServerError(...) from exc``), never logged and re-raised
     ├── AuditChainBrokenError     an audit log whose hash chain does not verify
     ├── HubUnavailableError       the hub cannot be reached
     ├── AuthError                 (401) missing, wrong or insufficient credentials
-    │   └── ForbiddenError        (403) a valid credential outside its scope
+    │   ├── ForbiddenError        (403) a valid credential outside its scope
+    │   └── ThrottledError        (429) too many failed logins from one address
     ├── NotFoundError             (404) a study, round, node or model that does not exist
     ├── ConflictError             (409) a request the current state forbids (round already open)
     ├── UpdateRejectedError       (409) an update the hub refuses (bad signature, replay, late, …)
@@ -153,6 +154,17 @@ class ForbiddenError(AuthError):
     it takes no part in."""
 
     http_status = 403
+
+
+class ThrottledError(AuthError):
+    """Too many failed logins from one address: refused before any password is checked;
+    `retry_after_s` says when the oldest failure leaves the window (the hub's `Retry-After`)."""
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotFoundError(AipipeError):

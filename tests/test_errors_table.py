@@ -38,6 +38,7 @@ from aipipe.errors import (
     ForbiddenError,
     NotFoundError,
     StudyError,
+    ThrottledError,
     UpdateRejectedError,
 )
 from aipipe.hub.app import create_app
@@ -65,6 +66,7 @@ ERRORS = sorted(
 STATUS = {
     BlobIntegrityError: 500,
     ForbiddenError: 403,
+    ThrottledError: 429,  # added with it (issue 15 follow-up)
     AuthError: 401,
     NotFoundError: 404,
     ConflictError: 409,

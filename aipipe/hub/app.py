@@ -21,7 +21,7 @@ from aipipe import __version__
 from aipipe.audit.log import AuditLog
 from aipipe.cds import JwtPolicy, cds_router
 from aipipe.cds.links import load_link_key
-from aipipe.errors import AipipeError, error_body
+from aipipe.errors import AipipeError, ThrottledError, error_body
 from aipipe.hub import mtls
 from aipipe.hub.audit_head import AuditHeadMiddleware
 from aipipe.hub.cds import HubCdsProvider, hub_fhir_access
@@ -77,7 +77,10 @@ def create_app(paths: HubPaths) -> FastAPI:
 
     @app.exception_handler(AipipeError)
     async def _aipipe_error(request: Request, exc: AipipeError) -> JSONResponse:
-        return JSONResponse(error_body(exc), status_code=exc.http_status)
+        headers = None
+        if isinstance(exc, ThrottledError):
+            headers = {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse(error_body(exc), status_code=exc.http_status, headers=headers)
 
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(RequestGuard, authenticate=_guard_authenticate)

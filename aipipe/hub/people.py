@@ -7,7 +7,9 @@
   and 12 h at most. A code works once (its time step is spent). An unknown person, a wrong
   password, a wrong or replayed code, a locked or a disabled person all get the same 401 and
   message (`LOGIN_REFUSED`), each audited ``auth.failure`` with its reason; `LOCK_AFTER`
-  failures in a row lock the person until an admin unlocks them.
+  failures in a row lock the person until an admin unlocks them. One address failing too often
+  is refused before any password is checked, and the check itself runs off the event loop
+  (`aipipe.hub.login_guard`).
 - A service token (a Prometheus scraper with ``auditor``, a pipeline with ``scientist``) is
   issued by an admin with a name, a role and an optional expiry.
 - A token's role is its scope. The hub keeps its sha256 only; an expired or revoked token, or
@@ -23,9 +25,19 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import NoReturn, cast
 
+import anyio
+import anyio.to_thread
+
 from aipipe import clock
 from aipipe.audit.log import AuditLog
-from aipipe.errors import AuthError, ConflictError, ForbiddenError, NotFoundError
+from aipipe.errors import (
+    AuthError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    ThrottledError,
+)
+from aipipe.hub.login_guard import CONCURRENT, LoginGuard
 from aipipe.hub.passwords import (
     hash_password,
     new_password,
@@ -57,6 +69,10 @@ LOGIN_REFUSED = (
     "login refused: unknown person, wrong password or TOTP code, or the account is locked or "
     "disabled; check them and try again with a new code, or ask an admin"
 )
+THROTTLED = (
+    "too many failed logins from this address: wait for the time Retry-After gives, then try "
+    "again with a new code"
+)
 LOGIN_ROUTE = "POST /v1/auth/token"
 TOUCH_EVERY = timedelta(seconds=60)  # a token's last_used is written at most once a minute
 
@@ -81,6 +97,8 @@ class People:
         self.audit = audit
         self.issuer = issuer
         self._now = now
+        self.guard = LoginGuard()
+        self._checks: anyio.CapacityLimiter | None = None
 
     # -- bearer tokens -----------------------------------------------------------------------
 
@@ -119,10 +137,36 @@ class People:
 
     # -- login -------------------------------------------------------------------------------
 
-    def login(self, request: TokenRequest) -> TokenGrant:
-        """A token for a person who gave their password and a fresh TOTP code (see module)."""
+    async def login(self, request: TokenRequest, address: str) -> TokenGrant:
+        """A token for a person who gave their password and a fresh TOTP code (see module),
+        asked from client `address`, which `aipipe.hub.login_guard` may refuse first."""
+        now = self._now()
+        throttle = self.guard.admit(address, now)
+        if throttle is not None:
+            if throttle.audit is not None:
+                self.audit.append("auth.throttled", actor=f"address/{address}",
+                                  resource=LOGIN_ROUTE, outcome="refused",
+                                  details=throttle.audit)  # fmt: skip
+            raise ThrottledError(THROTTLED, retry_after_s=throttle.retry_after_s)
+        failed = True
+        try:
+            grant = await self._login(request)
+            failed = False
+            return grant
+        except ForbiddenError:  # the right password and code: no guess
+            failed = False
+            raise
+        finally:
+            self.guard.done(address, self._now(), failed=failed)
+
+    async def _login(self, request: TokenRequest) -> TokenGrant:
         row = self.store.person(request.person)
-        password_ok = verify_password(request.password, row["password_hash"] if row else None)
+        stored = row["password_hash"] if row else None
+        if self._checks is None:  # made on the event loop that serves the hub
+            self._checks = anyio.CapacityLimiter(CONCURRENT)
+        password_ok = await anyio.to_thread.run_sync(
+            verify_password, request.password, stored, limiter=self._checks
+        )
         if row is None:
             self._refuse_login(None, "unknown-person")
         name = str(row["name"])

@@ -3,10 +3,13 @@ password and TOTP code are the credential), and the admin's management of people
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
+
+from fastapi import APIRouter, Request
 
 from aipipe.hub.principal import Principal
 from aipipe.hub.routes.deps import Admin, Svc
+from aipipe.wire.messages import ErrorBody
 from aipipe.wire.people import (
     PersonAdd,
     PersonCreated,
@@ -24,10 +27,21 @@ def _actor(who: Principal) -> str:
     return f"{who.kind}/{who.name}"
 
 
-@router.post("/v1/auth/token")
-async def login(body: TokenRequest, service: Svc) -> TokenGrant:
-    """A token for a person: their password and current TOTP code (each code works once)."""
-    return service.people.login(body)
+THROTTLED: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorBody,
+        "description": "Too many failed logins from this address "
+        "(ThrottledError); the Retry-After header says when to try again",
+    }
+}
+
+
+@router.post("/v1/auth/token", responses=THROTTLED)
+async def login(body: TokenRequest, request: Request, service: Svc) -> TokenGrant:
+    """A token for a person: their password and current TOTP code (each code works once).
+    An address with too many failed logins is refused (429) before its password is checked."""
+    address = request.client.host if request.client else "unknown"
+    return await service.people.login(body, address)
 
 
 @router.get("/v1/people")
