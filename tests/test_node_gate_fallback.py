@@ -34,9 +34,9 @@ from aipipe.node.home import init_node
 from aipipe.node.lineage import ModelLineage
 from aipipe.node.node import Node
 from aipipe.privacy.ledger import BudgetLedger
-from aipipe.study.spec import StudySpec, load_study
+from aipipe.study.spec import load_study
 from aipipe.study.validation import ModelQualityError
-from aipipe.wire import EvaluateWork, RoundWork
+from aipipe.wire import EvaluateWork, RoundState, RoundWork
 from aipipe.wire.tensors import encode_arrays
 from tests.cds_support import FHIR, PID, Fhir, cleveland_records, hook_request, prefetch_for
 from tests.hub_support import Hub, running_hub
@@ -105,7 +105,7 @@ def _round(site: Site, weights: Arrays, *, evaluate: bool = False) -> str:
         blob = store.put_blob(encode_arrays(weights))
         version = version_id(NAME, number, base, blob)
         store.add_model(version, NAME, number, base, "fedavg", blob, {"round": number})
-        store.set_round_state(NAME, number, "closed", result_version=version)
+        store.set_round_state(NAME, number, RoundState.CLOSED, result_version=version)
         store.set_study_head(NAME, version, None)
     finally:
         store.close()
@@ -256,7 +256,7 @@ def test_the_node_cds_service_serves_the_earlier_version_too(site: Site) -> None
 
     assert good[:12] in card["source"]["label"] and bad[:12] not in card["source"]["label"]
     assert shown["model_version"] == good
-    assert shown["lineage"][0]["version"] == good and shown["lineage"][0]["validation"]["passed"]
+    assert shown["lineage"][0]["version"] == good and shown["validation"]["passed"] is True
     [gate] = _events(node, "validation")
     assert gate.details["use"] == "cds" and gate.details["served"] == good
     assert [o["version"] for o in gate.details["passed_over"]] == [bad]
