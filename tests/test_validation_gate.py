@@ -183,7 +183,9 @@ def test_a_node_serves_a_version_that_meets_the_minimum(tmp_path: Path) -> None:
         _evaluate(workers, good)
         alpha = workers["alpha"]
 
-        report = _gate(alpha, good, use="predict")
+        served = _gate(alpha, good, use="predict")
+        report = served.report
+        assert served.version == good and report is not None
         assert report.passed and report.auc > 0.7 and report.source == "exact"
         # serve-cds goes past the gate to the site's own preprocessing (none ingested here)
         with pytest.raises(StudyError, match="no patients") as raised:

@@ -110,6 +110,8 @@ def render_predictions(scores: Scores, as_json: bool) -> None:
         emit_json({
             "study": study, "model_version": version, "scored": len(scored),
             "unscored": len(predictions) - len(scored), "written": written,
+            "current_version": scores.current, "older_than_current": scores.older_than_current,
+            "passed_over": [t.as_details() for t in scores.passed_over],
             "predictions": [{"patient": p.pseudonym, "probability": p.probability,
                              "level": p.level, "missing": list(p.missing),
                              "not_scored_because": list(p.reasons)} for p in predictions],
@@ -124,6 +126,12 @@ def render_predictions(scores: Scores, as_json: bool) -> None:
         "mean risk": f"{mean:.3f}", **{f"risk {k}": v for k, v in sorted(levels.items())},
         "RiskAssessments written": written,
     }))  # fmt: skip
+    if scores.older_than_current:
+        console.print(f"model {version[:12]} is older than the current version "
+                      f"{str(scores.current)[:12]}: on this site's held-out patients the newer "
+                      "versions miss the study's validation minimum ("
+                      + "; ".join(t.describe() for t in scores.passed_over) + ")",
+                      markup=False, soft_wrap=True)  # fmt: skip
     for p in predictions:
         if p.probability is None:
             why = "; ".join(p.reasons) or "missing " + ", ".join(p.missing)

@@ -1,7 +1,9 @@
 """`aipipe node serve-cds`: the CDS Hooks service inside the hospital, for deployments that keep
-PHI on site. It serves the study's current federated model with this site's own preprocessing,
-or, when the study personalizes, the site's personal model (`aipipe.node.personal`; the hub's
-own CDS keeps the global one); CDS calls land in the node's audit log under pseudonyms."""
+PHI on site. It serves the study's current federated model with this site's own preprocessing
+(or, when that misses the study's validation minimum here, the newest earlier version of its
+lineage that meets it: `aipipe.node.validation`; its card and model card name that version), or,
+when the study personalizes, the site's personal model (`aipipe.node.personal`; the hub's own
+CDS keeps the global one); CDS calls land in the node's audit log under pseudonyms."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from aipipe.cds.links import DEFAULT_LIFETIME_S
 from aipipe.errors import AipipeError, ConfigError
 from aipipe.node.client import HubClient
 from aipipe.node.personal import StoredPersonal, personalizes, served_personal
-from aipipe.node.validation import require_servable
+from aipipe.node.validation import serve_current
 from aipipe.store.node_store import NodeStore
 from aipipe.study.features import site_preprocessor
 from aipipe.study.spec import StudySpec
@@ -58,15 +60,10 @@ def node_cds_app(
                                          mine.label))  # fmt: skip
             lineages[name] = [personal_step(mine), *hub_lineage(client, name, mine.version)]
             continue
-        version = client.study(name).current_version
-        if version is None:
-            raise ConfigError(f"study '{name}' has no model yet")
-        raw = client.model_weights(version)
-        # Served only if this site's held-out patients meet the study's validation minimum.
-        report = require_servable(
-            store, client, spec, version, raw, audit=audit, actor=actor, use="cds"
-        )
-        weights = decode_arrays(raw)
+        # Served only if this site's held-out patients meet the study's validation minimum:
+        # the current version, else the newest earlier one of its lineage that does.
+        served = serve_current(store, client, spec, audit=audit, actor=actor, use="cds")
+        version, report, weights = served.version, served.report, decode_arrays(served.weights)
         # A site that cannot scale the inputs still serves: each card then says why no score.
         scorers.append(PatientScorer(spec, weights, site_preprocessor(store, spec), version))
         head, *older = hub_lineage(client, name, version)

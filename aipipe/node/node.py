@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from aipipe.cds import FhirAccess, JwtPolicy
     from aipipe.node.daemon import Daemon
     from aipipe.node.predict import Prediction
+    from aipipe.node.validation import Tried
     from aipipe.node.worker import NodeWorker
     from aipipe.secure.at_rest import AtRestKey
     from aipipe.study.features import FeatureMatrix
@@ -78,6 +79,12 @@ class Scores:
     version: str
     predictions: list[Prediction] = field(default_factory=list)
     written: int = 0
+    current: str | None = None  # the study's current version (older_than_current: not served)
+    passed_over: list[Tried] = field(default_factory=list)  # newer versions, why not served
+
+    @property
+    def older_than_current(self) -> bool:
+        return self.current is not None and self.current != self.version
 
     @property
     def scored(self) -> list[Prediction]:
@@ -306,25 +313,25 @@ class Node:
     ) -> Scores:
         """Score this site's patients with the study's current model (the site's personal
         model when the study personalizes), once it meets the study's validation minimum
-        here; with `write_back_to` (a FHIR base URL) write each score as a RiskAssessment.
-        Audited as predict (or writeback), and the gate as its own event."""
+        here, else the newest earlier version of its lineage that does (`Scores.current` and
+        `passed_over` then say so); with `write_back_to` (a FHIR base URL) write each score as
+        a RiskAssessment. Audited as predict (or writeback), and the gate as its own event."""
         from aipipe.node.personal import personalizes, served_personal
         from aipipe.node.predict import predict_cohort  # imports torch
         from aipipe.node.predict import write_back as send
-        from aipipe.node.validation import require_servable
+        from aipipe.node.validation import serve_current
         from aipipe.wire.tensors import decode_arrays
 
         spec = self.approved_spec(study)
         use = "writeback" if write_back_to else "predict"
         if personalizes(spec):  # the site's own model, chosen on validation, gated on test
             mine = served_personal(self.store, spec, audit=self.audit, actor=self.name, use=use)
-            weights, version = mine.weights, mine.label
+            weights, version, current, over = mine.weights, mine.label, None, []
         else:
-            version = self._current_version(study)
-            raw = self.hub.model_weights(version)
-            require_servable(self.store, self.hub, spec, version, raw, audit=self.audit,
-                             actor=self.name, use=use)  # fmt: skip
-            weights = decode_arrays(raw)
+            served = serve_current(self.store, self.hub, spec, audit=self.audit, actor=self.name,
+                                   use=use)  # fmt: skip
+            weights, version = decode_arrays(served.weights), served.version
+            current, over = served.current, served.passed_over
         predictions = predict_cohort(
             self.store, spec, weights, version, now=datetime.now(UTC), as_of=as_of
         )
@@ -332,18 +339,13 @@ class Node:
         if write_back_to:
             with self.fhir_source(write_back_to) as server:
                 written = send(server, predictions)
-        scores = Scores(study, version, predictions, written)
+        scores = Scores(study, version, predictions, written, current, over)
+        older = {"current": current} if scores.older_than_current else {}
         self._record(use, f"study/{study}", {
             "model": version, "scored": len(scores.scored), "written": written,
-            "as_of": as_of.isoformat() if as_of else "now",
+            "as_of": as_of.isoformat() if as_of else "now", **older,
         })  # fmt: skip
         return scores
-
-    def _current_version(self, study: str) -> str:
-        version = self.hub.study(study).current_version
-        if version is None:
-            raise ConfigError(f"study '{study}' has no model yet")
-        return version
 
     def cds_app(
         self,

@@ -3,9 +3,12 @@
 The node evaluates a version on its own held-out (test) split, lineage-verified exactly as the
 hub's `evaluate` work item is (`aipipe.node.lineage`), and keeps the exact report with its other
 local evaluations; those numbers never leave the node. `node serve-cds` and `node predict`
-(write-back included) call `require_servable` first: a version that misses the study's
-`validation:` minimum is refused with the metric, its value and the gap, and the refusal is
-audited.
+(write-back included) call `require_servable` first: it serves the newest version of the current
+version's verified lineage (the current one, else the base this node trained its round from,
+and so on, at most `MAX_VERSIONS_TRIED`) that meets the study's `validation:` minimum here, and
+refuses, naming each version tried with the metric, its value and the gap, when none does. Either
+way it is audited (the version served, those passed over and why). Falling back charges nothing
+and sends nothing: an earlier version's kept report is reused, or it is evaluated here.
 
 What may leave for the hub's gate is `release_histogram`: the (label × predicted-probability
 bin) counts of the test split with Gaussian noise. Adding or removing one patient moves one
@@ -17,9 +20,11 @@ one transaction, before it is sent; offered again, the same bytes are sent.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from aipipe.audit.log import AuditLog
-from aipipe.errors import NotFoundError
+from aipipe.errors import ConfigError, NotFoundError
 from aipipe.models import arrays_to_model
 from aipipe.models.errors import UnverifiedModelError
 from aipipe.models.training import evaluate
@@ -51,6 +56,9 @@ from aipipe.wire.messages import CalibrationHistogram
 from aipipe.wire.tensors import decode_arrays
 
 DEFAULT_BINS = 10
+# The gate tries the current version and at most this many less one earlier versions of its
+# lineage: each costs a weights download and, unless this node has evaluated it, an evaluation.
+MAX_VERSIONS_TRIED = 5
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,54 @@ def release_histogram(
     return CalibrationHistogram.model_validate_json(body)
 
 
+@dataclass(frozen=True)
+class Tried:
+    """A version the gate tried and did not serve: its round (None when unknown) and why
+    (the metrics it misses here, or why this node cannot verify it)."""
+
+    version: str
+    round: int | None
+    failures: list[str]
+    verified: bool = True
+
+    def describe(self) -> str:
+        where = "" if self.round is None else f" (round {self.round})"
+        return f"model {self.version[:12]}{where}: {'; '.join(self.failures)}"
+
+    def as_details(self) -> dict[str, Any]:
+        return {"version": self.version, "round": self.round, "failures": list(self.failures)}
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the gate serves: `version`, its encoded `weights`, its report here (None when the
+    study sets no minimum), the study's `current` version and the newer versions passed over
+    (newest first; empty when the current one is served)."""
+
+    version: str
+    weights: bytes
+    report: ValidationReport | None
+    current: str
+    passed_over: list[Tried] = field(default_factory=list)
+
+    @property
+    def older_than_current(self) -> bool:
+        return self.version != self.current
+
+
+def serve_current(
+    store: NodeStore, client: HubClient, spec: StudySpec, *, audit: AuditLog, actor: str, use: str
+) -> Served:
+    """`require_servable` from the study's current version at the hub (ConfigError when the
+    study has no model yet)."""
+    version = client.study(spec.name).current_version
+    if version is None:
+        raise ConfigError(f"study '{spec.name}' has no model yet")
+    weights = client.model_weights(version)
+    return require_servable(store, client, spec, version, weights, audit=audit, actor=actor,
+                            use=use)  # fmt: skip
+
+
 def require_servable(
     store: NodeStore,
     client: HubClient,
@@ -118,51 +174,85 @@ def require_servable(
     actor: str,
     use: str,
     features: Callable[[StudySpec], FeatureMatrix] | None = None,
-) -> ValidationReport | None:
-    """The node's report of `version` if it meets the study's `validation:` minimum (None when
-    the study sets none); `ModelQualityError`, audited, when it does not or cannot be checked.
-    Evaluates the version now (lineage-verified) on `features(spec)`'s test split (default: a
-    fresh extraction from the store) if this node has not yet."""
+) -> Served:
+    """The newest version of `version`'s lineage (itself first, then the base this node
+    trained its round from, and so on; at most `MAX_VERSIONS_TRIED`) that meets the study's
+    `validation:` minimum on this node's test split; `version` itself when the study sets none.
+    `ModelQualityError` naming each version tried when none does. One `validation` audit event
+    either way: the version served and those passed over, with their metrics.
+
+    Each version is verified as the `evaluate` work item verifies one (`aipipe.node.lineage`:
+    a round this node took part in, the result the hub names for it, its weights' content
+    address, the pinned result) before it is judged: by its kept exact report when this node
+    has evaluated it, else by evaluating it now (on `features(spec)`, default a fresh extraction
+    from the store). A version that does not verify ends the walk: its round, and so its
+    parent, is only the hub's word. Nothing leaves the node: the exact numbers stay in
+    `local_evaluations` and the audit log, and nothing is charged to the privacy ledger."""
     if spec.validation is None:
-        return None
+        return Served(version, weights, None, version)
     lineage = ModelLineage(store.db)
-    kept = lineage.evaluation(spec.name, version)
-    try:
-        if kept is not None and kept.validation is not None:
-            report = judge(from_card(kept.validation), spec.validation)
-        else:
-            matrix = features or (lambda study: extract(store, study))
-            report = _evaluate_now(client, spec, version, weights, lineage, matrix)
-    except (UnverifiedModelError, NotFoundError) as exc:
-        error = ModelQualityError(
-            f"model {version[:12]} of study '{spec.name}' is not served by this node: it "
-            f"cannot validate it on its own held-out patients ({exc})"
-        )
-        _audit(audit, actor, spec, version, use, [str(exc)])
-        raise error from exc
-    _audit(audit, actor, spec, version, use, report.failures)
-    if not report.passed:
-        raise ModelQualityError(
-            f"model {version[:12]} of study '{spec.name}' is not served: on this node's "
-            f"held-out patients it misses the study's validation minimum: "
-            f"{'; '.join(report.failures)}. Train further or revise the study"
-        )
-    return report
+    matrix = features or (lambda study: extract(store, study))
+    tried: list[Tried] = []
+    candidate: str | None = version
+    raw: bytes | None = weights
+    while candidate is not None and len(tried) < MAX_VERSIONS_TRIED:
+        step = _judge(client, spec, candidate, raw, lineage, matrix, first=not tried)
+        if isinstance(step, Served):
+            served = dataclasses.replace(step, current=version, passed_over=tried)
+            _audit(audit, actor, spec, use, served, tried)
+            return served
+        if step is None:  # an earlier version that is the untrained initial one: not served
+            break
+        tried.append(step[0])
+        candidate, raw = step[1], None
+    _audit(audit, actor, spec, use, None, tried, current=version)
+    raise _refusal(spec, tried)
 
 
-def _evaluate_now(
+def _judge(
     client: HubClient,
     spec: StudySpec,
     version: str,
+    weights: bytes | None,
+    lineage: ModelLineage,
+    features: Callable[[StudySpec], FeatureMatrix],
+    *,
+    first: bool,
+) -> Served | tuple[Tried, str | None] | None:
+    """`version` served, or (why not, the next version to try); None for an earlier version
+    of round 0 (the initial model, which no node trained or verifies)."""
+    assert spec.validation is not None
+    kept = lineage.evaluation(spec.name, version)
+    number: int | None = None
+    try:
+        number = kept.round if kept is not None else int(client.model(version)["round"])
+        if number == 0 and not first:
+            return None
+        base = str(lineage.require_round(spec.name, number, version)["base_version"])
+        raw = client.model_weights(version) if weights is None else weights
+        announced = client.round(spec.name, number).result_version
+        lineage.verify(spec.name, number, version, announced, raw)
+    except (UnverifiedModelError, NotFoundError) as exc:
+        why = f"this node cannot validate it on its own held-out patients ({exc})"
+        return Tried(version, number, [why], verified=False), None
+    if kept is not None and kept.validation is not None:
+        report = judge(from_card(kept.validation), spec.validation)
+    else:
+        report = _evaluate_now(spec, version, number, raw, lineage, features)
+    if report.passed:
+        return Served(version, raw, report, version)
+    return Tried(version, number, report.failures), base
+
+
+def _evaluate_now(
+    spec: StudySpec,
+    version: str,
+    number: int,
     weights: bytes,
     lineage: ModelLineage,
     features: Callable[[StudySpec], FeatureMatrix],
 ) -> ValidationReport:
-    """Verify `version`'s lineage as the evaluate work item does, evaluate it and keep it."""
-    number = int(client.model(version)["round"])
-    lineage.require_round(spec.name, number, version)
-    announced = client.round(spec.name, number).result_version
-    lineage.verify(spec.name, number, version, announced, weights)
+    """Evaluate a verified `version` on the test split and keep its exact report here."""
     matrix = features(spec)
     built = personalizer_for(spec).build(len(matrix.columns))  # the method's architecture
     model = arrays_to_model(decode_arrays(weights), built)
@@ -173,13 +263,48 @@ def _evaluate_now(
     return assessment.report
 
 
+def _refusal(spec: StudySpec, tried: list[Tried]) -> ModelQualityError:
+    if len(tried) == 1 and not tried[0].verified:
+        return ModelQualityError(
+            f"model {tried[0].version[:12]} of study '{spec.name}' is not served by this node: "
+            f"it cannot validate it on its own held-out patients ({tried[0].failures[0]})"
+        )
+    if len(tried) == 1:
+        return ModelQualityError(
+            f"model {tried[0].version[:12]} of study '{spec.name}' is not served: on this "
+            f"node's held-out patients it misses the study's validation minimum: "
+            f"{'; '.join(tried[0].failures)}. Train further or revise the study"
+        )
+    return ModelQualityError(
+        f"no model version of study '{spec.name}' is served by this node: neither the current "
+        f"version nor an earlier one of its lineage (the last {MAX_VERSIONS_TRIED} at most) "
+        f"meets the study's validation minimum on its held-out patients: "
+        f"{'; '.join(t.describe() for t in tried)}. Train further or revise the study"
+    )
+
+
 def _audit(
-    audit: AuditLog, actor: str, spec: StudySpec, version: str, use: str, failures: list[str]
+    audit: AuditLog,
+    actor: str,
+    spec: StudySpec,
+    use: str,
+    served: Served | None,
+    tried: list[Tried],
+    *,
+    current: str = "",
 ) -> None:
+    """The gate's event: versions, rounds and metric failures only (no patient data)."""
+    details: dict[str, Any] = {"study": spec.name, "use": use}
+    if served is not None:
+        details.update(failures=[], served=served.version, current=served.current,
+                       passed_over=[t.as_details() for t in tried])  # fmt: skip
+    else:
+        details.update(failures=tried[0].failures if tried else [], served=None,
+                       current=current, tried=[t.as_details() for t in tried])  # fmt: skip
     audit.append(
         "validation",
         actor=actor,
-        resource=f"model/{version}",
-        outcome="refused" if failures else "success",
-        details={"study": spec.name, "use": use, "failures": failures},
+        resource=f"model/{current if served is None else served.version}",
+        outcome="refused" if served is None else "success",
+        details=details,
     )
