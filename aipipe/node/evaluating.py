@@ -11,6 +11,7 @@ from aipipe.errors import NotFoundError
 from aipipe.models import arrays_to_model
 from aipipe.models.errors import UnverifiedModelError
 from aipipe.models.training import evaluate
+from aipipe.node.kept_versions import KeptVersions
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
 from aipipe.node.personal import personalizes
 from aipipe.node.personal_pending import Pending, record_pending
@@ -48,6 +49,8 @@ def evaluate_work(node: SiteNode, spec: StudySpec, item: EvaluateWork) -> str:
     card = assessment.report.as_card()
     lineage.save(LocalEvaluation(spec.name, version, item.round, **result.__dict__,
                                  validation=card))  # fmt: skip
+    # Its weights too, so the validation gate can fall back to it without asking the hub.
+    KeptVersions(node.store).keep(spec.name, item.round, version, raw)
     calibration = _release_validation(node, spec, item.round, assessment)
     released = "nothing" if calibration is None else f"{VALIDATION} histogram (DP)"
     node.audit.append(
