@@ -1,6 +1,8 @@
 """What a node does with an evaluate work item: evaluate a round's result on its test split if
 the result's lineage verifies, keep the numbers here, and send the hub an acknowledgement —
 with the study's DP validation histogram, charged before it leaves, if the study asks for one.
+It keeps the verified weights too (`aipipe.node.kept_versions`): the validation gate falls back
+to them without asking the hub, which would tell it that the current version fails here.
 When the study personalizes, the node records the verified version to make its personal model
 from when it is idle (`aipipe.node.personal_pending`), after the acknowledgement: nothing of it
 is in the acknowledgement, and making it does not delay the node's next round."""
