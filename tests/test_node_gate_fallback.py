@@ -4,7 +4,9 @@ When the study's current version misses its `validation:` minimum on this site's
 patients, `node predict` (write-back) and `node serve-cds` serve the newest version of the
 current version's lineage that this node verifies (each one as the current one: its round, the
 result the hub names for it, the weights' content address, the pinned result) and that meets
-the minimum here; they refuse only when none does, naming each version tried.
+the minimum here; they refuse only when none does, naming each version tried. The earlier
+versions are those this node evaluated and kept (report and weights): falling back asks the hub
+for nothing, so the hub sees the same requests whether the current version passes here or not.
 
 A real hub app in-process, a real node home (`init_node`, enrolled with its own keys) over the
 shipped Cleveland FHIR data, rounds trained by the node's own worker; each round's result is
@@ -14,9 +16,13 @@ negation, "bad"), addressed as the hub addresses a round's result.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ from aipipe.node.home import init_node
 from aipipe.node.lineage import ModelLineage
 from aipipe.node.node import Node
 from aipipe.privacy.ledger import BudgetLedger
+from aipipe.secure.at_rest import MAGIC, AtRestKey
 from aipipe.study.spec import load_study
 from aipipe.study.validation import ModelQualityError
 from aipipe.wire import EvaluateWork, RoundState, RoundWork
@@ -53,11 +60,29 @@ Arrays = dict[str, np.ndarray]
 
 
 @dataclass
+class Recorder(httpx.BaseTransport):
+    """The hub as the node's client reaches it: each request's method and path (with its
+    query) recorded; any whose path names a version in `refused` answered 404 unseen."""
+
+    inner: httpx.BaseTransport
+    seen: list[str] = field(default_factory=list)
+    refused: set[str] = field(default_factory=set)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.raw_path.decode()
+        self.seen.append(f"{request.method} {path}")
+        if any(version in path for version in self.refused):
+            return httpx.Response(404, json={"detail": "refused by the test's recorder"})
+        return self.inner.handle_request(request)
+
+
+@dataclass
 class Site:
     hub: Hub
     node: Node
     good: Arrays  # meets min_auc 0.7 on Cleveland's test split
     bad: Arrays  # the same model negated: AUC 1 − good's
+    wire: Recorder  # every request of the node's hub client
 
 
 def _study() -> dict[str, Any]:
@@ -67,14 +92,14 @@ def _study() -> dict[str, Any]:
     return spec
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with running_hub(tmp_path / "hub") as hub:
+@contextmanager
+def _site(root: Path, at_rest_key: AtRestKey | None = None) -> Iterator[Site]:
+    with running_hub(root / "hub") as hub:
         hub.publish(_study())
-        paths = init_node(tmp_path / "cleveland", "cleveland")
-        client = HubClient("http://testserver", token=_enrol(hub, paths),
-                           transport=hub.client._transport)  # fmt: skip
-        with Node.open(paths.home, hub=client) as node:
+        paths = init_node(root / "cleveland", "cleveland", at_rest_key=at_rest_key)
+        wire = Recorder(hub.client._transport)
+        client = HubClient("http://testserver", token=_enrol(hub, paths), transport=wire)
+        with Node.open(paths.home, hub=client, at_rest_key=at_rest_key) as node:
             node.ingest_files([CLEVELAND])
             node.approve(NAME)
             matrix = node.extract(NAME)
@@ -82,7 +107,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
             good = {"head.weight": fit.coef_.astype(np.float32),
                     "head.bias": fit.intercept_.astype(np.float32)}  # fmt: skip
             bad = {k: -v for k, v in good.items()}
-            yield Site(hub, node, good, bad)
+            yield Site(hub, node, good, bad, wire)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    with _site(tmp_path) as made:
+        yield made
 
 
 def _work(node: Node, kind: str) -> str:
@@ -220,7 +251,8 @@ def test_a_version_outside_the_verified_lineage_is_never_served(site: Site) -> N
     with pytest.raises(ModelQualityError, match="cannot validate it"):
         site.node.predict(NAME)
 
-    # back to the real head, but the hub now serves other weights under the good version
+    # back to the real head, but the hub now serves other weights under the good version:
+    # the node falls back to the weights it kept when it evaluated it and never asks for these
     _set_head(site, bad)
     store = site.hub.paths.open_store()
     try:
@@ -229,18 +261,18 @@ def test_a_version_outside_the_verified_lineage_is_never_served(site: Site) -> N
         store.conn.commit()
     finally:
         store.close()
-    with pytest.raises(ModelQualityError, match="do not hash") as raised:
-        site.node.predict(NAME)
-    assert bad[:12] in str(raised.value) and good[:12] in str(raised.value)
-    assert [e.outcome for e in _events(site.node, "validation")] == ["refused", "refused"]
-    assert _events(site.node, "predict") == []
+    site.wire.seen.clear()
+    scores = site.node.predict(NAME)
+    assert scores.version == good and scores.current == bad
+    assert [e.outcome for e in _events(site.node, "validation")] == ["refused", "success"]
+    assert site.wire.seen and not any(good in seen for seen in site.wire.seen)
 
 
 # -- (4) the node's CDS service ---------------------------------------------------------------
 
 
 def test_the_node_cds_service_serves_the_earlier_version_too(site: Site) -> None:
-    good = _round(site, site.good)
+    good = _round(site, site.good, evaluate=True)  # a fallback is one this node evaluated
     bad = _round(site, site.bad)
     node, records = site.node, cleveland_records()
     access = FhirAccess(transport=httpx.MockTransport(Fhir(records)), timeout_s=2.0,
@@ -260,3 +292,125 @@ def test_the_node_cds_service_serves_the_earlier_version_too(site: Site) -> None
     [gate] = _events(node, "validation")
     assert gate.details["use"] == "cds" and gate.details["served"] == good
     assert [o["version"] for o in gate.details["passed_over"]] == [bad]
+
+
+# -- (5) falling back tells the hub nothing ----------------------------------------------------
+
+
+def _gate_requests(site: Site, current: str, number: int) -> list[str]:
+    """The requests of one `node predict` (the gate and what follows), the current version
+    and its round number written as placeholders."""
+    site.wire.seen.clear()
+    site.node.predict(NAME)
+    shown = [s.replace(current, "<current>") for s in site.wire.seen]
+    return [re.sub(rf"/rounds/{number}\b", "/rounds/<n>", s) for s in shown]
+
+
+def test_the_hub_sees_the_same_requests_whether_the_current_version_passes_here_or_not(
+    site: Site,
+) -> None:
+    good = _round(site, site.good, evaluate=True)
+    bad = _round(site, site.bad)  # neither of the two current versions was evaluated here
+    better = _round(site, site.good)
+
+    _set_head(site, bad)
+    failing = _gate_requests(site, bad, 2)
+    assert site.node.predict(NAME).version == good  # an earlier version was served
+    _set_head(site, better)
+    passing = _gate_requests(site, better, 3)
+
+    assert failing == passing, (failing, passing)
+    assert failing and not any(good in seen for seen in failing)
+    assert [e.details["served"] for e in _events(site.node, "validation")] == [good, good, better]
+
+
+def test_the_earlier_version_is_served_though_the_hub_would_not_serve_it(site: Site) -> None:
+    good = _round(site, site.good, evaluate=True)
+    bad = _round(site, site.bad)
+    site.wire.refused.add(good)  # the hub answers nothing about the earlier version
+    site.wire.seen.clear()
+
+    scores = site.node.predict(NAME)
+
+    assert scores.version == good and scores.current == bad and scores.scored
+    assert not any(good in seen for seen in site.wire.seen)
+
+
+def test_kept_weights_altered_on_disk_are_never_served(site: Site) -> None:
+    good = _round(site, site.good, evaluate=True)
+    bad = _round(site, site.bad)
+    db = site.node.store.db
+    altered = encode_arrays({k: v * 1.01 for k, v in site.good.items()})
+    db.conn.execute("UPDATE kept_versions SET weights = ? WHERE version = ?", (altered, good))
+    db.conn.commit()
+    site.wire.seen.clear()
+
+    with pytest.raises(ModelQualityError, match="do not hash to their kept address") as raised:
+        site.node.predict(NAME)
+    assert good[:12] in str(raised.value) and bad[:12] in str(raised.value)
+
+    # with the kept sha256 made to match the altered weights: not the round's verified result
+    digest = hashlib.sha256(altered).hexdigest()
+    db.conn.execute("UPDATE kept_versions SET sha256 = ? WHERE version = ?", (digest, good))
+    db.conn.commit()
+    with pytest.raises(ModelQualityError, match="not round 1's verified result"):
+        site.node.predict(NAME)
+    assert [e.outcome for e in _events(site.node, "validation")] == ["refused", "refused"]
+    assert _events(site.node, "predict") == []
+    assert not any(good in seen for seen in site.wire.seen)
+
+
+def test_a_verified_version_whose_weights_are_not_kept_is_skipped_without_asking_the_hub(
+    site: Site,
+) -> None:
+    good = _round(site, site.good, evaluate=True)
+    skipped = _round(site, site.bad, evaluate=True)
+    bad = _round(site, site.bad)
+    db = site.node.store.db  # as for a version evaluated before weights were kept
+    db.conn.execute("DELETE FROM kept_versions WHERE version = ?", (skipped,))
+    db.conn.commit()
+    site.wire.seen.clear()
+
+    scores = site.node.predict(NAME)
+
+    assert scores.version == good and [o.version for o in scores.passed_over] == [bad, skipped]
+    assert "not kept on this node" in scores.passed_over[1].failures[0]
+    assert not any(good in seen or skipped in seen for seen in site.wire.seen)
+
+
+def test_a_node_keeps_the_weights_of_its_last_versions_per_study(tmp_path: Path) -> None:
+    from aipipe.node.kept_versions import KEPT_PER_STUDY, KeptVersions  # new with this test
+
+    with Node.init(tmp_path / "n", "basel") as node:
+        kept = KeptVersions(node.store)
+        for number in range(1, KEPT_PER_STUDY + 3):
+            kept.keep("chd", number, f"v{number}", b"w%d" % number)
+        kept.keep("other", 1, "o1", b"o")
+        assert kept.versions("chd") == [f"v{n}" for n in range(KEPT_PER_STUDY + 2, 2, -1)]
+        assert kept.versions("other") == ["o1"]
+
+
+def _pattern(weights: Arrays) -> bytes:
+    return np.ascontiguousarray(weights["head.weight"]).tobytes()
+
+
+def _found(home: Path, needle: bytes) -> list[str]:
+    return [p.name for p in home.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_the_kept_weights_are_sealed_in_an_encrypted_home(site: Site, tmp_path: Path) -> None:
+    _round(site, site.good, evaluate=True)  # the plain control
+    plain = site.node.paths.home
+    assert any(name.startswith("store.sqlite") for name in _found(plain, _pattern(site.good)))
+
+    with _site(tmp_path / "sealed", AtRestKey.generate()) as sealed:
+        good = _round(sealed, sealed.good, evaluate=True)
+        bad = _round(sealed, sealed.bad)
+        home = sealed.node.paths.home
+        assert _found(home, _pattern(sealed.good)) == []
+        [(raw,)] = sqlite3.connect(home / "store.sqlite").execute(
+            "SELECT weights FROM kept_versions WHERE version = ?", (good,)
+        )
+        assert raw.startswith(MAGIC) and _pattern(sealed.good) not in raw
+        scores = sealed.node.predict(NAME)  # and they open under the home's key
+        assert scores.version == good and scores.current == bad

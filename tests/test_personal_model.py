@@ -69,7 +69,8 @@ class Federation:
 
 def _enrol(hub: Hub, paths: NodePaths) -> str:
     """Register the home's own identity and sealing key, as `aipipe node init --token` does."""
-    token, identity = hub.issue_token(paths.config.name), Identity.load(paths.identity_key)
+    token = hub.issue_token(paths.config.name)
+    identity = Identity.load(paths.identity_key, at_rest=paths.at_rest)  # sealed home too
     sealing = node_vault(paths).sealing_public()
     body = EnrolRequest(
         node=token.node, secret=token.secret, public_key=identity.public_hex,

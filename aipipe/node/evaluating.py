@@ -1,6 +1,8 @@
 """What a node does with an evaluate work item: evaluate a round's result on its test split if
 the result's lineage verifies, keep the numbers here, and send the hub an acknowledgement —
 with the study's DP validation histogram, charged before it leaves, if the study asks for one.
+It keeps the verified weights too (`aipipe.node.kept_versions`): the validation gate falls back
+to them without asking the hub, which would tell it that the current version fails here.
 When the study personalizes, the node records the verified version to make its personal model
 from when it is idle (`aipipe.node.personal_pending`), after the acknowledgement: nothing of it
 is in the acknowledgement, and making it does not delay the node's next round."""
@@ -11,6 +13,7 @@ from aipipe.errors import NotFoundError
 from aipipe.models import arrays_to_model
 from aipipe.models.errors import UnverifiedModelError
 from aipipe.models.training import evaluate
+from aipipe.node.kept_versions import KeptVersions
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
 from aipipe.node.personal import personalizes
 from aipipe.node.personal_pending import Pending, record_pending
@@ -48,6 +51,8 @@ def evaluate_work(node: SiteNode, spec: StudySpec, item: EvaluateWork) -> str:
     card = assessment.report.as_card()
     lineage.save(LocalEvaluation(spec.name, version, item.round, **result.__dict__,
                                  validation=card))  # fmt: skip
+    # Its weights too, so the validation gate can fall back to it without asking the hub.
+    KeptVersions(node.store).keep(spec.name, item.round, version, raw)
     calibration = _release_validation(node, spec, item.round, assessment)
     released = "nothing" if calibration is None else f"{VALIDATION} histogram (DP)"
     node.audit.append(

@@ -126,6 +126,14 @@ class ModelLineage:
             )
         return row
 
+    def pinned_round(self, study: str, version: str) -> int | None:
+        """The round of this node's whose verified (pinned) result `version` is; None when it
+        pinned no round's result to it (the hub's word is then all there is to place it)."""
+        found = self.db.conn.execute(
+            f"SELECT round FROM {ROUNDS} WHERE study = ? AND result_version = ?", (study, version)
+        ).fetchone()
+        return None if found is None else int(found[0])
+
     def save(self, evaluation: LocalEvaluation) -> None:
         row: dict[str, object] = {
             **evaluation.__dict__,

@@ -8,7 +8,9 @@ version's verified lineage (the current one, else the base this node trained its
 and so on, at most `MAX_VERSIONS_TRIED`) that meets the study's `validation:` minimum here, and
 refuses, naming each version tried with the metric, its value and the gap, when none does. Either
 way it is audited (the version served, those passed over and why). Falling back charges nothing
-and sends nothing: an earlier version's kept report is reused, or it is evaluated here.
+and asks the hub for nothing: the earlier versions are those this node evaluated, whose weights
+it kept then (`aipipe.node.kept_versions`) with their report, so the hub sees the same requests
+whether the current version passes here or not.
 
 What may leave for the hub's gate is `release_histogram`: the (label × predicted-probability
 bin) counts of the test split with Gaussian noise. Adding or removing one patient moves one
@@ -37,6 +39,7 @@ from aipipe.models import arrays_to_model
 from aipipe.models.errors import UnverifiedModelError
 from aipipe.models.training import evaluate
 from aipipe.node.client import HubClient
+from aipipe.node.kept_versions import KEPT_PER_STUDY, KeptVersions
 from aipipe.node.lineage import LocalEvaluation, ModelLineage
 from aipipe.personalization import personalizer_for
 from aipipe.privacy.cohorts import Cohort
@@ -57,8 +60,8 @@ from aipipe.wire.tensors import decode_arrays
 
 DEFAULT_BINS = 10
 # The gate tries the current version and at most this many less one earlier versions of its
-# lineage: each costs a weights download and, unless this node has evaluated it, an evaluation.
-MAX_VERSIONS_TRIED = 5
+# lineage, as many as a node keeps per study.
+MAX_VERSIONS_TRIED = KEPT_PER_STUDY
 
 
 @dataclass(frozen=True)
@@ -181,30 +184,38 @@ def require_servable(
     `ModelQualityError` naming each version tried when none does. One `validation` audit event
     either way: the version served and those passed over, with their metrics.
 
-    Each version is verified as the `evaluate` work item verifies one (`aipipe.node.lineage`:
-    a round this node took part in, the result the hub names for it, its weights' content
+    `version` is verified as the `evaluate` work item verifies one (`aipipe.node.lineage`: a
+    round this node took part in, the result the hub names for it, its weights' content
     address, the pinned result) before it is judged: by its kept exact report when this node
     has evaluated it, else by evaluating it now (on `features(spec)`, default a fresh extraction
-    from the store). A version that does not verify ends the walk: its round, and so its
-    parent, is only the hub's word. Nothing leaves the node: the exact numbers stay in
-    `local_evaluations` and the audit log, and nothing is charged to the privacy ledger."""
+    from the store); its weights are then kept. An earlier version is judged only from what
+    this node holds, without a request to the hub (which would tell it that the current version
+    fails here): its round from this node's pinned results, its weights as kept when it was
+    evaluated, checked against their address (`aipipe.node.kept_versions`), its kept report.
+    One whose weights are not kept here is skipped (its round and base are this node's own
+    record, so the walk goes on past it); one whose round this node never pinned (the initial
+    model, or a result it never evaluated) ends the walk: its place is only the hub's word.
+    Nothing leaves the node: the exact numbers stay in `local_evaluations` and the audit log,
+    and nothing is charged to the privacy ledger."""
     if spec.validation is None:
         return Served(version, weights, None, version)
-    lineage = ModelLineage(store.db)
+    lineage, kept = ModelLineage(store.db), KeptVersions(store)
     matrix = features or (lambda study: extract(store, study))
     tried: list[Tried] = []
     candidate: str | None = version
-    raw: bytes | None = weights
     while candidate is not None and len(tried) < MAX_VERSIONS_TRIED:
-        step = _judge(client, spec, candidate, raw, lineage, matrix, first=not tried)
+        if tried:
+            step = _judge_kept(spec, candidate, lineage, kept, matrix)
+        else:
+            step = _judge(client, spec, candidate, weights, lineage, kept, matrix)
         if isinstance(step, Served):
             served = dataclasses.replace(step, current=version, passed_over=tried)
             _audit(audit, actor, spec, use, served, tried)
             return served
-        if step is None:  # an earlier version that is the untrained initial one: not served
+        if step is None:  # an earlier version this node never verified: not a candidate
             break
         tried.append(step[0])
-        candidate, raw = step[1], None
+        candidate = step[1]
     _audit(audit, actor, spec, use, None, tried, current=version)
     raise _refusal(spec, tried)
 
@@ -213,35 +224,71 @@ def _judge(
     client: HubClient,
     spec: StudySpec,
     version: str,
-    weights: bytes | None,
+    raw: bytes,
     lineage: ModelLineage,
+    kept: KeptVersions,
     features: Callable[[StudySpec], FeatureMatrix],
-    *,
-    first: bool,
-) -> Served | tuple[Tried, str | None] | None:
-    """`version` served, or (why not, the next version to try); None for an earlier version
-    of round 0 (the initial model, which no node trained or verifies)."""
+) -> Served | tuple[Tried, str | None]:
+    """The current `version` served, or (why not, the next version to try): verified with
+    the hub's round record whether it passes here or not; its weights then kept here."""
     assert spec.validation is not None
-    kept = lineage.evaluation(spec.name, version)
+    evaluated = lineage.evaluation(spec.name, version)
     number: int | None = None
     try:
-        number = kept.round if kept is not None else int(client.model(version)["round"])
-        if number == 0 and not first:
-            return None
+        number = evaluated.round if evaluated is not None else int(client.model(version)["round"])
         base = str(lineage.require_round(spec.name, number, version)["base_version"])
-        raw = client.model_weights(version) if weights is None else weights
         announced = client.round(spec.name, number).result_version
         lineage.verify(spec.name, number, version, announced, raw)
     except (UnverifiedModelError, NotFoundError) as exc:
         why = f"this node cannot validate it on its own held-out patients ({exc})"
         return Tried(version, number, [why], verified=False), None
-    if kept is not None and kept.validation is not None:
-        report = judge(from_card(kept.validation), spec.validation)
-    else:
-        report = _evaluate_now(spec, version, number, raw, lineage, features)
+    report = _report(spec, version, number, raw, lineage, features)
+    kept.keep(spec.name, number, version, raw)
     if report.passed:
         return Served(version, raw, report, version)
     return Tried(version, number, report.failures), base
+
+
+def _judge_kept(
+    spec: StudySpec,
+    version: str,
+    lineage: ModelLineage,
+    kept: KeptVersions,
+    features: Callable[[StudySpec], FeatureMatrix],
+) -> Served | tuple[Tried, str | None] | None:
+    """An earlier `version` served, or (why not, the next version to try), from what this
+    node holds only; None when this node never pinned it as one of its rounds' results."""
+    number = lineage.pinned_round(spec.name, version)
+    if number is None:
+        return None
+    base = str(lineage.require_round(spec.name, number, version)["base_version"])
+    try:
+        held = kept.get(spec.name, version, lineage)
+    except UnverifiedModelError as exc:
+        return Tried(version, number, [f"not served: {exc}"], verified=False), base
+    if held is None:
+        why = "its weights are not kept on this node (the hub is not asked for them); skipped"
+        return Tried(version, number, [why], verified=False), base
+    report = _report(spec, version, number, held.weights, lineage, features)
+    if report.passed:
+        return Served(version, held.weights, report, version)
+    return Tried(version, number, report.failures), base
+
+
+def _report(
+    spec: StudySpec,
+    version: str,
+    number: int,
+    weights: bytes,
+    lineage: ModelLineage,
+    features: Callable[[StudySpec], FeatureMatrix],
+) -> ValidationReport:
+    """A verified `version`'s report here: its kept one, else evaluated now (and kept)."""
+    assert spec.validation is not None
+    evaluated = lineage.evaluation(spec.name, version)
+    if evaluated is not None and evaluated.validation is not None:
+        return judge(from_card(evaluated.validation), spec.validation)
+    return _evaluate_now(spec, version, number, weights, lineage, features)
 
 
 def _evaluate_now(

@@ -36,7 +36,8 @@ from aipipe.store.sqlite import immediate, private_db
 # The columns a home encrypted at rest seals per row (`aipipe.secure.rekey` rotates them): the
 # raw FHIR; the values of the normalised tables that no SQL filters on (the codes, dates and
 # ids that the feature queries filter, join and sort on stay in clear); the personal models and
-# training states (aipipe.node.personal, personal_state).
+# training states (aipipe.node.personal, personal_state); the weights of the versions it
+# evaluated (aipipe.node.kept_versions).
 SEALED_COLUMNS = (
     ("resources", "json"),
     ("patients", "birth_year"),
@@ -52,6 +53,7 @@ SEALED_COLUMNS = (
     ("personal_models", "carry"),
     ("personal_states", "tensors"),
     ("personal_pending", "weights"),
+    ("kept_versions", "weights"),
 )
 # Derives the key of the keyed train/test split from the pseudonym key (domain separation).
 _SPLIT_KEY_LABEL = b"aipipe/study-split/v1"
