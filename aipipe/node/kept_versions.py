@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlite_utils.db import Table
 
+from aipipe.clock import utc_now
 from aipipe.errors import AipipeError
 from aipipe.models.errors import UnverifiedModelError
 from aipipe.node.lineage import ModelLineage, version_address
@@ -68,7 +68,7 @@ class KeptVersions:
             "round": number,
             "sha256": hashlib.sha256(weights).hexdigest(),
             "weights": self.at_rest.seal(weights, _label(study, version)),
-            "kept": datetime.now(UTC).isoformat(timespec="seconds"),
+            "kept": utc_now(),
         }
         self._table.upsert(row, pk=("study", "version"))
         self.db.conn.execute(
