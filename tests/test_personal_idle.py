@@ -26,7 +26,7 @@ from aipipe.node.daemon import Daemon
 from aipipe.node.home import init_node
 from aipipe.node.node import Node
 from aipipe.node.personal import PersonalModels
-from aipipe.node.personal_pending import PendingPersonal
+from aipipe.node.personal_pending import PendingPersonal, Skipped
 from aipipe.personalization import registry
 from aipipe.personalization.finetune import FineTuning
 from aipipe.wire import EvaluateWork, RoundWork
@@ -152,12 +152,43 @@ def test_a_superseded_version_is_not_made(sites: Sites) -> None:
     _work(sites, "evaluate", ("basel",))
 
     assert [p.version for p in PendingPersonal(node.store).all()] == [second]
-    [skipped] = [d for a, d in _actions(node) if a == "personal.skipped"]
-    assert skipped == {"study": NAME, "version": first, "round": 1, "superseded_by": second}
     _daemon(node).run(once=True)
     kept = PersonalModels(node.store.db)
     assert kept.get(NAME, first) is None and kept.get(NAME, second) is not None
     assert [d["version"] for a, d in _actions(node) if a == "personal.model"] == [second]
+    # Audited once, when the node was idle: the versions skipped and the one made instead.
+    [skipped] = [d for a, d in _actions(node) if a == "personal.skipped"]
+    assert skipped == {"study": NAME, "skipped": [{"round": 1, "version": first}], "count": 1,
+                       "superseded_by": second}  # fmt: skip
+
+
+def test_a_round_of_a_personalized_study_audits_no_more_than_a_plain_one(sites: Sites) -> None:
+    """During back-to-back rounds every evaluation supersedes the pending version: recording
+    that appends no audit event (each is an fsync'd write, on the round's path), so the node's
+    log grows by the events of a plain round only; the skipped versions are audited in one
+    event when the node is idle and makes the newest."""
+    workers = {name: node.worker(lambda line: None) for name, node in sites.nodes.items()}
+    versions = []
+    for _ in range(3):
+        assert sites.hub.post_round(NAME).status_code == 200
+        for kind in ("train", "evaluate"):
+            for name, worker in workers.items():
+                before = len(_actions(sites.nodes[name]))
+                item = worker.client.work(wait_s=0)
+                assert item.kind == kind, item
+                worker.handle(item)
+                if kind == "evaluate" and versions:  # a version is pending: it supersedes it
+                    new = [a for a, _ in _actions(sites.nodes[name])[before:]]
+                    assert new == ["evaluate"], (name, new)
+        versions.append(str(_current(sites)))
+    node = sites.nodes["basel"]
+    assert [p.version for p in PendingPersonal(node.store).all()] == [versions[-1]]
+    _daemon(node).run(once=True)
+    made = [(a, d) for a, d in _actions(node) if a.startswith("personal.")]
+    assert [a for a, _ in made] == ["personal.model", "personal.skipped"], made
+    assert made[1][1]["skipped"] == [{"round": 1, "version": versions[0]},
+                                     {"round": 2, "version": versions[1]}]  # fmt: skip
+    assert made[1][1]["superseded_by"] == versions[2] == made[0][1]["version"]
 
 
 class _Stopped(FineTuning):
@@ -204,3 +235,18 @@ def test_a_hub_gone_while_the_first_extraction_reports_leaves_it_pending(sites: 
         assert "still pending" in line, line
         assert [p.version for p in PendingPersonal(again.store).all()] == [version]
         assert PersonalModels(again.store.db).get(NAME, version) is None
+
+
+def test_a_pending_row_kept_before_superseded_versions_were_listed_is_read(store: Any) -> None:
+    """A node store whose `personal_pending` table predates the `superseded` column."""
+    store.db.conn.execute(
+        "CREATE TABLE personal_pending (study TEXT PRIMARY KEY, study_digest TEXT, "
+        "round INTEGER, version TEXT, weights BLOB, created TEXT)"
+    )
+    store.db.conn.execute(
+        "INSERT INTO personal_pending VALUES ('chd', NULL, 3, ?, ?, 'then')", ("v" * 64, b"w")
+    )
+    table = PendingPersonal(store)
+    [row] = table.all()
+    assert (row.round, row.version, row.skipped) == (3, "v" * 64, Skipped())
+    assert table.head("chd") == (3, "v" * 64, Skipped())

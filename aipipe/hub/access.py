@@ -84,7 +84,13 @@ class Access:
         )
 
     def weights(self, who: Principal, version: str) -> bytes:
-        self.model(who, version)
+        """A version's weights, under `model`'s rules without building its card: every node
+        downloads two versions a round, and a personalized study's card builds its model."""
+        row = self._store.model(version)
+        if row is None:
+            raise NotFoundError(f"no model version {version[:12]}")
+        if who.kind == "node":
+            self._require_part(who, str(row["study"]))
         return self._ctx.models.weights(version)
 
     # -- reports -----------------------------------------------------------------------------

@@ -7,9 +7,13 @@ version and the version's weights as downloaded and lineage-verified (a global m
 hub serves every node, not PHI). One row per study: only the newest version matters, since the
 next personal model starts from the newest one's carry and the site serves the lowest
 validation loss among what it made. A newer version supersedes an older pending one, which is
-then never made and audited `personal.skipped` with the version that superseded it (so the
-audit log says why a version has no personal model); an older one evaluated late is skipped
-the same way. The row survives a restart.
+then never made; the row lists it (the newest `MAX_LISTED` of them, and how many) and when the
+newest is made, or refused, one `personal.skipped` event names the versions skipped and the one
+that superseded them (so the audit log says why a version has no personal model). Recording a
+version therefore appends no audit event: during back-to-back rounds every evaluation supersedes
+the pending version, and an fsync'd audit append per round and node was most of what a
+personalized round cost beyond a plain one (docs/BENCHMARKS.md). An older version evaluated late
+is skipped at once, audited the same way. The row survives a restart.
 
 The daemon makes the pending ones (`make_pending`) when the hub has no work for the node, and
 in `node start --once` before it stops. The weights are checked again against the round's
@@ -20,9 +24,10 @@ stays pending: nothing of it was kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
@@ -39,6 +44,7 @@ from aipipe.wire.tensors import decode_arrays
 
 TABLE = "personal_pending"
 SKIPPED = "personal.skipped"
+MAX_LISTED = 16  # superseded versions a row (and its `personal.skipped` event) names, the newest
 
 Guard = Callable[[], AbstractContextManager[None]]
 
@@ -50,12 +56,37 @@ class PendingSite(SiteNode, Protocol):
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """The versions a pending one superseded since the last personal model was made: the
+    newest `MAX_LISTED` as (round, version), and how many in all."""
+
+    listed: tuple[tuple[int, str], ...] = ()
+    count: int = 0
+
+    def plus(self, more: Skipped, number: int, version: str) -> Skipped:
+        """These, then `more` and (`number`, `version`): what a newer version inherits."""
+        listed = (*self.listed, *more.listed, (number, version))[-MAX_LISTED:]
+        return Skipped(listed, self.count + more.count + 1)
+
+    def to_json(self) -> str | None:
+        return json.dumps({"listed": self.listed, "count": self.count}) if self.count else None
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Skipped:
+        if not text:
+            return cls()
+        raw = json.loads(text)
+        return cls(tuple((int(n), str(v)) for n, v in raw["listed"]), int(raw["count"]))
+
+
+@dataclass(frozen=True)
 class Pending:
     study: str
     study_digest: str | None
     round: int
     version: str
     weights: bytes  # the version's safetensors bytes, as downloaded and verified
+    skipped: Skipped = field(default_factory=Skipped)  # superseded by it, not audited yet
 
 
 class PendingPersonal:
@@ -70,6 +101,8 @@ class PendingPersonal:
             pk="study",
             if_not_exists=True,
         )  # fmt: skip
+        if "superseded" not in self._table.columns_dict:  # a table made before the column
+            self._table.add_column("superseded", str)
 
     def all(self) -> list[Pending]:
         return [self._pending(r) for r in self._table.rows_where(order_by="study")]
@@ -78,18 +111,29 @@ class PendingPersonal:
         rows = [self._pending(r) for r in self._table.rows_where("study = ?", [study])]
         return rows[0] if rows else None
 
+    def head(self, study: str) -> tuple[int, str, Skipped] | None:
+        """The pending version's round, version and what it superseded; its weights are not
+        read (recording a newer version needs no more)."""
+        row = self.db.conn.execute(
+            f"SELECT round, version, superseded FROM {TABLE} WHERE study = ?", (study,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]), Skipped.from_json(row[2]))
+
     def any(self) -> bool:
         """Whether anything is pending (asked before every poll: no weights are read)."""
         return self.db.conn.execute(f"SELECT 1 FROM {TABLE} LIMIT 1").fetchone() is not None
 
     def _pending(self, r: dict[str, Any]) -> Pending:
         return Pending(str(r["study"]), r["study_digest"], int(r["round"]), str(r["version"]),
-                       self._open(str(r["study"]), bytes(r["weights"])))  # fmt: skip
+                       self._open(str(r["study"]), bytes(r["weights"])),
+                       Skipped.from_json(r.get("superseded")))  # fmt: skip
 
     def put(self, pending: Pending) -> None:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         weights = self.at_rest.seal(pending.weights, _label(pending.study))
-        row: dict[str, Any] = {**pending.__dict__, "weights": weights, "created": now}
+        row: dict[str, Any] = {**pending.__dict__, "weights": weights, "created": now,
+                               "superseded": pending.skipped.to_json()}  # fmt: skip
+        del row["skipped"]
         self._table.upsert(row, pk="study")
 
     def _open(self, study: str, sealed: bytes) -> bytes:
@@ -109,25 +153,35 @@ class PendingPersonal:
 
 def record_pending(node: SiteNode, spec: StudySpec, pending: Pending) -> str:
     """Keep `pending` for the next idle moment, superseding an older pending version of the
-    study (audited `personal.skipped`); a line for the work item's summary."""
+    study (listed in the row, audited when the newest is made; no audit event here: this runs
+    once a round); a line for the work item's summary."""
     table = PendingPersonal(node.store)
-    before = table.get(spec.name)
-    if before is not None and before.version != pending.version:
-        newer, older = (pending, before) if pending.round >= before.round else (before, pending)
-        _audit_skipped(node, older, newer)
-        if newer is before:
+    before = table.head(spec.name)
+    if before is not None:
+        number, version, skipped = before
+        if version == pending.version:
+            pending = replace(pending, skipped=skipped)
+        elif pending.round < number:  # an older version evaluated late: never made
+            _audit_skipped(node, spec.name, Skipped(((pending.round, pending.version),), 1),
+                           superseded_by=version)  # fmt: skip
             return "; personal model skipped (a newer version is pending)"
+        else:
+            pending = replace(pending, skipped=skipped.plus(pending.skipped, number, version))
     table.put(pending)
     return "; personal model pending (made when the node is idle)"
 
 
-def _audit_skipped(node: SiteNode, older: Pending, newer: Pending) -> None:
+def _audit_skipped(node: SiteNode, study: str, skipped: Skipped, *, superseded_by: str) -> None:
+    """One event for the versions never personalized because `superseded_by` came after them."""
+    if not skipped.count:
+        return
+    listed: Sequence[dict[str, Any]] = [{"round": n, "version": v} for n, v in skipped.listed]
     node.audit.append(
         SKIPPED,
         actor=node.name,
-        resource=f"study/{older.study}",
-        details={"study": older.study, "version": older.version, "round": older.round,
-                 "superseded_by": newer.version},
+        resource=f"study/{study}",
+        details={"study": study, "skipped": listed, "count": skipped.count,
+                 "superseded_by": superseded_by},
     )  # fmt: skip
 
 
@@ -161,8 +215,10 @@ def _make(node: PendingSite, table: PendingPersonal, pending: Pending, guard: Gu
             details={"round": pending.round, "reason": str(exc)},
         )
         table.drop(study, version)
+        _audit_skipped(node, study, pending.skipped, superseded_by=version)
         return f"no personal model of {study} from {version[:12]}: {exc}"
     table.drop(study, version)
+    _audit_skipped(node, study, pending.skipped, superseded_by=version)
     return f"personal model {mine.sha256[:12]} of {study} from {version[:12]} (kept on this node)"
 
 
