@@ -57,3 +57,20 @@ def test_the_weights_of_a_version_stay_scoped_to_the_nodes_taking_part(
     assert hub.client.get(path, headers=late.headers).status_code == 403
     missing = hub.client.get(f"/v1/models/{'0' * 64}/weights", headers=pair[0].headers)
     assert missing.status_code == 404
+
+
+def test_reading_a_personalized_versions_card_again_builds_no_model(
+    hub: Hub, pair: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model show` and the `/v1/models` listing read one card per version: the method's model
+    is built once per study spec, not once per card read on the hub's event loop."""
+    at = hub.open_round(hub.publish(PERSONAL))
+    built = _builds(monkeypatch)
+    cards = [
+        hub.client.get(f"/v1/models/{at.base_version}", headers=hub.admin).json() for _ in range(3)
+    ]
+    listed = hub.client.get("/v1/models", params={"study": PERSONAL["name"]}, headers=hub.admin)
+    assert listed.status_code == 200, listed.text
+    assert len(built) <= 1
+    assert all(c["personalization"] == cards[0]["personalization"] for c in cards)
+    assert listed.json()[0]["personalization"] == cards[0]["personalization"]

@@ -8,6 +8,7 @@ a `RoundSum`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -128,10 +129,22 @@ class ModelRegistry:
         row = self.store.study(study)
         if row is None:
             return None
-        return personalization_card(StudySpec.model_validate(json.loads(row["spec"])))
+        return _personalization_of(str(row["spec"]))
 
     def weights(self, version: str) -> bytes:
         row = self.store.model(version)
         if row is None:
             raise NotFoundError(f"no model version {version[:12]}")
         return self.store.blob(row["blob"])
+
+
+@functools.lru_cache(maxsize=64)
+def _card_of(spec_json: str) -> str:
+    return json.dumps(personalization_card(StudySpec.model_validate(json.loads(spec_json))))
+
+
+def _personalization_of(spec_json: str) -> dict[str, Any] | None:
+    """A study's personalization card, made once per spec (it builds the method's model): every
+    version's card and the model listing read it. A fresh copy each time: callers may edit it."""
+    card: dict[str, Any] | None = json.loads(_card_of(spec_json))
+    return card
