@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -41,8 +42,9 @@ def keyed(key: Path, *args: str | Path) -> tuple[str | Path, ...]:
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     root = tmp_path_factory.mktemp("at-rest-e2e")
     keys = {name: root / f"{name}.key" for name in ("hub", *SITES)}
-    for key in keys.values():
-        aipipe("keygen", "at-rest", key)
+    with ThreadPoolExecutor(max_workers=len(keys)) as pool:  # each key a file of its own
+        for made in [pool.submit(aipipe, "keygen", "at-rest", key) for key in keys.values()]:
+            made.result()
     group = ProcessGroup(root / "logs")
     try:
         yield _run_round(root, keys, group)
@@ -59,15 +61,22 @@ def _run_round(root: Path, keys: dict[str, Path], group: ProcessGroup) -> dict[s
     admin = {"AIPIPE_HUB_URL": url, "AIPIPE_TOKEN": made["admin_token"],
              "AIPIPE_HUB_CA": str(hub_ca(hub_home))}  # fmt: skip
     study = write_test_study(root / "study.yaml", name="sealed", deadline_s=60.0)
-    aipipe("study", "publish", study, "--json", env=admin)
-    for site in SITES:
+
+    def enrol(site: str) -> None:
         issued = aipipe_json(*keyed(keys["hub"], "hub", "enrol-token", "--home", hub_home,
                                     "--node", site, "--json"))  # fmt: skip
         home = root / site
         aipipe(*keyed(keys[site], "node", "init", "--home", home, "--name", site, "--json"),
                env={"AIPIPE_ENROL_TOKEN": issued["token"]})  # fmt: skip
         aipipe(*keyed(keys[site], "node", "ingest", "--home", home, HEART / "fhir" / site))
-        aipipe_in_process(*keyed(keys[site], "node", "approve", "sealed", "--home", home))
+
+    with ThreadPoolExecutor(max_workers=len(SITES) + 1) as pool:  # sites side by side, as nodes
+        enrolments = [pool.submit(enrol, site) for site in SITES]
+        aipipe("study", "publish", study, "--json", env=admin)
+        for enrolment in enrolments:
+            enrolment.result()
+    for site in SITES:  # one by one: the in-process runner swaps sys.stdout
+        aipipe_in_process(*keyed(keys[site], "node", "approve", "sealed", "--home", root / site))
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {made['admin_token']}"},
                           verify=hub_verify(hub_home), timeout=30)  # fmt: skip
     since = utc_stamp()

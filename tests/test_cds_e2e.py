@@ -10,6 +10,7 @@ import json
 import socket
 import ssl
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,14 +103,20 @@ def trained_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
         _secure_cds(root / "hub", root, ehr.base_url, client)
         hub = start_hub(group, root / "hub")
         admin = {"AIPIPE_HUB_URL": hub.url, "AIPIPE_TOKEN": token, "AIPIPE_HUB_CA": str(hub.ca)}
-        for index, site in enumerate(("east", "west")):
+
+        def enrol(index: int, site: str) -> None:
             home = root / site
             enrol = aipipe_json("hub", "enrol-token", "--home", root / "hub", "--node", site,
                                 "--json")["token"]  # fmt: skip
             aipipe("node", "init", "--home", home, "--name", site,
                    env={"AIPIPE_ENROL_TOKEN": enrol})  # fmt: skip
             aipipe("node", "ingest", "--home", home, *bundles[index::2])
-        aipipe("study", "publish", study_file, env=admin)
+
+        with ThreadPoolExecutor(max_workers=3) as pool:  # both sites side by side, as nodes are
+            enrolments = [pool.submit(enrol, i, site) for i, site in enumerate(("east", "west"))]
+            aipipe("study", "publish", study_file, env=admin)
+            for enrolment in enrolments:
+                enrolment.result()
         for site in ("east", "west"):
             aipipe_in_process("node", "approve", raw["name"], "--home", root / site)
             group.start(site, "node", "start", "--home", root / site, "--poll", "1")

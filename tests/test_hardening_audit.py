@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -375,11 +376,18 @@ def test_a_hub_log_cut_or_wiped_after_a_node_saw_its_head_fails_against_the_node
     _wipe(wiped / "audit.sqlite")
     _fill(wiped / "audit.sqlite", Identity.load(wiped / "identity.key"), 2 * seen)
 
-    intact = aipipe("audit", "verify", "--home", hub_home, "--strict", "--anchor", kept)
-    results = {
-        home.name: aipipe("audit", "verify", "--home", home, "--anchor", kept, check=False)
-        for home in (cut, wiped)
-    }
+    with ThreadPoolExecutor(max_workers=3) as pool:  # three homes of their own: side by side
+        verifying = pool.submit(
+            aipipe, "audit", "verify", "--home", hub_home, "--strict", "--anchor", kept
+        )
+        checks = {
+            home.name: pool.submit(
+                aipipe, "audit", "verify", "--home", home, "--anchor", kept, check=False
+            )
+            for home in (cut, wiped)
+        }
+        intact = verifying.result()
+        results = {name: check.result() for name, check in checks.items()}
 
     assert seen > 1  # the first run's final checkpoint, signed at shutdown
     assert "anchored at  event" in intact.stdout

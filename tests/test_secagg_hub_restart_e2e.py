@@ -83,13 +83,14 @@ def kill_hub(fed: Federation, let_go: str, hold: str | None) -> tuple[str | None
 @pytest.fixture(scope="module")
 def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
     root = tmp_path_factory.mktemp("secagg-restart")
-    with Federation.running(root, sites=SITES, deadline_s=ROUND_S) as fed:
-        secure = {
-            "secure": "secagg",
-            "min_nodes": 3,
-            "secure_options": {"stage_timeout_s": STAGE_S, "update_clip": UPDATE_CLIP},
-        }
-        fed.publish(STUDY, deadline_s=ROUND_S, secure=secure)
+    secure = {
+        "secure": "secagg",
+        "min_nodes": 3,
+        "secure_options": {"stage_timeout_s": STAGE_S, "update_clip": UPDATE_CLIP},
+    }
+    with Federation.running(  # the federation's own study is the one the round is of
+        root, sites=SITES, deadline_s=ROUND_S, study=STUDY, study_fields=secure
+    ) as fed:
         fed.start_daemons(*SITES, poll_s=1.0)
         try:
             fed.daemons[D].pause()

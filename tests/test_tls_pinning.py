@@ -16,6 +16,7 @@ import ssl
 import stat
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -334,13 +335,17 @@ def test_a_node_enrols_and_trains_a_plaintext_round_over_https(consortium: Conso
     token = aipipe_json("hub", "enrol-token", "--home", consortium.hub_home, "--node", "south",
                         "--json")["token"]  # fmt: skip
     aipipe("node", "init", "--home", home, "--name", "south", env={"AIPIPE_ENROL_TOKEN": token})
-    aipipe("node", "ingest", "--home", home, HEART / "fhir" / "switzerland")
     spec = write_test_study(consortium.root / "round.yaml", name=study, deadline_s=120,
                             secure={"min_nodes": 1, "secure": "none"})  # fmt: skip
     admin_token = json.loads((consortium.root / "admin.json").read_text())["admin_token"]
     admin = {"AIPIPE_HUB_URL": consortium.url, "AIPIPE_TOKEN": admin_token,
              "AIPIPE_HUB_CA": str(consortium.ca_pem)}  # fmt: skip
-    aipipe("study", "publish", spec, "--json", env=admin)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the node ingests while the hub publishes
+        ingest = pool.submit(
+            aipipe, "node", "ingest", "--home", home, HEART / "fhir" / "switzerland"
+        )
+        aipipe("study", "publish", spec, "--json", env=admin)
+        ingest.result()
     aipipe_in_process("node", "approve", study, "--home", home, "--json")
     headers = {"Authorization": f"Bearer {admin_token}"}
     hub = httpx.Client(base_url=consortium.url, headers=headers,
@@ -352,7 +357,7 @@ def test_a_node_enrols_and_trains_a_plaintext_round_over_https(consortium: Conso
     wait_until(polled, what="south to poll the hub over HTTPS", context=daemon.log_tail)
 
     # east and west are enrolled but run no daemon: the round closes at its deadline with south
-    aipipe("train", "round", "--study", study, "--deadline", "20", "--wait", env=admin,
+    aipipe("train", "round", "--study", study, "--deadline", "10", "--wait", env=admin,
            timeout_s=300)  # fmt: skip
 
     info = hub.get(f"/v1/studies/{study}/rounds/1").json()

@@ -12,6 +12,7 @@ import shutil
 import socket
 import ssl
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,11 +99,15 @@ def tls_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsHub]:
         enrol = aipipe_json("hub", "enrol-token", "--home", home, "--node", "east", "--json")
         aipipe("node", "init", "--home", root / "east", "--name", "east", "--hub-ca", ca.ca_pem,
                env={"AIPIPE_ENROL_TOKEN": enrol["token"]})  # fmt: skip
-        aipipe("node", "ingest", "--home", root / "east", HEART / "fhir" / "switzerland")
         study = write_test_study(root / "study.yaml", name=STUDY, deadline_s=600)
         study.write_text(study.read_text().replace("min_nodes: 2", "min_nodes: 1"))
         admin = {"AIPIPE_HUB_URL": url, "AIPIPE_TOKEN": token, "AIPIPE_HUB_CA": str(ca.ca_pem)}
-        aipipe("study", "publish", study, "--json", env=admin)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the node ingests while the hub publishes
+            ingest = pool.submit(
+                aipipe, "node", "ingest", "--home", root / "east", HEART / "fhir" / "switzerland"
+            )
+            aipipe("study", "publish", study, "--json", env=admin)
+            ingest.result()
         aipipe_in_process("node", "approve", STUDY, "--home", root / "east", "--json")
         # A round selects east, so its credential may read the study's (initial) model.
         aipipe("train", "round", "--study", STUDY, env=admin)

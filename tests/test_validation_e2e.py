@@ -34,8 +34,10 @@ def _released(home: Path) -> list[tuple[str, int]]:
 def test_a_version_below_the_minimum_is_shown_failed_at_the_hub_and_refused_by_predict(
     tmp_path: Path,
 ) -> None:
-    with Federation.running(tmp_path, sites=("hungarian", "switzerland")) as fed:
-        fed.publish(STUDY, deadline_s=120.0, secure={"validation": VALIDATION, "privacy": PRIVACY})
+    with Federation.running(
+        tmp_path, sites=("hungarian", "switzerland"), deadline_s=120.0, study=STUDY,
+        study_fields={"validation": VALIDATION, "privacy": PRIVACY},
+    ) as fed:  # fmt: skip
         fed.start_daemons(*fed.nodes)
         fed.open_round(study=STUDY)
         version = fed.wait_for_round(1, "closed", study=STUDY, timeout_s=120)["result_version"]
